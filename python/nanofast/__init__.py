@@ -1,0 +1,8 @@
+"""nanofast: fused LayerNorm and attention kernels (C++/OpenMP on the CPU, Triton on CUDA) behind a
+nanoGPT-style model and training loop."""
+__version__ = "0.1.0"
+
+from . import ops, nn  # noqa: E402
+from .patch import patch  # noqa: E402
+
+__all__ = ["ops", "nn", "patch", "__version__"]
