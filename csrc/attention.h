@@ -1,0 +1,334 @@
+// Flash attention on the CPU, forward and backward (FlashAttention-2's algorithm).
+// Included by kernels_isa.cpp once per instruction set, inside namespace nanofast::NF_ISA.
+//
+// The T x T score matrix is never materialised: queries are processed in blocks of BR rows against
+// keys in blocks of BC columns, with an online softmax. Operands are first packed into zero-padded,
+// row-major buffers in the accumulation type (float for float32/bfloat16, double for float64), so
+// every product below is one small register-blocked GEMM (gemm_tile) whatever the input strides.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "kernel_table.h"
+#include "philox.h"
+#include "scalar_types.h"
+#include "simd.h"
+
+namespace nanofast {
+namespace NF_ISA {
+
+constexpr int64_t kBlockQ = 64;   // BR: query rows per block
+constexpr int64_t kBlockK = 64;   // BC: keys per block (a multiple of every vector width)
+constexpr int kTileRows = NF_VBYTES == 64 ? 6 : 4;  // GEMM register tile: rows ...
+constexpr int kTileVecs = NF_VBYTES == 64 ? 4 : 2;  // ... by this many vectors of columns
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// C[MR x NV*W] (+)= op(A)[MR x K] * B[K x NV*W], accumulating in registers.
+// op(A) is A (a[m*lda + k]) or, with TRANS_A, A transposed (a[k*lda + m]).
+template <class A, int MR, int NV, bool TRANS_A>
+inline void gemm_tile(int64_t K, const A* a, int64_t lda, const A* b, int64_t ldb, A* c, int64_t ldc,
+                      bool accumulate) {
+  constexpr int W = lanes<A>();
+  vec<A> acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = accumulate ? vload(c + m * ldc + v * W) : vec<A>{};
+  for (int64_t k = 0; k < K; ++k) {
+    vec<A> bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = vload(b + k * ldb + v * W);
+    for (int m = 0; m < MR; ++m) {
+      const vec<A> av = vbroadcast<A>(TRANS_A ? a[k * lda + m] : a[m * lda + k]);
+      for (int v = 0; v < NV; ++v) acc[m][v] += av * bv[v];
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) vstore(c + m * ldc + v * W, acc[m][v]);
+}
+
+// C[M x N] (+)= op(A)[M x K] * B[K x N]; N must be a multiple of the vector width.
+template <class A, bool TRANS_A>
+void gemm(int64_t M, int64_t N, int64_t K, const A* a, int64_t lda, const A* b, int64_t ldb, A* c,
+          int64_t ldc, bool accumulate) {
+  constexpr int W = lanes<A>();
+  constexpr int MR = kTileRows, NV = kTileVecs;
+  auto a_at = [&](int64_t m) { return TRANS_A ? a + m : a + m * lda; };
+  int64_t n = 0;
+  for (; n + NV * W <= N; n += NV * W) {
+    int64_t m = 0;
+    for (; m + MR <= M; m += MR)
+      gemm_tile<A, MR, NV, TRANS_A>(K, a_at(m), lda, b + n, ldb, c + m * ldc + n, ldc, accumulate);
+    for (; m < M; ++m)
+      gemm_tile<A, 1, NV, TRANS_A>(K, a_at(m), lda, b + n, ldb, c + m * ldc + n, ldc, accumulate);
+  }
+  for (; n < N; n += W) {
+    int64_t m = 0;
+    for (; m + MR <= M; m += MR)
+      gemm_tile<A, MR, 1, TRANS_A>(K, a_at(m), lda, b + n, ldb, c + m * ldc + n, ldc, accumulate);
+    for (; m < M; ++m)
+      gemm_tile<A, 1, 1, TRANS_A>(K, a_at(m), lda, b + n, ldb, c + m * ldc + n, ldc, accumulate);
+  }
+}
+
+// dst[r][c] = src[r][c] for r < rows, c < cols, zero elsewhere in the (rows_p x ld) buffer.
+template <class T, class A>
+void pack_rows(const T* src, int64_t row_stride, int64_t rows, int64_t cols, A* dst, int64_t rows_p,
+               int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = src + r * row_stride;
+    A* d = dst + r * ld;
+    for (int64_t c = 0; c < cols; ++c) d[c] = to_acc(s[c]);
+    std::fill(d + cols, d + ld, A(0));
+  }
+  std::fill(dst + rows * ld, dst + rows_p * ld, A(0));
+}
+
+// dst[c][r] = src[r][c]: rows become columns, zero padding to (cols_p x ld).
+template <class T, class A>
+void pack_transposed(const T* src, int64_t row_stride, int64_t rows, int64_t cols, A* dst,
+                     int64_t cols_p, int64_t ld) {
+  std::fill(dst, dst + cols_p * ld, A(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = src + r * row_stride;
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = to_acc(s[c]);
+  }
+}
+
+template <class T> inline const T* head_ptr(const Strided4& t, int64_t b, int64_t h) {
+  return static_cast<const T*>(t.ptr) + b * t.sb + h * t.sh;
+}
+template <class T> inline T* head_ptr_mut(const Strided4& t, int64_t b, int64_t h) {
+  return const_cast<T*>(head_ptr<T>(t, b, h));
+}
+
+// Score-block bookkeeping shared by forward and backward: how many keys a query block can see.
+inline int64_t visible_keys(bool causal, int64_t q_end, int64_t TK) {
+  return causal ? std::min(TK, q_end) : TK;  // causal: key j visible to query i iff j <= i
+}
+
+// Scales one score row, masks invisible keys to -inf and returns the row maximum.
+template <class A>
+inline A scale_mask_rowmax(A* s, int64_t ncols, int64_t valid, A scale) {
+  constexpr int W = lanes<A>();
+  vec<A> mv = vbroadcast<A>(-std::numeric_limits<A>::infinity());
+  int64_t c = 0;
+  for (; c + W <= valid; c += W) {
+    vec<A> x = vload(s + c) * scale;
+    vstore(s + c, x);
+    mv = vmaxv<A>(mv, x);
+  }
+  A m = vmax<A>(mv);
+  for (; c < valid; ++c) { s[c] *= scale; m = std::max(m, s[c]); }
+  for (; c < ncols; ++c) s[c] = -std::numeric_limits<A>::infinity();
+  return m;
+}
+
+// p = exp(s - m) in place; returns the row sum.
+template <class A>
+inline A exp_row(A* s, int64_t ncols, A m) {
+  constexpr int W = lanes<A>();
+  vec<A> sum{};
+  for (int64_t c = 0; c < ncols; c += W) {  // ncols is a multiple of W
+    vec<A> p = vexp(vload(s + c) - m);
+    vstore(s + c, p);
+    sum += p;
+  }
+  return vsum<A>(sum);
+}
+
+// p *= keep / (1 - p_drop), keep drawn from the counter-based generator at this row's offsets.
+template <class A>
+inline void dropout_row(A* p, int64_t ncols, uint64_t seed, uint64_t row_offset, int64_t j0, float p_drop,
+                        A keep_scale) {
+  for (int64_t c = 0; c < ncols; ++c)
+    p[c] = dropout_keep(seed, row_offset + uint64_t(j0 + c), p_drop) ? p[c] * keep_scale : A(0);
+}
+
+template <class T>
+void attention_forward_impl(const AttentionForwardArgs& a) {
+  using A = acc_t<T>;
+  constexpr int W = lanes<A>();
+  const int64_t B = a.B, NH = a.NH, TQ = a.TQ, TK = a.TK, HS = a.HS, HSV = a.HSV;
+  const int64_t HSp = round_up(HS, W), HSVp = round_up(HSV, W);
+  const int64_t TKp = round_up(TK, kBlockK);
+  const int64_t q_blocks = (TQ + kBlockQ - 1) / kBlockQ;
+  const A scale = A(a.scale);
+  const A keep_scale = a.dropout_p > 0 ? A(1) / (A(1) - A(a.dropout_p)) : A(1);
+  A* lse_out = static_cast<A*>(a.lse);
+
+#pragma omp parallel num_threads(a.num_threads)
+  {
+    std::vector<A> Q(kBlockQ * HSp), Kt(HSp * TKp), V(TKp * HSVp), S(kBlockQ * kBlockK),
+        O(kBlockQ * HSVp), m(kBlockQ), l(kBlockQ);
+    // Each task is one query block of one head and depends on nothing else, so the result does not
+    // depend on which thread runs it; dynamic scheduling evens out the causal imbalance.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < B * NH * q_blocks; ++task) {
+      const int64_t bh = task / q_blocks, b = bh / NH, h = bh % NH;
+      const int64_t i0 = (task % q_blocks) * kBlockQ, rows = std::min(kBlockQ, TQ - i0);
+      const int64_t kv_len = visible_keys(a.causal, i0 + rows, TK);
+      const int64_t kv_len_p = round_up(kv_len, kBlockK);
+      // Pack: Q block (rows x HSp), K transposed (HSp x kv_len_p), V (kv_len_p x HSVp).
+      pack_rows(head_ptr<T>(a.q, b, h) + i0 * a.q.st, a.q.st, rows, HS, Q.data(), kBlockQ, HSp);
+      pack_transposed(head_ptr<T>(a.k, b, h), a.k.st, kv_len, HS, Kt.data(), HSp, kv_len_p);
+      pack_rows(head_ptr<T>(a.v, b, h), a.v.st, kv_len, HSV, V.data(), kv_len_p, HSVp);
+      std::fill(m.begin(), m.end(), -std::numeric_limits<A>::infinity());
+      std::fill(l.begin(), l.end(), A(0));
+      std::fill(O.begin(), O.end(), A(0));
+
+      for (int64_t j0 = 0; j0 < kv_len; j0 += kBlockK) {
+        // S = Q K^T for this key block.
+        gemm<A, false>(rows, kBlockK, HSp, Q.data(), HSp, Kt.data() + j0, kv_len_p, S.data(), kBlockK, false);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t i = i0 + r;
+          A* s = S.data() + r * kBlockK;
+          const int64_t valid = std::max<int64_t>(0, std::min(kBlockK, visible_keys(a.causal, i + 1, TK) - j0));
+          // Online softmax: new running max, rescale what was accumulated, exponentiate this block.
+          const A m_new = std::max(m[r], scale_mask_rowmax(s, kBlockK, valid, scale));
+          if (m_new == -std::numeric_limits<A>::infinity()) {  // nothing visible yet in this row
+            std::fill(s, s + kBlockK, A(0));
+            continue;
+          }
+          const A alpha = std::exp(m[r] - m_new);
+          l[r] = l[r] * alpha + exp_row(s, kBlockK, m_new);
+          m[r] = m_new;
+          A* o = O.data() + r * HSVp;
+          for (int64_t c = 0; c < HSVp; c += W) vstore(o + c, vload(o + c) * alpha);
+          if (a.dropout_p > 0)
+            dropout_row(s, std::min<int64_t>(kBlockK, TK - j0), a.seed, uint64_t((bh * TQ + i) * TK), j0,
+                        a.dropout_p, keep_scale);
+        }
+        // O += P V.
+        gemm<A, false>(rows, HSVp, std::min<int64_t>(kBlockK, kv_len_p - j0), S.data(), kBlockK,
+                       V.data() + j0 * HSVp, HSVp, O.data(), HSVp, true);
+      }
+      // Normalise and write out; keep the logsumexp for the backward pass.
+      T* out = head_ptr_mut<T>(a.out, b, h) + i0 * a.out.st;
+      for (int64_t r = 0; r < rows; ++r) {
+        const A inv_l = A(1) / l[r];
+        for (int64_t c = 0; c < HSV; ++c) out[r * a.out.st + c] = from_acc<T>(O[r * HSVp + c] * inv_l);
+        lse_out[bh * TQ + i0 + r] = m[r] + std::log(l[r]);
+      }
+    }
+  }
+}
+
+template <class T>
+void attention_backward_impl(const AttentionBackwardArgs& a) {
+  using A = acc_t<T>;
+  constexpr int W = lanes<A>();
+  const int64_t B = a.B, NH = a.NH, TQ = a.TQ, TK = a.TK, HS = a.HS, HSV = a.HSV;
+  const int64_t HSp = round_up(HS, W), HSVp = round_up(HSV, W);
+  const int64_t TQp = round_up(TQ, kBlockQ), TKp = round_up(TK, kBlockK);
+  const A scale = A(a.scale);
+  const bool dropout = a.dropout_p > 0;
+  const A keep_scale = dropout ? A(1) / (A(1) - A(a.dropout_p)) : A(1);
+  const A* lse_all = static_cast<const A*>(a.lse);
+
+#pragma omp parallel num_threads(a.num_threads)
+  {
+    std::vector<A> Q(TQp * HSp), K(TKp * HSp), Kt(HSp * TKp), Vt(HSVp * TKp), dO(TQp * HSVp),
+        delta(TQp), dQ(TQp * HSp), P(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), dK(kBlockK * HSp),
+        dV(kBlockK * HSVp), row(HSVp);
+    // One task per head: dQ accumulates over key blocks in a buffer this task owns, so there are no
+    // atomics and no order that depends on the threads.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < B * NH; ++bh) {
+      const int64_t b = bh / NH, h = bh % NH;
+      const A* lse = lse_all + bh * TQ;
+      pack_rows(head_ptr<T>(a.q, b, h), a.q.st, TQ, HS, Q.data(), TQp, HSp);
+      pack_rows(head_ptr<T>(a.k, b, h), a.k.st, TK, HS, K.data(), TKp, HSp);
+      pack_transposed(head_ptr<T>(a.k, b, h), a.k.st, TK, HS, Kt.data(), HSp, TKp);
+      pack_transposed(head_ptr<T>(a.v, b, h), a.v.st, TK, HSV, Vt.data(), HSVp, TKp);
+      pack_rows(head_ptr<T>(a.dout, b, h), a.dout.st, TQ, HSV, dO.data(), TQp, HSVp);
+      // delta_i = rowsum(dO_i * O_i): the softmax-backward correction (O already includes dropout).
+      const T* o = head_ptr<T>(a.out, b, h);
+      for (int64_t i = 0; i < TQ; ++i) {
+        A s = 0;
+        for (int64_t c = 0; c < HSV; ++c) s += dO[i * HSVp + c] * to_acc(o[i * a.out.st + c]);
+        delta[i] = s;
+      }
+      std::fill(dQ.begin(), dQ.end(), A(0));
+
+      for (int64_t j0 = 0; j0 < TK; j0 += kBlockK) {
+        const int64_t kcols = std::min(kBlockK, TK - j0);
+        std::fill(dK.begin(), dK.end(), A(0));
+        std::fill(dV.begin(), dV.end(), A(0));
+        // Causal: query blocks that end before this key block starts see none of it.
+        const int64_t i_start = a.causal ? std::min(TQ, j0) / kBlockQ * kBlockQ : 0;
+        for (int64_t i0 = i_start; i0 < TQ; i0 += kBlockQ) {
+          const int64_t rows = std::min(kBlockQ, TQ - i0);
+          // pass 1: recompute P = exp(scale * Q K^T - lse), zero where masked.
+          gemm<A, false>(rows, kBlockK, HSp, Q.data() + i0 * HSp, HSp, Kt.data() + j0, TKp, P.data(), kBlockK, false);
+          // pass 2: dP = dO V^T.
+          gemm<A, false>(rows, kBlockK, HSVp, dO.data() + i0 * HSVp, HSVp, Vt.data() + j0, TKp, dP.data(),
+                         kBlockK, false);
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t i = i0 + r;
+            A* p = P.data() + r * kBlockK;
+            A* dp = dP.data() + r * kBlockK;
+            const int64_t valid = std::max<int64_t>(0, std::min(kcols, visible_keys(a.causal, i + 1, TK) - j0));
+            for (int64_t c = 0; c < valid; ++c) p[c] = p[c] * scale - lse[i];
+            for (int64_t c = valid; c < kBlockK; ++c) p[c] = -std::numeric_limits<A>::infinity();
+            exp_row(p, kBlockK, A(0));
+            // pass 3: dS = P * (dP_dropped - delta); P itself becomes the dropped P for dV.
+            const uint64_t row_offset = uint64_t((bh * TQ + i) * TK);
+            for (int64_t c = 0; c < kBlockK; ++c) {
+              A pd = p[c], dpd = dp[c];
+              if (dropout && c < kcols) {
+                const bool keep = dropout_keep(a.seed, row_offset + uint64_t(j0 + c), a.dropout_p);
+                pd = keep ? p[c] * keep_scale : A(0);
+                dpd = keep ? dp[c] * keep_scale : A(0);
+              }
+              dp[c] = p[c] * (dpd - delta[i]);  // dS
+              p[c] = pd;
+            }
+          }
+          // pass 4: dV += P_dropped^T dO, dK += dS^T Q, dQ += dS K (scale applied at the end).
+          gemm<A, true>(kBlockK, HSVp, rows, P.data(), kBlockK, dO.data() + i0 * HSVp, HSVp, dV.data(), HSVp, true);
+          gemm<A, true>(kBlockK, HSp, rows, dP.data(), kBlockK, Q.data() + i0 * HSp, HSp, dK.data(), HSp, true);
+          gemm<A, false>(rows, HSp, kBlockK, dP.data(), kBlockK, K.data() + j0 * HSp, HSp, dQ.data() + i0 * HSp,
+                         HSp, true);
+        }
+        T* dk = head_ptr_mut<T>(a.dk, b, h) + j0 * a.dk.st;
+        T* dv = head_ptr_mut<T>(a.dv, b, h) + j0 * a.dv.st;
+        for (int64_t r = 0; r < kcols; ++r) {
+          for (int64_t c = 0; c < HS; ++c) dk[r * a.dk.st + c] = from_acc<T>(dK[r * HSp + c] * scale);
+          for (int64_t c = 0; c < HSV; ++c) dv[r * a.dv.st + c] = from_acc<T>(dV[r * HSVp + c]);
+        }
+      }
+      T* dq = head_ptr_mut<T>(a.dq, b, h);
+      for (int64_t i = 0; i < TQ; ++i)
+        for (int64_t c = 0; c < HS; ++c) dq[i * a.dq.st + c] = from_acc<T>(dQ[i * HSp + c] * scale);
+    }
+  }
+}
+
+inline void attention_forward(const AttentionForwardArgs& a) {
+  switch (a.dtype) {
+    case kFloat32: return attention_forward_impl<float>(a);
+    case kFloat64: return attention_forward_impl<double>(a);
+    case kBFloat16: return attention_forward_impl<bf16>(a);
+  }
+}
+
+inline void attention_backward(const AttentionBackwardArgs& a) {
+  switch (a.dtype) {
+    case kFloat32: return attention_backward_impl<float>(a);
+    case kFloat64: return attention_backward_impl<double>(a);
+    case kBFloat16: return attention_backward_impl<bf16>(a);
+  }
+}
+
+inline void dropout_mask(uint64_t seed, int64_t B, int64_t NH, int64_t TQ, int64_t TK, float p, uint8_t* out,
+                         int num_threads) {
+  const int64_t rows = B * NH * TQ;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < TK; ++j)
+      out[r * TK + j] = dropout_keep(seed, uint64_t(r * TK + j), p) ? 1 : 0;
+}
+
+}  // namespace NF_ISA
+}  // namespace nanofast

@@ -1,0 +1,75 @@
+// Picks the kernel table for this CPU at run time: AVX-512 where the CPU has it, else AVX2, else the
+// portable baseline. NANOFAST_ISA=generic|avx2|avx512 forces one (tests use it to cover every path).
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "kernel_table.h"
+
+namespace nanofast {
+namespace isa_generic { const KernelTable* table(); }
+#ifdef NF_HAVE_X86
+namespace isa_avx2 { const KernelTable* table(); }
+namespace isa_avx512 { const KernelTable* table(); }
+#endif
+
+namespace {
+
+bool cpu_has(const char* isa) {
+#ifdef NF_HAVE_X86
+  __builtin_cpu_init();
+  if (!std::strcmp(isa, "avx512"))
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("fma");
+  if (!std::strcmp(isa, "avx2")) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  return !std::strcmp(isa, "generic");
+}
+
+const KernelTable* table_for(const char* isa) {
+  if (!cpu_has(isa)) return nullptr;
+#ifdef NF_HAVE_X86
+  if (!std::strcmp(isa, "avx512")) return isa_avx512::table();
+  if (!std::strcmp(isa, "avx2")) return isa_avx2::table();
+#endif
+  if (!std::strcmp(isa, "generic")) return isa_generic::table();
+  return nullptr;
+}
+
+const KernelTable* best_table() {
+  for (const char* isa : {"avx512", "avx2", "generic"})
+    if (const KernelTable* t = table_for(isa)) return t;
+  return isa_generic::table();
+}
+
+const KernelTable* initial_table() {
+  const char* forced = std::getenv("NANOFAST_ISA");
+  if (forced && *forced && std::strcmp(forced, "auto"))
+    if (const KernelTable* t = table_for(forced)) return t;
+  return best_table();
+}
+
+const KernelTable* g_table = initial_table();
+
+}  // namespace
+
+const KernelTable& kernels() { return *g_table; }
+
+bool select_isa(const char* name) {
+  if (!std::strcmp(name, "auto")) { g_table = best_table(); return true; }
+  const KernelTable* t = table_for(name);
+  if (!t) return false;
+  g_table = t;
+  return true;
+}
+
+const char* available_isas() {
+  static std::string list;
+  list.clear();
+  for (const char* isa : {"generic", "avx2", "avx512"})
+    if (table_for(isa)) list += (list.empty() ? "" : ",") + std::string(isa);
+  return list.c_str();
+}
+
+}  // namespace nanofast

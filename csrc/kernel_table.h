@@ -1,0 +1,88 @@
+// The interface between the Python bindings (module.cpp) and the kernels, which are compiled once per
+// instruction set (kernels_isa.cpp). Everything crosses as raw pointers, sizes and element strides:
+// the extension never sees a torch::Tensor, so it builds without libtorch.
+#pragma once
+#include <cstdint>
+
+namespace nanofast {
+
+enum DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2 };
+
+// Shapes use llm.c's names: rows N and channels C for LayerNorm; batch B, heads NH, query and key
+// lengths TQ and TK, head size HS (query/key) and HSV (value) for attention.
+struct LayerNormForwardArgs {
+  int dtype;
+  int64_t N, C;
+  const void* x; int64_t x_row_stride;
+  const void* weight;  // may be null
+  const void* bias;    // may be null
+  void* y;             // contiguous (N, C)
+  void* mean;          // (N,), accumulation type: double for float64 input, float otherwise
+  void* rstd;          // (N,), same type as mean
+  double eps;
+  int num_threads;
+};
+
+struct LayerNormBackwardArgs {
+  int dtype;
+  int64_t N, C;
+  const void* dy; int64_t dy_row_stride;
+  const void* x; int64_t x_row_stride;
+  const void* weight;  // may be null
+  const void* mean;
+  const void* rstd;
+  void* dx;            // contiguous (N, C)
+  void* dweight;       // may be null: not needed
+  void* dbias;         // may be null: not needed
+  int num_threads;
+};
+
+// A (B, NH, T, HS) tensor: data pointer and the element strides of its first three dims; the last
+// dim must have stride 1.
+struct Strided4 {
+  const void* ptr;
+  int64_t sb, sh, st;
+};
+
+struct AttentionForwardArgs {
+  int dtype;
+  int64_t B, NH, TQ, TK, HS, HSV;
+  Strided4 q, k, v, out;  // out.ptr is written
+  void* lse;              // (B, NH, TQ) contiguous, accumulation type; natural-log logsumexp
+  double scale;
+  bool causal;            // key j is visible to query i iff j <= i (torch's is_causal)
+  float dropout_p;
+  uint64_t seed;
+  int num_threads;
+};
+
+struct AttentionBackwardArgs {
+  int dtype;
+  int64_t B, NH, TQ, TK, HS, HSV;
+  Strided4 q, k, v, out, dout;
+  const void* lse;
+  Strided4 dq, dk, dv;    // written
+  double scale;
+  bool causal;
+  float dropout_p;
+  uint64_t seed;
+  int num_threads;
+};
+
+struct KernelTable {
+  const char* isa;
+  void (*layer_norm_forward)(const LayerNormForwardArgs&);
+  void (*layer_norm_backward)(const LayerNormBackwardArgs&);
+  void (*attention_forward)(const AttentionForwardArgs&);
+  void (*attention_backward)(const AttentionBackwardArgs&);
+  // Writes the (B, NH, TQ, TK) keep-mask (1 = kept) the attention kernels apply for this seed.
+  void (*dropout_mask)(uint64_t seed, int64_t B, int64_t NH, int64_t TQ, int64_t TK, float p,
+                       uint8_t* out, int num_threads);
+};
+
+// The best table this CPU supports, or the one named by NANOFAST_ISA / select_isa().
+const KernelTable& kernels();
+bool select_isa(const char* name);  // "generic", "avx2", "avx512" or "auto"; false if unsupported
+const char* available_isas();       // comma-separated, best last
+
+}  // namespace nanofast

@@ -1,0 +1,200 @@
+// LayerNorm over the last dimension of an (N, C) matrix, forward and backward.
+// Included by kernels_isa.cpp once per instruction set, inside namespace nanofast::NF_ISA.
+#pragma once
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "kernel_table.h"
+#include "scalar_types.h"
+#include "simd.h"
+
+namespace nanofast {
+namespace NF_ISA {
+
+// A row in the accumulation type. float32 rows are used in place; bfloat16 rows are widened into a
+// per-thread buffer first so every later pass runs on plain floats.
+template <class T> struct RowView {
+  std::vector<acc_t<T>> buf;
+  const acc_t<T>* load(const T* src, int64_t C) {
+    buf.resize(C);
+    for (int64_t c = 0; c < C; ++c) buf[c] = to_acc(src[c]);
+    return buf.data();
+  }
+};
+template <> struct RowView<float> {
+  const float* load(const float* src, int64_t) { return src; }
+};
+template <> struct RowView<double> {
+  const double* load(const double* src, int64_t) { return src; }
+};
+
+template <class A> inline A row_sum(const A* x, int64_t C) {
+  constexpr int W = lanes<A>();
+  vec<A> s0{}, s1{};
+  int64_t c = 0;
+  for (; c + 2 * W <= C; c += 2 * W) { s0 += vload(x + c); s1 += vload(x + c + W); }
+  for (; c + W <= C; c += W) s0 += vload(x + c);
+  A s = vsum<A>(s0 + s1);
+  for (; c < C; ++c) s += x[c];
+  return s;
+}
+
+template <class A> inline A row_centered_sq_sum(const A* x, A mean, int64_t C) {
+  constexpr int W = lanes<A>();
+  vec<A> s0{};
+  int64_t c = 0;
+  for (; c + W <= C; c += W) { vec<A> d = vload(x + c) - mean; s0 += d * d; }
+  A s = vsum<A>(s0);
+  for (; c < C; ++c) { A d = x[c] - mean; s += d * d; }
+  return s;
+}
+
+template <class T>
+void layer_norm_forward_impl(const LayerNormForwardArgs& a) {
+  using A = acc_t<T>;
+  constexpr int W = lanes<A>();
+  const int64_t N = a.N, C = a.C;
+  const T* x = static_cast<const T*>(a.x);
+  const T* w = static_cast<const T*>(a.weight);
+  const T* b = static_cast<const T*>(a.bias);
+  T* y = static_cast<T*>(a.y);
+  A* mean_out = static_cast<A*>(a.mean);
+  A* rstd_out = static_cast<A*>(a.rstd);
+  // weight and bias widened once, with the identity for a missing one, so the row loop has no branches.
+  std::vector<A> wv(C, A(1)), bv(C, A(0));
+  if (w) for (int64_t c = 0; c < C; ++c) wv[c] = to_acc(w[c]);
+  if (b) for (int64_t c = 0; c < C; ++c) bv[c] = to_acc(b[c]);
+
+#pragma omp parallel num_threads(a.num_threads) if (N * C > 32768)
+  {
+    RowView<T> view;
+    std::vector<A> out_row(std::is_same<T, A>::value ? 0 : C);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      const A* xr = view.load(x + n * a.x_row_stride, C);
+      // pass 1: mean; pass 2: variance around it (two passes over an L1-resident row, more accurate
+      // than E[x^2] - E[x]^2 for rows with a large mean).
+      const A mean = row_sum(xr, C) / A(C);
+      const A var = row_centered_sq_sum(xr, mean, C) / A(C);
+      const A rstd = A(1) / std::sqrt(var + A(a.eps));
+      mean_out[n] = mean;
+      rstd_out[n] = rstd;
+      // pass 3: normalise, scale and shift.
+      A* yr = std::is_same<T, A>::value ? reinterpret_cast<A*>(y + n * C) : out_row.data();
+      int64_t c = 0;
+      for (; c + W <= C; c += W)
+        vstore(yr + c, (vload(xr + c) - mean) * rstd * vload(wv.data() + c) + vload(bv.data() + c));
+      for (; c < C; ++c) yr[c] = (xr[c] - mean) * rstd * wv[c] + bv[c];
+      if (!std::is_same<T, A>::value)
+        for (int64_t k = 0; k < C; ++k) y[n * C + k] = from_acc<T>(yr[k]);
+    }
+  }
+}
+
+// dweight and dbias are sums over rows. Rows are cut into a number of chunks that depends only on N,
+// each chunk's partial sums go to its own buffer, and the buffers are added in chunk order: the result
+// is bitwise the same whatever the number of threads.
+inline int64_t layer_norm_num_chunks(int64_t N) { return std::min<int64_t>(N, 64); }
+
+template <class T>
+void layer_norm_backward_impl(const LayerNormBackwardArgs& a) {
+  using A = acc_t<T>;
+  constexpr int W = lanes<A>();
+  const int64_t N = a.N, C = a.C;
+  const T* dy = static_cast<const T*>(a.dy);
+  const T* x = static_cast<const T*>(a.x);
+  const T* w = static_cast<const T*>(a.weight);
+  const A* mean = static_cast<const A*>(a.mean);
+  const A* rstd = static_cast<const A*>(a.rstd);
+  T* dx = static_cast<T*>(a.dx);
+  const bool need_param_grads = a.dweight || a.dbias;
+  std::vector<A> wv(C, A(1));
+  if (w) for (int64_t c = 0; c < C; ++c) wv[c] = to_acc(w[c]);
+
+  const int64_t chunks = std::max<int64_t>(1, layer_norm_num_chunks(N));
+  const int64_t rows_per_chunk = (N + chunks - 1) / chunks;
+  std::vector<A> part_dw(need_param_grads ? chunks * C : 0, A(0));
+  std::vector<A> part_db(need_param_grads ? chunks * C : 0, A(0));
+
+#pragma omp parallel num_threads(a.num_threads) if (N * C > 32768)
+  {
+    RowView<T> xview, dyview;
+    std::vector<A> xhat(C), g(C), dx_row(C);
+#pragma omp for schedule(static)
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      A* pdw = need_param_grads ? part_dw.data() + chunk * C : nullptr;
+      A* pdb = need_param_grads ? part_db.data() + chunk * C : nullptr;
+      const int64_t n_end = std::min(N, (chunk + 1) * rows_per_chunk);
+      for (int64_t n = chunk * rows_per_chunk; n < n_end; ++n) {
+        const A* xr = xview.load(x + n * a.x_row_stride, C);
+        const A* dyr = dyview.load(dy + n * a.dy_row_stride, C);
+        const A mu = mean[n], rs = rstd[n];
+        // pass 1: xhat, g = dy * w, and the two row means the input gradient needs.
+        vec<A> sg{}, sgx{};
+        int64_t c = 0;
+        for (; c + W <= C; c += W) {
+          vec<A> xh = (vload(xr + c) - mu) * rs;
+          vec<A> gv = vload(dyr + c) * vload(wv.data() + c);
+          vstore(xhat.data() + c, xh);
+          vstore(g.data() + c, gv);
+          sg += gv;
+          sgx += gv * xh;
+        }
+        A sum_g = vsum<A>(sg), sum_gx = vsum<A>(sgx);
+        for (; c < C; ++c) {
+          xhat[c] = (xr[c] - mu) * rs;
+          g[c] = dyr[c] * wv[c];
+          sum_g += g[c];
+          sum_gx += g[c] * xhat[c];
+        }
+        const A mean_g = sum_g / A(C), mean_gx = sum_gx / A(C);
+        // pass 2: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); parameter-gradient partials.
+        for (c = 0; c + W <= C; c += W) {
+          vec<A> xh = vload(xhat.data() + c);
+          vstore(dx_row.data() + c, (vload(g.data() + c) - mean_g - xh * mean_gx) * rs);
+          if (pdw) {
+            vec<A> d = vload(dyr + c);
+            vstore(pdw + c, vload(pdw + c) + d * xh);
+            vstore(pdb + c, vload(pdb + c) + d);
+          }
+        }
+        for (; c < C; ++c) {
+          dx_row[c] = (g[c] - mean_g - xhat[c] * mean_gx) * rs;
+          if (pdw) { pdw[c] += dyr[c] * xhat[c]; pdb[c] += dyr[c]; }
+        }
+        T* dxr = dx + n * C;
+        for (c = 0; c < C; ++c) dxr[c] = from_acc<T>(dx_row[c]);
+      }
+    }
+  }
+  if (!need_param_grads) return;
+  // Reduce the partials in chunk order.
+  T* dw = static_cast<T*>(a.dweight);
+  T* db = static_cast<T*>(a.dbias);
+  for (int64_t c = 0; c < C; ++c) {
+    A sw = 0, sb = 0;
+    for (int64_t k = 0; k < chunks; ++k) { sw += part_dw[k * C + c]; sb += part_db[k * C + c]; }
+    if (dw) dw[c] = from_acc<T>(sw);
+    if (db) db[c] = from_acc<T>(sb);
+  }
+}
+
+inline void layer_norm_forward(const LayerNormForwardArgs& a) {
+  switch (a.dtype) {
+    case kFloat32: return layer_norm_forward_impl<float>(a);
+    case kFloat64: return layer_norm_forward_impl<double>(a);
+    case kBFloat16: return layer_norm_forward_impl<bf16>(a);
+  }
+}
+
+inline void layer_norm_backward(const LayerNormBackwardArgs& a) {
+  switch (a.dtype) {
+    case kFloat32: return layer_norm_backward_impl<float>(a);
+    case kFloat64: return layer_norm_backward_impl<double>(a);
+    case kBFloat16: return layer_norm_backward_impl<bf16>(a);
+  }
+}
+
+}  // namespace NF_ISA
+}  // namespace nanofast

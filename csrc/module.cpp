@@ -1,0 +1,94 @@
+// nanofast._C: the Python face of the kernels. Arguments arrive as plain integers (data pointers from
+// tensor.data_ptr(), sizes, element strides); the Python layer (nanofast/ops) validates them first.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <tuple>
+
+#ifdef NF_HAVE_OPENMP
+#include <omp.h>
+#endif
+
+#include "kernel_table.h"
+
+namespace py = pybind11;
+using nanofast::kernels;
+
+namespace {
+
+template <class P> P* ptr(uintptr_t p) { return reinterpret_cast<P*>(p); }
+
+using Strides3 = std::tuple<int64_t, int64_t, int64_t>;
+nanofast::Strided4 strided(uintptr_t p, const Strides3& s) {
+  return {ptr<const void>(p), std::get<0>(s), std::get<1>(s), std::get<2>(s)};
+}
+
+void layer_norm_forward(int dtype, int64_t N, int64_t C, uintptr_t x, int64_t x_row_stride, uintptr_t weight,
+                        uintptr_t bias, uintptr_t y, uintptr_t mean, uintptr_t rstd, double eps, int num_threads) {
+  nanofast::LayerNormForwardArgs a{dtype, N, C, ptr<const void>(x), x_row_stride, ptr<const void>(weight),
+                                   ptr<const void>(bias), ptr<void>(y), ptr<void>(mean), ptr<void>(rstd),
+                                   eps, num_threads};
+  kernels().layer_norm_forward(a);
+}
+
+void layer_norm_backward(int dtype, int64_t N, int64_t C, uintptr_t dy, int64_t dy_row_stride, uintptr_t x,
+                         int64_t x_row_stride, uintptr_t weight, uintptr_t mean, uintptr_t rstd, uintptr_t dx,
+                         uintptr_t dweight, uintptr_t dbias, int num_threads) {
+  nanofast::LayerNormBackwardArgs a{dtype, N, C, ptr<const void>(dy), dy_row_stride, ptr<const void>(x),
+                                    x_row_stride, ptr<const void>(weight), ptr<const void>(mean),
+                                    ptr<const void>(rstd), ptr<void>(dx), ptr<void>(dweight), ptr<void>(dbias),
+                                    num_threads};
+  kernels().layer_norm_backward(a);
+}
+
+void attention_forward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK, int64_t HS, int64_t HSV,
+                       uintptr_t q, Strides3 qs, uintptr_t k, Strides3 ks, uintptr_t v, Strides3 vs, uintptr_t out,
+                       Strides3 os, uintptr_t lse, double scale, bool causal, float dropout_p, uint64_t seed,
+                       int num_threads) {
+  nanofast::AttentionForwardArgs a{dtype, B, NH, TQ, TK, HS, HSV, strided(q, qs), strided(k, ks), strided(v, vs),
+                                   strided(out, os), ptr<void>(lse), scale, causal, dropout_p, seed, num_threads};
+  kernels().attention_forward(a);
+}
+
+void attention_backward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK, int64_t HS, int64_t HSV,
+                        uintptr_t q, Strides3 qs, uintptr_t k, Strides3 ks, uintptr_t v, Strides3 vs,
+                        uintptr_t out, Strides3 os, uintptr_t dout, Strides3 dos, uintptr_t lse, uintptr_t dq,
+                        Strides3 dqs, uintptr_t dk, Strides3 dks, uintptr_t dv, Strides3 dvs, double scale,
+                        bool causal, float dropout_p, uint64_t seed, int num_threads) {
+  nanofast::AttentionBackwardArgs a{dtype, B, NH, TQ, TK, HS, HSV, strided(q, qs), strided(k, ks),
+                                    strided(v, vs), strided(out, os), strided(dout, dos), ptr<const void>(lse),
+                                    strided(dq, dqs), strided(dk, dks), strided(dv, dvs), scale, causal,
+                                    dropout_p, seed, num_threads};
+  kernels().attention_backward(a);
+}
+
+void dropout_mask(uint64_t seed, int64_t B, int64_t NH, int64_t TQ, int64_t TK, float p, uintptr_t out,
+                  int num_threads) {
+  kernels().dropout_mask(seed, B, NH, TQ, TK, p, ptr<uint8_t>(out), num_threads);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "nanofast's C++/OpenMP CPU kernels (raw pointers; use nanofast.ops)";
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("layer_norm_forward", &layer_norm_forward, release());
+  m.def("layer_norm_backward", &layer_norm_backward, release());
+  m.def("attention_forward", &attention_forward, release());
+  m.def("attention_backward", &attention_backward, release());
+  m.def("dropout_mask", &dropout_mask, release());
+  m.def("isa", [] { return std::string(kernels().isa); }, "the instruction set the kernels run with");
+  m.def("available_isas", [] { return std::string(nanofast::available_isas()); });
+  m.def("select_isa", [](const std::string& name) {
+    if (!nanofast::select_isa(name.c_str()))
+      throw std::invalid_argument("nanofast: instruction set '" + name + "' is not available on this CPU (available: " +
+                                  nanofast::available_isas() + ")");
+  });
+  m.def("has_openmp", [] {
+#ifdef NF_HAVE_OPENMP
+    return true;
+#else
+    return false;
+#endif
+  });
+}

@@ -1,0 +1,9 @@
+"""Fused kernels as torch ops: CPU tensors run C++/OpenMP, CUDA tensors run Triton.
+
+Each op is a torch.library custom op (namespace ``nanofast``) with autograd and a fake
+implementation, so it works in eager mode, under autograd and inside torch.compile.
+"""
+from .attention import dropout_mask, scaled_dot_product_attention
+from .layer_norm import layer_norm
+
+__all__ = ["layer_norm", "scaled_dot_product_attention", "dropout_mask"]

@@ -1,0 +1,93 @@
+"""Calls into the C++/OpenMP kernels (nanofast._C): tensors in, raw pointers, sizes and strides out.
+
+Shapes and dtypes are checked by the callers (_validate.py); this layer only allocates outputs and
+translates tensors into the pointer-and-stride form the C++ side takes.
+"""
+import torch
+
+from .. import _C
+
+_DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
+CPU_DTYPES = tuple(_DTYPE_CODE)
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+def _strides3(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _threads():
+    return torch.get_num_threads()
+
+
+def empty_bthd(B, NH, T, D, like):
+    """A (B, NH, T, D) tensor laid out as (B, T, NH, D): the layout nanoGPT transposes back into."""
+    return torch.empty(B, T, NH, D, dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
+def layer_norm_forward(x, weight, bias, eps):
+    N, C = x.shape
+    y = torch.empty(N, C, dtype=x.dtype)
+    mean = torch.empty(N, dtype=_acc_dtype(x.dtype))
+    rstd = torch.empty(N, dtype=_acc_dtype(x.dtype))
+    if x.numel():
+        _C.layer_norm_forward(_DTYPE_CODE[x.dtype], N, C, x.data_ptr(), x.stride(0), _ptr(weight), _ptr(bias),
+                              y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), float(eps), _threads())
+    return y, mean, rstd
+
+
+def layer_norm_backward(dy, x, weight, mean, rstd, need_weight_grad, need_bias_grad):
+    N, C = x.shape
+    dx = torch.empty(N, C, dtype=x.dtype)
+    dw = torch.zeros(C, dtype=x.dtype) if need_weight_grad else None
+    db = torch.zeros(C, dtype=x.dtype) if need_bias_grad else None
+    if x.numel():
+        _C.layer_norm_backward(_DTYPE_CODE[x.dtype], N, C, dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0),
+                               _ptr(weight), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(), _ptr(dw), _ptr(db),
+                               _threads())
+    return dx, dw, db
+
+
+def attention_forward(q, k, v, is_causal, scale, dropout_p, seed):
+    B, NH, TQ, HS = q.shape
+    TK, HSV = k.shape[2], v.shape[3]
+    out = empty_bthd(B, NH, TQ, HSV, q)
+    lse = torch.empty(B, NH, TQ, dtype=_acc_dtype(q.dtype))
+    if out.numel() and TK == 0:  # softmax over no keys: torch returns zeros
+        out.zero_()
+        lse.fill_(float("-inf"))
+    elif out.numel():
+        _C.attention_forward(_DTYPE_CODE[q.dtype], B, NH, TQ, TK, HS, HSV, q.data_ptr(), _strides3(q),
+                             k.data_ptr(), _strides3(k), v.data_ptr(), _strides3(v), out.data_ptr(), _strides3(out),
+                             lse.data_ptr(), float(scale), bool(is_causal), float(dropout_p), int(seed), _threads())
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed):
+    B, NH, TQ, HS = q.shape
+    TK, HSV = k.shape[2], v.shape[3]
+    dq = empty_bthd(B, NH, TQ, HS, q)
+    dk = empty_bthd(B, NH, TK, HS, k)
+    dv = empty_bthd(B, NH, TK, HSV, v)
+    if B * NH * TQ * TK == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    _C.attention_backward(_DTYPE_CODE[q.dtype], B, NH, TQ, TK, HS, HSV, q.data_ptr(), _strides3(q), k.data_ptr(),
+                          _strides3(k), v.data_ptr(), _strides3(v), out.data_ptr(), _strides3(out), dout.data_ptr(),
+                          _strides3(dout), lse.data_ptr(), dq.data_ptr(), _strides3(dq), dk.data_ptr(), _strides3(dk),
+                          dv.data_ptr(), _strides3(dv), float(scale), bool(is_causal), float(dropout_p), int(seed),
+                          _threads())
+    return dq, dk, dv
+
+
+def dropout_mask(seed, batch, heads, q_len, k_len, p):
+    out = torch.empty(batch, heads, q_len, k_len, dtype=torch.uint8)
+    if out.numel():
+        _C.dropout_mask(int(seed), batch, heads, q_len, k_len, float(p), out.data_ptr(), _threads())
+    return out.view(torch.bool)

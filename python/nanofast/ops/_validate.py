@@ -1,0 +1,101 @@
+"""Argument checks shared by the CPU and CUDA paths: every error names the argument and the shapes."""
+import math
+
+import torch
+
+MAX_HEAD_DIM_CPU = 256
+MAX_HEAD_DIM_CUDA = 128
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _describe(t):
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_tensor(name, t, fn):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {_describe(t)}")
+    supported = CUDA_DTYPES if t.device.type == "cuda" else CPU_DTYPES
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{fn}: {name} is on {t.device}; nanofast runs on CPU and CUDA tensors only")
+    if t.dtype not in supported:
+        names = ", ".join(str(d) for d in supported)
+        raise TypeError(f"{fn}: {name} has dtype {t.dtype}, which nanofast does not support on {t.device.type} "
+                        f"(supported: {names})")
+
+
+def check_same(fn, ref_name, ref, name, t):
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{fn}: {name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; they must match")
+    if t.device != ref.device:
+        raise ValueError(f"{fn}: {name} is on {t.device} but {ref_name} is on {ref.device}; they must match")
+
+
+def layer_norm_args(input, normalized_shape, weight, bias, eps):
+    fn = "nanofast.ops.layer_norm"
+    check_tensor("input", input, fn)
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    normalized_shape = tuple(int(s) for s in normalized_shape)
+    k = len(normalized_shape)
+    if k == 0 or tuple(input.shape[input.dim() - k:]) != normalized_shape or input.dim() < k:
+        raise ValueError(f"{fn}: normalized_shape {normalized_shape} must equal the last dimensions of input, "
+                         f"which has shape {tuple(input.shape)}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        check_tensor(name, p, fn)
+        check_same(fn, "input", input, name, p)
+        if tuple(p.shape) != normalized_shape:
+            raise ValueError(f"{fn}: {name} has shape {tuple(p.shape)} but normalized_shape is {normalized_shape}")
+    eps = float(eps)
+    if not eps >= 0.0:
+        raise ValueError(f"{fn}: eps must be a non-negative number, got {eps}")
+    return normalized_shape, eps
+
+
+def attention_args(query, key, value, attn_mask, dropout_p, scale, enable_gqa=False):
+    fn = "nanofast.ops.scaled_dot_product_attention"
+    if attn_mask is not None:
+        shape = tuple(attn_mask.shape) if isinstance(attn_mask, torch.Tensor) else type(attn_mask).__name__
+        raise NotImplementedError(f"{fn}: attn_mask is not supported (got {shape}); use is_causal=True for causal "
+                                  "masking, or torch.nn.functional.scaled_dot_product_attention for arbitrary masks")
+    if enable_gqa:
+        raise NotImplementedError(f"{fn}: enable_gqa is not supported; repeat the key/value heads first")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        check_tensor(name, t, fn)
+        if t.dim() != 4:
+            raise ValueError(f"{fn}: {name} must be 4-D (batch, heads, seq_len, head_dim), got shape {tuple(t.shape)}")
+    check_same(fn, "query", query, "key", key)
+    check_same(fn, "query", query, "value", value)
+    B, NH, TQ, HS = query.shape
+    if key.shape[0] != B or key.shape[1] != NH or value.shape[0] != B or value.shape[1] != NH:
+        raise ValueError(f"{fn}: query {tuple(query.shape)}, key {tuple(key.shape)} and value {tuple(value.shape)} "
+                         "must agree in batch and heads")
+    if key.shape[3] != HS:
+        raise ValueError(f"{fn}: key head_dim {key.shape[3]} must equal query head_dim {HS} "
+                         f"(query {tuple(query.shape)}, key {tuple(key.shape)})")
+    if value.shape[2] != key.shape[2]:
+        raise ValueError(f"{fn}: value seq_len {value.shape[2]} must equal key seq_len {key.shape[2]} "
+                         f"(key {tuple(key.shape)}, value {tuple(value.shape)})")
+    limit = MAX_HEAD_DIM_CUDA if query.device.type == "cuda" else MAX_HEAD_DIM_CPU
+    if max(HS, value.shape[3]) > limit:
+        raise ValueError(f"{fn}: head_dim up to {limit} is supported on {query.device.type}, got query "
+                         f"{tuple(query.shape)} and value {tuple(value.shape)}")
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(HS) if HS > 0 else 1.0
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"{fn}: scale must be a finite number, got {scale}")
+    return dropout_p, scale
+
+
+def unit_last_stride(t):
+    """Kernels need the last dimension packed; other strides are free."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
