@@ -118,7 +118,7 @@ inline A scale_mask_rowmax(A* s, int64_t ncols, int64_t valid, A scale) {
     vstore(s + c, x);
     mv = vmaxv<A>(mv, x);
   }
-  A m = vmax<A>(mv);
+  A m = vmax(mv);
   for (; c < valid; ++c) { s[c] *= scale; m = std::max(m, s[c]); }
   for (; c < ncols; ++c) s[c] = -std::numeric_limits<A>::infinity();
   return m;
@@ -134,7 +134,7 @@ inline A exp_row(A* s, int64_t ncols, A m) {
     vstore(s + c, p);
     sum += p;
   }
-  return vsum<A>(sum);
+  return vsum(sum);
 }
 
 // p *= keep / (1 - p_drop), keep drawn from the counter-based generator at this row's offsets.
@@ -197,7 +197,7 @@ void attention_forward_impl(const AttentionForwardArgs& a) {
           for (int64_t c = 0; c < HSVp; c += W) vstore(o + c, vload(o + c) * alpha);
           if (a.dropout_p > 0)
             dropout_row(s, std::min<int64_t>(kBlockK, TK - j0), a.seed, uint64_t((bh * TQ + i) * TK), j0,
-                        a.dropout_p, keep_scale);
+                        float(a.dropout_p), keep_scale);
         }
         // O += P V.
         gemm<A, false>(rows, HSVp, std::min<int64_t>(kBlockK, kv_len_p - j0), S.data(), kBlockK,
@@ -277,7 +277,7 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
             for (int64_t c = 0; c < kBlockK; ++c) {
               A pd = p[c], dpd = dp[c];
               if (dropout && c < kcols) {
-                const bool keep = dropout_keep(a.seed, row_offset + uint64_t(j0 + c), a.dropout_p);
+                const bool keep = dropout_keep(a.seed, row_offset + uint64_t(j0 + c), float(a.dropout_p));
                 pd = keep ? p[c] * keep_scale : A(0);
                 dpd = keep ? dp[c] * keep_scale : A(0);
               }

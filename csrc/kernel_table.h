@@ -51,7 +51,7 @@ struct AttentionForwardArgs {
   void* lse;              // (B, NH, TQ) contiguous, accumulation type; natural-log logsumexp
   double scale;
   bool causal;            // key j is visible to query i iff j <= i (torch's is_causal)
-  float dropout_p;
+  double dropout_p;  // the keep test compares in float32 (as Triton does); the rescale uses it in full
   uint64_t seed;
   int num_threads;
 };
@@ -64,7 +64,7 @@ struct AttentionBackwardArgs {
   Strided4 dq, dk, dv;    // written
   double scale;
   bool causal;
-  float dropout_p;
+  double dropout_p;  // the keep test compares in float32 (as Triton does); the rescale uses it in full
   uint64_t seed;
   int num_threads;
 };

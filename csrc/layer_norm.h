@@ -35,7 +35,7 @@ template <class A> inline A row_sum(const A* x, int64_t C) {
   int64_t c = 0;
   for (; c + 2 * W <= C; c += 2 * W) { s0 += vload(x + c); s1 += vload(x + c + W); }
   for (; c + W <= C; c += W) s0 += vload(x + c);
-  A s = vsum<A>(s0 + s1);
+  A s = vsum(s0 + s1);
   for (; c < C; ++c) s += x[c];
   return s;
 }
@@ -45,7 +45,7 @@ template <class A> inline A row_centered_sq_sum(const A* x, A mean, int64_t C) {
   vec<A> s0{};
   int64_t c = 0;
   for (; c + W <= C; c += W) { vec<A> d = vload(x + c) - mean; s0 += d * d; }
-  A s = vsum<A>(s0);
+  A s = vsum(s0);
   for (; c < C; ++c) { A d = x[c] - mean; s += d * d; }
   return s;
 }
@@ -92,10 +92,10 @@ void layer_norm_forward_impl(const LayerNormForwardArgs& a) {
   }
 }
 
-// dweight and dbias are sums over rows. Rows are cut into a number of chunks that depends only on N,
-// each chunk's partial sums go to its own buffer, and the buffers are added in chunk order: the result
-// is bitwise the same whatever the number of threads.
-inline int64_t layer_norm_num_chunks(int64_t N) { return std::min<int64_t>(N, 64); }
+// dweight and dbias are sums over rows. Rows are cut into chunks of a fixed size, each chunk's partial
+// sums go to its own buffer, and the buffers are added in chunk order in double precision: the result
+// is bitwise the same whatever the number of threads, and a long float sum never accumulates.
+constexpr int64_t kLayerNormChunkRows = 16;
 
 template <class T>
 void layer_norm_backward_impl(const LayerNormBackwardArgs& a) {
@@ -112,15 +112,15 @@ void layer_norm_backward_impl(const LayerNormBackwardArgs& a) {
   std::vector<A> wv(C, A(1));
   if (w) for (int64_t c = 0; c < C; ++c) wv[c] = to_acc(w[c]);
 
-  const int64_t chunks = std::max<int64_t>(1, layer_norm_num_chunks(N));
-  const int64_t rows_per_chunk = (N + chunks - 1) / chunks;
+  const int64_t rows_per_chunk = kLayerNormChunkRows;
+  const int64_t chunks = std::max<int64_t>(1, (N + rows_per_chunk - 1) / rows_per_chunk);
   std::vector<A> part_dw(need_param_grads ? chunks * C : 0, A(0));
   std::vector<A> part_db(need_param_grads ? chunks * C : 0, A(0));
 
 #pragma omp parallel num_threads(a.num_threads) if (N * C > 32768)
   {
     RowView<T> xview, dyview;
-    std::vector<A> xhat(C), g(C), dx_row(C);
+    std::vector<A> xhat(C), g(C), dx_row(std::is_same<T, A>::value ? 0 : C);
 #pragma omp for schedule(static)
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
       A* pdw = need_param_grads ? part_dw.data() + chunk * C : nullptr;
@@ -141,7 +141,7 @@ void layer_norm_backward_impl(const LayerNormBackwardArgs& a) {
           sg += gv;
           sgx += gv * xh;
         }
-        A sum_g = vsum<A>(sg), sum_gx = vsum<A>(sgx);
+        A sum_g = vsum(sg), sum_gx = vsum(sgx);
         for (; c < C; ++c) {
           xhat[c] = (xr[c] - mu) * rs;
           g[c] = dyr[c] * wv[c];
@@ -150,9 +150,10 @@ void layer_norm_backward_impl(const LayerNormBackwardArgs& a) {
         }
         const A mean_g = sum_g / A(C), mean_gx = sum_gx / A(C);
         // pass 2: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); parameter-gradient partials.
+        A* dxr = std::is_same<T, A>::value ? reinterpret_cast<A*>(dx + n * C) : dx_row.data();
         for (c = 0; c + W <= C; c += W) {
           vec<A> xh = vload(xhat.data() + c);
-          vstore(dx_row.data() + c, (vload(g.data() + c) - mean_g - xh * mean_gx) * rs);
+          vstore(dxr + c, (vload(g.data() + c) - mean_g - xh * mean_gx) * rs);
           if (pdw) {
             vec<A> d = vload(dyr + c);
             vstore(pdw + c, vload(pdw + c) + d * xh);
@@ -160,23 +161,32 @@ void layer_norm_backward_impl(const LayerNormBackwardArgs& a) {
           }
         }
         for (; c < C; ++c) {
-          dx_row[c] = (g[c] - mean_g - xhat[c] * mean_gx) * rs;
+          dxr[c] = (g[c] - mean_g - xhat[c] * mean_gx) * rs;
           if (pdw) { pdw[c] += dyr[c] * xhat[c]; pdb[c] += dyr[c]; }
         }
-        T* dxr = dx + n * C;
-        for (c = 0; c < C; ++c) dxr[c] = from_acc<T>(dx_row[c]);
+        if (!std::is_same<T, A>::value)
+          for (c = 0; c < C; ++c) dx[n * C + c] = from_acc<T>(dxr[c]);
       }
     }
   }
   if (!need_param_grads) return;
-  // Reduce the partials in chunk order.
+  // Reduce the partials in chunk order, each thread owning a band of columns.
   T* dw = static_cast<T*>(a.dweight);
   T* db = static_cast<T*>(a.dbias);
-  for (int64_t c = 0; c < C; ++c) {
-    A sw = 0, sb = 0;
-    for (int64_t k = 0; k < chunks; ++k) { sw += part_dw[k * C + c]; sb += part_db[k * C + c]; }
-    if (dw) dw[c] = from_acc<T>(sw);
-    if (db) db[c] = from_acc<T>(sb);
+  constexpr int64_t kBand = 64;
+#pragma omp parallel for num_threads(a.num_threads) schedule(static) if (chunks * C > 65536)
+  for (int64_t c0 = 0; c0 < C; c0 += kBand) {
+    const int64_t c1 = std::min(C, c0 + kBand);
+    double sw[kBand] = {}, sb[kBand] = {};
+    for (int64_t k = 0; k < chunks; ++k)
+      for (int64_t c = c0; c < c1; ++c) {
+        sw[c - c0] += part_dw[k * C + c];
+        sb[c - c0] += part_db[k * C + c];
+      }
+    for (int64_t c = c0; c < c1; ++c) {
+      if (dw) dw[c] = from_acc<T>(A(sw[c - c0]));
+      if (db) db[c] = from_acc<T>(A(sb[c - c0]));
+    }
   }
 }
 

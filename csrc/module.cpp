@@ -10,6 +10,7 @@
 #endif
 
 #include "kernel_table.h"
+#include "philox.h"
 
 namespace py = pybind11;
 using nanofast::kernels;
@@ -43,7 +44,7 @@ void layer_norm_backward(int dtype, int64_t N, int64_t C, uintptr_t dy, int64_t 
 
 void attention_forward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK, int64_t HS, int64_t HSV,
                        uintptr_t q, Strides3 qs, uintptr_t k, Strides3 ks, uintptr_t v, Strides3 vs, uintptr_t out,
-                       Strides3 os, uintptr_t lse, double scale, bool causal, float dropout_p, uint64_t seed,
+                       Strides3 os, uintptr_t lse, double scale, bool causal, double dropout_p, uint64_t seed,
                        int num_threads) {
   nanofast::AttentionForwardArgs a{dtype, B, NH, TQ, TK, HS, HSV, strided(q, qs), strided(k, ks), strided(v, vs),
                                    strided(out, os), ptr<void>(lse), scale, causal, dropout_p, seed, num_threads};
@@ -54,7 +55,7 @@ void attention_backward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK
                         uintptr_t q, Strides3 qs, uintptr_t k, Strides3 ks, uintptr_t v, Strides3 vs,
                         uintptr_t out, Strides3 os, uintptr_t dout, Strides3 dos, uintptr_t lse, uintptr_t dq,
                         Strides3 dqs, uintptr_t dk, Strides3 dks, uintptr_t dv, Strides3 dvs, double scale,
-                        bool causal, float dropout_p, uint64_t seed, int num_threads) {
+                        bool causal, double dropout_p, uint64_t seed, int num_threads) {
   nanofast::AttentionBackwardArgs a{dtype, B, NH, TQ, TK, HS, HSV, strided(q, qs), strided(k, ks),
                                     strided(v, vs), strided(out, os), strided(dout, dos), ptr<const void>(lse),
                                     strided(dq, dqs), strided(dk, dks), strided(dv, dvs), scale, causal,
@@ -77,6 +78,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_forward", &attention_forward, release());
   m.def("attention_backward", &attention_backward, release());
   m.def("dropout_mask", &dropout_mask, release());
+  m.def("philox_uniform", &nanofast::philox_uniform, "the dropout generator's uniform at (seed, offset)");
   m.def("isa", [] { return std::string(kernels().isa); }, "the instruction set the kernels run with");
   m.def("available_isas", [] { return std::string(nanofast::available_isas()); });
   m.def("select_isa", [](const std::string& name) {

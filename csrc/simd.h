@@ -4,6 +4,9 @@
 #include <cstdint>
 #include <cstring>
 #include <cmath>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #if defined(__AVX512F__)
 #define NF_VBYTES 64
@@ -33,16 +36,41 @@ template <class A> inline vec<A> vload(const A* p) { vec<A> v; std::memcpy(&v, p
 template <class A> inline void vstore(A* p, vec<A> v) { std::memcpy(p, &v, sizeof v); }
 template <class A> inline vec<A> vbroadcast(A s) { return vec<A>{} + s; }
 
-template <class A> inline A vsum(vec<A> v) {
-  A s = 0;
-  for (int i = 0; i < lanes<A>(); ++i) s += v[i];
-  return s;
+// Horizontal reductions, as a tree of shuffles: log2(lanes) dependent steps. (A plain loop over the
+// lanes is a dependent chain the compiler may not reassociate, and it costs more than the row it sums.)
+#if defined(__AVX512F__)
+inline float vsum(vec<float> v) { return _mm512_reduce_add_ps((__m512)v); }
+inline double vsum(vec<double> v) { return _mm512_reduce_add_pd((__m512d)v); }
+inline float vmax(vec<float> v) { return _mm512_reduce_max_ps((__m512)v); }
+inline double vmax(vec<double> v) { return _mm512_reduce_max_pd((__m512d)v); }
+#elif NF_VBYTES == 32
+inline float vsum(vec<float> v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
 }
-template <class A> inline A vmax(vec<A> v) {
-  A m = v[0];
-  for (int i = 1; i < lanes<A>(); ++i) m = v[i] > m ? v[i] : m;
-  return m;
+inline double vsum(vec<double> v) {
+  __m128d s = _mm_add_pd(_mm256_castpd256_pd128((__m256d)v), _mm256_extractf128_pd((__m256d)v, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
 }
+inline float vmax(vec<float> v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+inline double vmax(vec<double> v) {
+  __m128d s = _mm_max_pd(_mm256_castpd256_pd128((__m256d)v), _mm256_extractf128_pd((__m256d)v, 1));
+  return _mm_cvtsd_f64(_mm_max_sd(s, _mm_unpackhi_pd(s, s)));
+}
+#else
+inline float vsum(vec<float> v) { return (v[0] + v[2]) + (v[1] + v[3]); }
+inline double vsum(vec<double> v) { return v[0] + v[1]; }
+inline float vmax(vec<float> v) {
+  float a = v[0] > v[2] ? v[0] : v[2], b = v[1] > v[3] ? v[1] : v[3];
+  return a > b ? a : b;
+}
+inline double vmax(vec<double> v) { return v[0] > v[1] ? v[0] : v[1]; }
+#endif
 template <class A> inline vec<A> vmaxv(vec<A> a, vec<A> b) { return a > b ? a : b; }
 
 // exp(x) for a float vector: round x/ln2 to n with the 1.5*2^23 trick, a degree-6 polynomial on the

@@ -10,7 +10,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _cpu, _cuda
+from . import _cpu
+from ._launch import launchers
 from ._validate import attention_args, unit_last_stride
 
 _SEED_BOUND = 2**62
@@ -20,15 +21,10 @@ def _seed_value(seed: Optional[Tensor]) -> int:
     return 0 if seed is None else int(seed.item())
 
 
-@torch.library.custom_op("nanofast::sdpa_fwd", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("nanofast::sdpa_fwd", mutates_args=())
 def sdpa_fwd(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float, dropout_p: float,
              seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    return _cpu.attention_forward(q, k, v, is_causal, scale, dropout_p, _seed_value(seed))
-
-
-@sdpa_fwd.register_kernel("cuda")
-def _(q, k, v, is_causal, scale, dropout_p, seed):
-    return _cuda.kernels().attention_forward(q, k, v, is_causal, scale, dropout_p, _seed_value(seed))
+    return launchers(q).attention_forward(q, k, v, is_causal, scale, dropout_p, _seed_value(seed))
 
 
 @sdpa_fwd.register_fake
@@ -39,15 +35,10 @@ def _(q, k, v, is_causal, scale, dropout_p, seed):
     return out, q.new_empty((B, NH, TQ), dtype=acc)
 
 
-@torch.library.custom_op("nanofast::sdpa_bwd", mutates_args=(), device_types="cpu")
+@torch.library.custom_op("nanofast::sdpa_bwd", mutates_args=())
 def sdpa_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, is_causal: bool, scale: float,
              dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    return _cpu.attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, _seed_value(seed))
-
-
-@sdpa_bwd.register_kernel("cuda")
-def _(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed):
-    return _cuda.kernels().attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, _seed_value(seed))
+    return launchers(q).attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, _seed_value(seed))
 
 
 @sdpa_bwd.register_fake
@@ -75,6 +66,23 @@ def _backward(ctx, dout, _dlse):
 sdpa_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerAttention(torch.autograd.Function):
+    """The eager-mode path: the custom op's autograd formula, minus the op dispatch (see layer_norm.py)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, is_causal, scale, dropout_p, seed):
+        out = launchers(q).attention_forward(q, k, v, is_causal, scale, dropout_p, _seed_value(seed))
+        _setup_context(ctx, (q, k, v, is_causal, scale, dropout_p, seed), out)
+        return out[0]
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, seed = ctx.saved_tensors
+        dq, dk, dv = launchers(q).attention_backward(unit_last_stride(dout), q, k, v, out, lse, ctx.is_causal,
+                                                     ctx.scale, ctx.dropout_p, _seed_value(seed))
+        return dq, dk, dv, None, None, None, None
+
+
 def draw_seed() -> Tensor:
     """A dropout seed from torch's CPU generator, so torch.manual_seed makes dropout reproducible."""
     return torch.randint(0, _SEED_BOUND, (1,), dtype=torch.int64)
@@ -91,8 +99,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     dropout_p, scale = attention_args(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     seed = draw_seed() if dropout_p > 0 else None
     q, k, v = (unit_last_stride(t) for t in (query, key, value))
-    out, _ = sdpa_fwd(q, k, v, bool(is_causal), scale, dropout_p, seed)
-    return out
+    if torch.compiler.is_compiling():
+        return sdpa_fwd(q, k, v, bool(is_causal), scale, dropout_p, seed)[0]
+    return _EagerAttention.apply(q, k, v, bool(is_causal), scale, dropout_p, seed)
 
 
 def dropout_mask(seed: int, batch: int, heads: int, q_len: int, k_len: int, p: float) -> Tensor:

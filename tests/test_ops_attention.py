@@ -1,0 +1,207 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanofast import _C, ops
+from attention_ref import attention_ref
+from parity import all_isas, assert_parity
+
+
+@pytest.fixture(params=all_isas())
+def isa(request):
+    _C.select_isa(request.param)
+    yield request.param
+    _C.select_isa("auto")
+
+
+def _qkv(B, H, Tq, Tk, D, dtype, layout="bthd", Dv=None, seed=0):
+    """q, k, v and dout; layout 'bthd' gives nanoGPT's view(B, T, H, D).transpose(1, 2) views."""
+    g = torch.Generator().manual_seed(seed)
+    Dv = D if Dv is None else Dv
+
+    def make(T, d):
+        if layout == "bthd":
+            return torch.randn(B, T, H, d, generator=g, dtype=torch.float64).to(dtype).transpose(1, 2)
+        return torch.randn(B, H, T, d, generator=g, dtype=torch.float64).to(dtype)
+
+    return make(Tq, D), make(Tk, D), make(Tk, Dv), make(Tq, Dv)
+
+
+def _run(fn, q, k, v, dout, **kw):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves, **kw)
+    out.backward(dout)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def _check(q, k, v, dout, **kw):
+    ours = _run(ops.scaled_dot_product_attention, q, k, v, dout, **kw)
+    theirs = _run(F.scaled_dot_product_attention, q, k, v, dout, **kw)
+    ref = _run(attention_ref, q.double(), k.double(), v.double(), dout.double(), **kw)
+    for name, o, t, r in zip(["out", "dq", "dk", "dv"], ours, theirs, ref):
+        assert_parity(name, o, t, r)
+    return ours
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("T", [1, 7, 63, 65, 97, 257])
+def test_parity_seq_lengths(T, causal):
+    _check(*_qkv(2, 3, T, T, 64, torch.float32), is_causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("D", [8, 40, 59, 64, 96, 128, 256])
+def test_parity_head_dims(D, causal):
+    _check(*_qkv(1, 2, 70, 70, D, torch.float32), is_causal=causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_parity_dtypes(dtype, causal):
+    _check(*_qkv(2, 2, 65, 65, 40, dtype), is_causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_isa(isa, causal):
+    _check(*_qkv(2, 2, 97, 97, 59, torch.float32), is_causal=causal)
+    _check(*_qkv(1, 2, 33, 33, 24, torch.float64), is_causal=causal)
+
+
+@pytest.mark.parametrize("Tq,Tk", [(5, 70), (70, 5), (64, 129), (130, 64)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_different_query_and_key_lengths(Tq, Tk, causal):
+    _check(*_qkv(2, 2, Tq, Tk, 32, torch.float32), is_causal=causal)
+
+
+def test_value_head_dim_differs():
+    _check(*_qkv(2, 2, 40, 50, 32, torch.float32, Dv=24), is_causal=True)
+
+
+@pytest.mark.parametrize("layout", ["bhtd", "bthd"])
+def test_layouts_and_custom_scale(layout):
+    _check(*_qkv(2, 4, 50, 50, 16, torch.float32, layout=layout), is_causal=True, scale=0.37)
+
+
+def test_strided_views_of_a_fused_projection():
+    # nanoGPT: qkv = x @ W -> split -> view(B, T, H, D).transpose(1, 2); no copy is made on our side.
+    B, T, H, D = 2, 33, 3, 16
+    qkv = torch.randn(B, T, 3 * H * D)
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
+    assert not q.is_contiguous()
+    _check(q, k, v, torch.randn(B, H, T, D), is_causal=True)
+
+
+def test_last_dim_not_packed():
+    q, k, v, dout = _qkv(1, 2, 20, 20, 16, torch.float32)
+    q = torch.randn(1, 2, 20, 32)[..., ::2]
+    _check(q, k, v, dout, is_causal=False)
+
+
+def test_output_layout_makes_the_transpose_free():
+    q, k, v, _ = _qkv(2, 3, 10, 10, 8, torch.float32)
+    out = ops.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.transpose(1, 2).is_contiguous()
+
+
+def test_gradcheck_float64():
+    q, k, v = (torch.randn(1, 2, 5, 3, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    for causal in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=0.7), (q, k, v))
+
+
+def test_gradcheck_with_dropout():
+    q, k, v = (torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+
+    def f(q, k, v):
+        torch.manual_seed(3)  # the same dropout mask at every evaluation
+        return ops.scaled_dot_product_attention(q, k, v, dropout_p=0.3, is_causal=True)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_deterministic_and_thread_independent():
+    q, k, v, dout = _qkv(3, 4, 130, 130, 40, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        first = _run(ops.scaled_dot_product_attention, q, k, v, dout, is_causal=True)
+        again = _run(ops.scaled_dot_product_attention, q, k, v, dout, is_causal=True)
+        torch.set_num_threads(1)
+        single = _run(ops.scaled_dot_product_attention, q, k, v, dout, is_causal=True)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(first, again, single):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 5, 8), (2, 0, 5, 8), (2, 2, 0, 8)])
+def test_empty(shape):
+    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+    out = ops.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.shape == shape
+    out.sum().backward()
+    assert q.grad.shape == shape
+
+
+def test_no_keys_gives_zeros_like_torch():
+    q, k, v = torch.randn(1, 1, 3, 4), torch.randn(1, 1, 0, 4), torch.randn(1, 1, 0, 4)
+    assert torch.equal(ops.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+def test_nan_propagates_like_torch():
+    q, k, v, _ = _qkv(1, 1, 9, 9, 8, torch.float32, layout="bhtd")
+    q[0, 0, 2, 1] = float("nan")
+    k[0, 0, 5, 0] = float("nan")
+    for causal in (False, True):
+        ours = ops.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        theirs = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        # Wherever torch gives NaN we must too (torch's CPU kernel even zeroes parts of a NaN row).
+        assert not (torch.isnan(theirs) & ~torch.isnan(ours)).any()
+        assert torch.isnan(ours[0, 0, 2]).all()
+
+
+def _t(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: ops.scaled_dot_product_attention(_t(1, 2, 3, 4), _t(1, 2, 3, 4), _t(1, 2, 3, 4),
+                                              attn_mask=torch.ones(3, 3, dtype=torch.bool)),
+     NotImplementedError, r"attn_mask is not supported \(got \(3, 3\)\)"),
+    (lambda: ops.scaled_dot_product_attention(_t(1, 2, 3, 4), _t(1, 2, 3, 5), _t(1, 2, 3, 4)),
+     ValueError, r"key head_dim 5 must equal query head_dim 4"),
+    (lambda: ops.scaled_dot_product_attention(_t(1, 2, 3, 4), _t(1, 3, 3, 4), _t(1, 3, 3, 4)),
+     ValueError, r"must agree in batch and heads"),
+    (lambda: ops.scaled_dot_product_attention(_t(1, 2, 3, 4), _t(1, 2, 6, 4), _t(1, 2, 5, 4)),
+     ValueError, r"value seq_len 5 must equal key seq_len 6"),
+    (lambda: ops.scaled_dot_product_attention(_t(2, 3, 4), _t(2, 3, 4), _t(2, 3, 4)),
+     ValueError, r"query must be 4-D .* got shape \(2, 3, 4\)"),
+    (lambda: ops.scaled_dot_product_attention(_t(1, 1, 2, 300), _t(1, 1, 2, 300), _t(1, 1, 2, 300)),
+     ValueError, r"head_dim up to 256"),
+    (lambda: ops.scaled_dot_product_attention(_t(1, 1, 2, 4), _t(1, 1, 2, 4), _t(1, 1, 2, 4), dropout_p=1.0),
+     ValueError, r"dropout_p must be in \[0, 1\)"),
+    (lambda: ops.scaled_dot_product_attention(_t(1, 1, 2, 4), _t(1, 1, 2, 4, dtype=torch.float64), _t(1, 1, 2, 4)),
+     TypeError, r"key has dtype torch.float64 but query has dtype torch.float32"),
+    (lambda: ops.scaled_dot_product_attention(torch.ones(1, 1, 2, 4, dtype=torch.int64), _t(1, 1, 2, 4),
+                                              _t(1, 1, 2, 4)),
+     TypeError, r"query must be a floating-point tensor"),
+    (lambda: ops.scaled_dot_product_attention(_t(1, 1, 2, 4), _t(1, 1, 2, 4), _t(1, 1, 2, 4), scale=float("inf")),
+     ValueError, r"scale must be a finite number"),
+])
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_opcheck():
+    from torch.library import opcheck
+
+    q, k, v, dout = _qkv(1, 2, 9, 9, 8, torch.float32)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    opcheck(torch.ops.nanofast.sdpa_fwd.default, (q, k, v, True, 0.3, 0.0, None))
+    opcheck(torch.ops.nanofast.sdpa_fwd.default, (q, k, v, False, 0.3, 0.25, torch.tensor([7])))
+    out, lse = torch.ops.nanofast.sdpa_fwd(q.detach(), k.detach(), v.detach(), True, 0.3, 0.0, None)
+    opcheck(torch.ops.nanofast.sdpa_bwd.default, (dout, q.detach(), k.detach(), v.detach(), out, lse, True, 0.3, 0.0,
+                                                  None))

@@ -1,0 +1,147 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nanofast
+from nanofast import _C, ops
+from parity import all_isas, assert_parity
+
+
+@pytest.fixture(params=all_isas())
+def isa(request):
+    _C.select_isa(request.param)
+    yield request.param
+    _C.select_isa("auto")
+
+
+def _inputs(shape, dtype, affine=True, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    C = shape[-1]
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    w = (torch.randn(C, generator=g, dtype=torch.float64)).to(dtype) if affine else None
+    b = (torch.randn(C, generator=g, dtype=torch.float64)).to(dtype) if bias else None
+    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    return x, w, b, dy
+
+
+def _run(fn, x, w, b, dy):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    y = fn(leaves[0], (x.shape[-1],), leaves[1], leaves[2], 1e-5)
+    y.backward(dy)
+    return [y.detach()] + [t.grad for t in leaves if t is not None]
+
+
+def _check(x, w, b, dy):
+    ours = _run(ops.layer_norm, x, w, b, dy)
+    theirs = _run(F.layer_norm, x, w, b, dy)
+    ref = _run(F.layer_norm, *(t.double() if t is not None else None for t in (x, w, b, dy)))
+    for name, o, t, r in zip(["y", "dx", "dweight", "dbias"], ours, theirs, ref):
+        assert_parity(name, o, t, r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("C", [1, 7, 63, 64, 65, 128, 384, 1000, 4099])
+def test_parity_widths(C, dtype, isa):
+    _check(*_inputs((37, C), dtype))
+
+
+@pytest.mark.parametrize("affine,bias", [(False, False), (True, False), (False, True)])
+def test_optional_weight_and_bias(affine, bias):
+    _check(*_inputs((5, 3, 96), torch.float32, affine, bias))
+
+
+def test_rows_many_and_3d():
+    _check(*_inputs((4, 300, 128), torch.float32))
+
+
+def test_non_contiguous_input_and_grad():
+    x, w, b, dy = _inputs((64, 256), torch.float32)
+    x = x[:, ::2]  # last-dim stride 2
+    dy = dy.t().contiguous().t()[:, :128]
+    _check(x, w[:128], b[:128], dy)
+    x2 = torch.randn(8, 10, 96)[:, 2:7]  # row gaps, packed last dim
+    _check(x2, *_inputs((96,), torch.float32)[1:3], torch.randn(8, 5, 96))
+
+
+def test_multi_dim_normalized_shape():
+    x = torch.randn(6, 4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    y = ops.layer_norm(x, (4, 5), w, None)
+    torch.testing.assert_close(y, F.layer_norm(x, (4, 5), w, None), rtol=0, atol=1e-12)
+
+
+def test_large_mean_is_stable():
+    # A row with a large offset: E[x^2] - E[x]^2 would lose every digit in float32.
+    x = torch.randn(16, 128) * 1e-2 + 1e4
+    _check(x, None, None, torch.randn(16, 128))
+
+
+def test_gradcheck_float64():
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: ops.layer_norm(x, (6,), w, b), (x, w, b))
+
+
+def test_deterministic_and_thread_independent():
+    x, w, b, dy = _inputs((1000, 384), torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        first = _run(ops.layer_norm, x, w, b, dy)
+        again = _run(ops.layer_norm, x, w, b, dy)
+        torch.set_num_threads(1)
+        single = _run(ops.layer_norm, x, w, b, dy)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b2, c in zip(first, again, single):
+        assert torch.equal(a, b2) and torch.equal(a, c)
+
+
+def test_empty():
+    x = torch.randn(0, 16, requires_grad=True)
+    w = torch.randn(16, requires_grad=True)
+    y = ops.layer_norm(x, (16,), w, None)
+    assert y.shape == (0, 16)
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros(16))
+
+
+def test_nan_propagates_like_torch():
+    x = torch.randn(4, 32)
+    x[1, 3] = float("nan")
+    ours, theirs = ops.layer_norm(x, (32,)), F.layer_norm(x, (32,))
+    assert torch.equal(torch.isnan(ours), torch.isnan(theirs))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: ops.layer_norm(torch.randn(3, 4), (5,)), r"normalized_shape \(5,\).*\(3, 4\)"),
+    (lambda: ops.layer_norm(torch.randn(3, 4), (4,), torch.randn(5)), r"weight has shape \(5,\)"),
+    (lambda: ops.layer_norm(torch.randn(3, 4), (4,), None, torch.randn(4, dtype=torch.float64)), "bias has dtype"),
+    (lambda: ops.layer_norm(torch.arange(12).view(3, 4), (4,)), "input must be a floating-point tensor"),
+    (lambda: ops.layer_norm(torch.randn(3, 4).half(), (4,)), "does not support"),
+    (lambda: ops.layer_norm([1.0, 2.0], (2,)), "input must be a torch.Tensor"),
+    (lambda: ops.layer_norm(torch.randn(3, 4), (4,), eps=-1.0), "eps must be"),
+])
+def test_bad_input(call, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        call()
+
+
+def test_module_is_drop_in():
+    ref = torch.nn.LayerNorm(48, eps=1e-6, bias=False)
+    ours = nanofast.nn.LayerNorm(48, eps=1e-6, bias=False)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    with torch.no_grad():
+        ref.weight.normal_()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 48)
+    torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_opcheck():
+    from torch.library import opcheck
+
+    x, w, b, dy = _inputs((6, 40), torch.float32)
+    opcheck(torch.ops.nanofast.layer_norm_fwd.default, (x.requires_grad_(), w.requires_grad_(), b, 1e-5))
+    y, mean, rstd = torch.ops.nanofast.layer_norm_fwd(x.detach(), w.detach(), b, 1e-5)
+    opcheck(torch.ops.nanofast.layer_norm_bwd.default, (dy, x.detach(), w.detach(), mean, rstd, True, False))

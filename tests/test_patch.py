@@ -1,0 +1,93 @@
+import copy
+import pickle
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nanofast
+from tiny_gpt import TinyGPT
+
+
+def _loss_and_grads(model, idx, targets):
+    model.zero_grad()
+    loss = model(idx, targets)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_patched_model_matches_unpatched():
+    torch.manual_seed(0)
+    ref = TinyGPT()
+    model = copy.deepcopy(ref)
+    params_before = {n: p for n, p in model.named_parameters()}
+    nanofast.patch(model)
+    assert sum(isinstance(m, nanofast.nn.LayerNorm) for m in model.modules()) == 5
+    assert {n: p for n, p in model.named_parameters()} == params_before  # same Parameter objects
+    idx = torch.randint(0, 50, (3, 32))
+    targets = torch.randint(0, 50, (3, 32))
+
+    calls = []
+    real = nanofast.ops.scaled_dot_product_attention
+    nanofast.ops.scaled_dot_product_attention = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        loss, grads = _loss_and_grads(model, idx, targets)
+    finally:
+        nanofast.ops.scaled_dot_product_attention = real
+    assert len(calls) == 2  # both blocks' attention ran on nanofast
+    ref_loss, ref_grads = _loss_and_grads(ref, idx, targets)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert F.scaled_dot_product_attention is nanofast.patch.__globals__["_torch_sdpa"]  # restored after forward
+
+
+def test_unservable_calls_fall_back_with_one_warning():
+    class Masked(torch.nn.Module):
+        def forward(self, q):
+            mask = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool).tril()
+            return F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+
+    m = nanofast.patch(Masked())
+    q = torch.randn(1, 2, 5, 4)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out1 = m(q)
+        out2 = m(q)
+    msgs = [str(x.message) for x in w if "nanofast.patch" in str(x.message)]
+    assert len(msgs) == 1 and "attn_mask" in msgs[0]
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()
+    torch.testing.assert_close(out1, F.scaled_dot_product_attention(q, q, q, attn_mask=mask))
+    assert torch.equal(out1, out2)
+
+
+def test_patch_is_idempotent_and_selective():
+    model = TinyGPT()
+    nanofast.patch(model, attention=False)
+    assert not isinstance(model.forward, type(nanofast.patch(TinyGPT()).forward))
+    nanofast.patch(model)
+    nanofast.patch(model)
+    assert model.forward.forward.__self__ is model  # wrapped once, not twice
+    untouched = nanofast.patch(TinyGPT(), layer_norm=False)
+    assert not any(isinstance(m, nanofast.nn.LayerNorm) for m in untouched.modules())
+
+
+def test_patched_model_state_dict_and_pickle():
+    ref = TinyGPT()
+    model = nanofast.patch(copy.deepcopy(ref))
+    assert list(model.state_dict()) == list(ref.state_dict())
+    clone = pickle.loads(pickle.dumps(model))
+    idx = torch.randint(0, 50, (2, 32))
+    torch.testing.assert_close(clone(idx, idx), model(idx, idx))
+
+
+def test_forward_exception_restores_torch():
+    class Boom(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    m = nanofast.patch(Boom())
+    with pytest.raises(RuntimeError):
+        m(torch.zeros(1))
+    assert F.scaled_dot_product_attention is nanofast.patch.__globals__["_torch_sdpa"]
