@@ -9,20 +9,21 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "kernel_table.h"
 #include "philox.h"
 #include "scalar_types.h"
 #include "simd.h"
+#include "transpose.h"
 
 namespace nanofast {
 namespace NF_ISA {
 
-constexpr int64_t kBlockQ = 64;   // BR: query rows per block
-constexpr int64_t kBlockK = 64;   // BC: keys per block (a multiple of every vector width)
-constexpr int kTileRows = NF_VBYTES == 64 ? 6 : 4;  // GEMM register tile: rows ...
-constexpr int kTileVecs = NF_VBYTES == 64 ? 4 : 2;  // ... by this many vectors of columns
+// Block sizes: 64 x 64 score blocks amortise packing and loop overhead; at short sequences 32 x 32
+// blocks skip more of the causal mask's upper triangle. Both are multiples of every vector width.
+inline int64_t attention_block(int64_t T) { return T >= 128 ? 64 : 32; }
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -47,28 +48,49 @@ inline void gemm_tile(int64_t K, const A* a, int64_t lda, const A* b, int64_t ld
     for (int v = 0; v < NV; ++v) vstore(c + m * ldc + v * W, acc[m][v]);
 }
 
-// C[M x N] (+)= op(A)[M x K] * B[K x N]; N must be a multiple of the vector width.
+// Rows of C computed at once for a tile NV vectors wide: as many accumulators as the register file
+// holds beside the NV vectors of B and one broadcast of A (32 registers with AVX-512, else 16).
+template <int NV> constexpr int tile_rows() {
+  return NF_VBYTES == 64 ? (NV == 4 ? 6 : 8) : (NV == 2 ? 4 : 8);
+}
+
+// The last M % MR rows, as one shorter tile rather than row by row.
+template <class A, int NV, bool TRANS_A, int R = tile_rows<NV>() - 1>
+inline void gemm_tail_rows(int64_t rem, int64_t K, const A* a, int64_t lda, const A* b, int64_t ldb, A* c,
+                           int64_t ldc, bool accumulate) {
+  if constexpr (R > 0) {
+    if (rem == R) return gemm_tile<A, R, NV, TRANS_A>(K, a, lda, b, ldb, c, ldc, accumulate);
+    gemm_tail_rows<A, NV, TRANS_A, R - 1>(rem, K, a, lda, b, ldb, c, ldc, accumulate);
+  }
+}
+
+template <class A, int NV, bool TRANS_A>
+inline void gemm_columns(int64_t M, int64_t K, const A* a, int64_t lda, const A* b, int64_t ldb, A* c,
+                         int64_t ldc, bool accumulate) {
+  constexpr int MR = tile_rows<NV>();
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR)
+    gemm_tile<A, MR, NV, TRANS_A>(K, TRANS_A ? a + m : a + m * lda, lda, b, ldb, c + m * ldc, ldc, accumulate);
+  if (m < M)
+    gemm_tail_rows<A, NV, TRANS_A>(M - m, K, TRANS_A ? a + m : a + m * lda, lda, b, ldb, c + m * ldc, ldc,
+                                   accumulate);
+}
+
+// C[M x N] (+)= op(A)[M x K] * B[K x N]; N must be a multiple of the vector width. Column panels are
+// as wide as the register file allows (4 vectors with AVX-512, 2 otherwise), then narrower.
 template <class A, bool TRANS_A>
 void gemm(int64_t M, int64_t N, int64_t K, const A* a, int64_t lda, const A* b, int64_t ldb, A* c,
           int64_t ldc, bool accumulate) {
   constexpr int W = lanes<A>();
-  constexpr int MR = kTileRows, NV = kTileVecs;
-  auto a_at = [&](int64_t m) { return TRANS_A ? a + m : a + m * lda; };
+  constexpr int NV_MAX = NF_VBYTES == 64 ? 4 : 2;
   int64_t n = 0;
-  for (; n + NV * W <= N; n += NV * W) {
-    int64_t m = 0;
-    for (; m + MR <= M; m += MR)
-      gemm_tile<A, MR, NV, TRANS_A>(K, a_at(m), lda, b + n, ldb, c + m * ldc + n, ldc, accumulate);
-    for (; m < M; ++m)
-      gemm_tile<A, 1, NV, TRANS_A>(K, a_at(m), lda, b + n, ldb, c + m * ldc + n, ldc, accumulate);
+  for (; n + NV_MAX * W <= N; n += NV_MAX * W)
+    gemm_columns<A, NV_MAX, TRANS_A>(M, K, a, lda, b + n, ldb, c + n, ldc, accumulate);
+  if (NV_MAX == 4 && n + 2 * W <= N) {
+    gemm_columns<A, 2, TRANS_A>(M, K, a, lda, b + n, ldb, c + n, ldc, accumulate);
+    n += 2 * W;
   }
-  for (; n < N; n += W) {
-    int64_t m = 0;
-    for (; m + MR <= M; m += MR)
-      gemm_tile<A, MR, 1, TRANS_A>(K, a_at(m), lda, b + n, ldb, c + m * ldc + n, ldc, accumulate);
-    for (; m < M; ++m)
-      gemm_tile<A, 1, 1, TRANS_A>(K, a_at(m), lda, b + n, ldb, c + m * ldc + n, ldc, accumulate);
-  }
+  for (; n < N; n += W) gemm_columns<A, 1, TRANS_A>(M, K, a, lda, b + n, ldb, c + n, ldc, accumulate);
 }
 
 // dst[r][c] = src[r][c] for r < rows, c < cols, zero elsewhere in the (rows_p x ld) buffer.
@@ -84,12 +106,24 @@ void pack_rows(const T* src, int64_t row_stride, int64_t rows, int64_t cols, A* 
   std::fill(dst + rows * ld, dst + rows_p * ld, A(0));
 }
 
-// dst[c][r] = src[r][c]: rows become columns, zero padding to (cols_p x ld).
+// dst[c][r] = src[r][c]: rows become columns, zero padding to (cols_p x ld). float32 sources go
+// through 16x16 (AVX-512) or 8x8 (AVX2) register transposes; the rest element by element.
 template <class T, class A>
 void pack_transposed(const T* src, int64_t row_stride, int64_t rows, int64_t cols, A* dst,
                      int64_t cols_p, int64_t ld) {
   std::fill(dst, dst + cols_p * ld, A(0));
-  for (int64_t r = 0; r < rows; ++r) {
+  int64_t r0 = 0;
+  if constexpr (std::is_same<T, float>::value && std::is_same<A, float>::value) {
+    constexpr int TB = transpose_block();
+    if (TB > 1)
+      for (; r0 + TB <= rows; r0 += TB) {
+        int64_t c0 = 0;
+        for (; c0 + TB <= cols; c0 += TB) transpose_block_f32(src + r0 * row_stride + c0, row_stride, dst + c0 * ld + r0, ld);
+        for (int64_t r = r0; r < r0 + TB; ++r)
+          for (int64_t c = c0; c < cols; ++c) dst[c * ld + r] = src[r * row_stride + c];
+      }
+  }
+  for (int64_t r = r0; r < rows; ++r) {
     const T* s = src + r * row_stride;
     for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = to_acc(s[c]);
   }
@@ -150,57 +184,58 @@ void attention_forward_impl(const AttentionForwardArgs& a) {
   using A = acc_t<T>;
   constexpr int W = lanes<A>();
   const int64_t B = a.B, NH = a.NH, TQ = a.TQ, TK = a.TK, HS = a.HS, HSV = a.HSV;
+  const int64_t BQ = attention_block(std::max(TQ, TK)), BK = BQ;  // query rows, keys per block
   const int64_t HSp = round_up(HS, W), HSVp = round_up(HSV, W);
-  const int64_t TKp = round_up(TK, kBlockK);
-  const int64_t q_blocks = (TQ + kBlockQ - 1) / kBlockQ;
+  const int64_t TKp = round_up(TK, BK);
+  const int64_t q_blocks = (TQ + BQ - 1) / BQ;
   const A scale = A(a.scale);
   const A keep_scale = a.dropout_p > 0 ? A(1) / (A(1) - A(a.dropout_p)) : A(1);
   A* lse_out = static_cast<A*>(a.lse);
 
 #pragma omp parallel num_threads(a.num_threads)
   {
-    std::vector<A> Q(kBlockQ * HSp), Kt(HSp * TKp), V(TKp * HSVp), S(kBlockQ * kBlockK),
-        O(kBlockQ * HSVp), m(kBlockQ), l(kBlockQ);
+    std::vector<A> Q(BQ * HSp), Kt(HSp * TKp), V(TKp * HSVp), S(BQ * BK),
+        O(BQ * HSVp), m(BQ), l(BQ);
     // Each task is one query block of one head and depends on nothing else, so the result does not
     // depend on which thread runs it; dynamic scheduling evens out the causal imbalance.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < B * NH * q_blocks; ++task) {
       const int64_t bh = task / q_blocks, b = bh / NH, h = bh % NH;
-      const int64_t i0 = (task % q_blocks) * kBlockQ, rows = std::min(kBlockQ, TQ - i0);
+      const int64_t i0 = (task % q_blocks) * BQ, rows = std::min(BQ, TQ - i0);
       const int64_t kv_len = visible_keys(a.causal, i0 + rows, TK);
-      const int64_t kv_len_p = round_up(kv_len, kBlockK);
+      const int64_t kv_len_p = round_up(kv_len, BK);
       // Pack: Q block (rows x HSp), K transposed (HSp x kv_len_p), V (kv_len_p x HSVp).
-      pack_rows(head_ptr<T>(a.q, b, h) + i0 * a.q.st, a.q.st, rows, HS, Q.data(), kBlockQ, HSp);
+      pack_rows(head_ptr<T>(a.q, b, h) + i0 * a.q.st, a.q.st, rows, HS, Q.data(), BQ, HSp);
       pack_transposed(head_ptr<T>(a.k, b, h), a.k.st, kv_len, HS, Kt.data(), HSp, kv_len_p);
       pack_rows(head_ptr<T>(a.v, b, h), a.v.st, kv_len, HSV, V.data(), kv_len_p, HSVp);
       std::fill(m.begin(), m.end(), -std::numeric_limits<A>::infinity());
       std::fill(l.begin(), l.end(), A(0));
       std::fill(O.begin(), O.end(), A(0));
 
-      for (int64_t j0 = 0; j0 < kv_len; j0 += kBlockK) {
+      for (int64_t j0 = 0; j0 < kv_len; j0 += BK) {
         // S = Q K^T for this key block.
-        gemm<A, false>(rows, kBlockK, HSp, Q.data(), HSp, Kt.data() + j0, kv_len_p, S.data(), kBlockK, false);
+        gemm<A, false>(rows, BK, HSp, Q.data(), HSp, Kt.data() + j0, kv_len_p, S.data(), BK, false);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = i0 + r;
-          A* s = S.data() + r * kBlockK;
-          const int64_t valid = std::max<int64_t>(0, std::min(kBlockK, visible_keys(a.causal, i + 1, TK) - j0));
+          A* s = S.data() + r * BK;
+          const int64_t valid = std::max<int64_t>(0, std::min(BK, visible_keys(a.causal, i + 1, TK) - j0));
           // Online softmax: new running max, rescale what was accumulated, exponentiate this block.
-          const A m_new = std::max(m[r], scale_mask_rowmax(s, kBlockK, valid, scale));
+          const A m_new = std::max(m[r], scale_mask_rowmax(s, BK, valid, scale));
           if (m_new == -std::numeric_limits<A>::infinity()) {  // nothing visible yet in this row
-            std::fill(s, s + kBlockK, A(0));
+            std::fill(s, s + BK, A(0));
             continue;
           }
           const A alpha = std::exp(m[r] - m_new);
-          l[r] = l[r] * alpha + exp_row(s, kBlockK, m_new);
+          l[r] = l[r] * alpha + exp_row(s, BK, m_new);
           m[r] = m_new;
           A* o = O.data() + r * HSVp;
           for (int64_t c = 0; c < HSVp; c += W) vstore(o + c, vload(o + c) * alpha);
           if (a.dropout_p > 0)
-            dropout_row(s, std::min<int64_t>(kBlockK, TK - j0), a.seed, uint64_t((bh * TQ + i) * TK), j0,
+            dropout_row(s, std::min<int64_t>(BK, TK - j0), a.seed, uint64_t((bh * TQ + i) * TK), j0,
                         float(a.dropout_p), keep_scale);
         }
         // O += P V.
-        gemm<A, false>(rows, HSVp, std::min<int64_t>(kBlockK, kv_len_p - j0), S.data(), kBlockK,
+        gemm<A, false>(rows, HSVp, std::min<int64_t>(BK, kv_len_p - j0), S.data(), BK,
                        V.data() + j0 * HSVp, HSVp, O.data(), HSVp, true);
       }
       // Normalise and write out; keep the logsumexp for the backward pass.
@@ -219,8 +254,9 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
   using A = acc_t<T>;
   constexpr int W = lanes<A>();
   const int64_t B = a.B, NH = a.NH, TQ = a.TQ, TK = a.TK, HS = a.HS, HSV = a.HSV;
+  const int64_t BQ = attention_block(std::max(TQ, TK)), BK = BQ;  // query rows, keys per block
   const int64_t HSp = round_up(HS, W), HSVp = round_up(HSV, W);
-  const int64_t TQp = round_up(TQ, kBlockQ), TKp = round_up(TK, kBlockK);
+  const int64_t TQp = round_up(TQ, BQ), TKp = round_up(TK, BK);
   const A scale = A(a.scale);
   const bool dropout = a.dropout_p > 0;
   const A keep_scale = dropout ? A(1) / (A(1) - A(a.dropout_p)) : A(1);
@@ -229,8 +265,8 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
 #pragma omp parallel num_threads(a.num_threads)
   {
     std::vector<A> Q(TQp * HSp), K(TKp * HSp), Kt(HSp * TKp), Vt(HSVp * TKp), dO(TQp * HSVp),
-        delta(TQp), dQ(TQp * HSp), P(kBlockQ * kBlockK), dP(kBlockQ * kBlockK), dK(kBlockK * HSp),
-        dV(kBlockK * HSVp), row(HSVp);
+        delta(TQp), dQ(TQp * HSp), P(BQ * BK), dP(BQ * BK), dK(BK * HSp),
+        dV(BK * HSVp), row_buf(TQp * HSVp);
     // One task per head: dQ accumulates over key blocks in a buffer this task owns, so there are no
     // atomics and no order that depends on the threads.
 #pragma omp for schedule(dynamic, 1)
@@ -244,51 +280,52 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
       pack_rows(head_ptr<T>(a.dout, b, h), a.dout.st, TQ, HSV, dO.data(), TQp, HSVp);
       // delta_i = rowsum(dO_i * O_i): the softmax-backward correction (O already includes dropout).
       const T* o = head_ptr<T>(a.out, b, h);
+      pack_rows(o, a.out.st, TQ, HSV, row_buf.data(), TQ, HSVp);
       for (int64_t i = 0; i < TQ; ++i) {
-        A s = 0;
-        for (int64_t c = 0; c < HSV; ++c) s += dO[i * HSVp + c] * to_acc(o[i * a.out.st + c]);
-        delta[i] = s;
+        vec<A> s{};
+        for (int64_t c = 0; c < HSVp; c += W) s += vload(dO.data() + i * HSVp + c) * vload(row_buf.data() + i * HSVp + c);
+        delta[i] = vsum(s);
       }
       std::fill(dQ.begin(), dQ.end(), A(0));
 
-      for (int64_t j0 = 0; j0 < TK; j0 += kBlockK) {
-        const int64_t kcols = std::min(kBlockK, TK - j0);
+      for (int64_t j0 = 0; j0 < TK; j0 += BK) {
+        const int64_t kcols = std::min(BK, TK - j0);
         std::fill(dK.begin(), dK.end(), A(0));
         std::fill(dV.begin(), dV.end(), A(0));
         // Causal: query blocks that end before this key block starts see none of it.
-        const int64_t i_start = a.causal ? std::min(TQ, j0) / kBlockQ * kBlockQ : 0;
-        for (int64_t i0 = i_start; i0 < TQ; i0 += kBlockQ) {
-          const int64_t rows = std::min(kBlockQ, TQ - i0);
+        const int64_t i_start = a.causal ? std::min(TQ, j0) / BQ * BQ : 0;
+        for (int64_t i0 = i_start; i0 < TQ; i0 += BQ) {
+          const int64_t rows = std::min(BQ, TQ - i0);
           // pass 1: recompute P = exp(scale * Q K^T - lse), zero where masked.
-          gemm<A, false>(rows, kBlockK, HSp, Q.data() + i0 * HSp, HSp, Kt.data() + j0, TKp, P.data(), kBlockK, false);
+          gemm<A, false>(rows, BK, HSp, Q.data() + i0 * HSp, HSp, Kt.data() + j0, TKp, P.data(), BK, false);
           // pass 2: dP = dO V^T.
-          gemm<A, false>(rows, kBlockK, HSVp, dO.data() + i0 * HSVp, HSVp, Vt.data() + j0, TKp, dP.data(),
-                         kBlockK, false);
+          gemm<A, false>(rows, BK, HSVp, dO.data() + i0 * HSVp, HSVp, Vt.data() + j0, TKp, dP.data(),
+                         BK, false);
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t i = i0 + r;
-            A* p = P.data() + r * kBlockK;
-            A* dp = dP.data() + r * kBlockK;
+            A* p = P.data() + r * BK;
+            A* dp = dP.data() + r * BK;
             const int64_t valid = std::max<int64_t>(0, std::min(kcols, visible_keys(a.causal, i + 1, TK) - j0));
-            for (int64_t c = 0; c < valid; ++c) p[c] = p[c] * scale - lse[i];
-            for (int64_t c = valid; c < kBlockK; ++c) p[c] = -std::numeric_limits<A>::infinity();
-            exp_row(p, kBlockK, A(0));
+            const vec<A> lse_i = vbroadcast<A>(lse[i]), delta_i = vbroadcast<A>(delta[i]);
+            for (int64_t c = 0; c < BK; c += W) vstore(p + c, vexp(vload(p + c) * scale - lse_i));
+            for (int64_t c = valid; c < BK; ++c) p[c] = A(0);
             // pass 3: dS = P * (dP_dropped - delta); P itself becomes the dropped P for dV.
-            const uint64_t row_offset = uint64_t((bh * TQ + i) * TK);
-            for (int64_t c = 0; c < kBlockK; ++c) {
-              A pd = p[c], dpd = dp[c];
-              if (dropout && c < kcols) {
-                const bool keep = dropout_keep(a.seed, row_offset + uint64_t(j0 + c), float(a.dropout_p));
-                pd = keep ? p[c] * keep_scale : A(0);
-                dpd = keep ? dp[c] * keep_scale : A(0);
-              }
-              dp[c] = p[c] * (dpd - delta[i]);  // dS
-              p[c] = pd;
+            if (!dropout) {
+              for (int64_t c = 0; c < BK; c += W) vstore(dp + c, vload(p + c) * (vload(dp + c) - delta_i));
+              continue;
             }
+            const uint64_t row_offset = uint64_t((bh * TQ + i) * TK);
+            for (int64_t c = 0; c < kcols; ++c) {
+              const bool keep = dropout_keep(a.seed, row_offset + uint64_t(j0 + c), float(a.dropout_p));
+              dp[c] = p[c] * ((keep ? dp[c] * keep_scale : A(0)) - delta[i]);  // dS
+              p[c] = keep ? p[c] * keep_scale : A(0);
+            }
+            std::fill(dp + kcols, dp + BK, A(0));
           }
           // pass 4: dV += P_dropped^T dO, dK += dS^T Q, dQ += dS K (scale applied at the end).
-          gemm<A, true>(kBlockK, HSVp, rows, P.data(), kBlockK, dO.data() + i0 * HSVp, HSVp, dV.data(), HSVp, true);
-          gemm<A, true>(kBlockK, HSp, rows, dP.data(), kBlockK, Q.data() + i0 * HSp, HSp, dK.data(), HSp, true);
-          gemm<A, false>(rows, HSp, kBlockK, dP.data(), kBlockK, K.data() + j0 * HSp, HSp, dQ.data() + i0 * HSp,
+          gemm<A, true>(BK, HSVp, rows, P.data(), BK, dO.data() + i0 * HSVp, HSVp, dV.data(), HSVp, true);
+          gemm<A, true>(BK, HSp, rows, dP.data(), BK, Q.data() + i0 * HSp, HSp, dK.data(), HSp, true);
+          gemm<A, false>(rows, HSp, BK, dP.data(), BK, K.data() + j0 * HSp, HSp, dQ.data() + i0 * HSp,
                          HSp, true);
         }
         T* dk = head_ptr_mut<T>(a.dk, b, h) + j0 * a.dk.st;
