@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The GPU check for a bare CUDA machine (H100) with torch and triton preinstalled; run from the repo
+# root:   bash bench/gpu_check.sh
+# 1. installs nanofast (editable, no build isolation, no dependency downloads: the box may be offline),
+# 2. runs the CUDA tests: tests/test_triton_kernels.py and the ops tests,
+# 3. runs the GPU micro-benchmark (bench/gpu_bench.py).
+# Writes ${OUT:-bench/results}/gpu_table.md (short summary + benchmark tables) and the full log
+# gpu_check.log beside it. Every step has a timeout and the whole run stays under 8 minutes; a failed
+# step is recorded and the script goes on, exiting non-zero at the end if anything failed.
+set -uo pipefail
+
+OUT_DIR="${OUT:-bench/results}"
+mkdir -p "$OUT_DIR"
+LOG="$OUT_DIR/gpu_check.log"
+TABLE="$OUT_DIR/gpu_table.md"
+BENCH_MD="$OUT_DIR/gpu_bench.md"
+: >"$LOG"
+BUDGET_S=${GPU_CHECK_BUDGET_S:-460}  # whole-script deadline, under the 8-minute limit
+PY=${PYTHON:-python}
+unset TRITON_INTERPRET  # the interpreter would run everything on the CPU
+export PYTHONUNBUFFERED=1
+
+declare -a SUMMARY=()
+FAILED=0
+
+log() { echo "[gpu_check $(date +%H:%M:%S) +${SECONDS}s] $*" | tee -a "$LOG"; }
+
+# step NAME MAX_SECONDS RESERVE_SECONDS CMD...: run CMD with a timeout of MAX_SECONDS, shortened so
+# that RESERVE_SECONDS of the budget stay for the steps after it. With SOFT=1 in the environment a
+# failure is logged but does not fail the script (the caller has a fallback).
+step() {
+    local name=$1 max=$2 reserve=$3
+    shift 3
+    local left=$((BUDGET_S - SECONDS - reserve))
+    local limit=$((max < left ? max : left))
+    if ((limit < 10)); then
+        log "SKIP $name: out of time budget"
+        SUMMARY+=("| $name | skipped (time budget) | 0 |")
+        FAILED=1
+        return 1
+    fi
+    log "START $name (timeout ${limit}s): $*"
+    local t0=$SECONDS rc
+    timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+    rc=$?
+    local dt=$((SECONDS - t0))
+    if ((rc == 0)); then
+        log "OK $name (${dt}s)"
+        SUMMARY+=("| $name | ok | $dt |")
+    else
+        [[ $rc == 124 || $rc == 137 ]] && log "TIMEOUT $name after ${dt}s" || log "FAIL $name rc=$rc (${dt}s)"
+        SUMMARY+=("| $name | FAILED rc=$rc$([[ $rc == 124 || $rc == 137 ]] && echo ' (timeout)') | $dt |")
+        [[ "${SOFT:-0}" == 1 ]] || FAILED=1
+    fi
+    return $rc
+}
+
+log "repo $(pwd), output in $OUT_DIR"
+timeout 30 nvidia-smi >>"$LOG" 2>&1 || log "nvidia-smi unavailable"
+step "environment" 60 400 "$PY" -c "
+import torch, triton, sys
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)
+assert torch.cuda.is_available(), 'no CUDA device visible to torch'
+print(torch.cuda.get_device_name(), torch.cuda.get_device_capability())
+"
+
+# Install: editable first, then a plain install; --no-deps because the box may have no network
+# (torch, triton and numpy are there; the build needs scikit-build-core, pybind11, cmake, ninja).
+if ! SOFT=1 step "pip install -e ." 150 330 "$PY" -m pip install --no-build-isolation --no-deps -e .; then
+    step "pip install ." 120 330 "$PY" -m pip install --no-build-isolation --no-deps . ||
+        log "install failed: the Triton tests still run from kernels/ in the source tree; the ops tests will fail or skip"
+fi
+step "import nanofast" 60 320 "$PY" -c "import nanofast, nanofast.kernels as k; print(nanofast.__file__, k.__file__, 'HAS_TRITON', k.HAS_TRITON)"
+
+# The CUDA tests. The first run of each kernel variant compiles it (a few seconds each).
+step "pytest tests/test_triton_kernels.py" 220 200 \
+    "$PY" -m pytest tests/test_triton_kernels.py -q -rs --maxfail=10 -p no:cacheprovider --durations=10
+OPS_TESTS=$(ls tests/test_ops*.py 2>/dev/null | tr '\n' ' ')
+if [[ -n "$OPS_TESTS" ]]; then
+    # shellcheck disable=SC2086
+    step "pytest ops tests" 120 150 "$PY" -m pytest $OPS_TESTS -q -rs -p no:cacheprovider
+else
+    log "no tests/test_ops*.py found"
+fi
+
+step "gpu_bench.py" 240 5 "$PY" bench/gpu_bench.py --out "$BENCH_MD"
+
+{
+    echo "## nanofast GPU check"
+    echo
+    echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1), total ${SECONDS}s"
+    echo
+    echo "| step | result | seconds |"
+    echo "|---|---|---|"
+    printf '%s\n' "${SUMMARY[@]}"
+    echo
+    # pytest's one-line results, so the table says how many passed without opening the log
+    grep -E '^(FAILED|ERROR) |[0-9]+ (passed|failed)' "$LOG" | sed 's/^/    /' | tail -n 20
+    echo
+    if [[ -s "$BENCH_MD" ]]; then cat "$BENCH_MD"; else echo "(no benchmark table: see gpu_check.log)"; fi
+} >"$TABLE"
+log "wrote $TABLE and $LOG"
+cat "$TABLE"
+exit $FAILED

@@ -1,0 +1,658 @@
+"""Flash attention (FlashAttention-2) in Triton: forward, deterministic backward, in-kernel dropout.
+
+Tensors are (B, H, T, D) with any strides (each of b, h, t, d is passed to the kernels). Scores are
+S = scale * Q K^T; the causal mask keeps key j for query i iff j <= i (top-left aligned, like torch's
+``is_causal``), so Tq may differ from Tk. The softmax runs in base 2 (exp2 is one instruction on a
+GPU): S is multiplied by scale * log2(e), and the saved log-sum-exp is converted back to natural log.
+
+Forward: one program per (query block, batch*head); it streams key/value blocks through an online
+softmax. Key blocks that need no mask (entirely below the diagonal and inside Tk) run in a loop
+without masking; only the diagonal and tail blocks pay for it.
+
+Backward: a preprocess computes Delta = rowsum(dO * O); one kernel owns a key block and loops over
+query blocks to produce dK and dV; another owns a query block and loops over key blocks to produce
+dQ. Every output element is written by exactly one program, so there are no atomics and repeated
+runs are bitwise equal.
+
+Dropout acts on the normalised probabilities P, after the row normaliser l (which uses the undropped
+P). Element (b, h, i, j) keeps iff tl.rand(seed, ((b*H + h)*Tq + i)*Tk + j) >= p, the offset in int64
+so that Philox's second counter word carries the high bits, exactly as the C++ CPU kernel and
+tests/philox_ref.py do; kept values are scaled by 1/(1-p). The backward regenerates the mask with
+the same helper, so nothing but the seed is saved.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_device, device_guard, is_interpreted, next_pow2
+
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+_LOG2E = 1.4426950408889634
+_MAX_HEAD_DIM = 128
+# Triton compiles a variant per "is this int divisible by 16 / equal to 1" pattern of its arguments.
+# The seed and the sizes gain nothing from that (addresses come from the strides), so they are left
+# unspecialised: fewer compilations when sequence lengths vary. Strides stay specialised (a unit
+# head-dim stride and 16-aligned rows give vectorised loads).
+_NO_SPECIALIZE = ["seed", "H", "Tq", "Tk"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Device helpers
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dropout_keep(seed, bh, rows, cols, Tq, Tk, p):
+    """True where element (bh, rows, cols) of the (B*H, Tq, Tk) score matrix survives dropout.
+
+    rows and cols are index tensors that broadcast against each other (rows[:, None], cols[None, :]
+    for a score tile, the other way round for a transposed tile). The offset is built in int64 before
+    any product can overflow, and tl.rand then feeds its high word into Philox's second counter.
+    """
+    offs = (bh.to(tl.int64) * Tq + rows) * Tk + cols
+    return tl.rand(seed, offs) >= p
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST works around Triton's interpreter, which multiplies bfloat16 tiles as raw 16-bit
+    # integers; on a GPU it is False and the tensor cores take the native type.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _attn_fwd_inner(
+    acc, l_i, m_i, q,
+    k_base, v_base,  # pointers to K and V of this (batch, head)
+    stride_kt, stride_kd, stride_vt, stride_vd,
+    n_lo, n_hi,  # key range [n_lo, n_hi), n_lo a multiple of BLOCK_N
+    offs_m, offs_n, offs_d,
+    bh, Tq, Tk, qk_scale, seed, dropout_p, drop_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK: tl.constexpr,  # apply the causal and key-tail masks (diagonal / tail blocks only)
+    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    d_mask = offs_d < HEAD_DIM
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASK:
+            kv_mask = cols < Tk
+        else:
+            kv_mask = cols < n_hi  # always true here; keeps the load's mask shape uniform
+        # K is read transposed, (BLOCK_D, BLOCK_N), so the dot needs no layout shuffle.
+        kT = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+                     mask=kv_mask[None, :] & d_mask[:, None], other=0.0)
+        s = _dot(q, kT, None, DOT_PREC, UPCAST) * qk_scale
+        if MASK:
+            valid = cols[None, :] < Tk
+            if IS_CAUSAL:
+                valid = valid & (cols[None, :] <= offs_m[:, None])
+            s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row that has seen only masked keys keeps m = -inf; subtracting -inf from -inf would give
+        # NaN, so such rows subtract 0 instead (their p and alpha are 0 either way).
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        # The normaliser sums the undropped probabilities: dropout acts after the softmax.
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None], cols[None, :], Tq, Tk, dropout_p)
+            p = tl.where(keep, p * drop_scale, 0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                    mask=kv_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = _dot(p.to(v.dtype), v, acc, DOT_PREC, UPCAST)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _attn_fwd_kernel(
+    Q, K, V,  # pointers to the inputs, (B, H, Tq|Tk, D), strided
+    O,  # pointer to the output, (B, H, Tq, D), strided
+    LSE,  # pointer to the log-sum-exp of each score row, (B, H, Tq) float32 contiguous, natural log
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    H, Tq, Tk,
+    qk_scale,  # scale * log2(e)
+    seed: tl.int64,  # dropout seed; int64 annotation and no specialisation: one compiled variant
+    dropout_p, drop_scale,  # drop probability and 1/(1-p) (0 when p == 1)
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q_mask = (offs_m < Tq)[:, None] & d_mask[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=q_mask, other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Key blocks [0, n_full) are visible to every row of this query block and lie inside Tk: no mask.
+    # For the causal case that means start_n + BLOCK_N - 1 <= start_m.
+    if IS_CAUSAL:
+        n_hi = tl.minimum(Tk, start_m + BLOCK_M)
+        n_full = (tl.minimum(start_m + 1, Tk) // BLOCK_N) * BLOCK_N
+    else:
+        n_hi = Tk
+        n_full = (Tk // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+        0, n_full, offs_m, offs_n, offs_d, bh, Tq, Tk, qk_scale, seed, dropout_p, drop_scale,
+        HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, UPCAST)
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+        n_full, n_hi, offs_m, offs_n, offs_d, bh, Tq, Tk, qk_scale, seed, dropout_p, drop_scale,
+        HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, UPCAST)
+
+    # Every real row sees key 0, so l_i > 0 there; rows past Tq are never stored.
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+             out.to(O.dtype.element_ty), mask=q_mask)
+    lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453  # back to natural log
+    tl.store(LSE + bh.to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O, DO,  # pointers to the forward output and its gradient, (B, H, Tq, D), strided
+    Delta,  # pointer to rowsum(dO * O), (B, H, Tq) float32 contiguous
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    H, Tq,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < Tq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + bh.to(tl.int64) * Tq + offs_m, tl.sum(o * do, axis=1), mask=offs_m < Tq)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(
+    dk, dv, k, v,
+    q_base, do_base,  # pointers to Q and dO of this (batch, head)
+    lse_base, delta_base,  # pointers to this (batch, head)'s rows of LSE and Delta
+    stride_qt, stride_qd, stride_dot, stride_dod,
+    m_lo, m_hi,  # query range [m_lo, m_hi), m_lo a multiple of BLOCK_M
+    offs_n, offs_m, offs_d,  # offs_n: this program's key indices
+    bh, Tq, Tk, qk_scale, seed, dropout_p, drop_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # Works on transposed score tiles, (BLOCK_N keys, BLOCK_M queries), so that dV += P^T dO and
+    # dK += dS^T Q are plain dots.
+    d_mask = offs_d < HEAD_DIM
+    for start_m in range(m_lo, m_hi, BLOCK_M):
+        rows = start_m + offs_m
+        if MASK:
+            q_rows = rows < Tq
+        else:
+            q_rows = rows < m_hi  # always true here
+        qT = tl.load(q_base + rows[None, :] * stride_qt + offs_d[:, None] * stride_qd,
+                     mask=q_rows[None, :] & d_mask[:, None], other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                     mask=q_rows[:, None] & d_mask[None, :], other=0.0)
+        lse2 = tl.load(lse_base + rows, mask=q_rows, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_base + rows, mask=q_rows, other=0.0)
+        sT = _dot(k, qT, None, DOT_PREC, UPCAST) * qk_scale
+        pT = tl.math.exp2(sT - lse2[None, :])
+        if MASK:
+            valid = (rows[None, :] < Tq) & (offs_n[:, None] < Tk)
+            if IS_CAUSAL:
+                valid = valid & (offs_n[:, None] <= rows[None, :])
+            pT = tl.where(valid, pT, 0.0)
+        dpT = _dot(v, tl.trans(do), None, DOT_PREC, UPCAST)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, rows[None, :], offs_n[:, None], Tq, Tk, dropout_p)
+            pdT = tl.where(keep, pT * drop_scale, 0.0)
+            dpT = tl.where(keep, dpT * drop_scale, 0.0)
+        else:
+            pdT = pT
+        dv = _dot(pdT.to(do.dtype), do, dv, DOT_PREC, UPCAST)
+        # dS = P * (dP - Delta), where dP is the gradient w.r.t. the undropped P and
+        # Delta = rowsum(dO * O) = rowsum(P * dP) also holds with dropout.
+        dsT = pT * (dpT - delta[None, :])
+        dk = _dot(dsT.to(qT.dtype), tl.trans(qT), dk, DOT_PREC, UPCAST)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO,  # pointers to the inputs and the output gradient, strided
+    LSE, Delta,  # pointers to (B, H, Tq) float32 contiguous
+    DK, DV,  # pointers to the key/value gradients, (B, H, Tk, D), strided
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+    H, Tq, Tk,
+    sm_scale, qk_scale,  # scale, and scale * log2(e)
+    seed: tl.int64, dropout_p, drop_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (offs_n < Tk)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    lse_base = LSE + bh.to(tl.int64) * Tq
+    delta_base = Delta + bh.to(tl.int64) * Tq
+
+    # Query blocks in three ranges: [m_lo, m_diag) straddle the diagonal (masked), [m_diag, m_full)
+    # need no mask, [m_full, Tq) hold the query tail (masked). A key block that runs past Tk masks
+    # everything (m_full = m_diag).
+    m_ceil = tl.cdiv(Tq, BLOCK_M) * BLOCK_M
+    if IS_CAUSAL:
+        # Queries i < start_n see none of these keys; from start_n + BLOCK_N - 1 on they see all.
+        m_lo = tl.minimum((start_n // BLOCK_M) * BLOCK_M, m_ceil)
+        m_diag = tl.minimum(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, m_ceil)
+    else:
+        m_lo = 0
+        m_diag = 0
+    # (A select, not an if: both sides must have one type for the compiler.)
+    m_full = tl.where(start_n + BLOCK_N <= Tk, tl.maximum((Tq // BLOCK_M) * BLOCK_M, m_diag), m_diag)
+    dk, dv = _attn_bwd_dkdv_inner(
+        dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd, stride_dot, stride_dod,
+        m_lo, m_diag, offs_n, offs_m, offs_d, bh, Tq, Tk, qk_scale, seed, dropout_p, drop_scale,
+        HEAD_DIM, BLOCK_M, BLOCK_D, True, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, UPCAST)
+    dk, dv = _attn_bwd_dkdv_inner(
+        dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd, stride_dot, stride_dod,
+        m_diag, m_full, offs_n, offs_m, offs_d, bh, Tq, Tk, qk_scale, seed, dropout_p, drop_scale,
+        HEAD_DIM, BLOCK_M, BLOCK_D, False, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, UPCAST)
+    dk, dv = _attn_bwd_dkdv_inner(
+        dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd, stride_dot, stride_dod,
+        m_full, Tq, offs_n, offs_m, offs_d, bh, Tq, Tk, qk_scale, seed, dropout_p, drop_scale,
+        HEAD_DIM, BLOCK_M, BLOCK_D, True, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, UPCAST)
+
+    dk = dk * sm_scale  # S = scale * Q K^T, so dK = scale * dS^T Q
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq, q, do, lse2, delta,
+    k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+    n_lo, n_hi, offs_m, offs_n, offs_d,
+    bh, Tq, Tk, qk_scale, seed, dropout_p, drop_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    d_mask = offs_d < HEAD_DIM
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASK:
+            kv_mask = cols < Tk
+        else:
+            kv_mask = cols < n_hi  # always true here
+        kT = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+                     mask=kv_mask[None, :] & d_mask[:, None], other=0.0)
+        vT = tl.load(v_base + cols[None, :] * stride_vt + offs_d[:, None] * stride_vd,
+                     mask=kv_mask[None, :] & d_mask[:, None], other=0.0)
+        s = _dot(q, kT, None, DOT_PREC, UPCAST) * qk_scale
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASK:
+            valid = cols[None, :] < Tk
+            if IS_CAUSAL:
+                valid = valid & (cols[None, :] <= offs_m[:, None])
+            p = tl.where(valid, p, 0.0)
+        dp = _dot(do, vT, None, DOT_PREC, UPCAST)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None], cols[None, :], Tq, Tk, dropout_p)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds.to(kT.dtype), tl.trans(kT), dq, DOT_PREC, UPCAST)
+    return dq
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO,  # pointers to the inputs and the output gradient, strided
+    LSE, Delta,  # pointers to (B, H, Tq) float32 contiguous
+    DQ,  # pointer to the query gradient, (B, H, Tq, D), strided
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    H, Tq, Tk,
+    sm_scale, qk_scale,
+    seed: tl.int64, dropout_p, drop_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_mask = offs_m < Tq
+    q_mask = row_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=q_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                 mask=q_mask, other=0.0)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * Tq + offs_m, mask=row_mask, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + bh.to(tl.int64) * Tq + offs_m, mask=row_mask, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    # Same key ranges as the forward: an unmasked run, then the diagonal/tail blocks.
+    if IS_CAUSAL:
+        n_hi = tl.minimum(Tk, start_m + BLOCK_M)
+        n_full = (tl.minimum(start_m + 1, Tk) // BLOCK_N) * BLOCK_N
+    else:
+        n_hi = Tk
+        n_full = (Tk // BLOCK_N) * BLOCK_N
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+        0, n_full, offs_m, offs_n, offs_d, bh, Tq, Tk, qk_scale, seed, dropout_p, drop_scale,
+        HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, UPCAST)
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+        n_full, n_hi, offs_m, offs_n, offs_d, bh, Tq, Tk, qk_scale, seed, dropout_p, drop_scale,
+        HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, UPCAST)
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dropout mask (debugging and tests): the same helper the attention kernels call
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_mask_kernel(
+    MASK,  # pointer to the output, (n_bh, n_rows, n_cols) int8, contiguous
+    seed: tl.int64, dropout_p,
+    bh0, row0, col0,  # the window's origin inside the (B*H, Tq, Tk) score matrix
+    Tq, Tk,  # the full score matrix's sizes, which define the offsets
+    n_rows, n_cols,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    bh_local = tl.program_id(2)
+    keep = _dropout_keep(seed, bh0 + bh_local, (row0 + rows)[:, None].to(tl.int64),
+                         (col0 + cols)[None, :].to(tl.int64), Tq, Tk, dropout_p)
+    out = MASK + (bh_local.to(tl.int64) * n_rows + rows[:, None]) * n_cols + cols[None, :]
+    tl.store(out, keep.to(tl.int8), mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :])
+
+
+def dropout_mask(seed, batch, heads, q_len, k_len, p, *, device=None, window=None):
+    """bool (batch, heads, q_len, k_len): True where attention dropout keeps the element.
+
+    Computed on ``device`` (CUDA by default when available, else CPU under TRITON_INTERPRET=1) by
+    the exact helper the attention kernels call. ``window=(bh0, row0, col0, n_bh, n_rows, n_cols)``
+    returns just that (n_bh, n_rows, n_cols) window of the (batch*heads, q_len, k_len) mask, so tests
+    can reach offsets past 2**32 without allocating the whole matrix.
+    """
+    seed = _check_seed(seed)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() and not is_interpreted(_dropout_mask_kernel) else "cpu"
+    device = torch.device(device)
+    if window is None:
+        window = (0, 0, 0, batch * heads, q_len, k_len)
+    bh0, row0, col0, n_bh, n_rows, n_cols = (int(w) for w in window)
+    out = torch.empty((n_bh, n_rows, n_cols), dtype=torch.int8, device=device)
+    check_device("dropout_mask output", out, is_interpreted(_dropout_mask_kernel))
+    if out.numel():
+        BLOCK_M, BLOCK_N = (16, 16) if device.type == "cpu" else (32, 128)
+        grid = (triton.cdiv(n_rows, BLOCK_M), triton.cdiv(n_cols, BLOCK_N), n_bh)
+        with device_guard(out):
+            _dropout_mask_kernel[grid](out, seed, float(p), bh0, row0, col0, q_len, k_len, n_rows, n_cols,
+                                       BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    out = out.bool()
+    if window[3:] == (batch * heads, q_len, k_len) and window[:3] == (0, 0, 0):
+        out = out.view(batch, heads, q_len, k_len)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+
+def _use_tf32(tf32):
+    if tf32 is None:
+        return os.environ.get("NANOFAST_TF32", "0") == "1"
+    return bool(tf32)
+
+
+def _check_seed(seed):
+    """The seed as the kernels' int64 argument: 0 <= seed < 2**64, passed bit-for-bit (Philox reads
+    it as unsigned), so seeds from 2**63 on travel as negative int64 values."""
+    seed = int(seed)
+    if not 0 <= seed < 2 ** 64:
+        raise ValueError(f"dropout seed must satisfy 0 <= seed < 2**64, got {seed}")
+    return seed - 2 ** 64 if seed >= 2 ** 63 else seed
+
+
+def _check_qkv(q, k, v, interpreted):
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, heads, seq_len, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in _SUPPORTED:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"query, key and value must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"query, key and value must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, H, Tq, D = q.shape
+    if k.shape[:2] != (B, H) or v.shape[:2] != (B, H) or k.shape[2] != v.shape[2]:
+        raise ValueError(f"query {tuple(q.shape)}, key {tuple(k.shape)} and value {tuple(v.shape)} must share "
+                         "batch and heads, and key and value must share seq_len")
+    if k.shape[3] != D or v.shape[3] != D:
+        raise ValueError(f"query {tuple(q.shape)}, key {tuple(k.shape)} and value {tuple(v.shape)} must share "
+                         "head_dim")
+    if D < 1 or D > _MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be between 1 and {_MAX_HEAD_DIM}, got {D} (query shape {tuple(q.shape)})")
+    if k.shape[2] == 0 and Tq > 0:
+        raise ValueError(f"key and value have no positions (key shape {tuple(k.shape)}): softmax over nothing")
+    if B * H > 65535:
+        raise ValueError(f"batch * heads must be at most 65535, got {B} * {H}")
+    check_device("query", q, interpreted)
+
+
+# GPU tile configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, keyed by
+# (16-bit inputs?, BLOCK_D <= 64?, dropout?). Chosen by compiling for sm_90 and keeping the largest
+# tiles that do not spill registers (dropout's Philox rounds raise register pressure, hence the
+# separate entries); not yet timed on a GPU. BLOCK_M is the query tile and BLOCK_N the key tile in
+# every kernel.
+_GPU_CONFIGS = {
+    # 16-bit inputs: tensor-core dots, software-pipelined loads.
+    (True, True, False): dict(fwd=(128, 64, 4, 3), dkdv=(32, 128, 8, 3), dq=(128, 64, 8, 3)),
+    (True, True, True): dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 64, 8, 3)),
+    (True, False, False): dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3)),
+    (True, False, True): dict(fwd=(128, 32, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3)),
+    # float32: IEEE dots run on FMA units and need many registers per tile; small tiles.
+    (False, True, False): dict(fwd=(64, 32, 8, 1), dkdv=(32, 32, 4, 1), dq=(32, 32, 4, 1)),
+    (False, True, True): dict(fwd=(64, 32, 8, 1), dkdv=(32, 32, 4, 1), dq=(32, 32, 4, 1)),
+    (False, False, False): dict(fwd=(32, 32, 8, 1), dkdv=(32, 32, 8, 1), dq=(32, 32, 8, 1)),
+    (False, False, True): dict(fwd=(32, 32, 8, 1), dkdv=(32, 32, 8, 1), dq=(32, 32, 8, 1)),
+}
+
+
+def _config(q, D, kernel, has_dropout):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for kernel in {"fwd", "dkdv", "dq"}."""
+    BLOCK_D = max(16, next_pow2(D))  # tl.dot needs every dimension >= 16
+    if not q.is_cuda:
+        # The interpreter's cost is per tile operation: small blocks keep tests quick and still
+        # exercise multi-block loops, tails and the diagonal at sequence lengths of 17 or 33.
+        return 16, 16, BLOCK_D, 4, 1
+    bm, bn, warps, stages = _GPU_CONFIGS[(q.dtype != torch.float32, BLOCK_D <= 64, bool(has_dropout))][kernel]
+    return bm, bn, BLOCK_D, warps, stages
+
+
+def _strides(t):
+    return tuple(t.stride())
+
+
+def _bthd_empty(B, H, T, D, like):
+    """A (B, H, T, D) tensor laid out as (B, T, H, D) in memory (nanoGPT's later transpose is free)."""
+    return torch.empty((B, T, H, D), dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
+def _dot_args(dtype, interpreted, tf32):
+    prec = "tf32" if (dtype != torch.float32 or _use_tf32(tf32)) else "ieee"
+    upcast = interpreted and dtype == torch.bfloat16
+    return prec, upcast
+
+
+def _dropout_args(dropout_p, seed):
+    p = float(dropout_p)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    has = p > 0.0
+    # p == 1 drops everything: scale 0 (instead of inf) gives zeros rather than NaN.
+    drop_scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+    return has, p, drop_scale, (_check_seed(seed) if has else 0)
+
+
+def attention_forward(q, k, v, is_causal, scale, dropout_p=0.0, seed=0, *, tf32=None):
+    """Flash attention forward. Returns (out, lse).
+
+    out: (B, H, Tq, D) in q's dtype, laid out as (B, Tq, H, D) in memory (a transpose(1, 2) view);
+    lse: (B, H, Tq) float32 contiguous, natural log of each row's softmax normaliser (with the scale).
+    """
+    interpreted = is_interpreted(_attn_fwd_kernel)
+    _check_qkv(q, k, v, interpreted)
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    has_dropout, p, drop_scale, seed = _dropout_args(dropout_p, seed)
+    out = _bthd_empty(B, H, Tq, D, q)
+    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages = _config(q, D, "fwd", has_dropout)
+    prec, upcast = _dot_args(q.dtype, interpreted, tf32)
+    grid = (triton.cdiv(Tq, BLOCK_M), B * H)
+    with device_guard(q):
+        _attn_fwd_kernel[grid](
+            q, k, v, out, lse,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+            H, Tq, Tk, float(scale) * _LOG2E, seed, p, drop_scale,
+            HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+            IS_CAUSAL=bool(is_causal), HAS_DROPOUT=has_dropout, DOT_PREC=prec, UPCAST=upcast,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p=0.0, seed=0, *, tf32=None,
+                       need_dq=True):
+    """Flash attention backward. Returns (dq, dk, dv) (dq is None when ``need_dq`` is False).
+
+    Each gradient has its input's shape and dtype and is laid out as (B, T, H, D) in memory. ``out``
+    and ``lse`` are the forward's results; ``seed``/``dropout_p`` must be the forward's.
+    """
+    interpreted = is_interpreted(_attn_bwd_dq_kernel)
+    _check_qkv(q, k, v, interpreted)
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    if dout.shape != q.shape or out.shape != q.shape:
+        raise ValueError(f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must have the query's shape "
+                         f"{tuple(q.shape)}")
+    if lse.shape != (B, H, Tq) or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be float32 of shape {(B, H, Tq)}, got {lse.dtype} {tuple(lse.shape)}")
+    if dout.device != q.device or out.device != q.device or lse.device != q.device:
+        raise ValueError("dout, out and lse must be on the query's device")
+    has_dropout, p, drop_scale, seed = _dropout_args(dropout_p, seed)
+    lse = lse.contiguous()
+    if dout.dtype != q.dtype:
+        dout = dout.to(q.dtype)
+    dq = _bthd_empty(B, H, Tq, D, q) if need_dq else None
+    dk = _bthd_empty(B, H, Tk, D, k)
+    dv = _bthd_empty(B, H, Tk, D, v)
+    if Tq == 0 or Tk == 0 or B * H == 0:
+        for g in (dq, dk, dv):
+            if g is not None:
+                g.zero_()
+        return dq, dk, dv
+    prec, upcast = _dot_args(q.dtype, interpreted, tf32)
+    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    flags = dict(IS_CAUSAL=bool(is_causal), HAS_DROPOUT=has_dropout, DOT_PREC=prec, UPCAST=upcast)
+    with device_guard(q):
+        BLOCK_M, _, BLOCK_D, _, _ = _config(q, D, "dq", has_dropout)
+        _attn_bwd_preprocess_kernel[(triton.cdiv(Tq, BLOCK_M), B * H)](
+            out, dout, delta, *_strides(out), *_strides(dout), H, Tq,
+            HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
+        # dK, dV: one program per key block, looping over query blocks.
+        BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages = _config(q, D, "dkdv", has_dropout)
+        _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, BLOCK_N), B * H)](
+            q, k, v, dout, lse, delta, dk, dv,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
+            H, Tq, Tk, float(scale), float(scale) * _LOG2E, seed, p, drop_scale,
+            HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, **flags,
+            num_warps=num_warps, num_stages=num_stages)
+        if need_dq:
+            # dQ: one program per query block, looping over key blocks.
+            BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages = _config(q, D, "dq", has_dropout)
+            _attn_bwd_dq_kernel[(triton.cdiv(Tq, BLOCK_M), B * H)](
+                q, k, v, dout, lse, delta, dq,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
+                H, Tq, Tk, float(scale), float(scale) * _LOG2E, seed, p, drop_scale,
+                HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, **flags,
+                num_warps=num_warps, num_stages=num_stages)
+    return dq, dk, dv
+

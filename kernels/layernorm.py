@@ -1,0 +1,374 @@
+"""LayerNorm over the last dimension in Triton: forward and a deterministic backward.
+
+Layout: the input is viewed as a 2-D (N, C) matrix with unit column stride and any row stride.
+Each forward program normalises a block of BLOCK_M rows. When a row fits in one block of BLOCK_N
+columns (ONE_BLOCK) it is read once and kept in registers; wider rows loop over column blocks
+(three passes: mean, variance, normalise) so any width works.
+
+Statistics are accumulated in float32 whatever the input type, and the variance is the two-pass
+``mean((x - mean)^2)`` rather than ``E[x^2] - mean^2``, which cancels badly for rows far from zero.
+The forward saves mean and rstd = 1/sqrt(var + eps) (float32, one per row) for the backward.
+
+Backward: each program owns a contiguous group of rows. It writes dx for those rows and one partial
+row of dweight and dbias (the sum over its rows) into a (G, C) float32 buffer; a second small kernel
+sums the G partial rows in a fixed order. No atomics, so the result is bitwise reproducible.
+
+(The module is not called layer_norm.py: importing a submodule of that name would replace the
+public function ``nanofast.kernels.layer_norm`` by the module object.)
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_device, device_guard, is_interpreted, next_pow2, num_programs_hint
+
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X,  # pointer to the input, (N, C), row stride stride_x, column stride 1
+    Y,  # pointer to the output, (N, C), row stride stride_y, column stride 1
+    W,  # pointer to the weight (C,), or a dummy when HAS_W is False
+    B,  # pointer to the bias (C,), or a dummy when HAS_B is False
+    Mean,  # pointer to the saved row means (N,), float32
+    Rstd,  # pointer to the saved reciprocal standard deviations (N,), float32
+    stride_x, stride_y,  # row strides, in elements
+    N, C,  # rows, columns
+    eps,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,  # True when C <= BLOCK_N: the row stays in registers
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < N
+    # int64 row offsets: N * stride can pass 2**31 elements for large activations.
+    x_rows = X + rows.to(tl.int64)[:, None] * stride_x
+    y_rows = Y + rows.to(tl.int64)[:, None] * stride_y
+    if ONE_BLOCK:
+        cols = tl.arange(0, BLOCK_N)
+        col_mask = cols < C
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / C
+        # Padding columns must not count towards the variance.
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        var = tl.sum(xc * xc, axis=1) / C
+        rstd = 1.0 / tl.sqrt(var + eps)
+        y = xc * rstd[:, None]
+        if HAS_W:
+            w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+            y = y * w[None, :]
+        if HAS_B:
+            b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
+            y = y + b[None, :]
+        tl.store(y_rows + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    else:
+        # Pass 1: mean. Accumulate a (BLOCK_M, BLOCK_N) tile and reduce once at the end, which is
+        # both faster and more accurate than a running scalar sum.
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N)
+            mask = row_mask[:, None] & (cols < C)[None, :]
+            acc += tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(acc, axis=1) / C
+        # Pass 2: variance around the mean (the re-read mostly hits L2).
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N)
+            mask = row_mask[:, None] & (cols < C)[None, :]
+            x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            xc = tl.where(mask, x - mean[:, None], 0.0)
+            acc += xc * xc
+        var = tl.sum(acc, axis=1) / C
+        rstd = 1.0 / tl.sqrt(var + eps)
+        # Pass 3: normalise and write.
+        for c0 in range(0, C, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N)
+            col_mask = cols < C
+            mask = row_mask[:, None] & col_mask[None, :]
+            x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            y = (x - mean[:, None]) * rstd[:, None]
+            if HAS_W:
+                w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+                y = y * w[None, :]
+            if HAS_B:
+                b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
+                y = y + b[None, :]
+            tl.store(y_rows + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + rows, mean, mask=row_mask)
+    tl.store(Rstd + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    DY,  # pointer to the output gradient, (N, C), row stride stride_dy, column stride 1
+    X,  # pointer to the forward input, (N, C), row stride stride_x
+    W,  # pointer to the weight (C,), or a dummy when HAS_W is False
+    Mean, Rstd,  # pointers to the forward's saved statistics (N,), float32
+    DX,  # pointer to the input gradient, (N, C), row stride stride_dx
+    DW_PART,  # pointer to the dweight partials, (G, C) float32, zero-filled; dummy if not NEED_DW
+    DB_PART,  # pointer to the dbias partials, (G, C) float32, zero-filled; dummy if not NEED_DB
+    stride_dy, stride_x, stride_dx,
+    N, C,
+    rows_per_prog,  # rows owned by one program, a multiple of BLOCK_M
+    HAS_W: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+):
+    # y = xhat * w + b with xhat = (x - mean) * rstd. With g = dy * w:
+    #   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))   (means over the row)
+    #   dw = sum over rows of dy * xhat,  db = sum over rows of dy.
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_prog
+    row_end = tl.minimum(row_start + rows_per_prog, N)
+    part_row = pid.to(tl.int64) * C
+    if ONE_BLOCK:
+        cols = tl.arange(0, BLOCK_N)
+        col_mask = cols < C
+        if HAS_W:
+            w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        # Tile-shaped accumulators, reduced over rows once at the end: a fixed summation order.
+        dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for r0 in range(row_start, row_end, BLOCK_M):
+            rows = r0 + tl.arange(0, BLOCK_M)
+            row_mask = rows < row_end
+            mask = row_mask[:, None] & col_mask[None, :]
+            rows64 = rows.to(tl.int64)[:, None]
+            x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+            rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            if HAS_W:
+                g = dy * w[None, :]
+            else:
+                g = dy
+            c1 = tl.sum(xhat * g, axis=1) / C
+            c2 = tl.sum(g, axis=1) / C
+            dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+            tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            if NEED_DW:
+                dw_acc += dy * xhat
+            if NEED_DB:
+                db_acc += dy
+        if NEED_DW:
+            tl.store(DW_PART + part_row + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+        if NEED_DB:
+            tl.store(DB_PART + part_row + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+    else:
+        for r0 in range(row_start, row_end, BLOCK_M):
+            rows = r0 + tl.arange(0, BLOCK_M)
+            row_mask = rows < row_end
+            rows64 = rows.to(tl.int64)[:, None]
+            mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+            rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+            # Pass 1: the two row means that dx needs.
+            acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for c0 in range(0, C, BLOCK_N):
+                cols = c0 + tl.arange(0, BLOCK_N)
+                col_mask = cols < C
+                mask = row_mask[:, None] & col_mask[None, :]
+                x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+                if HAS_W:
+                    g = dy * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+                else:
+                    g = dy
+                acc1 += xhat * g
+                acc2 += g
+            c1 = tl.sum(acc1, axis=1) / C
+            c2 = tl.sum(acc2, axis=1) / C
+            # Pass 2: dx, and this program's partial dweight/dbias row updated in place. The partial
+            # row belongs to this program alone, so the read-modify-write needs no atomics.
+            for c0 in range(0, C, BLOCK_N):
+                cols = c0 + tl.arange(0, BLOCK_N)
+                col_mask = cols < C
+                mask = row_mask[:, None] & col_mask[None, :]
+                x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+                if HAS_W:
+                    g = dy * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+                else:
+                    g = dy
+                dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+                tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+                if NEED_DW:
+                    p = tl.load(DW_PART + part_row + cols, mask=col_mask, other=0.0)
+                    tl.store(DW_PART + part_row + cols, p + tl.sum(dy * xhat, axis=0), mask=col_mask)
+                if NEED_DB:
+                    p = tl.load(DB_PART + part_row + cols, mask=col_mask, other=0.0)
+                    tl.store(DB_PART + part_row + cols, p + tl.sum(dy, axis=0), mask=col_mask)
+            # The next row block re-reads the partial row, possibly from other threads of this
+            # program: make this block's stores visible to them first.
+            tl.debug_barrier()
+
+
+@triton.jit
+def _sum_partials_kernel(
+    PART,  # pointer to the partial rows, (G, C) float32, contiguous
+    OUT,  # pointer to the result (C,), in the parameter's dtype
+    G, C,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Column sums of the partial rows, always in the same order: deterministic.
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < C
+    acc = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        g = g0 + tl.arange(0, BLOCK_G)
+        mask = (g < G)[:, None] & col_mask[None, :]
+        acc += tl.load(PART + g.to(tl.int64)[:, None] * C + cols[None, :], mask=mask, other=0.0)
+    tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=col_mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch configuration
+# --------------------------------------------------------------------------------------------------
+
+def _config(x: torch.Tensor, C: int, block_n=None, block_m=None):
+    """(BLOCK_M, BLOCK_N, ONE_BLOCK, num_warps) for rows of width C."""
+    interpreted = not x.is_cuda
+    # The interpreter pays per operation, not per element, but tiny blocks keep the wide-row path
+    # exercised by small test shapes; on a GPU a whole row up to 8192 columns stays in registers.
+    max_n = 64 if interpreted else 8192
+    if block_n is None:
+        block_n = min(next_pow2(C), max_n)
+    block_n = next_pow2(block_n)
+    one_block = C <= block_n
+    if block_m is None:
+        if interpreted:
+            block_m = 16
+        else:
+            # About 4096 elements per program: enough bytes in flight per SM, few registers per thread.
+            block_m = max(1, min(32, 4096 // block_n)) if one_block else 2
+    block_m = next_pow2(block_m)
+    num_warps = max(1, min(16, (block_m * block_n) // 512))
+    return block_m, block_n, one_block, num_warps
+
+
+def _check_2d(name, t, C=None):
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (N, C), got shape {tuple(t.shape)}")
+    if t.dtype not in _SUPPORTED:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if t.shape[1] > 1 and t.stride(1) != 1:
+        raise ValueError(f"{name} must have unit stride along its last dimension, got strides {t.stride()}")
+    if C is not None and t.shape[1] != C:
+        raise ValueError(f"{name} has {t.shape[1]} columns, expected {C}")
+
+
+def _check_param(name, p, C, like):
+    if p is None:
+        return
+    if p.dim() != 1 or p.shape[0] != C:
+        raise ValueError(f"{name} must have shape ({C},), got {tuple(p.shape)}")
+    if p.dtype not in _SUPPORTED:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {p.dtype}")
+    if p.device != like.device:
+        raise ValueError(f"{name} is on {p.device} but the input is on {like.device}")
+
+
+def layer_norm_forward(x2d, weight, bias, eps, *, block_n=None, block_m=None):
+    """LayerNorm of each row of ``x2d`` (N, C). Returns (y, mean, rstd).
+
+    y is (N, C) contiguous in x2d's dtype; mean and rstd are (N,) float32. weight and bias are (C,)
+    or None. ``block_n``/``block_m`` override the heuristics (tests use them to force the wide-row path).
+    """
+    _check_2d("x2d", x2d)
+    N, C = x2d.shape
+    if C == 0:
+        raise ValueError("layer_norm over an empty last dimension")
+    _check_param("weight", weight, C, x2d)
+    _check_param("bias", bias, C, x2d)
+    check_device("x2d", x2d, is_interpreted(_layer_norm_fwd_kernel))
+    y = torch.empty((N, C), dtype=x2d.dtype, device=x2d.device)
+    mean = torch.empty((N,), dtype=torch.float32, device=x2d.device)
+    rstd = torch.empty((N,), dtype=torch.float32, device=x2d.device)
+    if N == 0:
+        return y, mean, rstd
+    BLOCK_M, BLOCK_N, ONE_BLOCK, num_warps = _config(x2d, C, block_n, block_m)
+    grid = (triton.cdiv(N, BLOCK_M),)
+    with device_guard(x2d):
+        _layer_norm_fwd_kernel[grid](
+            x2d, y,
+            weight if weight is not None else x2d,  # dummies: never read when HAS_W/HAS_B is False
+            bias if bias is not None else x2d,
+            mean, rstd,
+            x2d.stride(0), y.stride(0), N, C, float(eps),
+            HAS_W=weight is not None, HAS_B=bias is not None,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ONE_BLOCK=ONE_BLOCK,
+            num_warps=num_warps,
+        )
+    return y, mean, rstd
+
+
+def layer_norm_backward(dy2d, x2d, weight, mean, rstd, need_weight_grad, need_bias_grad, *,
+                        block_n=None, block_m=None, num_groups=None):
+    """Gradients of LayerNorm. Returns (dx, dw or None, db or None).
+
+    dx is (N, C) contiguous in x2d's dtype; dw and db are (C,) in the weight's dtype (x2d's dtype when
+    there is no weight, e.g. for a bias-only LayerNorm). dw is None unless weight is given and
+    ``need_weight_grad``; db is None unless ``need_bias_grad``.
+    """
+    _check_2d("x2d", x2d)
+    N, C = x2d.shape
+    _check_2d("dy2d", dy2d, C)
+    if dy2d.shape[0] != N:
+        raise ValueError(f"dy2d has shape {tuple(dy2d.shape)} but x2d has {tuple(x2d.shape)}")
+    _check_param("weight", weight, C, x2d)
+    for name, s in (("mean", mean), ("rstd", rstd)):
+        if s.shape != (N,) or s.dtype != torch.float32:
+            raise ValueError(f"{name} must be float32 of shape ({N},), got {s.dtype} {tuple(s.shape)}")
+    check_device("x2d", x2d, is_interpreted(_layer_norm_bwd_kernel))
+    if dy2d.device != x2d.device:
+        raise ValueError(f"dy2d is on {dy2d.device} but x2d is on {x2d.device}")
+    mean = mean.contiguous()
+    rstd = rstd.contiguous()
+    need_dw = bool(need_weight_grad) and weight is not None
+    need_db = bool(need_bias_grad)
+    param_dtype = weight.dtype if weight is not None else x2d.dtype
+    dx = torch.empty((N, C), dtype=x2d.dtype, device=x2d.device)
+    if N == 0:
+        dw = torch.zeros((C,), dtype=param_dtype, device=x2d.device) if need_dw else None
+        db = torch.zeros((C,), dtype=param_dtype, device=x2d.device) if need_db else None
+        return dx, dw, db
+    BLOCK_M, BLOCK_N, ONE_BLOCK, num_warps = _config(x2d, C, block_n, block_m)
+    # Row groups: about num_programs_hint programs, each owning a whole number of row blocks.
+    groups = num_groups if num_groups is not None else num_programs_hint(x2d)
+    groups = max(1, min(groups, triton.cdiv(N, BLOCK_M)))
+    rows_per_prog = triton.cdiv(triton.cdiv(N, groups), BLOCK_M) * BLOCK_M
+    G = triton.cdiv(N, rows_per_prog)
+    # Zero-filled: the wide-row path accumulates into its partial row in place.
+    dw_part = torch.zeros((G, C), dtype=torch.float32, device=x2d.device) if need_dw else None
+    db_part = torch.zeros((G, C), dtype=torch.float32, device=x2d.device) if need_db else None
+    with device_guard(x2d):
+        _layer_norm_bwd_kernel[(G,)](
+            dy2d, x2d,
+            weight if weight is not None else x2d,
+            mean, rstd, dx,
+            dw_part if need_dw else dx, db_part if need_db else dx,
+            dy2d.stride(0), x2d.stride(0), dx.stride(0),
+            N, C, rows_per_prog,
+            HAS_W=weight is not None, NEED_DW=need_dw, NEED_DB=need_db,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ONE_BLOCK=ONE_BLOCK,
+            num_warps=num_warps,
+        )
+        dw = _sum_partials(dw_part, param_dtype) if need_dw else None
+        db = _sum_partials(db_part, param_dtype) if need_db else None
+    return dx, dw, db
+
+
+def _sum_partials(part, dtype):
+    G, C = part.shape
+    out = torch.empty((C,), dtype=dtype, device=part.device)
+    BLOCK_N = min(next_pow2(C), 64 if not part.is_cuda else 256)
+    BLOCK_G = min(next_pow2(G), 32)
+    _sum_partials_kernel[(triton.cdiv(C, BLOCK_N),)](part, out, G, C, BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, num_warps=4)
+    return out

@@ -1,0 +1,639 @@
+"""Tests of the Triton kernels (nanofast.kernels).
+
+Without a GPU they run on CPU tensors through Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 before anything imports triton), at small shapes. With CUDA the same tests run
+natively at larger shapes, plus float16/bfloat16 checks against torch's own kernels.
+
+Accuracy follows the flash-attention rule: against a float64 reference, our error may be at most
+twice torch's error in the same dtype, plus a small absolute slack:
+    max|ours - ref64| <= 2 * max|torch_same_dtype - ref64| + atol.
+"""
+import importlib
+import importlib.util
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton", reason="triton is not installed (pip install 'nanofast[test]')")
+
+from philox_ref import dropout_mask_ref, uniform  # noqa: E402  (tests/ is on sys.path via conftest)
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load_kernels():
+    """nanofast.kernels; while the package itself cannot be imported, the kernels/ source folder."""
+    try:
+        import nanofast.kernels as K
+
+        return K
+    except Exception as e:  # the package around the kernels may be unbuilt or half-written
+        warnings.warn(f"import nanofast.kernels failed ({e!r}); testing kernels/ from the source tree")
+        root = _REPO / "kernels"
+        spec = importlib.util.spec_from_file_location(
+            "_nanofast_kernels_src", root / "__init__.py", submodule_search_locations=[str(root)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+        return mod
+
+
+K = _load_kernels()
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Absolute slack of the parity rule, per dtype (a few ulps of the output's magnitude).
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _assert_rule(name, ours, torch_same, ref64, dtype, factor=2.0):
+    err = (ours.double() - ref64).abs().max().item()
+    base = (torch_same.double() - ref64).abs().max().item()
+    bound = factor * base + ATOL[dtype]
+    assert err <= bound, f"{name}: max error {err:.3g} > {factor}*{base:.3g} + {ATOL[dtype]:g} (torch {dtype})"
+
+
+# ==================================================================================================
+# LayerNorm
+# ==================================================================================================
+
+if HAS_CUDA:
+    LN_SHAPES = [(4096, 384), (333, 1536), (64, 10000), (7, 1), (1, 65)]
+else:
+    LN_SHAPES = [(37, 24), (5, 100), (3, 7), (1, 1), (18, 130)]  # 100, 130 > 64: the wide-row loop
+
+
+def _ln_inputs(N, C, dtype, affine, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(N, C, generator=g, dtype=torch.float64) * 2 + 3).to(dtype)
+    w = (torch.randn(C, generator=g, dtype=torch.float64) + 1).to(dtype) if affine in ("wb", "w") else None
+    b = torch.randn(C, generator=g, dtype=torch.float64).to(dtype) if affine in ("wb", "b") else None
+    dy = torch.randn(N, C, generator=g, dtype=torch.float64).to(dtype)
+    return x, w, b, dy
+
+
+def _ln_run(fn, x, w, b, dy, shape):
+    xs = x.detach().clone().requires_grad_()
+    ws = w.detach().clone().requires_grad_() if w is not None else None
+    bs = b.detach().clone().requires_grad_() if b is not None else None
+    y = fn(xs, shape, ws, bs, 1e-5)
+    y.backward(dy)
+    return y.detach(), xs.grad, ws.grad if ws is not None else None, bs.grad if bs is not None else None
+
+
+def _ln_check(x, w, b, dy, shape, dtype):
+    dev = lambda t: t.to(DEVICE) if t is not None else None  # noqa: E731
+    d64 = lambda t: t.to(DEVICE, torch.float64) if t is not None else None  # noqa: E731
+    ref = _ln_run(F.layer_norm, d64(x), d64(w), d64(b), d64(dy), shape)
+    same = _ln_run(F.layer_norm, dev(x), dev(w), dev(b), dev(dy), shape)
+    ours = _ln_run(K.layer_norm, dev(x), dev(w), dev(b), dev(dy), shape)
+    for name, o, s, r in zip(("y", "dx", "dw", "db"), ours, same, ref):
+        if r is None:
+            assert o is None
+            continue
+        assert o.dtype == s.dtype and o.shape == s.shape, name
+        _assert_rule(f"layer_norm {name}", o, s, r, dtype)
+
+
+@pytest.mark.parametrize("N,C", LN_SHAPES)
+@pytest.mark.parametrize("affine", ["wb", "w", "b", "none"])
+def test_layer_norm_float32(N, C, affine):
+    x, w, b, dy = _ln_inputs(N, C, torch.float32, affine)
+    _ln_check(x, w, b, dy, (C,), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N,C", LN_SHAPES[:2])
+def test_layer_norm_half(N, C, dtype):
+    x, w, b, dy = _ln_inputs(N, C, dtype, "wb")
+    _ln_check(x, w, b, dy, (C,), dtype)
+
+
+def test_layer_norm_strided_3d_and_multi_dim_shape():
+    B, T, C = (3, 50, 96) if HAS_CUDA else (2, 5, 24)
+    g = torch.Generator().manual_seed(1)
+    big = torch.randn(B, T, 2 * C, generator=g)
+    x = big[..., :C]  # rows strided by 2C, unit column stride: read in place
+    w, b = torch.randn(C, generator=g), torch.randn(C, generator=g)
+    dy = torch.randn(B, T, C, generator=g)
+    _ln_check(x, w, b, dy, (C,), torch.float32)
+    # Non-unit column stride (copied), and normalising over the last two dimensions.
+    xt = torch.randn(B, C, T, generator=g).transpose(1, 2)
+    _ln_check(xt, None, b, dy, (C,), torch.float32)
+    w2 = torch.randn(T, C, generator=g)
+    _ln_check(x, w2, None, dy, (T, C), torch.float32)
+
+
+def test_layer_norm_launchers_wide_path_and_groups():
+    N, C = (300, 700) if HAS_CUDA else (40, 100)
+    x, w, b, dy = _ln_inputs(N, C, torch.float32, "wb", seed=3)
+    x, w, b, dy = (t.to(DEVICE) for t in (x, w, b, dy))
+    base = K.layer_norm_forward(x, w, b, 1e-5)
+    wide = K.layer_norm_forward(x, w, b, 1e-5, block_n=32, block_m=4)
+    for a, c in zip(base, wide):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+    y, mean, rstd = base
+    assert y.shape == (N, C) and y.is_contiguous()
+    assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == rstd.shape == (N,)
+    torch.testing.assert_close(mean, x.double().mean(1).float())
+    torch.testing.assert_close(rstd, (x.double().var(1, unbiased=False) + 1e-5).rsqrt().float())
+    ref = K.layer_norm_backward(dy, x, w, mean, rstd, True, True)
+    for kw in (dict(block_n=32, num_groups=3), dict(num_groups=1), dict(block_m=2, num_groups=7)):
+        got = K.layer_norm_backward(dy, x, w, mean, rstd, True, True, **kw)
+        for a, c in zip(ref, got):
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+    dx, dw, db = K.layer_norm_backward(dy, x, w, mean, rstd, False, False)
+    assert dw is None and db is None
+    dx, dw, db = K.layer_norm_backward(dy, x, None, mean, rstd, True, True)
+    assert dw is None and db is not None
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_layer_norm_backward_deterministic(wide):
+    N, C = (2048, 384) if HAS_CUDA else (64, 40)
+    x, w, b, dy = _ln_inputs(N, C, torch.float32, "wb", seed=4)
+    x, w, b, dy = (t.to(DEVICE) for t in (x, w, b, dy))
+    kw = dict(block_n=16) if wide else {}
+    _, mean, rstd = K.layer_norm_forward(x, w, b, 1e-5, **kw)
+    r1 = K.layer_norm_backward(dy, x, w, mean, rstd, True, True, **kw)
+    r2 = K.layer_norm_backward(dy, x, w, mean, rstd, True, True, **kw)
+    for a, c in zip(r1, r2):
+        assert torch.equal(a, c)
+
+
+def test_layer_norm_mixed_dtypes():
+    """bfloat16 activations with float32 parameters (mixed precision): y and dx follow the input,
+    dw and db the parameters."""
+    N, C = (512, 384) if HAS_CUDA else (9, 24)
+    x, w, b, dy = _ln_inputs(N, C, torch.float64, "wb", seed=2)
+    xs = x.to(DEVICE, torch.bfloat16).requires_grad_()
+    ws, bs = (t.to(DEVICE, torch.float32).requires_grad_() for t in (w, b))
+    y = K.layer_norm(xs, (C,), ws, bs)
+    y.backward(dy.to(DEVICE, torch.bfloat16))
+    assert y.dtype == xs.grad.dtype == torch.bfloat16 and ws.grad.dtype == bs.grad.dtype == torch.float32
+    ref = _ln_run(F.layer_norm, xs.detach().double(), ws.detach().double(), bs.detach().double(),
+                  dy.to(DEVICE, torch.bfloat16).double(), (C,))
+    for name, o, r, tol in zip(("y", "dx", "dw", "db"), (y, xs.grad, ws.grad, bs.grad), ref, (3e-2, 3e-2, 1e-4, 1e-4)):
+        scale = r.abs().max().item() + 1.0
+        assert (o.double() - r).abs().max().item() <= tol * scale, name
+
+
+def test_layer_norm_bad_inputs():
+    x = torch.randn(4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="normalized_shape"):
+        K.layer_norm(x, (7,))
+    with pytest.raises(ValueError, match="weight"):
+        K.layer_norm(x, (8,), torch.ones(7, device=DEVICE))
+    with pytest.raises(ValueError, match="bias"):
+        K.layer_norm(x, (8,), None, torch.ones(4, 2, device=DEVICE))
+    with pytest.raises(TypeError, match="float32"):
+        K.layer_norm(x.double(), (8,))
+    with pytest.raises(ValueError, match="2-D"):
+        K.layer_norm_forward(x[None], None, None, 1e-5)
+    with pytest.raises(ValueError, match="unit stride"):
+        K.layer_norm_forward(x.t(), None, None, 1e-5)
+
+
+# ==================================================================================================
+# Attention
+# ==================================================================================================
+
+if HAS_CUDA:
+    # Few distinct (head_dim, causal) pairs: each is a fresh compilation of three kernels.
+    ATTN_CASES = [  # B, H, Tq, Tk, D, causal
+        (2, 3, 257, 257, 64, True), (2, 3, 257, 257, 64, False), (1, 2, 1000, 513, 128, False),
+        (1, 2, 513, 1000, 128, True), (2, 2, 384, 128, 80, True), (1, 1, 1, 1, 64, True),
+        (2, 6, 256, 256, 64, True), (1, 2, 97, 203, 40, False),
+    ]
+else:
+    ATTN_CASES = [
+        (1, 2, 17, 17, 16, True), (1, 2, 17, 17, 16, False), (2, 2, 33, 33, 40, True),
+        (1, 2, 7, 33, 24, False), (1, 2, 33, 7, 24, True), (1, 2, 33, 17, 40, False),
+        (1, 2, 1, 1, 16, True), (2, 2, 1, 17, 24, False), (1, 2, 17, 1, 16, True),
+    ]
+
+
+def _attn_ref(q, k, v, causal, scale, keep=None, p=0.0):
+    """float64 math attention; ``keep`` is the dropout mask (B, H, Tq, Tk)."""
+    s = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        allowed = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~allowed, float("-inf"))
+    P = torch.softmax(s, dim=-1)
+    if keep is not None:
+        P = P * keep.to(P.device) / (1.0 - p)
+    return P @ v
+
+
+def _qkv(B, H, Tq, Tk, D, seed=0):
+    """float64 q, k, v and an output gradient, on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Tq, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, H, Tk, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, H, Tk, D, generator=g, dtype=torch.float64)
+    do = torch.randn(B, H, Tq, D, generator=g, dtype=torch.float64)
+    return q, k, v, do
+
+
+def _run_attn(fn, q, k, v, do, dtype, **kw):
+    """Forward + backward of fn on copies of q, k, v cast to dtype on DEVICE (layout kept)."""
+    leaves = []
+    for t in (q, k, v):
+        leaf = t.to(DEVICE, dtype).detach().requires_grad_()
+        leaves.append(leaf)
+    out = fn(*leaves, **kw)
+    out.backward(do.to(DEVICE, dtype))
+    return (out.detach(),) + tuple(t.grad for t in leaves)
+
+
+def _attn_check(q, k, v, do, dtype, causal, scale=None, layout="contiguous"):
+    D = q.shape[-1]
+    sc = scale if scale is not None else 1.0 / math.sqrt(D)
+
+    def run(fn, dt):
+        if layout == "packed":
+            # nanoGPT's layout: one (B, T, 3*H*D) projection split into q, k, v and each viewed as
+            # (B, T, H, D).transpose(1, 2): strided, non-contiguous views of a shared buffer.
+            B, H, T, D_ = q.shape
+            packed = torch.cat([t.transpose(1, 2).reshape(B, T, H * D_) for t in (q, k, v)], dim=2)
+            packed = packed.to(DEVICE, dt).requires_grad_()
+            views = [t.view(B, T, H, D_).transpose(1, 2) for t in packed.split(H * D_, dim=2)]
+            assert not views[0].is_contiguous()
+            out = fn(*views)
+            out.backward(do.to(DEVICE, dt))
+            grads = [t.view(B, T, H, D_).transpose(1, 2) for t in packed.grad.split(H * D_, dim=2)]
+            return (out.detach(), *grads)
+        leaves = [t.to(DEVICE, dt).detach().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(do.to(DEVICE, dt))
+        return (out.detach(),) + tuple(t.grad for t in leaves)
+
+    ref = run(lambda a, b, c: _attn_ref(a, b, c, causal, sc), torch.float64)
+    same = run(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=causal, scale=scale), dtype)
+    ours = run(lambda a, b, c: K.scaled_dot_product_attention(a, b, c, is_causal=causal, scale=scale), dtype)
+    for name, o, s, r in zip(("out", "dq", "dk", "dv"), ours, same, ref):
+        assert o.dtype == dtype and o.shape == r.shape, name
+        assert torch.isfinite(o).all(), name
+        _assert_rule(f"attention {name}", o, s, r, dtype)
+    return ours
+
+
+@pytest.mark.parametrize("B,H,Tq,Tk,D,causal", ATTN_CASES)
+def test_attention_float32(B, H, Tq, Tk, D, causal):
+    q, k, v, do = _qkv(B, H, Tq, Tk, D)
+    out = _attn_check(q, k, v, do, torch.float32, causal)[0]
+    # (B, T, H, D) memory order behind a (B, H, T, D) view, like the CPU kernels.
+    assert out.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_strided_views_and_scale(causal):
+    B, H, T, D = (2, 6, 200, 64) if HAS_CUDA else (1, 2, 17, 24)
+    q, k, v, do = _qkv(B, H, T, T, D, seed=5)
+    _attn_check(q, k, v, do, torch.float32, causal, scale=0.3, layout="packed")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_half(dtype, causal):
+    B, H, Tq, Tk, D = (2, 4, 300, 300, 128) if HAS_CUDA else (1, 2, 33, 17, 40)
+    q, k, v, do = _qkv(B, H, Tq, Tk, D, seed=6)
+    _attn_check(q, k, v, do, dtype, causal)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="tolerance checks at GPU shapes need CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T,D", [(1024, 64), (777, 128), (129, 80)])
+def test_attention_half_cuda_large(dtype, T, D):
+    q, k, v, do = _qkv(2, 4, T, T, D, seed=7)
+    _attn_check(q, k, v, do, dtype, True, layout="packed")
+
+
+def test_attention_tf32_opt_in(monkeypatch):
+    B, H, T, D = (2, 2, 256, 64) if HAS_CUDA else (1, 2, 17, 16)
+    q, k, v, _ = _qkv(B, H, T, T, D, seed=8)
+    q, k, v = (t.to(DEVICE, torch.float32) for t in (q, k, v))
+    ref = _attn_ref(q.double(), k.double(), v.double(), True, 0.25)
+    out, _ = K.attention_forward(q, k, v, True, 0.25, tf32=True)
+    assert (out.double() - ref.to(out.device)).abs().max().item() < 2e-2  # TF32: 10-bit mantissa
+    monkeypatch.setenv("NANOFAST_TF32", "1")
+    out2, _ = K.attention_forward(q, k, v, True, 0.25)
+    assert torch.equal(out, out2)
+
+
+def test_attention_lse():
+    B, H, Tq, Tk, D = (2, 3, 300, 200, 64) if HAS_CUDA else (1, 2, 17, 33, 16)
+    q, k, v, _ = _qkv(B, H, Tq, Tk, D, seed=9)
+    for causal in (True, False):
+        out, lse = K.attention_forward(*(t.to(DEVICE, torch.float32) for t in (q, k, v)), causal, 0.5)
+        s = (q @ k.transpose(-1, -2)) * 0.5
+        if causal:
+            s = s.masked_fill(~torch.ones(Tq, Tk, dtype=torch.bool).tril(), float("-inf"))
+        assert lse.dtype == torch.float32 and lse.shape == (B, H, Tq) and lse.is_contiguous()
+        torch.testing.assert_close(lse.cpu().double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dropout
+# --------------------------------------------------------------------------------------------------
+
+SEEDS = [0, 1234, 2 ** 31 + 17, 2 ** 40 + 123, 2 ** 62 + 5, 2 ** 63 + 3, 2 ** 64 - 1]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_dropout_mask_kernel_matches_reference(seed):
+    B, H, Tq, Tk = (2, 3, 100, 257) if HAS_CUDA else (2, 2, 17, 33)
+    for p in (0.1, 0.5):
+        got = K.dropout_mask(seed, B, H, Tq, Tk, p, device=DEVICE).cpu().numpy()
+        assert got.shape == (B, H, Tq, Tk)
+        np.testing.assert_array_equal(got, dropout_mask_ref(seed, B, H, Tq, Tk, p))
+
+
+def test_dropout_mask_offsets_past_2_32():
+    """Offsets over 2**32 use the high counter word: check a window at the far end of a huge matrix."""
+    seed, p, B, H, Tq, Tk = 2 ** 40 + 99, 0.25, 3, 4, 2 ** 18, 4096  # 1.3e10 elements
+    window = (B * H - 2, Tq - 5, Tk - 40, 2, 5, 40)
+    got = K.dropout_mask(seed, B, H, Tq, Tk, p, device=DEVICE, window=window).cpu().numpy()
+    bh = np.arange(B * H - 2, B * H, dtype=np.uint64)[:, None, None]
+    i = np.arange(Tq - 5, Tq, dtype=np.uint64)[None, :, None]
+    j = np.arange(Tk - 40, Tk, dtype=np.uint64)[None, None, :]
+    offs = (bh * np.uint64(Tq) + i) * np.uint64(Tk) + j
+    assert offs.max() > 2 ** 33
+    np.testing.assert_array_equal(got, uniform(seed, offs) >= np.float32(p))
+
+
+def _mask_through_attention(seed, B, H, Tq, Tk, p, is_causal=False):
+    """Reveal the mask the attention kernel applies: with q = 0 every visible key gets the same
+    probability, and V = identity copies each dropped-and-scaled P entry into the output."""
+    D = max(16, Tk)
+    q = torch.zeros(B, H, Tq, D, device=DEVICE)
+    k = torch.randn(B, H, Tk, D, device=DEVICE)
+    v = torch.eye(Tk, D, device=DEVICE).expand(B, H, Tk, D)
+    out, _ = K.attention_forward(q, k, v, is_causal, 1.0, p, seed)
+    return out[..., :Tk] > 0
+
+
+@pytest.mark.parametrize("seed", [7, 2 ** 40 + 123, 2 ** 63 + 5])
+def test_dropout_mask_inside_attention(seed):
+    B, H, Tq, Tk = (2, 3, 200, 128) if HAS_CUDA else (2, 2, 17, 24)
+    p = 0.3
+    ref = torch.from_numpy(dropout_mask_ref(seed, B, H, Tq, Tk, p))
+    assert torch.equal(_mask_through_attention(seed, B, H, Tq, Tk, p).cpu(), ref)
+    causal = _mask_through_attention(seed, B, H, Tq, Tk, p, is_causal=True).cpu()
+    assert torch.equal(causal, ref & torch.ones(Tq, Tk, dtype=torch.bool).tril())
+
+
+def test_dropout_seed_from_torch_generator():
+    """The user function draws int(torch.randint(0, 2**62, (1,))) from torch's CPU generator."""
+    B, H, T, D = 1, 2, 16, 16
+    q = torch.zeros(B, H, T, D, device=DEVICE)
+    k = torch.randn(B, H, T, D, device=DEVICE)
+    v = torch.eye(T, D, device=DEVICE).expand(B, H, T, D)
+    torch.manual_seed(321)
+    out1 = K.scaled_dot_product_attention(q, k, v, dropout_p=0.4)
+    torch.manual_seed(321)
+    out2 = K.scaled_dot_product_attention(q, k, v, dropout_p=0.4)
+    assert torch.equal(out1, out2)
+    torch.manual_seed(321)
+    seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+    ref = torch.from_numpy(dropout_mask_ref(seed, B, H, T, T, 0.4))
+    assert torch.equal(out1.cpu() > 0, ref)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_dropout_gradients(causal):
+    B, H, Tq, Tk, D = (2, 3, 200, 300, 64) if HAS_CUDA else (1, 2, 33, 17, 16)
+    p, seed, scale = 0.2, 2 ** 40 + 7, 0.25
+    q, k, v, do = _qkv(B, H, Tq, Tk, D, seed=10)
+    keep = torch.from_numpy(dropout_mask_ref(seed, B, H, Tq, Tk, p))
+    ref = _run_attn(lambda a, b, c: _attn_ref(a, b, c, causal, scale, keep, p), q, k, v, do, torch.float64)
+
+    class Fn(torch.autograd.Function):  # the launchers with a fixed seed
+        @staticmethod
+        def forward(ctx, a, b, c):
+            out, lse = K.attention_forward(a, b, c, causal, scale, p, seed)
+            ctx.save_for_backward(a, b, c, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, g):
+            return K.attention_backward(g, *ctx.saved_tensors, causal, scale, p, seed)
+
+    ours = _run_attn(Fn.apply, q, k, v, do, torch.float32)
+    same = _run_attn(lambda a, b, c: _attn_ref(a, b, c, causal, scale, keep, p), q, k, v, do, torch.float32)
+    for name, o, s, r in zip(("out", "dq", "dk", "dv"), ours, same, ref):
+        _assert_rule(f"dropout attention {name}", o, s, r.to(o.device), torch.float32)
+
+
+def test_dropout_p_one_gives_zeros():
+    q, k, v, do = _qkv(1, 2, 17, 17, 16, seed=11)
+    out, dq, dk, dv = _run_attn(lambda a, b, c: K.scaled_dot_product_attention(a, b, c, dropout_p=1.0),
+                                q, k, v, do, torch.float32)
+    for t in (out, dq, dk, dv):
+        assert torch.isfinite(t).all() and not t.any()
+
+
+# --------------------------------------------------------------------------------------------------
+# Determinism, errors, import without triton
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_attention_backward_deterministic(dropout_p):
+    B, H, T, D = (4, 6, 512, 64) if HAS_CUDA else (1, 2, 33, 16)
+    q, k, v, do = (t.to(DEVICE, torch.float32) for t in _qkv(B, H, T, T, D, seed=12))
+    out, lse = K.attention_forward(q, k, v, True, 0.125, dropout_p, 99)
+    g1 = K.attention_backward(do, q, k, v, out, lse, True, 0.125, dropout_p, 99)
+    g2 = K.attention_backward(do, q, k, v, out, lse, True, 0.125, dropout_p, 99)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+    out2, lse2 = K.attention_forward(q, k, v, True, 0.125, dropout_p, 99)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    dq, dk, dv = K.attention_backward(do, q, k, v, out, lse, True, 0.125, dropout_p, 99, need_dq=False)
+    assert dq is None and torch.equal(dk, g1[1]) and torch.equal(dv, g1[2])
+
+
+def test_attention_bad_inputs():
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    sdpa = K.scaled_dot_product_attention
+    with pytest.raises(ValueError, match="attn_mask"):
+        sdpa(q, q, q, attn_mask=torch.ones(8, 8, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="4-D"):
+        sdpa(q[0], q[0], q[0])
+    with pytest.raises(TypeError, match="share a dtype"):
+        sdpa(q, q.half(), q)
+    with pytest.raises(TypeError, match="float32"):
+        sdpa(q.double(), q.double(), q.double())
+    with pytest.raises(ValueError, match="head_dim"):
+        sdpa(q, q[..., :8], q)
+    with pytest.raises(ValueError, match="batch and heads"):
+        sdpa(q, q[:, :1], q[:, :1])
+    with pytest.raises(ValueError, match="seq_len"):
+        sdpa(q, q, q[:, :, :4])
+    big = torch.randn(1, 1, 4, 160, device=DEVICE)
+    with pytest.raises(ValueError, match="head_dim must be between"):
+        sdpa(big, big, big)
+    with pytest.raises(ValueError, match="dropout_p"):
+        sdpa(q, q, q, dropout_p=1.5)
+    with pytest.raises(ValueError, match="seed"):
+        K.attention_forward(q, q, q, False, 1.0, 0.1, 2 ** 64)
+    with pytest.raises(ValueError, match="lse"):
+        K.attention_backward(q, q, q, q, q, torch.zeros(1, 2, 7, device=DEVICE), False, 1.0)
+
+
+def test_import_without_triton():
+    """Importing the kernels package must not need triton; using it then fails clearly."""
+    code = (
+        "import sys, importlib.util\n"
+        "sys.modules['triton'] = None\n"  # import triton now raises ImportError
+        f"root = {str(_REPO / 'kernels')!r}\n"
+        "spec = importlib.util.spec_from_file_location('kx', root + '/__init__.py', "
+        "submodule_search_locations=[root])\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['kx'] = m; spec.loader.exec_module(m)\n"
+        "assert m.HAS_TRITON is False\n"
+        "import torch\n"
+        "try:\n"
+        "    m.layer_norm(torch.ones(2, 3), (3,))\n"
+        "except RuntimeError as e:\n"
+        "    assert 'triton' in str(e); print('ok')\n"
+    )
+    env = dict(os.environ)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+_AOT_SCRIPT = r'''
+import importlib.util, os, sys
+root = sys.argv[1]
+spec = importlib.util.spec_from_file_location("kx", os.path.join(root, "__init__.py"), submodule_search_locations=[root])
+m = importlib.util.module_from_spec(spec); sys.modules["kx"] = m; spec.loader.exec_module(m)
+import torch, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+import kx.attention as A, kx.layernorm as L
+target = GPUTarget("cuda", 90, 32)
+PTR = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "X", "Y", "W", "B", "DY", "DX"}
+F32PTR = {"LSE", "Delta", "Mean", "Rstd", "DW_PART", "DB_PART", "PART"}
+FLOATS = {"qk_scale", "sm_scale", "dropout_p", "drop_scale", "eps"}
+
+def compile_(fn, dt, constexprs, num_warps, num_stages=1):
+    sig, attrs, constexprs = {}, {}, dict(constexprs)
+    for i, n in enumerate(fn.arg_names):
+        if n.startswith("stride_") and n.endswith("d"):
+            constexprs[n] = 1  # as the JIT specialises a unit stride
+        if n in constexprs:
+            sig[n] = "constexpr"
+            continue
+        sig[n] = ("*" + dt if n in PTR or n == "OUT" else "*fp32" if n in F32PTR else "*i8" if n == "MASK"
+                  else "i64" if n == "seed" else "fp32" if n in FLOATS else "i32")
+        if sig[n].startswith("*") or n.startswith("stride_"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    triton.compile(ASTSource(fn, sig, constexprs, attrs), target=target,
+                   options=dict(num_warps=num_warps, num_stages=num_stages))
+    print("compiled", fn.__name__, constexprs, flush=True)
+
+for dt, tdt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+    fake = type("FakeCudaTensor", (), {"is_cuda": True, "dtype": tdt})()
+    for kname, fn in (("fwd", A._attn_fwd_kernel), ("dkdv", A._attn_bwd_dkdv_kernel), ("dq", A._attn_bwd_dq_kernel)):
+        bm, bn, bd, w, st = A._config(fake, 80, kname, True)
+        compile_(fn, dt, dict(HEAD_DIM=80, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IS_CAUSAL=True, HAS_DROPOUT=True,
+                              DOT_PREC="ieee" if dt == "fp32" else "tf32", UPCAST=False), w, st)
+compile_(A._attn_bwd_preprocess_kernel, "bf16", dict(HEAD_DIM=80, BLOCK_M=64, BLOCK_D=128), 4)
+compile_(A._dropout_mask_kernel, "bf16", dict(BLOCK_M=32, BLOCK_N=128), 4)
+for one, bn, bm in ((True, 512, 8), (False, 2048, 2)):
+    compile_(L._layer_norm_fwd_kernel, "bf16", dict(HAS_W=True, HAS_B=True, BLOCK_M=bm, BLOCK_N=bn, ONE_BLOCK=one), 8)
+    compile_(L._layer_norm_bwd_kernel, "bf16", dict(HAS_W=True, NEED_DW=True, NEED_DB=True, BLOCK_M=bm, BLOCK_N=bn,
+                                                    ONE_BLOCK=one), 8)
+compile_(L._sum_partials_kernel, "fp32", dict(BLOCK_G=32, BLOCK_N=256), 4)
+print("all compiled")
+'''
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """Compile every kernel for an H100 (sm_90) without a GPU: catches what the interpreter lets through
+    (type rules of the compiler, unsupported ops), with dropout on, a padded head dim, both dtypes."""
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("this triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(_REPO / "kernels")], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0 and "all compiled" in r.stdout, r.stdout[-3000:] + r.stderr[-5000:]
+
+
+# --------------------------------------------------------------------------------------------------
+# Agreement with the C++ CPU kernels through nanofast.ops
+# --------------------------------------------------------------------------------------------------
+
+def _ops_or_skip():
+    try:
+        import nanofast._C  # noqa: F401
+        import nanofast.ops as ops
+    except Exception as e:  # not built yet, or the ops layer is unfinished
+        pytest.skip(f"nanofast.ops / nanofast._C not importable: {e!r}")
+    for name in ("layer_norm", "scaled_dot_product_attention", "dropout_mask"):
+        if not hasattr(ops, name):
+            pytest.skip(f"nanofast.ops has no {name} yet")
+    return ops
+
+
+def test_ops_cpu_kernels_agree_layer_norm():
+    ops = _ops_or_skip()
+    N, C = 37, 100
+    x, w, b, dy = _ln_inputs(N, C, torch.float32, "wb", seed=13)
+    cpu = _ln_run(ops.layer_norm, x, w, b, dy, (C,))
+    tri = _ln_run(K.layer_norm, *(t.to(DEVICE) for t in (x, w, b, dy)), (C,))
+    for name, a, c in zip(("y", "dx", "dw", "db"), cpu, tri):
+        torch.testing.assert_close(c.cpu(), a, rtol=2e-5, atol=2e-5, msg=name)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_ops_cpu_kernels_agree_attention(causal):
+    ops = _ops_or_skip()
+    B, H, Tq, Tk, D = 1, 2, 33, 17, 24
+    q, k, v, do = _qkv(B, H, Tq, Tk, D, seed=14)
+    for p in (0.0, 0.25):
+        def run(fn, device):
+            torch.manual_seed(2024)  # both draw their dropout seed from torch's CPU generator
+            leaves = [t.to(device, torch.float32).detach().requires_grad_() for t in (q, k, v)]
+            out = fn(*leaves, dropout_p=p, is_causal=causal)
+            out.backward(do.to(device, torch.float32))
+            return (out.detach().cpu(),) + tuple(t.grad.cpu() for t in leaves)
+
+        cpu = run(ops.scaled_dot_product_attention, "cpu")
+        tri = run(K.scaled_dot_product_attention, DEVICE)
+        for name, a, c in zip(("out", "dq", "dk", "dv"), cpu, tri):
+            torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-5, msg=f"{name} p={p}")
+
+
+def test_ops_cpu_kernels_agree_dropout_mask():
+    ops = _ops_or_skip()
+    for seed in (5, 2 ** 40 + 1):
+        cpu = ops.dropout_mask(seed, 2, 3, 17, 33, 0.3)
+        tri = K.dropout_mask(seed, 2, 3, 17, 33, 0.3, device=DEVICE)
+        assert torch.equal(cpu.cpu().bool(), tri.cpu())
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA: nanofast.ops dispatches CUDA tensors to Triton")
+def test_ops_cuda_dispatch_matches_cpu():
+    ops = _ops_or_skip()
+    q, k, v, do = _qkv(2, 3, 100, 100, 64, seed=15)
+
+    def run(device):
+        torch.manual_seed(7)
+        leaves = [t.to(device, torch.float32).detach().requires_grad_() for t in (q, k, v)]
+        out = ops.scaled_dot_product_attention(*leaves, dropout_p=0.1, is_causal=True)
+        out.backward(do.to(device, torch.float32))
+        return (out.detach().cpu(),) + tuple(t.grad.cpu() for t in leaves)
+
+    for name, a, c in zip(("out", "dq", "dk", "dv"), run("cpu"), run("cuda")):
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-4, msg=name)
+    x = torch.randn(64, 384)
+    torch.testing.assert_close(ops.layer_norm(x.cuda(), (384,)).cpu(), ops.layer_norm(x, (384,)), rtol=1e-5, atol=1e-5)
