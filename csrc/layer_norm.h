@@ -50,6 +50,55 @@ template <class A> inline A row_centered_sq_sum(const A* x, A mean, int64_t C) {
   return s;
 }
 
+// Rows whose width is exactly NV vectors of float32 are held in registers: one load, then the mean,
+// the variance around it and the output all come from registers (the common case: C = 128, 384, ...).
+template <class A, int NV>
+inline void layer_norm_forward_row_regs(const A* xr, const A* w, const A* b, A* yr, A eps, A* mean_out,
+                                        A* rstd_out) {
+  constexpr int W = lanes<A>();
+  vec<A> r[NV], s0{}, s1{};
+  for (int i = 0; i < NV; ++i) {
+    r[i] = vload(xr + i * W);
+    (i & 1 ? s1 : s0) += r[i];
+  }
+  const A mean = vsum(s0 + s1) / A(NV * W);
+  vec<A> q0{}, q1{};
+  for (int i = 0; i < NV; ++i) {
+    r[i] -= mean;
+    (i & 1 ? q1 : q0) += r[i] * r[i];
+  }
+  const A rstd = A(1) / std::sqrt(vsum(q0 + q1) / A(NV * W) + eps);
+  for (int i = 0; i < NV; ++i) vstore(yr + i * W, r[i] * rstd * vload(w + i * W) + vload(b + i * W));
+  *mean_out = mean;
+  *rstd_out = rstd;
+}
+
+template <class A, int NV>
+void layer_norm_forward_regs(const LayerNormForwardArgs& a, const A* x, const A* wv, const A* bv, A* y) {
+  A* mean = static_cast<A*>(a.mean);
+  A* rstd = static_cast<A*>(a.rstd);
+#pragma omp parallel for num_threads(a.num_threads) schedule(static) if (a.N * a.C > 32768)
+  for (int64_t n = 0; n < a.N; ++n)
+    layer_norm_forward_row_regs<A, NV>(x + n * a.x_row_stride, wv, bv, y + n * a.C, A(a.eps), mean + n, rstd + n);
+}
+
+// Calls fn(std::integral_constant<int, NV>) if C is NV vectors for one of the register-resident widths.
+template <class A, class Fn> bool with_register_width(int64_t C, Fn&& fn) {
+  constexpr int W = lanes<A>();
+  if (C % W) return false;
+  switch (C / W) {
+    case 1: fn(std::integral_constant<int, 1>()); return true;
+    case 2: fn(std::integral_constant<int, 2>()); return true;
+    case 4: fn(std::integral_constant<int, 4>()); return true;
+    case 6: fn(std::integral_constant<int, 6>()); return true;
+    case 8: fn(std::integral_constant<int, 8>()); return true;
+    case 12: fn(std::integral_constant<int, 12>()); return true;
+    case 16: fn(std::integral_constant<int, 16>()); return true;
+    case 24: fn(std::integral_constant<int, 24>()); return true;
+  }
+  return false;
+}
+
 template <class T>
 void layer_norm_forward_impl(const LayerNormForwardArgs& a) {
   using A = acc_t<T>;
@@ -65,6 +114,12 @@ void layer_norm_forward_impl(const LayerNormForwardArgs& a) {
   std::vector<A> wv(C, A(1)), bv(C, A(0));
   if (w) for (int64_t c = 0; c < C; ++c) wv[c] = to_acc(w[c]);
   if (b) for (int64_t c = 0; c < C; ++c) bv[c] = to_acc(b[c]);
+  if constexpr (std::is_same<T, float>::value) {
+    if (with_register_width<A>(C, [&](auto nv) {
+          layer_norm_forward_regs<A, decltype(nv)::value>(a, x, wv.data(), bv.data(), y);
+        }))
+      return;
+  }
 
 #pragma omp parallel num_threads(a.num_threads) if (N * C > 32768)
   {
@@ -97,45 +152,65 @@ void layer_norm_forward_impl(const LayerNormForwardArgs& a) {
 // is bitwise the same whatever the number of threads, and a long float sum never accumulates.
 constexpr int64_t kLayerNormChunkRows = 16;
 
-template <class T>
-void layer_norm_backward_impl(const LayerNormBackwardArgs& a) {
+// The register-resident backward row (see layer_norm_forward_row_regs).
+template <class A, int NV>
+inline void layer_norm_backward_row_regs(const A* xr, const A* dyr, const A* w, A mu, A rs, A* dxr, A* pdw,
+                                         A* pdb) {
+  constexpr int W = lanes<A>();
+  vec<A> xh[NV], g[NV], sg{}, sgx{};
+  for (int i = 0; i < NV; ++i) {
+    xh[i] = (vload(xr + i * W) - mu) * rs;
+    g[i] = vload(dyr + i * W) * vload(w + i * W);
+    sg += g[i];
+    sgx += g[i] * xh[i];
+  }
+  const A mean_g = vsum(sg) / A(NV * W), mean_gx = vsum(sgx) / A(NV * W);
+  for (int i = 0; i < NV; ++i) vstore(dxr + i * W, (g[i] - mean_g - xh[i] * mean_gx) * rs);
+  if (pdw)
+    for (int i = 0; i < NV; ++i) {
+      const vec<A> d = vload(dyr + i * W);
+      vstore(pdw + i * W, vload(pdw + i * W) + d * xh[i]);
+      vstore(pdb + i * W, vload(pdb + i * W) + d);
+    }
+}
+
+// The backward over all rows; NV > 0 selects the register-resident row for float32 rows of NV vectors.
+template <class T, int NV>
+void layer_norm_backward_rows(const LayerNormBackwardArgs& a, const acc_t<T>* wv, int64_t chunks,
+                              acc_t<T>* part_dw, acc_t<T>* part_db) {
   using A = acc_t<T>;
   constexpr int W = lanes<A>();
   const int64_t N = a.N, C = a.C;
   const T* dy = static_cast<const T*>(a.dy);
   const T* x = static_cast<const T*>(a.x);
-  const T* w = static_cast<const T*>(a.weight);
   const A* mean = static_cast<const A*>(a.mean);
   const A* rstd = static_cast<const A*>(a.rstd);
   T* dx = static_cast<T*>(a.dx);
-  const bool need_param_grads = a.dweight || a.dbias;
-  std::vector<A> wv(C, A(1));
-  if (w) for (int64_t c = 0; c < C; ++c) wv[c] = to_acc(w[c]);
-
+  const bool need_param_grads = part_dw != nullptr;
   const int64_t rows_per_chunk = kLayerNormChunkRows;
-  const int64_t chunks = std::max<int64_t>(1, (N + rows_per_chunk - 1) / rows_per_chunk);
-  std::vector<A> part_dw(need_param_grads ? chunks * C : 0, A(0));
-  std::vector<A> part_db(need_param_grads ? chunks * C : 0, A(0));
-
 #pragma omp parallel num_threads(a.num_threads) if (N * C > 32768)
   {
     RowView<T> xview, dyview;
     std::vector<A> xhat(C), g(C), dx_row(std::is_same<T, A>::value ? 0 : C);
 #pragma omp for schedule(static)
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      A* pdw = need_param_grads ? part_dw.data() + chunk * C : nullptr;
-      A* pdb = need_param_grads ? part_db.data() + chunk * C : nullptr;
+      A* pdw = need_param_grads ? part_dw + chunk * C : nullptr;
+      A* pdb = need_param_grads ? part_db + chunk * C : nullptr;
       const int64_t n_end = std::min(N, (chunk + 1) * rows_per_chunk);
       for (int64_t n = chunk * rows_per_chunk; n < n_end; ++n) {
         const A* xr = xview.load(x + n * a.x_row_stride, C);
         const A* dyr = dyview.load(dy + n * a.dy_row_stride, C);
         const A mu = mean[n], rs = rstd[n];
+        if constexpr (NV > 0) {
+          layer_norm_backward_row_regs<A, NV>(xr, dyr, wv, mu, rs, reinterpret_cast<A*>(dx + n * C), pdw, pdb);
+          continue;
+        }
         // pass 1: xhat, g = dy * w, and the two row means the input gradient needs.
         vec<A> sg{}, sgx{};
         int64_t c = 0;
         for (; c + W <= C; c += W) {
           vec<A> xh = (vload(xr + c) - mu) * rs;
-          vec<A> gv = vload(dyr + c) * vload(wv.data() + c);
+          vec<A> gv = vload(dyr + c) * vload(wv + c);
           vstore(xhat.data() + c, xh);
           vstore(g.data() + c, gv);
           sg += gv;
@@ -169,6 +244,29 @@ void layer_norm_backward_impl(const LayerNormBackwardArgs& a) {
       }
     }
   }
+}
+
+template <class T>
+void layer_norm_backward_impl(const LayerNormBackwardArgs& a) {
+  using A = acc_t<T>;
+  const int64_t N = a.N, C = a.C;
+  const T* w = static_cast<const T*>(a.weight);
+  const bool need_param_grads = a.dweight || a.dbias;
+  std::vector<A> wv(C, A(1));
+  if (w) for (int64_t c = 0; c < C; ++c) wv[c] = to_acc(w[c]);
+
+  const int64_t chunks = std::max<int64_t>(1, (N + kLayerNormChunkRows - 1) / kLayerNormChunkRows);
+  std::vector<A> part_dw(need_param_grads ? chunks * C : 0, A(0));
+  std::vector<A> part_db(need_param_grads ? chunks * C : 0, A(0));
+  A* pdw = need_param_grads ? part_dw.data() : nullptr;
+  A* pdb = need_param_grads ? part_db.data() : nullptr;
+  bool done = false;
+  if constexpr (std::is_same<T, float>::value)
+    done = with_register_width<A>(C, [&](auto nv) {
+      layer_norm_backward_rows<T, decltype(nv)::value>(a, wv.data(), chunks, pdw, pdb);
+    });
+  if (!done) layer_norm_backward_rows<T, 0>(a, wv.data(), chunks, pdw, pdb);
+
   if (!need_param_grads) return;
   // Reduce the partials in chunk order, each thread owning a band of columns.
   T* dw = static_cast<T*>(a.dweight);

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the C++ kernels with AddressSanitizer + UndefinedBehaviorSanitizer (-DNANOFAST_SANITIZE=ON)
-# into a scratch folder and runs the CPU op tests against that build. Usage: tools/sanitize.sh [pytest args]
+# into a scratch folder and runs the CPU op tests against that build.
+# Usage: tools/sanitize.sh [pytest arguments, default: the CPU op test files]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=${NANOFAST_SANITIZE_DIR:-/tmp/nanofast-sanitize}
@@ -22,7 +23,7 @@ sys.meta_path[:] = [f for f in sys.meta_path if "ScikitBuild" not in type(f).__n
 PY
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
-cd "$work"
+cd "$root"
 PYTHONPATH="$work/site" python3 -c "import nanofast._C as c; assert c.__file__.startswith('$work'), c.__file__"
-PYTHONPATH="$work/site" python3 -m pytest -q -p no:cacheprovider --rootdir "$root" \
-  "$root/tests/test_ops_layer_norm.py" "$root/tests/test_ops_attention.py" "$root/tests/test_dropout.py" "$@"
+if [ $# -eq 0 ]; then set -- tests/test_ops_layer_norm.py tests/test_ops_attention.py tests/test_dropout.py; fi
+PYTHONPATH="$work/site" python3 -m pytest -q -p no:cacheprovider "$@"
