@@ -46,8 +46,9 @@ def layer_norm_forward(x, weight, bias, eps):
 def layer_norm_backward(dy, x, weight, mean, rstd, need_weight_grad, need_bias_grad):
     N, C = x.shape
     dx = torch.empty(N, C, dtype=x.dtype)
-    dw = torch.zeros(C, dtype=x.dtype) if need_weight_grad else None
-    db = torch.zeros(C, dtype=x.dtype) if need_bias_grad else None
+    alloc = torch.empty if N else torch.zeros  # with no rows the kernel does not run: the sums are 0
+    dw = alloc(C, dtype=x.dtype) if need_weight_grad else None
+    db = alloc(C, dtype=x.dtype) if need_bias_grad else None
     if x.numel():
         _C.layer_norm_backward(_DTYPE_CODE[x.dtype], N, C, dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0),
                                _ptr(weight), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(), _ptr(dw), _ptr(db),

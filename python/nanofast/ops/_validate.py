@@ -13,18 +13,22 @@ def _describe(t):
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
+_SUPPORTED = {"cpu": CPU_DTYPES, "cuda": CUDA_DTYPES}
+
+
 def check_tensor(name, t, fn):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    supported = _SUPPORTED.get(t.device.type)
+    if supported is not None and t.dtype in supported:
+        return  # the common case, in one lookup: this runs on every call
     if not t.is_floating_point():
         raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {_describe(t)}")
-    supported = CUDA_DTYPES if t.device.type == "cuda" else CPU_DTYPES
-    if t.device.type not in ("cpu", "cuda"):
+    if supported is None:
         raise ValueError(f"{fn}: {name} is on {t.device}; nanofast runs on CPU and CUDA tensors only")
-    if t.dtype not in supported:
-        names = ", ".join(str(d) for d in supported)
-        raise TypeError(f"{fn}: {name} has dtype {t.dtype}, which nanofast does not support on {t.device.type} "
-                        f"(supported: {names})")
+    names = ", ".join(str(d) for d in supported)
+    raise TypeError(f"{fn}: {name} has dtype {t.dtype}, which nanofast does not support on {t.device.type} "
+                    f"(supported: {names})")
 
 
 def check_same(fn, ref_name, ref, name, t):
@@ -35,13 +39,15 @@ def check_same(fn, ref_name, ref, name, t):
 
 
 def layer_norm_args(input, normalized_shape, weight, bias, eps):
+    """Checks the arguments; returns (normalized_shape as a tuple, eps as a float)."""
     fn = "nanofast.ops.layer_norm"
     check_tensor("input", input, fn)
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
-    normalized_shape = tuple(int(s) for s in normalized_shape)
+    elif not isinstance(normalized_shape, tuple):
+        normalized_shape = tuple(int(s) for s in normalized_shape)
     k = len(normalized_shape)
-    if k == 0 or tuple(input.shape[input.dim() - k:]) != normalized_shape or input.dim() < k:
+    if k == 0 or input.dim() < k or input.shape[input.dim() - k:] != normalized_shape:
         raise ValueError(f"{fn}: normalized_shape {normalized_shape} must equal the last dimensions of input, "
                          f"which has shape {tuple(input.shape)}")
     for name, p in (("weight", weight), ("bias", bias)):
@@ -49,7 +55,7 @@ def layer_norm_args(input, normalized_shape, weight, bias, eps):
             continue
         check_tensor(name, p, fn)
         check_same(fn, "input", input, name, p)
-        if tuple(p.shape) != normalized_shape:
+        if p.shape != normalized_shape:
             raise ValueError(f"{fn}: {name} has shape {tuple(p.shape)} but normalized_shape is {normalized_shape}")
     eps = float(eps)
     if not eps >= 0.0:

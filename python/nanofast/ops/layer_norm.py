@@ -8,6 +8,7 @@ In eager mode `layer_norm` calls the same launchers through a torch.autograd.Fun
 dispatch costs about 25 µs per forward+backward, as much as the kernels themselves at nanoGPT's CPU
 shapes. Under torch.compile the custom ops are what the graph records.
 """
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -85,14 +86,15 @@ def layer_norm(input: Tensor, normalized_shape, weight: Optional[Tensor] = None,
                eps: float = 1e-5) -> Tensor:
     """Same meaning as torch.nn.functional.layer_norm: normalise over the trailing `normalized_shape`."""
     normalized_shape, eps = layer_norm_args(input, normalized_shape, weight, bias, eps)
-    C = 1
-    for s in normalized_shape:
-        C *= s
-    x2d = unit_last_stride(unit_last_stride(input).reshape(-1, C))
-    w = None if weight is None else weight.reshape(C)
-    b = None if bias is None else bias.reshape(C)
+    if len(normalized_shape) == 1 and input.dim() == 2 and (input.stride(1) == 1 or input.shape[1] <= 1):
+        x2d, w, b = input, weight, bias  # already the (N, C) form the kernels take
+    else:
+        C = math.prod(normalized_shape)
+        x2d = unit_last_stride(unit_last_stride(input).reshape(-1, C))
+        w = None if weight is None else weight.reshape(C)
+        b = None if bias is None else bias.reshape(C)
     if torch.compiler.is_compiling():
         y = layer_norm_fwd(x2d, w, b, eps)[0]
     else:
         y = _EagerLayerNorm.apply(x2d, w, b, eps)
-    return y.view(input.shape)
+    return y if x2d is input else y.view(input.shape)

@@ -1,0 +1,114 @@
+"""Kernel benchmarks: LayerNorm and attention, forward and forward+backward, float32 and bfloat16, at
+nanoGPT's CPU-config and GPU-config shapes plus sweeps, against torch eager, torch.compile and a naive
+implementation, on the CPU and (where present) CUDA. Run with `pytest --benchmark`.
+
+Every case first checks its provider against a float64 reference (the flash-attention rule), so a
+fast wrong kernel fails instead of posting a number.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import timed
+from providers import ATTENTION, LAYER_NORM, attention_flops, layer_norm_bytes, naive_attention, parity_error
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+ATTN_CONFIGS = {"cpu-config": (12, 4, 64, 32), "gpu-config": (64, 6, 256, 64)}
+ATTN_SWEEP = [(4, 6, T, 64) for T in (64, 128, 256, 512, 1024)]
+LN_CONFIGS = {"cpu-config": (768, 128), "gpu-config": (16384, 384)}
+LN_SWEEP = [(4096, C) for C in (128, 256, 384, 768, 1024, 2048, 4096)]
+
+
+def _cases(configs, sweep, axis):
+    cases = []
+    for dev in DEVICES:
+        for name, shape in configs.items():
+            for mode in ("fwd", "fwdbwd"):
+                for dtype in (torch.float32, torch.bfloat16):
+                    for prov in ("nanofast", "torch", "compile", "naive"):
+                        if prov == "compile" and dtype != torch.float32:
+                            continue  # compile times add up: float32 only
+                        cases.append(pytest.param(dev, name, shape, mode, dtype, prov,
+                                                  id=f"{dev}-{name}-{mode}-{str(dtype)[6:]}-{prov}"))
+        for shape in sweep:
+            label = f"sweep:{axis}={shape[2] if axis == 'T' else shape[1]}"
+            for prov in ("nanofast", "torch", "naive"):
+                cases.append(pytest.param(dev, label, shape, "fwdbwd", torch.float32, prov,
+                                          id=f"{dev}-{label}-{prov}"))
+    return cases
+
+
+def _run(fn, inputs, grad_out, backward, kwargs):
+    out = fn(*inputs, **kwargs)
+    if not backward:
+        return [out]
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    return [out] + list(torch.autograd.grad(out, leaves, grad_out))
+
+
+def _check_parity(fn, ref_fn, inputs, grad_out, backward, kwargs, dtype):
+    ours = _run(fn, inputs, grad_out, backward, kwargs)
+    theirs = _run(ref_fn, inputs, grad_out, backward, kwargs)
+    inputs64 = [t.detach().double().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+                for t in inputs]
+    ref = _run(ref_fn, inputs64, grad_out.double(), backward, kwargs)
+    ours_err, torch_err = parity_error(ours, theirs, ref)
+    assert ours_err <= 2 * torch_err + ATOL[dtype], f"parity: {ours_err:.3g} vs torch {torch_err:.3g}"
+
+
+@pytest.mark.parametrize("device,case,shape,mode,dtype,provider", _cases(ATTN_CONFIGS, ATTN_SWEEP, "T"))
+def test_attention(benchmark, record, device, case, shape, mode, dtype, provider):
+    B, H, T, D = shape
+    g = torch.Generator().manual_seed(0)
+    # nanoGPT's layout: (B, T, H, D) memory viewed as (B, H, T, D).
+    q, k, v = (torch.randn(B, T, H, D, generator=g).to(device=device, dtype=dtype).transpose(1, 2).requires_grad_()
+               for _ in range(3))
+    dout = torch.randn(B, H, T, D, generator=g).to(device=device, dtype=dtype)
+    backward = mode == "fwdbwd"
+    fn = ATTENTION[provider]
+    kwargs = {"is_causal": True}
+    small = B * H * T <= 4096
+    if provider != "torch" and (small or device == "cuda"):
+        _check_parity(fn, naive_attention if device == "cpu" else F.scaled_dot_product_attention, [q, k, v], dout,
+                      backward, kwargs, dtype)
+    elif provider != "torch":  # big shapes: check one head's slice against float64, cheaply
+        sl = [t[:1, :1].detach().requires_grad_() for t in (q, k, v)]
+        _check_parity(fn, naive_attention, sl, dout[:1, :1], backward, kwargs, dtype)
+    timed(benchmark, lambda: _run(fn, [q, k, v], dout, backward, kwargs), device)
+    record(benchmark, op="attention", case=case if case.startswith("sweep") else f"{case} B{B} H{H} T{T} D{D}",
+           mode=mode, dtype=dtype, provider=provider, device=device,
+           work=attention_flops(B, H, T, D, True, backward), unit="GFLOP/s")
+
+
+@pytest.mark.parametrize("device,case,shape,mode,dtype,provider",
+                         _cases(LN_CONFIGS, LN_SWEEP, "C"))
+def test_layer_norm(benchmark, record, device, case, shape, mode, dtype, provider):
+    N, C = shape[:2]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, C, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    w = torch.randn(C, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    b = torch.randn(C, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    dy = torch.randn(N, C, generator=g).to(device=device, dtype=dtype)
+    backward = mode == "fwdbwd"
+    fn = LAYER_NORM[provider]
+    if provider != "torch":
+        rows = slice(0, min(N, 512))
+        sl = [x[rows].detach().requires_grad_(), w, b]
+        _check_parity(lambda x, w, b: fn(x, (C,), w, b), lambda x, w, b: F.layer_norm(x, (C,), w, b), sl, dy[rows],
+                      backward, {}, dtype)
+    timed(benchmark, lambda: _run(lambda x, w, b: fn(x, (C,), w, b), [x, w, b], dy, backward, {}), device)
+    record(benchmark, op="layer_norm", case=case if case.startswith("sweep") else f"{case} {N}x{C}", mode=mode,
+           dtype=dtype, provider=provider, device=device,
+           work=layer_norm_bytes(N, C, x.element_size(), backward), unit="GB/s")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_memory_bandwidth(benchmark, record, device):
+    """The machine's copy bandwidth, for reading the LayerNorm GB/s: a 512 MiB buffer (DRAM) copied."""
+    src = torch.empty(128 * 2**20, device=device)
+    dst = torch.empty_like(src)
+    timed(benchmark, lambda: dst.copy_(src), device)
+    record(benchmark, op="memcpy", case="512 MiB", mode="copy", dtype=torch.float32, provider="torch", device=device,
+           work=2 * src.numel() * 4, unit="GB/s")

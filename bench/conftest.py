@@ -1,0 +1,132 @@
+"""The benchmark suite's report: every benchmark records its case here, and the end of the run prints
+one table (time, GFLOP/s or GB/s, ratio to torch eager in the same run, CPU/GPU speedup), writes it
+to bench/results/report.md with the raw numbers in report.json, and plots the sweeps."""
+import json
+import os
+import platform
+from collections import defaultdict
+
+import pytest
+import torch
+
+RESULTS_DIR = os.environ.get("NANOFAST_BENCH_DIR", os.path.join(os.path.dirname(__file__), "results"))
+_records = []
+
+
+class Recorder:
+    """record(benchmark, group, provider, device, work, unit) after benchmark.pedantic(...) ran."""
+
+    def __call__(self, benchmark, *, op, case, mode, dtype, provider, device, work, unit):
+        stats = benchmark.stats.stats
+        seconds = stats.median
+        _records.append(dict(op=op, case=case, mode=mode, dtype=str(dtype).replace("torch.", ""), provider=provider,
+                             device=device, seconds=seconds, rate=work / seconds / 1e9, unit=unit,
+                             rounds=stats.rounds))
+
+
+@pytest.fixture
+def record():
+    return Recorder()
+
+
+def timed(benchmark, fn, device, budget_s=1.0):
+    """Runs fn under pytest-benchmark with a round count sized to about budget_s of work."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def run():
+        fn()
+        sync()
+
+    run()  # warm-up (and compilation, for torch.compile)
+    import time
+
+    t0 = time.perf_counter()
+    run()
+    once = max(time.perf_counter() - t0, 1e-6)
+    iterations = max(1, min(100, int(2e-3 / once)))  # amortise the timer below 2 ms per call
+    rounds = max(3, min(200, int(budget_s / (once * iterations))))
+    benchmark.pedantic(run, rounds=rounds, iterations=iterations, warmup_rounds=1)
+
+
+def _key(r):
+    return (r["op"], r["case"], r["mode"], r["dtype"])
+
+
+def _table():
+    by_case = defaultdict(dict)
+    for r in _records:
+        by_case[_key(r)][(r["provider"], r["device"])] = r
+    has_cuda = any(r["device"] == "cuda" for r in _records)
+    lines = ["| op | case | mode | dtype | provider | CPU time | CPU rate | vs torch (CPU) | GPU time | GPU rate "
+             "| vs torch (GPU) | GPU speedup over CPU |", "|" + "---|" * 12]
+    for key in sorted(by_case):
+        entries = by_case[key]
+        providers = sorted({p for p, _ in entries}, key=["nanofast", "torch", "compile", "naive"].index)
+        for p in providers:
+            cells = []
+            for dev in ("cpu", "cuda"):
+                r = entries.get((p, dev))
+                base = entries.get(("torch", dev))
+                if r is None:
+                    cells += ["no CUDA" if dev == "cuda" and not has_cuda else "-"] * 3
+                    continue
+                ratio = f"{base['seconds'] / r['seconds']:.2f}x" if base else "-"
+                cells += [f"{r['seconds'] * 1e3:.3f} ms", f"{r['rate']:.1f} {r['unit']}", ratio]
+            cpu, gpu = entries.get((p, "cpu")), entries.get((p, "cuda"))
+            speedup = f"{cpu['seconds'] / gpu['seconds']:.1f}x" if cpu and gpu else ("no CUDA" if not has_cuda else "-")
+            lines.append("| " + " | ".join(list(key) + [p] + cells + [speedup]) + " |")
+    return "\n".join(lines)
+
+
+def _plot_sweeps(path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    sweeps = defaultdict(lambda: defaultdict(list))
+    for r in _records:
+        if r["case"].startswith("sweep:"):
+            axis, value = r["case"].split(":", 1)[1].split("=")
+            sweeps[(r["op"], r["mode"], r["dtype"], axis)][(r["provider"], r["device"])].append((int(value), r["rate"],
+                                                                                                 r["unit"]))
+    if not sweeps:
+        return None
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(6 * len(sweeps), 4.5), squeeze=False)
+    for ax, (key, series) in zip(axes[0], sorted(sweeps.items())):
+        for (prov, dev), pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{prov} ({dev})")
+        op, mode, dtype, axis = key
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(axis)
+        ax.set_ylabel(next(iter(series.values()))[0][2])
+        ax.set_title(f"{op} {mode} {dtype}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _records:
+        return
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    table = _table()
+    header = (f"nanofast benchmark report: {platform.processor() or platform.machine()}, "
+              f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
+              f"CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
+    with open(os.path.join(RESULTS_DIR, "report.md"), "w") as f:
+        f.write(f"{header}\n\n{table}\n")
+    with open(os.path.join(RESULTS_DIR, "report.json"), "w") as f:
+        json.dump({"header": header, "records": _records}, f, indent=1)
+    plot = _plot_sweeps(os.path.join(RESULTS_DIR, "sweeps.png"))
+    terminalreporter.write_sep("=", "nanofast benchmark report")
+    terminalreporter.write_line(header)
+    for line in table.splitlines():
+        terminalreporter.write_line(line)
+    terminalreporter.write_line(f"written: {RESULTS_DIR}/report.md, report.json" + (", sweeps.png" if plot else ""))
