@@ -1,0 +1,167 @@
+"""Checkpoint files: written atomically, loaded safely, with every random state needed to resume exactly.
+
+A nanofast checkpoint (out_dir/ckpt.pt) is nanoGPT's dict plus a few entries:
+
+    model, optimizer, model_args, iter_num, best_val_loss, config   as in nanoGPT
+    rng            this process' random states: python, numpy, torch CPU, CUDA (if any) and the
+                   data sampler's generator (see capture_rng_state)
+    rng_per_rank   the same for every DDP rank (a list; rank 0 first)
+    scaler         the float16 GradScaler's state (absent when it is not in use)
+    meta           the character vocabulary (itos), so sampling needs no data folder
+    format         "nanofast-checkpoint", version 1
+
+Everything in it is a tensor or a plain Python value, so torch.load(path, weights_only=True) loads
+it, and nanoGPT's train.py / sample.py load it too (model_args holds only nanoGPT's GPTConfig
+fields).
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+
+import numpy as np
+import torch
+
+FORMAT = "nanofast-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated, or not a (nano)GPT checkpoint."""
+
+
+def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file beside `path`, fsync, then rename over `path`.
+
+    A crash or Ctrl-C while writing leaves the previous checkpoint untouched.
+    """
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path, map_location="cpu", weights_only=True) -> dict:
+    """torch.load a checkpoint, with clear errors for a missing, empty, truncated or foreign file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"no checkpoint at {path}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): it was cut off while being written")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as e:
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else type(e).__name__
+        if weights_only and "weights_only" in text and "Unsupported global" in text:
+            raise CheckpointError(
+                f"checkpoint {path} holds Python objects other than tensors and plain values, so it is not "
+                f"loaded with torch.load(weights_only=True). If you trust the file, load it yourself with "
+                f"weights_only=False and pass the dict on (e.g. GPT.from_checkpoint(dict)). ({first})") from None
+        raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch checkpoint "
+                              f"({type(e).__name__}: {first})") from None
+    validate_checkpoint(ckpt, path)
+    return ckpt
+
+
+def validate_checkpoint(ckpt, path="checkpoint") -> None:
+    """Raise CheckpointError unless `ckpt` looks like a nanoGPT or nanofast checkpoint."""
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} is not a nanoGPT/nanofast checkpoint: it holds a {type(ckpt).__name__}, "
+                              f"not a dict with 'model' and 'model_args'")
+    missing = [k for k in ("model", "model_args") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a nanoGPT/nanofast checkpoint: it has no "
+                              f"{' or '.join(repr(m) for m in missing)} entry (its keys: {sorted(map(str, ckpt))[:10]})")
+    if not isinstance(ckpt["model_args"], dict) or not isinstance(ckpt["model"], dict):
+        raise CheckpointError(f"{path} is not a nanoGPT/nanofast checkpoint: 'model_args' and 'model' must be dicts")
+    need = [k for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size") if k not in ckpt["model_args"]]
+    if need:
+        raise CheckpointError(f"{path}: model_args lacks {need}")
+    if ckpt.get("format", FORMAT) == FORMAT and ckpt.get("version", VERSION) > VERSION:
+        raise CheckpointError(f"{path} was written by a newer nanofast (checkpoint version {ckpt['version']}, "
+                              f"this one reads up to {VERSION})")
+
+
+# ----------------------------------------------------------------------------------------------
+# random states, as tensors and plain values (weights_only-loadable)
+
+def capture_rng_state(sampler=None, raw=False) -> dict:
+    """This process' random states: python, numpy, torch CPU, CUDA (where initialised), sampler.
+
+    raw=True keeps python's and numpy's states as they come (cheap enough to take every iteration);
+    rng_state_for_checkpoint turns such a snapshot into tensors and plain values.
+    """
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch_cpu": torch.get_rng_state(),
+        "cuda": None,
+        "sampler": sampler.state_dict() if sampler is not None else None,
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return state if raw else rng_state_for_checkpoint(state)
+
+
+def rng_state_for_checkpoint(state: dict) -> dict:
+    """A capture_rng_state(raw=True) snapshot as tensors and plain values (weights_only-loadable)."""
+    py = state["python"]
+    if isinstance(py, tuple):
+        py_version, py_state, py_gauss = py
+        py = {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss}
+    npst = state["numpy"]
+    if isinstance(npst, tuple):
+        np_name, np_keys, np_pos, np_has_gauss, np_gauss = npst
+        npst = {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)}
+    return {**state, "python": py, "numpy": npst}
+
+
+def restore_rng_state(state: dict, sampler=None) -> list[str]:
+    """Put back what capture_rng_state recorded; returns notes on what could not be restored."""
+    notes = []
+    py = state.get("python")
+    if py is not None:
+        random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    npst = state.get("numpy")
+    if npst is not None:
+        np.random.set_state((npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
+                             npst["has_gauss"], npst["cached_gaussian"]))
+    if state.get("torch_cpu") is not None:
+        torch.set_rng_state(state["torch_cpu"].cpu())
+    cuda = state.get("cuda")
+    if cuda is not None:
+        if torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+        else:
+            notes.append("the checkpoint's CUDA random states were not restored (different GPUs here)")
+    if sampler is not None:
+        if state.get("sampler") is not None:
+            sampler.load_state_dict(state["sampler"])
+        else:
+            notes.append("the checkpoint has no data sampler state; batches restart from the seed")
+    return notes

@@ -1,0 +1,389 @@
+"""
+The GPT model: a GPT-2 style decoder-only transformer, laid out like nanoGPT's model.py.
+
+Read it top to bottom: the two kernels (LayerNorm and causal attention) and where they come from,
+then the blocks the model is built of, its configuration, and the model itself with its helpers
+(initialisation, loading checkpoints, the optimizer, the FLOP count for MFU, and sampling).
+
+Compatibility with nanoGPT (https://github.com/karpathy/nanoGPT) is part of the design: the modules
+carry the same names, so the state_dict keys are identical, the initialisation draws the same random
+numbers in the same order, and checkpoints go both ways (`model_args` + `model`).
+
+The one thing that differs is which code runs LayerNorm and attention, chosen by GPTConfig.kernels:
+
+    "nanofast"  nanofast.ops.layer_norm and nanofast.ops.scaled_dot_product_attention: fused
+                C++/OpenMP kernels for CPU tensors, Triton kernels for CUDA tensors
+    "torch"     torch.nn.functional.layer_norm and torch.nn.functional.scaled_dot_product_attention,
+                for A/B comparisons
+"""
+
+import inspect
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+KERNELS = ("nanofast", "torch")
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels. Both choices share torch's signatures, so the modules below do not care which runs.
+
+def layer_norm_kernel(kernels):
+    """layer_norm(x, normalized_shape, weight, bias, eps) for the given kernel choice."""
+    if kernels == "nanofast":
+        from nanofast import ops
+        return ops.layer_norm
+    if kernels == "torch":
+        return F.layer_norm
+    raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+
+
+def attention_kernel(kernels):
+    """scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal) for the kernel choice."""
+    if kernels == "nanofast":
+        from nanofast import ops
+        return ops.scaled_dot_product_attention
+    if kernels == "torch":
+        return F.scaled_dot_product_attention
+    raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+
+class LayerNorm(nn.Module):
+    """Layer normalisation over the last dimension, eps=1e-5, with a learned scale and an optional
+    learned shift (nn.LayerNorm cannot drop only the shift in older torch versions)."""
+
+    def __init__(self, ndim, bias, kernels="nanofast"):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+        self.kernel = layer_norm_kernel(kernels)
+
+    def forward(self, x):
+        return self.kernel(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention in which each position sees only itself and earlier positions."""
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        # one matmul computes the queries, keys and values of every head at once
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # mixes the heads' outputs back into the residual stream
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        # attention dropout happens inside the kernel (dropout_p); these modules hold no weights and
+        # exist so that the module tree matches nanoGPT's
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.kernel = attention_kernel(config.kernels)
+
+    def forward(self, x):
+        B, T, C = x.shape  # batch, time (sequence position), channels (n_embd)
+        hs = C // self.n_head  # head size
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # (B, T, C) -> (B, n_head, T, hs). These are strided views into c_attn's output, not copies:
+        # both kernels read them in place.
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)
+        y = self.kernel(q, k, v, attn_mask=None, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        # (B, n_head, T, hs) -> (B, T, C): the heads side by side again
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """The position-wise feed-forward network: widen 4x, GELU, project back."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """One transformer layer, pre-norm: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias, kernels=config.kernels)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias, kernels=config.kernels)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence the model reads (size of the position embedding)
+    vocab_size: int = 50304  # GPT-2's 50257 tokens, rounded up to a multiple of 64 for faster matmuls
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in the Linear and LayerNorm layers (GPT-2 has them)
+    kernels: str = "nanofast"  # who runs LayerNorm and attention: "nanofast" or "torch"
+
+    def __post_init__(self):
+        if self.kernels not in KERNELS:
+            raise ValueError(f"GPTConfig.kernels must be one of {KERNELS}, got {self.kernels!r}")
+
+
+# The fields of nanoGPT's own GPTConfig: what a checkpoint's `model_args` may hold for nanoGPT to
+# load it (`kernels` is nanofast's and lives in the checkpoint's `config` instead).
+NANOGPT_MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        self.config = config
+        # The construction order below fixes the order in which the initialisers draw random numbers;
+        # it is nanoGPT's, so the same seed gives the same initial weights there and here.
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # position embeddings
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias, kernels=config.kernels),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying: the output projection reuses the token embedding matrix. The state_dict still
+        # lists both names (one tensor), as nanoGPT's does.
+        self.transformer.wte.weight = self.lm_head.weight
+
+        # Initialisation: N(0, 0.02) for every Linear and Embedding weight, zero biases; then the
+        # projections that write into the residual stream (attn.c_proj, mlp.c_proj) get their std
+        # divided by sqrt(2 * n_layer), since 2 * n_layer of them add up along the stream (GPT-2 paper).
+        self.apply(self._init_weights)
+        residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=residual_std)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count. By default without the position embeddings (the token embeddings stay in:
+        being tied to lm_head, they do work as output weights)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None):
+        """idx: (B, T) token ids. With targets (B, T): logits (B, T, vocab) and the mean cross-entropy
+        (targets of -1 are ignored). Without: logits of the last position only, (B, 1, vocab), and None."""
+        B, T = idx.shape
+        assert T <= self.config.block_size, f"sequence of length {T} is longer than block_size {self.config.block_size}"
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            # generating: only the next token's distribution is needed ([-1] keeps the time axis)
+            return self.lm_head(x[:, [-1], :]), None
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def crop_block_size(self, block_size):
+        """Shrink the context length (e.g. GPT-2's 1024 for a small fine-tuning run): keep the first
+        block_size position embeddings."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    # -----------------------------------------------------------------------------------------
+    # Loading weights
+
+    @staticmethod
+    def clean_state_dict(state_dict):
+        """A checkpoint's state dict in our key space: torch.compile's '_orig_mod.' and DDP's 'module.'
+        prefixes removed, and the causal-mask buffers ('attn.bias') of pre-flash-attention nanoGPT
+        versions dropped (they are not weights)."""
+        out = {}
+        for key, value in state_dict.items():
+            for prefix in ("_orig_mod.", "module."):
+                while key.startswith(prefix):
+                    key = key[len(prefix):]
+            if key.endswith(".attn.bias") or key.endswith(".attn.masked_bias"):
+                continue
+            out[key] = value
+        return out
+
+    def load_nanogpt_state_dict(self, state_dict):
+        """load_state_dict for a nanoGPT/nanofast state dict, with an error that says what does not fit."""
+        from nanofast.checkpoint import CheckpointError
+        sd = self.clean_state_dict(state_dict)
+        own = self.state_dict()
+        problems = []
+        missing = [k for k in own if k not in sd]
+        unexpected = [k for k in sd if k not in own]
+        wrong = [f"{k} {tuple(sd[k].shape)} (model: {tuple(own[k].shape)})"
+                 for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shapes", wrong)):
+            if items:
+                shown = ", ".join(items[:6]) + (f" and {len(items) - 6} more" if len(items) > 6 else "")
+                problems.append(f"{label}: {shown}")
+        if problems:
+            raise CheckpointError("the checkpoint's weights do not fit a GPT built from its model_args; "
+                                  + "; ".join(problems))
+        self.load_state_dict(sd)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, kernels="nanofast", override_args=None, map_location="cpu",
+                        weights_only=True):
+        """A GPT from a nanoGPT or nanofast checkpoint, given as a path or as the loaded dict.
+
+        Uses the checkpoint's `model_args` (GPTConfig fields) and `model` (state dict).
+        override_args: GPTConfig fields to change, e.g. dict(dropout=0.0) for inference.
+        """
+        from nanofast.checkpoint import load_checkpoint, validate_checkpoint
+        if not isinstance(checkpoint, dict):
+            checkpoint = load_checkpoint(checkpoint, map_location=map_location, weights_only=weights_only)
+        validate_checkpoint(checkpoint)
+        known = {f.name for f in fields(GPTConfig)}
+        args = {k: v for k, v in checkpoint["model_args"].items() if k in known}
+        args["kernels"] = kernels
+        args.update(override_args or {})
+        model = cls(GPTConfig(**args))
+        model.load_nanogpt_state_dict(checkpoint["model"])
+        return model
+
+    GPT2_SIZES = {
+        "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M parameters
+        "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+        "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+        "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    }
+
+    @classmethod
+    def from_pretrained(cls, model_type, override_args=None, kernels="nanofast"):
+        """OpenAI's GPT-2 weights, downloaded through huggingface transformers (needs the network)."""
+        if model_type not in cls.GPT2_SIZES:
+            raise ValueError(f"unknown GPT-2 model {model_type!r}; one of {sorted(cls.GPT2_SIZES)}")
+        try:
+            from transformers import GPT2LMHeadModel
+        except ImportError:
+            raise ImportError(f"init_from={model_type!r} needs the `transformers` package "
+                              "(pip install transformers) and network access") from None
+        print(f"loading weights from pretrained gpt: {model_type}")
+        hf_state = GPT2LMHeadModel.from_pretrained(model_type).state_dict()
+        return cls.from_hf_state_dict(hf_state, model_type, override_args, kernels)
+
+    @classmethod
+    def from_hf_state_dict(cls, hf_state, model_type, override_args=None, kernels="nanofast"):
+        """A GPT from the state dict of huggingface's GPT2LMHeadModel."""
+        override_args = dict(override_args or {})
+        if set(override_args) - {"dropout"}:
+            raise ValueError("only dropout can be overridden for pretrained GPT-2 weights")
+        # every GPT-2 checkpoint: 50257 tokens, 1024 positions, biases
+        config = GPTConfig(**cls.GPT2_SIZES[model_type], vocab_size=50257, block_size=1024, bias=True,
+                           kernels=kernels, **override_args)
+        model = cls(config)
+        ours = model.state_dict()
+        theirs = {k: v for k, v in hf_state.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        if set(theirs) != set(ours):
+            raise ValueError(f"GPT-2 state dict does not match: {sorted(set(theirs) ^ set(ours))[:6]}")
+        # OpenAI's checkpoints store these projections as Conv1D weights, i.e. transposed
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        with torch.no_grad():
+            for k, v in theirs.items():
+                v = v.t() if k.endswith(conv1d) else v
+                if v.shape != ours[k].shape:
+                    raise ValueError(f"{k}: shape {tuple(v.shape)}, expected {tuple(ours[k].shape)}")
+                ours[k].copy_(v)
+        return model
+
+    # -----------------------------------------------------------------------------------------
+    # Training helpers
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on the matrices (Linear weights, embeddings) and none on the vectors
+        (biases, LayerNorm scales). Uses torch's fused implementation where it accepts the parameters
+        (CUDA; the CPU since torch 2.4), the default one otherwise."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        print(f"num decayed parameter tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
+        print(f"num non-decayed parameter tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
+        if "fused" in inspect.signature(torch.optim.AdamW).parameters:
+            try:
+                optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
+                print("using fused AdamW: True")
+                return optimizer
+            except (RuntimeError, ValueError):
+                pass  # e.g. a device torch has no fused kernel for
+        print("using fused AdamW: False")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+
+    def flops_per_token(self):
+        """FLOPs of one token's forward and backward pass: 6 per parameter, plus attention's
+        12 * n_layer * n_head * head_size * block_size (the PaLM paper's estimate, appendix B)."""
+        cfg = self.config
+        head_size = cfg.n_embd // cfg.n_head
+        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_head * head_size * cfg.block_size
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
+        """Model FLOPs utilisation: the FLOP/s achieved by `fwdbwd_per_iter` sequences of block_size
+        tokens in `dt` seconds, as a fraction of `peak_flops`. The default, an A100's bfloat16 peak,
+        is nanoGPT's; nanofast-train passes this device's measured peak (nanofast.metrics.peak_flops)."""
+        flops_per_iter = self.flops_per_token() * self.config.block_size * fwdbwd_per_iter
+        return flops_per_iter / dt / peak_flops
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Extend idx (B, T) by max_new_tokens tokens, one at a time, each drawn from the model's
+        distribution given the last block_size tokens. temperature scales the logits (0 = always the
+        most likely token); top_k keeps only the k most likely tokens. Call model.eval() first."""
+        for _ in range(max_new_tokens):
+            context = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
+            logits = self(context)[0][:, -1, :].float()
+            if temperature == 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, next_id), dim=1)
+        return idx

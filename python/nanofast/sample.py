@@ -1,0 +1,184 @@
+"""
+nanofast-sample: sample from a trained model (nanoGPT's sample.py).
+
+$ nanofast-sample --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 --max_new_tokens=300
+$ nanofast-sample --start=FILE:prompt.txt
+
+Keys as in nanoGPT's sample.py (configurator rules as for nanofast-train); device and dtype default
+to 'auto'. Works with nanofast checkpoints (which carry their vocabulary) and nanoGPT checkpoints
+(whose vocabulary is read from the dataset's meta.pkl, or GPT-2's BPE through tiktoken).
+"""
+import os
+import pickle
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from nanofast.checkpoint import CheckpointError, load_checkpoint
+from nanofast.configurator import ConfigError, ConfigHelp, configure
+from nanofast.model import GPT, KERNELS
+
+# -----------------------------------------------------------------------------
+DEFAULTS = dict(
+    init_from='resume',  # 'resume': the model in out_dir/ckpt.pt; or 'gpt2', 'gpt2-medium', ... (needs transformers)
+    out_dir='out',  # where ckpt.pt is (init_from='resume')
+    start="\n",  # the prompt; "FILE:path" reads it from a file
+    num_samples=10,  # how many samples
+    max_new_tokens=500,  # tokens generated per sample
+    temperature=0.8,  # logits are divided by this: < 1 sharper, > 1 flatter, 0 = always the most likely token
+    top_k=200,  # sample among the k most likely tokens only (0 = among all)
+    seed=1337,
+    device='auto',  # 'auto' (cuda, mps, cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+    dtype='auto',  # 'auto', 'float32', 'bfloat16' or 'float16'
+    compile=False,  # torch.compile the model
+    kernels='nanofast',  # 'nanofast' or 'torch'
+    data_dir='',  # where to look for the dataset's meta.pkl of a nanoGPT checkpoint ('' = the usual places)
+)
+# -----------------------------------------------------------------------------
+
+
+class Codec:
+    """encode: str -> list of ids; decode: list of ids -> str."""
+
+    def __init__(self, encode, decode, name):
+        self.encode, self.decode, self.name = encode, decode, name
+
+
+def char_codec(itos, name):
+    itos = {int(k): v for k, v in itos.items()}
+    stoi = {v: k for k, v in itos.items()}
+
+    def encode(s):
+        unknown = sorted(set(ch for ch in s if ch not in stoi))
+        if unknown:
+            raise ConfigError(f"the prompt has characters the model's vocabulary lacks: {''.join(unknown)!r} "
+                              f"(vocabulary: {''.join(itos[i] for i in sorted(itos))!r})")
+        return [stoi[c] for c in s]
+
+    def decode(ids):
+        return ''.join(itos.get(i, '\ufffd') for i in ids)
+
+    return Codec(encode, decode, name)
+
+
+def find_codec(checkpoint, data_dir=''):
+    """The vocabulary: the checkpoint's own (nanofast), the dataset's meta.pkl, or GPT-2's BPE."""
+    if checkpoint is not None:
+        meta = checkpoint.get('meta')
+        if isinstance(meta, dict) and 'itos' in meta:
+            return char_codec(meta['itos'], 'the checkpoint')
+        dataset = (checkpoint.get('config') or {}).get('dataset')
+        if dataset:
+            from nanofast.data import dataset_dir
+            cands = [os.path.join('data', dataset, 'meta.pkl'), os.path.join(dataset_dir(dataset, data_dir), 'meta.pkl')]
+            for meta_path in cands:
+                if os.path.exists(meta_path):
+                    print(f"Loading meta from {meta_path}...")
+                    with open(meta_path, 'rb') as f:
+                        meta = pickle.load(f)
+                    if 'itos' in meta:
+                        return char_codec(meta['itos'], meta_path)
+    # nothing character-level found: GPT-2's BPE, as nanoGPT assumes
+    try:
+        import tiktoken
+    except ImportError:
+        raise ConfigError("no vocabulary found: the checkpoint has none, no meta.pkl was found for its dataset, "
+                          "and GPT-2's BPE needs the tiktoken package (pip install tiktoken)") from None
+    print("No meta.pkl found, assuming GPT-2 encodings...")
+    enc = tiktoken.get_encoding("gpt2")
+    return Codec(lambda s: enc.encode(s, allowed_special={"<|endoftext|>"}), lambda l: enc.decode(l), 'gpt2')
+
+
+def sample(config, out=None):
+    """Generate config['num_samples'] samples; print them to `out` (stdout) and return them."""
+    from nanofast.train import resolve_device, resolve_dtype
+    c = dict(DEFAULTS)
+    c.update(config)
+    if c['kernels'] not in KERNELS:
+        raise ConfigError(f"kernels must be one of {KERNELS}, got {c['kernels']!r}")
+    if c['num_samples'] < 0 or c['max_new_tokens'] < 0:
+        raise ConfigError("num_samples and max_new_tokens must be >= 0")
+    if c['temperature'] < 0:
+        raise ConfigError("temperature must be >= 0")
+    out = sys.stdout if out is None else out
+    device = resolve_device(c['device'])
+    device_type = 'cuda' if 'cuda' in device else ('mps' if 'mps' in device else 'cpu')
+    dtype = resolve_dtype(c['dtype'], device_type)
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        raise ConfigError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+    if dtype == 'float16' and device_type == 'cpu' and c['kernels'] == 'nanofast':
+        raise ConfigError("dtype=float16 on the CPU: nanofast's CPU kernels take float32 and bfloat16")
+
+    torch.manual_seed(c['seed'])
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed(c['seed'])
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    ctx = nullcontext() if ptdtype == torch.float32 else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+
+    checkpoint = None
+    if c['init_from'] == 'resume':
+        ckpt_path = os.path.join(c['out_dir'], 'ckpt.pt')
+        checkpoint = load_checkpoint(ckpt_path, map_location='cpu')
+        model = GPT.from_checkpoint(checkpoint, kernels=c['kernels'], override_args=dict(dropout=0.0))
+    elif c['init_from'].startswith('gpt2'):
+        model = GPT.from_pretrained(c['init_from'], dict(dropout=0.0), kernels=c['kernels'])
+    else:
+        raise ConfigError(f"init_from must be 'resume' or a GPT-2 model name, got {c['init_from']!r}")
+    model.eval()
+    model.to(device)
+    if c['compile']:
+        model = torch.compile(model)
+
+    codec = find_codec(checkpoint, c['data_dir'])
+    start = c['start']
+    if start.startswith('FILE:'):
+        path = start[5:]
+        try:
+            with open(path, 'r', encoding='utf-8') as f:
+                start = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read the prompt file {path}: {e}") from None
+    start_ids = codec.encode(start)
+    if not start_ids:
+        raise ConfigError("the prompt (start) is empty")
+    x = (torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...])
+
+    top_k = c['top_k'] if c['top_k'] and c['top_k'] > 0 else None
+    samples = []
+    with torch.no_grad():
+        with ctx:
+            for k in range(c['num_samples']):
+                y = model.generate(x, c['max_new_tokens'], temperature=c['temperature'], top_k=top_k)
+                text = codec.decode(y[0].tolist())
+                samples.append(text)
+                print(text, file=out)
+                print('---------------', file=out, flush=True)
+    return samples
+
+
+def main(argv=None):
+    """Entry point of `nanofast-sample`."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        config = configure(DEFAULTS, list(argv), verbose=False, prog='nanofast-sample',
+                           doc=__doc__.strip().split('\n\n')[0])
+        sample(config)
+    except ConfigHelp as h:
+        print(h)
+        return 0
+    except ConfigError as e:
+        print(f"nanofast-sample: error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"nanofast-sample: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
