@@ -69,6 +69,16 @@ struct AttentionBackwardArgs {
   int num_threads;
 };
 
+// Elementwise GELU over n contiguous elements: out = gelu(x), or out = dy * gelu'(x) when backward.
+struct GeluArgs {
+  int dtype;
+  int64_t n;
+  const void* x;
+  const void* dy;  // backward only
+  void* out;
+  int num_threads;
+};
+
 struct KernelTable {
   const char* isa;
   void (*layer_norm_forward)(const LayerNormForwardArgs&);
@@ -76,6 +86,8 @@ struct KernelTable {
   void (*attention_forward)(const AttentionForwardArgs&);
   void (*attention_backward)(const AttentionBackwardArgs&);
   // Writes the (B, NH, TQ, TK) keep-mask (1 = kept) the attention kernels apply for this seed.
+  void (*gelu_forward)(const GeluArgs&);
+  void (*gelu_backward)(const GeluArgs&);
   void (*dropout_mask)(uint64_t seed, int64_t B, int64_t NH, int64_t TQ, int64_t TK, float p,
                        uint8_t* out, int num_threads);
 };

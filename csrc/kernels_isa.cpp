@@ -3,6 +3,7 @@
 #include "kernel_table.h"
 #include "layer_norm.h"
 #include "attention.h"
+#include "gelu.h"
 
 #define NF_STR2(x) #x
 #define NF_STR(x) NF_STR2(x)
@@ -13,7 +14,8 @@ namespace NF_ISA {
 const KernelTable* table() {
   static const KernelTable t = {
       NF_STR(NF_ISA) + 4,  // drop the "isa_" prefix
-      &layer_norm_forward, &layer_norm_backward, &attention_forward, &attention_backward, &dropout_mask,
+      &layer_norm_forward, &layer_norm_backward, &attention_forward, &attention_backward, &gelu_forward, &gelu_backward,
+      &dropout_mask,
   };
   return &t;
 }

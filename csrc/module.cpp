@@ -63,6 +63,12 @@ void attention_backward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK
   kernels().attention_backward(a);
 }
 
+void gelu(int dtype, int64_t n, uintptr_t x, uintptr_t dy, uintptr_t out, int num_threads) {
+  nanofast::GeluArgs a{dtype, n, ptr<const void>(x), ptr<const void>(dy), ptr<void>(out), num_threads};
+  if (dy) kernels().gelu_backward(a);
+  else kernels().gelu_forward(a);
+}
+
 void dropout_mask(uint64_t seed, int64_t B, int64_t NH, int64_t TQ, int64_t TK, float p, uintptr_t out,
                   int num_threads) {
   kernels().dropout_mask(seed, B, NH, TQ, TK, p, ptr<uint8_t>(out), num_threads);
@@ -78,6 +84,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_forward", &attention_forward, release());
   m.def("attention_backward", &attention_backward, release());
   m.def("dropout_mask", &dropout_mask, release());
+  m.def("gelu", &gelu, release(), "forward with dy == 0, else backward");
   m.def("philox_uniform", &nanofast::philox_uniform, "the dropout generator's uniform at (seed, offset)");
   m.def("isa", [] { return std::string(kernels().isa); }, "the instruction set the kernels run with");
   m.def("available_isas", [] { return std::string(nanofast::available_isas()); });

@@ -4,6 +4,7 @@ Each op is a torch.library custom op (namespace ``nanofast``) with autograd and 
 implementation, so it works in eager mode, under autograd and inside torch.compile.
 """
 from .attention import dropout_mask, scaled_dot_product_attention
+from .gelu import gelu
 from .layer_norm import layer_norm
 
-__all__ = ["layer_norm", "scaled_dot_product_attention", "dropout_mask"]
+__all__ = ["layer_norm", "scaled_dot_product_attention", "dropout_mask", "gelu"]

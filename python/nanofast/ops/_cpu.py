@@ -87,6 +87,14 @@ def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, see
     return dq, dk, dv
 
 
+def gelu(x, dy):
+    """gelu(x), or dy * gelu'(x) when dy is given; x (and dy) contiguous."""
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if x.numel():
+        _C.gelu(_DTYPE_CODE[x.dtype], x.numel(), x.data_ptr(), _ptr(dy), out.data_ptr(), _threads())
+    return out
+
+
 def dropout_mask(seed, batch, heads, q_len, k_len, p):
     out = torch.empty(batch, heads, q_len, k_len, dtype=torch.uint8)
     if out.numel():

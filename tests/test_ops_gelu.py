@@ -1,0 +1,67 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanofast import _C, ops
+from parity import all_isas, assert_parity
+
+
+@pytest.fixture(params=all_isas())
+def isa(request):
+    _C.select_isa(request.param)
+    yield request.param
+    _C.select_isa("auto")
+
+
+def _run(fn, x, dy):
+    x = x.detach().clone().requires_grad_()
+    y = fn(x)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    return y.detach(), dx
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("n", [1, 15, 17, 1000, 70001])
+def test_parity(n, dtype, isa):
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, generator=g, dtype=torch.float64) * 3).to(dtype)
+    dy = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+    ours, theirs = _run(ops.gelu, x, dy), _run(F.gelu, x, dy)
+    ref = _run(F.gelu, x.double(), dy.double())
+    for name, o, t, r in zip(["y", "dx"], ours, theirs, ref):
+        assert_parity(name, o, t, r)
+
+
+def test_extremes_and_nan():
+    x = torch.tensor([-1e30, -80.0, -10.0, -1e-30, 0.0, 1e-30, 10.0, 80.0, 1e30, float("inf"), float("-inf"),
+                      float("nan")])
+    ours, theirs = ops.gelu(x), F.gelu(x)
+    assert ours[9] == float("inf")  # gelu(+inf) = +inf (torch 2.13 returns nan there)
+    keep = torch.arange(12) != 9
+    torch.testing.assert_close(ours[keep], theirs[keep], equal_nan=True)
+
+
+def test_non_contiguous_and_shape_kept():
+    x = torch.randn(6, 8, 10).transpose(0, 2)
+    torch.testing.assert_close(ops.gelu(x), F.gelu(x))
+    assert ops.gelu(x).shape == x.shape
+
+
+def test_gradcheck_float64():
+    x = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ops.gelu, (x,))
+
+
+def test_bad_input():
+    with pytest.raises(NotImplementedError, match="approximate='tanh' is not supported"):
+        ops.gelu(torch.randn(3), approximate="tanh")
+    with pytest.raises(TypeError, match="input must be a floating-point tensor"):
+        ops.gelu(torch.arange(3))
+
+
+def test_opcheck():
+    from torch.library import opcheck
+
+    x = torch.randn(5, 7, requires_grad=True)
+    opcheck(torch.ops.nanofast.gelu_fwd.default, (x,))
+    opcheck(torch.ops.nanofast.gelu_bwd.default, (torch.randn(5, 7), x.detach()))
