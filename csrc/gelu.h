@@ -1,8 +1,7 @@
 // GELU, exact form 0.5 x (1 + erf(x / sqrt 2)), forward and backward, elementwise.
 // Included by kernels_isa.cpp once per instruction set, inside namespace nanofast::NF_ISA.
 //
-// erf is Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), the formula torch's vectorised CPU GELU
-// uses, so both approximate float32 erf the same way; float64 calls std::erf.
+// float32 erf is a rational approximation good to about 1 ulp (see verf); float64 calls std::erf.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -15,18 +14,24 @@
 namespace nanofast {
 namespace NF_ISA {
 
-// erf(z) = sign(z) (1 - t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) exp(-z^2)), t = 1 / (1 + p |z|)
+// erf(z) as a rational function z P(z^2) / Q(z^2) on [-4, 4] (beyond it float32 erf is +-1): odd
+// numerator of degree 13, even denominator of degree 8, one division, no exp.
 inline vec<float> verf(vec<float> z) {
   using vf = vec<float>;
-  const vf az = z < 0.0f ? -z : z;
-  const vf t = 1.0f / (az * 0.3275911f + 1.0f);
-  vf r = t * 1.061405429f - 1.453152027f;
-  r = r * t + 1.421413741f;
-  r = r * t - 0.284496736f;
-  r = r * t + 0.254829592f;
-  r = r * t;
-  const vf e = 1.0f - r * vexp(-az * az);
-  return z < 0.0f ? -e : e;
+  z = z > 4.0f ? vf{} + 4.0f : z;
+  z = z < -4.0f ? vf{} - 4.0f : z;
+  const vf z2 = z * z;
+  vf p = z2 * -2.72614225801306e-10f + 2.77068142495902e-08f;
+  p = p * z2 - 2.10102402082508e-06f;
+  p = p * z2 - 5.69250639462346e-05f;
+  p = p * z2 - 7.34990630326855e-04f;
+  p = p * z2 - 2.95459980854025e-03f;
+  p = p * z2 - 1.60960333262415e-02f;
+  vf q = z2 * -1.45660718464996e-05f - 2.13374055278905e-04f;
+  q = q * z2 - 1.68282697438203e-03f;
+  q = q * z2 - 7.37332916720468e-03f;
+  q = q * z2 - 1.42647390514189e-02f;
+  return z * p / q;
 }
 
 inline vec<double> verf(vec<double> z) {
@@ -63,11 +68,9 @@ void gelu_apply(const GeluArgs& a) {
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t c1 = std::min(n, c0 + kChunk);
     int64_t i = c0;
-    if constexpr (std::is_same<T, A>::value) {  // whole vectors straight from memory
-      for (; i + W <= c1; i += W)
-        vstore(out + i, BACKWARD ? gelu_grad_vec<A>(vload(x + i), vload(dy + i)) : gelu_vec<A>(vload(x + i)));
-    }
-    alignas(64) A xb[W], gb[W], ob[W];  // the rest (bfloat16, or a tail) staged through buffers
+    for (; i + W <= c1; i += W)  // whole vectors straight from memory
+      vstore_as(out + i, BACKWARD ? gelu_grad_vec<A>(vload_as(x + i), vload_as(dy + i)) : gelu_vec<A>(vload_as(x + i)));
+    alignas(64) A xb[W], gb[W], ob[W];  // the tail staged through buffers
     for (; i < c1; i += W) {
       const int64_t m = std::min<int64_t>(W, c1 - i);
       for (int64_t j = 0; j < W; ++j) xb[j] = j < m ? to_acc(x[i + j]) : A(0);

@@ -73,6 +73,30 @@ inline double vmax(vec<double> v) { return v[0] > v[1] ? v[0] : v[1]; }
 #endif
 template <class A> inline vec<A> vmaxv(vec<A> a, vec<A> b) { return a > b ? a : b; }
 
+// bfloat16 <-> float32 for a whole vector: widening is a 16-bit shift; narrowing rounds to nearest
+// even and keeps NaNs quiet, exactly as the scalar from_acc<bf16> does.
+typedef uint16_t vbf16 __attribute__((vector_size(NF_VBYTES / 2)));
+typedef uint32_t vu32 __attribute__((vector_size(NF_VBYTES)));
+
+inline vec<float> vload_bf16(const void* p) {
+  vbf16 h;
+  std::memcpy(&h, p, sizeof h);
+  vu32 u = __builtin_convertvector(h, vu32) << 16;
+  vec<float> f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline void vstore_bf16(void* p, vec<float> f) {
+  vu32 u;
+  std::memcpy(&u, &f, sizeof u);
+  const vu32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const vu32 quiet_nan = (u >> 16) | 0x40u;
+  const vu32 r = (u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded;
+  const vbf16 h = __builtin_convertvector(r, vbf16);
+  std::memcpy(p, &h, sizeof h);
+}
+
 // exp(x) for a float vector: round x/ln2 to n with the 1.5*2^23 trick, a degree-6 polynomial on the
 // remainder, and 2^n spliced into the exponent bits. About 1 ulp; exactly 0 below -103 (so masked
 // scores, set to -inf, vanish) and clamped at the top.
@@ -109,6 +133,22 @@ inline vec<double> vexp(vec<double> x) {
   for (int i = 0; i < lanes<double>(); ++i) x[i] = std::exp(x[i]);
   return x;
 }
+
+}  // namespace NF_ISA
+}  // namespace nanofast
+
+#include "scalar_types.h"
+
+namespace nanofast {
+namespace NF_ISA {
+
+// A vector of the accumulation type from W consecutive elements of storage type T, and back.
+inline vec<float> vload_as(const float* p) { return vload(p); }
+inline vec<double> vload_as(const double* p) { return vload(p); }
+inline vec<float> vload_as(const bf16* p) { return vload_bf16(p); }
+inline void vstore_as(float* p, vec<float> v) { vstore(p, v); }
+inline void vstore_as(double* p, vec<double> v) { vstore(p, v); }
+inline void vstore_as(bf16* p, vec<float> v) { vstore_bf16(p, v); }
 
 }  // namespace NF_ISA
 }  // namespace nanofast

@@ -51,6 +51,16 @@ def attention_kernel(kernels):
     raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
 
 
+def gelu_kernel(kernels):
+    """gelu(x), the exact (erf) form, for the kernel choice."""
+    if kernels == "nanofast":
+        from nanofast import ops
+        return ops.gelu
+    if kernels == "torch":
+        return F.gelu
+    raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Building blocks
 
@@ -102,13 +112,24 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+class GELU(nn.Module):
+    """GELU(x) = x * Phi(x), Phi the standard normal CDF (nn.GELU's default, exact form)."""
+
+    def __init__(self, kernels="nanofast"):
+        super().__init__()
+        self.kernel = gelu_kernel(kernels)
+
+    def forward(self, x):
+        return self.kernel(x)
+
+
 class MLP(nn.Module):
     """The position-wise feed-forward network: widen 4x, GELU, project back."""
 
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.gelu = GELU(config.kernels)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
