@@ -147,9 +147,9 @@ void layer_norm_forward_impl(const LayerNormForwardArgs& a) {
   }
 }
 
-// dweight and dbias are sums over rows. Rows are cut into chunks of a fixed size, each chunk's partial
-// sums go to its own buffer, and the buffers are added in chunk order in double precision: the result
-// is bitwise the same whatever the number of threads, and a long float sum never accumulates.
+// dweight and dbias are sums over rows. Rows are cut into chunks of a fixed size and each chunk's
+// partial sums go to its own buffer, then the buffers are added in a fixed pairwise order: the result
+// is bitwise the same whatever the number of threads, and no long float sum accumulates.
 constexpr int64_t kLayerNormChunkRows = 16;
 
 // The register-resident backward row (see layer_norm_forward_row_regs).
@@ -268,23 +268,26 @@ void layer_norm_backward_impl(const LayerNormBackwardArgs& a) {
   if (!done) layer_norm_backward_rows<T, 0>(a, wv.data(), chunks, pdw, pdb);
 
   if (!need_param_grads) return;
-  // Reduce the partials in chunk order, each thread owning a band of columns.
+  // Reduce the chunk partials pairwise (a fixed tree, so the order never depends on the threads, and
+  // the rounding error grows with log2(chunks) rather than chunks), vectorised along the columns.
+  constexpr int W = lanes<A>();
+  for (int64_t stride = 1; stride < chunks; stride *= 2) {
+#pragma omp parallel for num_threads(a.num_threads) schedule(static) if (chunks * C > 262144)
+    for (int64_t k = 0; k < chunks - stride; k += 2 * stride) {
+      for (A* part : {pdw, pdb}) {
+        A* dst = part + k * C;
+        const A* src = part + (k + stride) * C;
+        int64_t c = 0;
+        for (; c + W <= C; c += W) vstore(dst + c, vload(dst + c) + vload(src + c));
+        for (; c < C; ++c) dst[c] += src[c];
+      }
+    }
+  }
   T* dw = static_cast<T*>(a.dweight);
   T* db = static_cast<T*>(a.dbias);
-  constexpr int64_t kBand = 64;
-#pragma omp parallel for num_threads(a.num_threads) schedule(static) if (chunks * C > 65536)
-  for (int64_t c0 = 0; c0 < C; c0 += kBand) {
-    const int64_t c1 = std::min(C, c0 + kBand);
-    double sw[kBand] = {}, sb[kBand] = {};
-    for (int64_t k = 0; k < chunks; ++k)
-      for (int64_t c = c0; c < c1; ++c) {
-        sw[c - c0] += part_dw[k * C + c];
-        sb[c - c0] += part_db[k * C + c];
-      }
-    for (int64_t c = c0; c < c1; ++c) {
-      if (dw) dw[c] = from_acc<T>(A(sw[c - c0]));
-      if (db) db[c] = from_acc<T>(A(sb[c - c0]));
-    }
+  for (int64_t c = 0; c < C; ++c) {
+    if (dw) dw[c] = from_acc<T>(pdw[c]);
+    if (db) db[c] = from_acc<T>(pdb[c]);
   }
 }
 
