@@ -38,12 +38,13 @@ import os
 import pickle
 import re
 import sys
-import tempfile
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ._io import atomic_write
 
 DEFAULT_DATASET = "shakespeare_plays_char"
 
@@ -158,24 +159,6 @@ def encode_chars(text: str) -> tuple[np.ndarray, list[str]]:
     return ids, [chr(int(c)) for c in vocab]
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    """Write through `write(fileobj)` to a temporary file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def prepare_text(text: str, ds_dir: str | os.PathLike, source: str = "", verbose: bool = True) -> dict:
     """Write input.txt, train.bin, val.bin and meta.pkl for `text` into `ds_dir` (like prepare.py).
 
@@ -205,10 +188,10 @@ def prepare_text(text: str, ds_dir: str | os.PathLike, source: str = "", verbose
         (ds_dir / "meta.pkl").unlink()
     except FileNotFoundError:
         pass
-    _atomic_write_bytes(ds_dir / "input.txt", lambda f: f.write(raw))
-    _atomic_write_bytes(ds_dir / "train.bin", lambda f: f.write(train_ids.tobytes()))
-    _atomic_write_bytes(ds_dir / "val.bin", lambda f: f.write(val_ids.tobytes()))
-    _atomic_write_bytes(ds_dir / "meta.pkl", lambda f: pickle.dump(meta, f))
+    atomic_write(ds_dir / "input.txt", lambda f: f.write(raw))
+    atomic_write(ds_dir / "train.bin", lambda f: f.write(train_ids.tobytes()))
+    atomic_write(ds_dir / "val.bin", lambda f: f.write(val_ids.tobytes()))
+    atomic_write(ds_dir / "meta.pkl", lambda f: pickle.dump(meta, f))
     return meta
 
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from ._io import atomic_write
 from .data import cache_root
 
 PEAK_CACHE_NAME = "peak_flops.json"
@@ -87,21 +87,6 @@ def _read_cache(path: Path) -> dict:
         return {}
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def peak_flops(device, dtype=torch.float32, fallback_dir: str | os.PathLike | None = None,
                verbose: bool = True) -> float:
     """This device's matmul peak in FLOP/s at `dtype`: measured once, then read from the cache."""
@@ -122,7 +107,8 @@ def peak_flops(device, dtype=torch.float32, fallback_dir: str | os.PathLike | No
             path = d / PEAK_CACHE_NAME
             data = _read_cache(path)
             data[key] = value
-            _write_json_atomic(path, data)
+            atomic_write(path, lambda f: f.write(json.dumps(data, indent=1, sort_keys=True).encode()),
+                         durable=False)
             break
         except OSError:
             continue
@@ -146,11 +132,7 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [r for r in read_jsonl(self.path) if r.get("iter", -1) < iter_num]
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
-        with os.fdopen(fd, "w") as f:
-            for r in kept:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
 
     def log(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -202,15 +184,4 @@ def plot_losses(jsonl_path: str | os.PathLike, png_path: str | os.PathLike, titl
     ax.grid(True, alpha=0.3)
     if it_train or evals:
         ax.legend()
-    png_path = Path(png_path)
-    fd, tmp = tempfile.mkstemp(prefix=png_path.name + ".", suffix=".png", dir=png_path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, png_path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(png_path, lambda f: fig.savefig(f, format="png"), durable=False)

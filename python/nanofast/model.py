@@ -31,33 +31,14 @@ KERNELS = ("nanofast", "torch")
 # ---------------------------------------------------------------------------------------------
 # The kernels. Both choices share torch's signatures, so the modules below do not care which runs.
 
-def layer_norm_kernel(kernels):
-    """layer_norm(x, normalized_shape, weight, bias, eps) for the given kernel choice."""
+def kernel(op, kernels):
+    """The function `op` ("layer_norm", "scaled_dot_product_attention" or "gelu") of a kernel choice:
+    nanofast.ops or torch.nn.functional, which share the names and signatures."""
     if kernels == "nanofast":
         from nanofast import ops
-        return ops.layer_norm
+        return getattr(ops, op)
     if kernels == "torch":
-        return F.layer_norm
-    raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-
-
-def attention_kernel(kernels):
-    """scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal) for the kernel choice."""
-    if kernels == "nanofast":
-        from nanofast import ops
-        return ops.scaled_dot_product_attention
-    if kernels == "torch":
-        return F.scaled_dot_product_attention
-    raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-
-
-def gelu_kernel(kernels):
-    """gelu(x), the exact (erf) form, for the kernel choice."""
-    if kernels == "nanofast":
-        from nanofast import ops
-        return ops.gelu
-    if kernels == "torch":
-        return F.gelu
+        return getattr(F, op)
     raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
 
 
@@ -72,7 +53,7 @@ class LayerNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-        self.kernel = layer_norm_kernel(kernels)
+        self.kernel = kernel("layer_norm", kernels)
 
     def forward(self, x):
         return self.kernel(x, self.weight.shape, self.weight, self.bias, 1e-5)
@@ -95,7 +76,7 @@ class CausalSelfAttention(nn.Module):
         # exist so that the module tree matches nanoGPT's
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.kernel = attention_kernel(config.kernels)
+        self.kernel = kernel("scaled_dot_product_attention", config.kernels)
 
     def forward(self, x):
         B, T, C = x.shape  # batch, time (sequence position), channels (n_embd)
@@ -117,7 +98,7 @@ class GELU(nn.Module):
 
     def __init__(self, kernels="nanofast"):
         super().__init__()
-        self.kernel = gelu_kernel(kernels)
+        self.kernel = kernel("gelu", kernels)
 
     def forward(self, x):
         return self.kernel(x)
