@@ -29,8 +29,10 @@ def record():
     return Recorder()
 
 
-def timed(benchmark, fn, device, budget_s=1.0):
-    """Runs fn under pytest-benchmark with a round count sized to about budget_s of work."""
+def timed(benchmark, fn, device, budget_s=1.0, warmup_rounds=1):
+    """Runs fn under pytest-benchmark with a round count sized to about budget_s of work (at least 3
+    rounds). warmup_rounds: pytest-benchmark's warm-up rounds after this helper's own warm-up call
+    and probe (0 for cases of seconds per call, such as a training step)."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def run():
@@ -45,7 +47,7 @@ def timed(benchmark, fn, device, budget_s=1.0):
     once = max(time.perf_counter() - t0, 1e-6)
     iterations = max(1, min(100, int(2e-3 / once)))  # amortise the timer below 2 ms per call
     rounds = max(3, min(200, int(budget_s / (once * iterations))))
-    benchmark.pedantic(run, rounds=rounds, iterations=iterations, warmup_rounds=1)
+    benchmark.pedantic(run, rounds=rounds, iterations=iterations, warmup_rounds=warmup_rounds)
 
 
 def _key(r):

@@ -1,0 +1,118 @@
+"""Training-step benchmark: one optimizer step (forward, backward, gradient clipping, AdamW step) of
+nanoGPT's CPU config (4 layers, 4 heads, 128 dims, block 64, batch 12) and GPU config (6 layers, 6 heads,
+384 dims, block 256, batch 64, dropout 0.2), vocabulary 65 (shakespeare_char), with kernels=nanofast and
+kernels=torch, float32 and bfloat16 (autocast, as nanofast-train does), on the CPU and (where present)
+CUDA. Run with `pytest --benchmark -k train`.
+
+The step is nanofast-train's: the model in training mode (dropout on), AdamW from
+GPT.configure_optimizers (fused where torch has it), clip_grad_norm_ at 1.0, zero_grad(set_to_none).
+Before timing, each case checks that kernels=nanofast and kernels=torch give the same loss on the
+same batch and weights (dropout off for the check: the two kernel sets draw different masks).
+
+The report's rate is thousands of tokens per second (batch * block per step): `work` is tokens
+* 1e6 because the report divides by 1e9. Its time column is milliseconds per step.
+"""
+import contextlib
+import io
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+from conftest import timed
+
+from nanofast.model import GPT, GPTConfig
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+VOCAB = 65
+CONFIGS = {
+    "cpu-config": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0),
+    "gpu-config": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2),
+}
+# the loss of the same batch with either kernel set (float32: rounding only; bfloat16: autocast rounds
+# each kernel's inputs and outputs, and the two kernel sets round at different places)
+LOSS_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+def _model(cfg, kernels, device):
+    args = {k: v for k, v in cfg.items() if k != "batch_size"}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1337)  # the same initial weights for both kernel sets
+        model = GPT(GPTConfig(**args, vocab_size=VOCAB, bias=False, kernels=kernels))
+    return model.to(device)
+
+
+def _batch(cfg, device):
+    g = torch.Generator().manual_seed(0)
+    B, T = cfg["batch_size"], cfg["block_size"]
+    data = torch.randint(VOCAB, (B, T + 1), generator=g)
+    return data[:, :-1].contiguous().to(device), data[:, 1:].contiguous().to(device)
+
+
+def _autocast(device, dtype):
+    return nullcontext() if dtype == torch.float32 else torch.amp.autocast(device_type=device, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _tf32(device):
+    """nanofast-train turns TF32 on for CUDA matmuls; restore the setting afterwards."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@torch.no_grad()
+def _eval_loss(model, X, Y, device, dtype):
+    model.eval()
+    with _autocast(device, dtype):
+        _, loss = model(X, Y)
+    model.train()
+    return float(loss)
+
+
+def _cases():
+    for device in DEVICES:
+        for config in CONFIGS:
+            for dtype in (torch.float32, torch.bfloat16):
+                for provider in ("nanofast", "torch"):
+                    yield pytest.param(device, config, dtype, provider,
+                                       id=f"train-{device}-{config}-{str(dtype)[6:]}-{provider}")
+
+
+@pytest.mark.parametrize("device,config,dtype,provider", list(_cases()))
+def test_train_step(benchmark, record, device, config, dtype, provider):
+    cfg = CONFIGS[config]
+    with _tf32(device):
+        model = _model(cfg, provider, device)
+        X, Y = _batch(cfg, device)
+        if provider != "torch":  # the same loss as torch's kernels on the same batch and weights
+            ref = _model(cfg, "torch", device)
+            ours, theirs = _eval_loss(model, X, Y, device, dtype), _eval_loss(ref, X, Y, device, dtype)
+            del ref
+            assert abs(ours - theirs) <= LOSS_RTOL[dtype] * abs(theirs), \
+                f"loss with kernels={provider}: {ours:.7f}, with torch's: {theirs:.7f}"
+        with contextlib.redirect_stdout(io.StringIO()):
+            optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device)
+        model.train()
+        ctx = _autocast(device, dtype)
+
+        def step():
+            with ctx:
+                _, loss = model(X, Y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        torch.manual_seed(0)
+        # the first call in timed() warms up; its probe sizes the rounds (3 at least); no further warm-up
+        timed(benchmark, step, device, warmup_rounds=0)
+    tokens = cfg["batch_size"] * cfg["block_size"]
+    L, H, C, T, B = cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["block_size"], cfg["batch_size"]
+    case = f"{config} {L}L {H}H {C}d B{B} T{T}" + (f" dropout {cfg['dropout']}" if cfg["dropout"] else "")
+    record(benchmark, op="train step", case=case, mode="fwd+bwd+clip+AdamW", dtype=dtype, provider=provider,
+           device=device, work=tokens * 1e6, unit="ktok/s")
