@@ -80,6 +80,7 @@ import torch
 
 from nanofast.configurator import ConfigError, ConfigHelp, configure, resolve_config_file
 from nanofast.data import BatchSampler, DataError, load_meta, prepare_dataset
+from nanofast.train import optimizer_step
 
 # -----------------------------------------------------------------------------
 # targets
@@ -454,13 +455,7 @@ class Run:
             with torch.no_grad():
                 for p, s in zip(params, saved):
                     p.copy_(s)
-        norm = None
-        if c['grad_clip'] != 0.0:
-            self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c['grad_clip'])
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        norm = optimizer_step(self.model, self.optimizer, self.scaler, c['grad_clip'])
         lossf = loss_sum.item()
         _sync(self.device)
         dt = time.perf_counter() - t0

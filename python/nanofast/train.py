@@ -195,6 +195,20 @@ def _fmt_secs(s):
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
+
+def optimizer_step(model, optimizer, scaler, grad_clip):
+    """The end of a training step, after the micro-batches' backward passes: unscale (float16), clip
+    the gradient norm, step AdamW, clear the gradients. Returns the norm before clipping (or None)."""
+    norm = None
+    if grad_clip != 0.0:
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
 class _Interrupts:
     """Ctrl-C and SIGTERM.
 
@@ -624,12 +638,7 @@ class _Trainer:
 
                 self.interrupts.in_step = True
                 # from here to the snapshot the model changes: Ctrl-C waits (see _Interrupts)
-                if c['grad_clip'] != 0.0:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), c['grad_clip'])
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
+                optimizer_step(self.model, self.optimizer, self.scaler, c['grad_clip'])
 
                 it = self.iter_num
                 log_now = it % c['log_interval'] == 0
