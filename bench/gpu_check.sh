@@ -3,7 +3,8 @@
 # root:   bash bench/gpu_check.sh
 # 1. installs nanofast (editable, no build isolation, no dependency downloads: the box may be offline),
 # 2. runs the CUDA tests: tests/test_triton_kernels.py and the ops tests,
-# 3. runs the GPU micro-benchmark (bench/gpu_bench.py).
+# 3. runs nanofast-compare cpu vs cuda on a small model (same weights, batches and dropout masks),
+# 4. runs the GPU micro-benchmark (bench/gpu_bench.py).
 # Writes ${OUT:-bench/results}/gpu_table.md (short summary + benchmark tables) and the full log
 # gpu_check.log beside it. Every step has a timeout and the whole run stays under 8 minutes; a failed
 # step is recorded and the script goes on, exiting non-zero at the end if anything failed.
@@ -82,6 +83,12 @@ if [[ -n "$OPS_TESTS" ]]; then
 else
     log "no tests/test_ops*.py found"
 fi
+
+# The same training on both devices: same weights, batches and dropout masks (nanofast's masks are
+# identical on CPU and GPU), so per-step losses should agree within rounding noise.
+step "nanofast-compare cpu cuda" 90 200 "$PY" -m nanofast.compare cpu cuda --iters=30 --n_layer=2 --n_head=4 \
+    --n_embd=128 --block_size=64 --batch_size=12 --dropout=0.1 --dtype=float32 --dataset=readme \
+    --data_path=README.md --data_dir=/tmp/nanofast-data --out_dir="$OUT_DIR/compare"
 
 step "gpu_bench.py" 240 5 "$PY" bench/gpu_bench.py --out "$BENCH_MD"
 
