@@ -82,7 +82,8 @@ void layer_norm_forward_regs(const LayerNormForwardArgs& a, const A* x, const A*
     layer_norm_forward_row_regs<A, NV>(x + n * a.x_row_stride, wv, bv, y + n * a.C, A(a.eps), mean + n, rstd + n);
 }
 
-// Calls fn(std::integral_constant<int, NV>) if C is NV vectors for one of the register-resident widths.
+// Calls fn(std::integral_constant<int, NV>) if C is NV vectors for one of the register-resident widths
+// (up to 16 vectors: beyond that the row no longer fits the register file and spills cost more).
 template <class A, class Fn> bool with_register_width(int64_t C, Fn&& fn) {
   constexpr int W = lanes<A>();
   if (C % W) return false;
@@ -94,7 +95,6 @@ template <class A, class Fn> bool with_register_width(int64_t C, Fn&& fn) {
     case 8: fn(std::integral_constant<int, 8>()); return true;
     case 12: fn(std::integral_constant<int, 12>()); return true;
     case 16: fn(std::integral_constant<int, 16>()); return true;
-    case 24: fn(std::integral_constant<int, 24>()); return true;
   }
   return false;
 }
@@ -191,7 +191,7 @@ void layer_norm_backward_rows(const LayerNormBackwardArgs& a, const acc_t<T>* wv
 #pragma omp parallel num_threads(a.num_threads) if (N * C > 32768)
   {
     RowView<T> xview, dyview;
-    std::vector<A> xhat(C), g(C), dx_row(std::is_same<T, A>::value ? 0 : C);
+    std::vector<A> dx_row(std::is_same<T, A>::value ? 0 : C);
 #pragma omp for schedule(static)
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
       A* pdw = need_param_grads ? part_dw + chunk * C : nullptr;
@@ -205,39 +205,35 @@ void layer_norm_backward_rows(const LayerNormBackwardArgs& a, const acc_t<T>* wv
           layer_norm_backward_row_regs<A, NV>(xr, dyr, wv, mu, rs, reinterpret_cast<A*>(dx + n * C), pdw, pdb);
           continue;
         }
-        // pass 1: xhat, g = dy * w, and the two row means the input gradient needs.
+        // pass 1: the two row means the input gradient needs, of g = dy * w and of g * xhat.
+        // (xhat and g are recomputed in pass 2: loads from L1 are cheaper than storing them.)
         vec<A> sg{}, sgx{};
         int64_t c = 0;
         for (; c + W <= C; c += W) {
-          vec<A> xh = (vload(xr + c) - mu) * rs;
-          vec<A> gv = vload(dyr + c) * vload(wv + c);
-          vstore(xhat.data() + c, xh);
-          vstore(g.data() + c, gv);
+          const vec<A> gv = vload(dyr + c) * vload(wv + c);
           sg += gv;
-          sgx += gv * xh;
+          sgx += gv * (vload(xr + c) - mu);
         }
         A sum_g = vsum(sg), sum_gx = vsum(sgx);
         for (; c < C; ++c) {
-          xhat[c] = (xr[c] - mu) * rs;
-          g[c] = dyr[c] * wv[c];
-          sum_g += g[c];
-          sum_gx += g[c] * xhat[c];
+          sum_g += dyr[c] * wv[c];
+          sum_gx += dyr[c] * wv[c] * (xr[c] - mu);
         }
-        const A mean_g = sum_g / A(C), mean_gx = sum_gx / A(C);
+        const A mean_g = sum_g / A(C), mean_gx = sum_gx * rs / A(C);
         // pass 2: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); parameter-gradient partials.
         A* dxr = std::is_same<T, A>::value ? reinterpret_cast<A*>(dx + n * C) : dx_row.data();
         for (c = 0; c + W <= C; c += W) {
-          vec<A> xh = vload(xhat.data() + c);
-          vstore(dxr + c, (vload(g.data() + c) - mean_g - xh * mean_gx) * rs);
+          const vec<A> d = vload(dyr + c), xh = (vload(xr + c) - mu) * rs;
+          vstore(dxr + c, (d * vload(wv + c) - mean_g - xh * mean_gx) * rs);
           if (pdw) {
-            vec<A> d = vload(dyr + c);
             vstore(pdw + c, vload(pdw + c) + d * xh);
             vstore(pdb + c, vload(pdb + c) + d);
           }
         }
         for (; c < C; ++c) {
-          dxr[c] = (g[c] - mean_g - xhat[c] * mean_gx) * rs;
-          if (pdw) { pdw[c] += dyr[c] * xhat[c]; pdb[c] += dyr[c]; }
+          const A xh = (xr[c] - mu) * rs;
+          dxr[c] = (dyr[c] * wv[c] - mean_g - xh * mean_gx) * rs;
+          if (pdw) { pdw[c] += dyr[c] * xh; pdb[c] += dyr[c]; }
         }
         if (!std::is_same<T, A>::value)
           for (c = 0; c < C; ++c) dx[n * C + c] = from_acc<T>(dxr[c]);
