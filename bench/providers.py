@@ -21,10 +21,12 @@ def naive_attention(q, k, v, is_causal=False, scale=None):
 
 
 def naive_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
-    mean = x.mean(-1, keepdim=True)
-    var = (x - mean).pow(2).mean(-1, keepdim=True)
-    y = (x - mean) * torch.rsqrt(var + eps)
-    return y * weight + bias
+    """The textbook formula, computed in float32 at least (as mixed-precision code would)."""
+    xf = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+    mean = xf.mean(-1, keepdim=True)
+    var = (xf - mean).pow(2).mean(-1, keepdim=True)
+    y = (xf - mean) * torch.rsqrt(var + eps)
+    return (y * weight + bias).to(x.dtype)
 
 
 _compiled = {}
