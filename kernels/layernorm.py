@@ -275,6 +275,10 @@ def _check_param(name, p, C, like):
         raise ValueError(f"{name} is on {p.device} but the input is on {like.device}")
 
 
+def _packed(t):
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 def layer_norm_forward(x2d, weight, bias, eps, *, block_n=None, block_m=None):
     """LayerNorm of each row of ``x2d`` (N, C). Returns (y, mean, rstd).
 
@@ -287,6 +291,7 @@ def layer_norm_forward(x2d, weight, bias, eps, *, block_n=None, block_m=None):
         raise ValueError("layer_norm over an empty last dimension")
     _check_param("weight", weight, C, x2d)
     _check_param("bias", bias, C, x2d)
+    weight, bias = _packed(weight), _packed(bias)  # the kernel indexes them densely
     check_device("x2d", x2d, is_interpreted(_layer_norm_fwd_kernel))
     y = torch.empty((N, C), dtype=x2d.dtype, device=x2d.device)
     mean = torch.empty((N,), dtype=torch.float32, device=x2d.device)
@@ -323,6 +328,7 @@ def layer_norm_backward(dy2d, x2d, weight, mean, rstd, need_weight_grad, need_bi
     if dy2d.shape[0] != N:
         raise ValueError(f"dy2d has shape {tuple(dy2d.shape)} but x2d has {tuple(x2d.shape)}")
     _check_param("weight", weight, C, x2d)
+    weight, mean, rstd = _packed(weight), _packed(mean), _packed(rstd)
     for name, s in (("mean", mean), ("rstd", rstd)):
         if s.shape != (N,) or s.dtype != torch.float32:
             raise ValueError(f"{name} must be float32 of shape ({N},), got {s.dtype} {tuple(s.shape)}")

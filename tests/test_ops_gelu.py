@@ -65,3 +65,10 @@ def test_opcheck():
     x = torch.randn(5, 7, requires_grad=True)
     opcheck(torch.ops.nanofast.gelu_fwd.default, (x,))
     opcheck(torch.ops.nanofast.gelu_bwd.default, (torch.randn(5, 7), x.detach()))
+
+
+def test_custom_ops_called_directly_pack_their_inputs():
+    x = torch.randn(6, 8).t()
+    dy = torch.randn(8, 6)[:, ::1].t().contiguous().t()  # transposed layout
+    torch.testing.assert_close(torch.ops.nanofast.gelu_fwd(x), F.gelu(x))
+    torch.testing.assert_close(torch.ops.nanofast.gelu_bwd(dy, x), torch.ops.aten.gelu_backward(dy, x))

@@ -145,3 +145,27 @@ def test_opcheck():
     opcheck(torch.ops.nanofast.layer_norm_fwd.default, (x.requires_grad_(), w.requires_grad_(), b, 1e-5))
     y, mean, rstd = torch.ops.nanofast.layer_norm_fwd(x.detach(), w.detach(), b, 1e-5)
     opcheck(torch.ops.nanofast.layer_norm_bwd.default, (dy, x.detach(), w.detach(), mean, rstd, True, False))
+
+
+def test_strided_weight_and_bias():
+    # Views such as every other element of a buffer: the kernels index parameters densely, so a
+    # strided one must be packed first, not read as if it were contiguous.
+    x, _, _, dy = _inputs((9, 40), torch.float32)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(80, generator=g)[::2]
+    b = torch.randn(40, 3, generator=g)[:, 1]
+    assert not w.is_contiguous() and not b.is_contiguous()
+    _check(x, w, b, dy)
+
+
+def test_ops_called_directly_pack_their_inputs():
+    x = torch.randn(5, 16)
+    w = torch.randn(32)[::2]
+    y, mean, rstd = torch.ops.nanofast.layer_norm_fwd(x, w, None, 1e-5)
+    torch.testing.assert_close(y, F.layer_norm(x, (16,), w))
+    dy = torch.randn(5, 16)
+    dx, dw, _ = torch.ops.nanofast.layer_norm_bwd(dy, x, w, mean[::1], rstd, True, False)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    F.layer_norm(xr, (16,), wr).backward(dy)
+    torch.testing.assert_close(dx, xr.grad)
+    torch.testing.assert_close(dw, wr.grad)

@@ -186,6 +186,21 @@ def test_layer_norm_mixed_dtypes():
         assert (o.double() - r).abs().max().item() <= tol * scale, name
 
 
+def test_layer_norm_strided_parameters():
+    # weight and bias views with a stride: the launchers pack them instead of reading them densely
+    x = torch.randn(6, 24, device=DEVICE, requires_grad=True)
+    w = torch.randn(48, device=DEVICE)[::2].requires_grad_()
+    b = torch.randn(24, 2, device=DEVICE)[:, 1]
+    dy = torch.randn(6, 24, device=DEVICE)
+    y = K.layer_norm(x, (24,), w, b)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    yr = torch.nn.functional.layer_norm(xr, (24,), wr, b.double())
+    dxr, dwr = torch.autograd.grad(yr, (xr, wr), dy.double())
+    for name, a, r in (("y", y, yr), ("dx", dx, dxr), ("dw", dw, dwr)):
+        assert (a.double() - r).abs().max().item() < 1e-4, name
+
+
 def test_layer_norm_bad_inputs():
     x = torch.randn(4, 8, device=DEVICE)
     with pytest.raises(ValueError, match="normalized_shape"):

@@ -19,6 +19,11 @@ def _ptr(t):
     return 0 if t is None else t.data_ptr()
 
 
+def _packed(t):
+    """t itself if its elements are contiguous (the kernels index it densely), else a packed copy."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 def _strides3(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -34,6 +39,7 @@ def empty_bthd(B, NH, T, D, like):
 
 def layer_norm_forward(x, weight, bias, eps):
     N, C = x.shape
+    weight, bias = _packed(weight), _packed(bias)
     y = torch.empty(N, C, dtype=x.dtype)
     mean = torch.empty(N, dtype=_acc_dtype(x.dtype))
     rstd = torch.empty(N, dtype=_acc_dtype(x.dtype))
@@ -45,6 +51,7 @@ def layer_norm_forward(x, weight, bias, eps):
 
 def layer_norm_backward(dy, x, weight, mean, rstd, need_weight_grad, need_bias_grad):
     N, C = x.shape
+    weight, mean, rstd = _packed(weight), _packed(mean), _packed(rstd)
     dx = torch.empty(N, C, dtype=x.dtype)
     alloc = torch.empty if N else torch.zeros  # with no rows the kernel does not run: the sums are 0
     dw = alloc(C, dtype=x.dtype) if need_weight_grad else None
@@ -73,6 +80,7 @@ def attention_forward(q, k, v, is_causal, scale, dropout_p, seed):
 
 def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed):
     B, NH, TQ, HS = q.shape
+    lse = _packed(lse)
     TK, HSV = k.shape[2], v.shape[3]
     dq = empty_bthd(B, NH, TQ, HS, q)
     dk = empty_bthd(B, NH, TK, HS, k)
@@ -88,7 +96,8 @@ def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, see
 
 
 def gelu(x, dy):
-    """gelu(x), or dy * gelu'(x) when dy is given; x (and dy) contiguous."""
+    """gelu(x), or dy * gelu'(x) when dy is given."""
+    x, dy = _packed(x), _packed(dy)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.numel():
         _C.gelu(_DTYPE_CODE[x.dtype], x.numel(), x.data_ptr(), _ptr(dy), out.data_ptr(), _threads())
