@@ -67,20 +67,22 @@ sdpa_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerAttention(torch.autograd.Function):
-    """The eager-mode path: the custom op's autograd formula, minus the op dispatch (see layer_norm.py)."""
+    """The eager-mode path: the custom op's autograd formula, minus the op dispatch (see layer_norm.py;
+    `launch` likewise forces a set of launchers)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, is_causal, scale, dropout_p, seed):
-        out = launchers(q).attention_forward(q, k, v, is_causal, scale, dropout_p, _seed_value(seed))
+    def forward(ctx, q, k, v, is_causal, scale, dropout_p, seed, launch=None):
+        ctx.launch = launch or launchers(q)
+        out = ctx.launch.attention_forward(q, k, v, is_causal, scale, dropout_p, _seed_value(seed))
         _setup_context(ctx, (q, k, v, is_causal, scale, dropout_p, seed), out)
         return out[0]
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, seed = ctx.saved_tensors
-        dq, dk, dv = launchers(q).attention_backward(unit_last_stride(dout), q, k, v, out, lse, ctx.is_causal,
-                                                     ctx.scale, ctx.dropout_p, _seed_value(seed))
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv = ctx.launch.attention_backward(unit_last_stride(dout), q, k, v, out, lse, ctx.is_causal,
+                                                   ctx.scale, ctx.dropout_p, _seed_value(seed))
+        return dq, dk, dv, None, None, None, None, None
 
 
 def draw_seed() -> Tensor:

@@ -66,11 +66,14 @@ layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerLayerNorm(torch.autograd.Function):
-    """The eager-mode path: the custom op's autograd formula, minus the op dispatch."""
+    """The eager-mode path: the custom op's autograd formula, minus the op dispatch. `launch` forces a
+    set of launchers (nanofast.kernels uses it to run Triton on any device); by default the tensor's
+    device picks them."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        out = launchers(x).layer_norm_forward(x, weight, bias, eps)
+    def forward(ctx, x, weight, bias, eps, launch=None):
+        ctx.launch = launch or launchers(x)
+        out = ctx.launch.layer_norm_forward(x, weight, bias, eps)
         _setup_context(ctx, (x, weight, bias, eps), out)
         return out[0]
 
@@ -78,8 +81,8 @@ class _EagerLayerNorm(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, mean, rstd = ctx.saved_tensors
         need_w, need_b = _grads_wanted(ctx, weight)
-        dx, dw, db = launchers(x).layer_norm_backward(unit_last_stride(dy), x, weight, mean, rstd, need_w, need_b)
-        return dx, dw, db, None
+        dx, dw, db = ctx.launch.layer_norm_backward(unit_last_stride(dy), x, weight, mean, rstd, need_w, need_b)
+        return dx, dw, db, None, None
 
 
 def layer_norm(input: Tensor, normalized_shape, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
