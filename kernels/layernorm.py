@@ -102,6 +102,20 @@ def _layer_norm_fwd_kernel(
 
 
 @triton.jit
+def _load_xhat_dy_g(X, DY, W, rows64, cols, mask, col_mask, mean, rstd, stride_x, stride_dy, HAS_W: tl.constexpr):
+    """One (BLOCK_M, BLOCK_N) tile of a wide row block: xhat, dy and g = dy * w, in float32. The
+    wide-row backward reads each tile twice (once per pass) rather than keep the row on chip."""
+    x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    if HAS_W:
+        g = dy * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    else:
+        g = dy
+    return xhat, dy, g
+
+
+@triton.jit
 def _layer_norm_bwd_kernel(
     DY,  # pointer to the output gradient, (N, C), row stride stride_dy, column stride 1
     X,  # pointer to the forward input, (N, C), row stride stride_x
@@ -172,13 +186,8 @@ def _layer_norm_bwd_kernel(
                 cols = c0 + tl.arange(0, BLOCK_N)
                 col_mask = cols < C
                 mask = row_mask[:, None] & col_mask[None, :]
-                x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-                if HAS_W:
-                    g = dy * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-                else:
-                    g = dy
+                xhat, dy, g = _load_xhat_dy_g(X, DY, W, rows64, cols, mask, col_mask, mean, rstd, stride_x,
+                                              stride_dy, HAS_W)
                 acc1 += xhat * g
                 acc2 += g
             c1 = tl.sum(acc1, axis=1) / C
@@ -189,13 +198,8 @@ def _layer_norm_bwd_kernel(
                 cols = c0 + tl.arange(0, BLOCK_N)
                 col_mask = cols < C
                 mask = row_mask[:, None] & col_mask[None, :]
-                x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-                if HAS_W:
-                    g = dy * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-                else:
-                    g = dy
+                xhat, dy, g = _load_xhat_dy_g(X, DY, W, rows64, cols, mask, col_mask, mean, rstd, stride_x,
+                                              stride_dy, HAS_W)
                 dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
                 tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
                 if NEED_DW:
