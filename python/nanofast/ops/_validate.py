@@ -47,7 +47,8 @@ def layer_norm_args(input, normalized_shape, weight, bias, eps):
     elif not isinstance(normalized_shape, tuple):
         normalized_shape = tuple(int(s) for s in normalized_shape)
     k = len(normalized_shape)
-    if k == 0 or input.dim() < k or input.shape[input.dim() - k:] != normalized_shape:
+    # (tuples, not torch.Size: Size comparisons go through torch.fx's symbolic sym_eq, 1 µs each)
+    if k == 0 or input.dim() < k or tuple(input.shape[input.dim() - k:]) != normalized_shape:
         raise ValueError(f"{fn}: normalized_shape {normalized_shape} must equal the last dimensions of input, "
                          f"which has shape {tuple(input.shape)}")
     for name, p in (("weight", weight), ("bias", bias)):
@@ -55,7 +56,7 @@ def layer_norm_args(input, normalized_shape, weight, bias, eps):
             continue
         check_tensor(name, p, fn)
         check_same(fn, "input", input, name, p)
-        if p.shape != normalized_shape:
+        if tuple(p.shape) != normalized_shape:
             raise ValueError(f"{fn}: {name} has shape {tuple(p.shape)} but normalized_shape is {normalized_shape}")
     eps = float(eps)
     if not eps >= 0.0:
