@@ -9,7 +9,6 @@
 Writes a markdown table to --out and prints it together with one JSON line per measurement.
 """
 import argparse
-import importlib.util
 import json
 import pathlib
 import signal
@@ -23,19 +22,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_kernels():
-    try:
-        import nanofast.kernels as K
+    import nanofast.kernels as K  # the installed package (its public functions run through nanofast.ops)
 
-        return K, "nanofast.kernels"
-    except Exception as e:  # not installed: use the source tree
-        print(f"# import nanofast.kernels failed ({e!r}); using kernels/ from the source tree", flush=True)
-        root = REPO / "kernels"
-        spec = importlib.util.spec_from_file_location(
-            "_nanofast_kernels_src", root / "__init__.py", submodule_search_locations=[str(root)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-        return mod, "kernels/ (source tree)"
+    return K, "nanofast.kernels"
 
 
 def bench(fn, grad_to_none=None, rep=200):

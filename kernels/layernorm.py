@@ -26,6 +26,16 @@ _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
+def _affine(y, W, B, cols, col_mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """y * weight + bias over the columns `cols` of a (BLOCK_M, BLOCK_N) tile, in float32."""
+    if HAS_W:
+        y = y * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_B:
+        y = y + tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return y
+
+
+@triton.jit
 def _layer_norm_fwd_kernel(
     X,  # pointer to the input, (N, C), row stride stride_x, column stride 1
     Y,  # pointer to the output, (N, C), row stride stride_y, column stride 1
@@ -57,12 +67,7 @@ def _layer_norm_fwd_kernel(
         var = tl.sum(xc * xc, axis=1) / C
         rstd = 1.0 / tl.sqrt(var + eps)
         y = xc * rstd[:, None]
-        if HAS_W:
-            w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-            y = y * w[None, :]
-        if HAS_B:
-            b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
-            y = y + b[None, :]
+        y = _affine(y, W, B, cols, col_mask, HAS_W, HAS_B)
         tl.store(y_rows + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     else:
         # Pass 1: mean. Accumulate a (BLOCK_M, BLOCK_N) tile and reduce once at the end, which is
@@ -90,12 +95,7 @@ def _layer_norm_fwd_kernel(
             mask = row_mask[:, None] & col_mask[None, :]
             x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             y = (x - mean[:, None]) * rstd[:, None]
-            if HAS_W:
-                w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-                y = y * w[None, :]
-            if HAS_B:
-                b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
-                y = y + b[None, :]
+            y = _affine(y, W, B, cols, col_mask, HAS_W, HAS_B)
             tl.store(y_rows + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     tl.store(Mean + rows, mean, mask=row_mask)
     tl.store(Rstd + rows, rstd, mask=row_mask)
