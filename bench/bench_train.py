@@ -14,6 +14,9 @@ The report's rate is thousands of tokens per second (batch * block per step): `w
 """
 import contextlib
 import io
+import platform
+import subprocess
+import sys
 from contextlib import nullcontext
 
 import pytest
@@ -116,3 +119,55 @@ def test_train_step(benchmark, record, device, config, dtype, provider):
     case = f"{config} {L}L {H}H {C}d B{B} T{T}" + (f" dropout {cfg['dropout']}" if cfg["dropout"] else "")
     record(benchmark, op="train step", case=case, mode="fwd+bwd+clip+AdamW", dtype=dtype, provider=provider,
            device=device, work=tokens * 1e6, unit="ktok/s")
+
+
+# The allocator lever (nanofast.allocator.retain_freed_memory) is process-wide and permanent, so each
+# side runs in a fresh interpreter: warm-up, then the best of 5 rounds of 20 steps, in ms per step.
+_STEP_IN_A_FRESH_PROCESS = r"""
+import contextlib, io, sys, time
+import torch
+import nanofast.allocator
+from nanofast.model import GPT, GPTConfig
+retain, dtype, kernels = sys.argv[1] == "with", getattr(torch, sys.argv[2]), sys.argv[3]
+if retain:
+    assert nanofast.allocator.retain_freed_memory()
+torch.manual_seed(1337)
+model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, bias=False, dropout=0.0,
+                      kernels=kernels))
+with contextlib.redirect_stdout(io.StringIO()):
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+g = torch.Generator().manual_seed(0)
+X, Y = torch.randint(65, (12, 64), generator=g), torch.randint(65, (12, 64), generator=g)
+ctx = contextlib.nullcontext() if dtype == torch.float32 else torch.amp.autocast("cpu", dtype=dtype)
+def step():
+    with ctx:
+        _, loss = model(X, Y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+for _ in range(10):
+    step()
+best = float("inf")
+for _ in range(5):
+    t = time.perf_counter()
+    for _ in range(20):
+        step()
+    best = min(best, (time.perf_counter() - t) / 20)
+print(best)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="retain_freed_memory acts on glibc malloc")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("kernels", ["nanofast", "torch"])
+def test_allocator_lever(record, dtype, kernels):
+    times = {}
+    for side in ("without", "with"):
+        p = subprocess.run([sys.executable, "-c", _STEP_IN_A_FRESH_PROCESS, side, str(dtype)[6:], kernels],
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr
+        times[side] = float(p.stdout.strip().splitlines()[-1])
+        record.seconds(times[side], 5, op="train step: retain_freed_memory", case=f"cpu-config kernels={kernels}",
+                       mode="fwd+bwd+clip+AdamW", dtype=dtype, provider=side, device="cpu", work=12 * 64 * 1e6,
+                       unit="ktok/s")

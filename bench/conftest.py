@@ -1,5 +1,5 @@
 """The benchmark suite's report: every benchmark records its case here, and the end of the run prints
-one table (time, GFLOP/s or GB/s, ratio to torch eager in the same run, CPU/GPU speedup), writes it
+one table (time, GFLOP/s or GB/s, ratio to the baseline in the same run (torch eager; for a lever, the run without it), CPU/GPU speedup), writes it
 to bench/results/report.md with the raw numbers in report.json, and plots the sweeps."""
 import json
 import os
@@ -9,6 +9,12 @@ from collections import defaultdict
 import pytest
 import torch
 
+import nanofast.allocator
+
+# Every case runs with nanofast-train's CPU allocator setting (freed memory kept, not page-faulted back
+# in), for both providers; bench_train.py measures that lever on its own, in subprocesses.
+nanofast.allocator.retain_freed_memory()
+
 RESULTS_DIR = os.environ.get("NANOFAST_BENCH_DIR", os.path.join(os.path.dirname(__file__), "results"))
 _records = []
 
@@ -16,12 +22,14 @@ _records = []
 class Recorder:
     """record(benchmark, group, provider, device, work, unit) after benchmark.pedantic(...) ran."""
 
-    def __call__(self, benchmark, *, op, case, mode, dtype, provider, device, work, unit):
+    def __call__(self, benchmark, **case):
         stats = benchmark.stats.stats
-        seconds = stats.median
+        self.seconds(stats.median, stats.rounds, **case)
+
+    def seconds(self, seconds, rounds, *, op, case, mode, dtype, provider, device, work, unit):
+        """A time measured outside pytest-benchmark (in a subprocess, for a process-wide setting)."""
         _records.append(dict(op=op, case=case, mode=mode, dtype=str(dtype).replace("torch.", ""), provider=provider,
-                             device=device, seconds=seconds, rate=work / seconds / 1e9, unit=unit,
-                             rounds=stats.rounds))
+                             device=device, seconds=seconds, rate=work / seconds / 1e9, unit=unit, rounds=rounds))
 
 
 @pytest.fixture
@@ -50,6 +58,11 @@ def timed(benchmark, fn, device, budget_s=1.0, warmup_rounds=1):
     benchmark.pedantic(run, rounds=rounds, iterations=iterations, warmup_rounds=warmup_rounds)
 
 
+# the rows of a case, in order; a lever's case compares "with" against its baseline "without"
+PROVIDERS = ["nanofast", "torch", "compile", "naive", "with", "without"]
+BASELINE_OF_LEVER = "without"
+
+
 def _key(r):
     return (r["op"], r["case"], r["mode"], r["dtype"])
 
@@ -59,16 +72,16 @@ def _table():
     for r in _records:
         by_case[_key(r)][(r["provider"], r["device"])] = r
     has_cuda = any(r["device"] == "cuda" for r in _records)
-    lines = ["| op | case | mode | dtype | provider | CPU time | CPU rate | vs torch (CPU) | GPU time | GPU rate "
-             "| vs torch (GPU) | GPU speedup over CPU |", "|" + "---|" * 12]
+    lines = ["| op | case | mode | dtype | provider | CPU time | CPU rate | vs baseline (CPU) | GPU time | GPU rate "
+             "| vs baseline (GPU) | GPU speedup over CPU |", "|" + "---|" * 12]
     for key in sorted(by_case):
         entries = by_case[key]
-        providers = sorted({p for p, _ in entries}, key=["nanofast", "torch", "compile", "naive"].index)
+        providers = sorted({p for p, _ in entries}, key=PROVIDERS.index)
         for p in providers:
             cells = []
             for dev in ("cpu", "cuda"):
                 r = entries.get((p, dev))
-                base = entries.get(("torch", dev))
+                base = entries.get(("torch", dev)) or entries.get((BASELINE_OF_LEVER, dev))
                 if r is None:
                     cells += ["no CUDA" if dev == "cuda" and not has_cuda else "-"] * 3
                     continue
@@ -77,7 +90,19 @@ def _table():
             cpu, gpu = entries.get((p, "cpu")), entries.get((p, "cuda"))
             speedup = f"{cpu['seconds'] / gpu['seconds']:.1f}x" if cpu and gpu else ("no CUDA" if not has_cuda else "-")
             lines.append("| " + " | ".join(list(key) + [p] + cells + [speedup]) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + _training_ratios())
+
+
+def _training_ratios():
+    """Issue 6's figures: nanofast's bfloat16 step against the float32 step with torch's kernels."""
+    steps = {(r["case"], r["dtype"], r["provider"], r["device"]): r for r in _records if r["op"] == "train step"}
+    lines = []
+    for (case, dtype, provider, device), r in sorted(steps.items()):
+        base = steps.get((case, "float32", "torch", device))
+        if provider == "nanofast" and dtype != "float32" and base:
+            lines.append(f"\ntrain step {case} ({device}): nanofast {dtype} {r['seconds'] * 1e3:.2f} ms vs torch "
+                         f"kernels float32 {base['seconds'] * 1e3:.2f} ms: {base['seconds'] / r['seconds']:.2f}x")
+    return lines
 
 
 def _plot_sweeps(path):

@@ -8,6 +8,9 @@
 #ifdef NF_HAVE_OPENMP
 #include <omp.h>
 #endif
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 #include "kernel_table.h"
 #include "philox.h"
@@ -69,6 +72,22 @@ void gelu(int dtype, int64_t n, uintptr_t x, uintptr_t dy, uintptr_t out, int nu
   else kernels().gelu_forward(a);
 }
 
+// glibc returns a freed block to the kernel when it was mmap-ed (above a threshold that starts at 128 KiB)
+// or when the free space at the top of the heap passes the trim threshold; the next tensor of that size
+// then page-faults on every 4 KiB page. A training step frees and reallocates the same tensors each
+// iteration, so keep them: blocks up to mmap_threshold come from the heap, and the heap is trimmed only
+// past trim_threshold. Returns false where the C library is not glibc (nothing changed).
+bool retain_freed_memory(int64_t mmap_threshold, int64_t trim_threshold) {
+#if defined(__GLIBC__)
+  return mallopt(M_MMAP_THRESHOLD, static_cast<int>(mmap_threshold)) == 1 &&
+         mallopt(M_TRIM_THRESHOLD, static_cast<int>(trim_threshold)) == 1;
+#else
+  (void)mmap_threshold;
+  (void)trim_threshold;
+  return false;
+#endif
+}
+
 void dropout_mask(uint64_t seed, int64_t B, int64_t NH, int64_t TQ, int64_t TK, float p, uintptr_t out,
                   int num_threads) {
   kernels().dropout_mask(seed, B, NH, TQ, TK, p, ptr<uint8_t>(out), num_threads);
@@ -85,6 +104,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_backward", &attention_backward, release());
   m.def("dropout_mask", &dropout_mask, release());
   m.def("gelu", &gelu, release(), "forward with dy == 0, else backward");
+  m.def("retain_freed_memory", &retain_freed_memory, "glibc malloc: keep freed blocks up to the thresholds");
   m.def("philox_uniform", &nanofast::philox_uniform, "the dropout generator's uniform at (seed, offset)");
   m.def("isa", [] { return std::string(kernels().isa); }, "the instruction set the kernels run with");
   m.def("available_isas", [] { return std::string(nanofast::available_isas()); });

@@ -295,6 +295,15 @@ def test_bfloat16_autocast_on_cpu(tmp_path, corpus):
     assert all(math.isfinite(x) for _, x in r["losses"])
 
 
+def test_cpu_runs_retain_freed_memory(tmp_path, corpus, monkeypatch):
+    calls = []
+    monkeypatch.setattr(train, "retain_freed_memory", lambda: calls.append(1))
+    train.run(tiny_config(tmp_path / "off", corpus, max_iters=1, retain_memory=False))
+    assert calls == []
+    train.run(tiny_config(tmp_path / "on", corpus, max_iters=1))
+    assert calls == [1]
+
+
 @pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "foreign", "not_a_dict", "missing"])
 def test_bad_checkpoint_is_a_clear_error(tmp_path, corpus, damage, capsys):
     c = tiny_config(tmp_path / "o", corpus, max_iters=5)
