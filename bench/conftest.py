@@ -1,6 +1,7 @@
 """The benchmark suite's report: every benchmark records its case here, and the end of the run prints
-one table (time, GFLOP/s or GB/s, ratio to the baseline in the same run (torch eager; for a lever, the run without it), CPU/GPU speedup), writes it
-to bench/results/report.md with the raw numbers in report.json, and plots the sweeps."""
+one table (time, GFLOP/s or GB/s, ratio to the baseline in the same run, CPU/GPU speedup), writes it
+to bench/results/report.md with the raw numbers in report.json, and plots the sweeps. The baseline is
+torch eager, or for a lever (providers "with" and "without") the run without it."""
 import json
 import os
 import platform
