@@ -5,7 +5,8 @@ kernels=torch, float32 and bfloat16 (autocast, as nanofast-train does), on the C
 CUDA. Run with `pytest --benchmark -k train`.
 
 The step is nanofast-train's: the model in training mode (dropout on), AdamW from
-GPT.configure_optimizers (fused where torch has it), clip_grad_norm_ at 1.0, zero_grad(set_to_none).
+GPT.configure_optimizers (nanofast.optim.AdamW for kernels=nanofast on the CPU, torch's fused AdamW
+otherwise), the gradient norm clipped at 1.0 (train.optimizer_step), zero_grad(set_to_none).
 Before timing, each case checks that kernels=nanofast and kernels=torch give the same loss on the
 same batch and weights (dropout off for the check: the two kernel sets draw different masks).
 
@@ -15,8 +16,10 @@ The report's rate is thousands of tokens per second (batch * block per step): `w
 import contextlib
 import io
 import platform
+import statistics
 import subprocess
 import sys
+import time
 from contextlib import nullcontext
 
 import pytest
@@ -25,6 +28,7 @@ import torch
 from conftest import timed
 
 from nanofast.model import GPT, GPTConfig
+from nanofast.train import optimizer_step
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 VOCAB = 65
@@ -77,48 +81,66 @@ def _eval_loss(model, X, Y, device, dtype):
     return float(loss)
 
 
-def _cases():
-    for device in DEVICES:
-        for config in CONFIGS:
-            for dtype in (torch.float32, torch.bfloat16):
-                for provider in ("nanofast", "torch"):
-                    yield pytest.param(device, config, dtype, provider,
-                                       id=f"train-{device}-{config}-{str(dtype)[6:]}-{provider}")
+VARIANTS = [(dtype, provider) for dtype in (torch.float32, torch.bfloat16) for provider in ("nanofast", "torch")]
 
 
-@pytest.mark.parametrize("device,config,dtype,provider", list(_cases()))
-def test_train_step(benchmark, record, device, config, dtype, provider):
+def _step_fn(cfg, device, dtype, provider, X, Y):
+    """nanofast-train's step for one variant, after checking its loss against torch's kernels."""
+    model = _model(cfg, provider, device)
+    if provider != "torch":  # the same loss as torch's kernels on the same batch and weights
+        ref = _model(cfg, "torch", device)
+        ours, theirs = _eval_loss(model, X, Y, device, dtype), _eval_loss(ref, X, Y, device, dtype)
+        del ref
+        assert abs(ours - theirs) <= LOSS_RTOL[dtype] * abs(theirs), \
+            f"loss with kernels={provider}, {dtype}: {ours:.7f}, with torch's: {theirs:.7f}"
+    with contextlib.redirect_stdout(io.StringIO()):
+        optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device)
+    model.train()
+    ctx = _autocast(device, dtype)
+    scaler = torch.amp.GradScaler(device, enabled=False)
+
+    def step():
+        with ctx:
+            _, loss = model(X, Y)
+        loss.backward()
+        optimizer_step(model, optimizer, scaler, 1.0)
+    return step
+
+
+@pytest.mark.parametrize("device,config", [(d, c) for d in DEVICES for c in CONFIGS],
+                         ids=[f"train-{d}-{c}" for d in DEVICES for c in CONFIGS])
+def test_train_step(record, device, config):
+    """The four variants (float32/bfloat16 x nanofast/torch kernels) take turns, round after round, so a
+    drift of the machine's speed (this VM's varies by 20% from minute to minute) hits all alike; each
+    variant's time is its median round."""
     cfg = CONFIGS[config]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with _tf32(device):
-        model = _model(cfg, provider, device)
         X, Y = _batch(cfg, device)
-        if provider != "torch":  # the same loss as torch's kernels on the same batch and weights
-            ref = _model(cfg, "torch", device)
-            ours, theirs = _eval_loss(model, X, Y, device, dtype), _eval_loss(ref, X, Y, device, dtype)
-            del ref
-            assert abs(ours - theirs) <= LOSS_RTOL[dtype] * abs(theirs), \
-                f"loss with kernels={provider}: {ours:.7f}, with torch's: {theirs:.7f}"
-        with contextlib.redirect_stdout(io.StringIO()):
-            optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device)
-        model.train()
-        ctx = _autocast(device, dtype)
-
-        def step():
-            with ctx:
-                _, loss = model(X, Y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
+        steps = {v: _step_fn(cfg, device, *v, X, Y) for v in VARIANTS}
         torch.manual_seed(0)
-        # the first call in timed() warms up; its probe sizes the rounds (3 at least); no further warm-up
-        timed(benchmark, step, device, warmup_rounds=0)
+        for step in steps.values():  # warm-up, and the size of a round: about 0.15 s of steps
+            step()
+            sync()
+        t0 = time.perf_counter()
+        steps[VARIANTS[0]]()
+        sync()
+        per_round = max(1, int(0.15 / (time.perf_counter() - t0)))
+        rounds = 15 if per_round > 1 else 3
+        times = {v: [] for v in VARIANTS}
+        for _ in range(rounds):
+            for v, step in steps.items():
+                t0 = time.perf_counter()
+                for _ in range(per_round):
+                    step()
+                sync()
+                times[v].append((time.perf_counter() - t0) / per_round)
     tokens = cfg["batch_size"] * cfg["block_size"]
     L, H, C, T, B = cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["block_size"], cfg["batch_size"]
     case = f"{config} {L}L {H}H {C}d B{B} T{T}" + (f" dropout {cfg['dropout']}" if cfg["dropout"] else "")
-    record(benchmark, op="train step", case=case, mode="fwd+bwd+clip+AdamW", dtype=dtype, provider=provider,
-           device=device, work=tokens * 1e6, unit="ktok/s")
+    for (dtype, provider), ts in times.items():
+        record.seconds(statistics.median(ts), len(ts), op="train step", case=case, mode="fwd+bwd+clip+AdamW",
+                       dtype=dtype, provider=provider, device=device, work=tokens * 1e6, unit="ktok/s")
 
 
 # The allocator lever (nanofast.allocator.retain_freed_memory) is process-wide and permanent, so each
@@ -128,6 +150,7 @@ import contextlib, io, sys, time
 import torch
 import nanofast.allocator
 from nanofast.model import GPT, GPTConfig
+from nanofast.train import optimizer_step
 retain, dtype, kernels = sys.argv[1] == "with", getattr(torch, sys.argv[2]), sys.argv[3]
 if retain:
     assert nanofast.allocator.retain_freed_memory()
@@ -139,13 +162,12 @@ with contextlib.redirect_stdout(io.StringIO()):
 g = torch.Generator().manual_seed(0)
 X, Y = torch.randint(65, (12, 64), generator=g), torch.randint(65, (12, 64), generator=g)
 ctx = contextlib.nullcontext() if dtype == torch.float32 else torch.amp.autocast("cpu", dtype=dtype)
+scaler = torch.amp.GradScaler("cpu", enabled=False)
 def step():
     with ctx:
         _, loss = model(X, Y)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    optimizer_step(model, opt, scaler, 1.0)
 for _ in range(10):
     step()
 best = float("inf")
@@ -171,3 +193,32 @@ def test_allocator_lever(record, dtype, kernels):
         record.seconds(times[side], 5, op="train step: retain_freed_memory", case=f"cpu-config kernels={kernels}",
                        mode="fwd+bwd+clip+AdamW", dtype=dtype, provider=side, device="cpu", work=12 * 64 * 1e6,
                        unit="ktok/s")
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("provider", ["nanofast", "torch"])
+def test_optimizer_step(benchmark, record, config, provider):
+    """The optimizer lever alone: clip the gradient norm at 1.0 and step AdamW over the model's
+    parameters (nanofast.optim.AdamW in one call; torch's clip_grad_norm_ and fused AdamW). Rate: the
+    bytes AdamW must move (parameter, moments read and written, gradient read twice: 36 B/parameter)."""
+    cfg = CONFIGS[config]
+    model = _model(cfg, provider, "cpu")
+    params = [p for p in model.parameters() if p.requires_grad]
+    with contextlib.redirect_stdout(io.StringIO()):
+        optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    g = torch.Generator().manual_seed(0)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def step():
+        if provider == "nanofast":
+            optimizer.step(max_grad_norm=1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            scaler.step(optimizer)
+
+    timed(benchmark, step, "cpu")
+    n = sum(p.numel() for p in params)
+    record(benchmark, op="optimizer step", case=f"{config} {n / 1e6:.2f}M params", mode="clip+AdamW",
+           dtype=torch.float32, provider=provider, device="cpu", work=36 * n, unit="GB/s")

@@ -79,6 +79,25 @@ struct GeluArgs {
   int num_threads;
 };
 
+// One parameter tensor of an AdamW step: contiguous float32 parameter, gradient and moments of n
+// elements, the step counter (a float32 scalar, advanced by the kernel) and its group's settings.
+struct AdamWTensor {
+  float* param;
+  const float* grad;
+  float* exp_avg;
+  float* exp_avg_sq;
+  float* step;
+  int64_t n;
+  double lr, weight_decay, beta1, beta2, eps;
+};
+
+struct AdamWArgs {
+  const AdamWTensor* tensors;
+  int64_t count;
+  double max_grad_norm;  // > 0: clip the global gradient norm to it first (clip_grad_norm_)
+  int num_threads;
+};
+
 struct KernelTable {
   const char* isa;
   void (*layer_norm_forward)(const LayerNormForwardArgs&);
@@ -90,6 +109,8 @@ struct KernelTable {
   void (*gelu_backward)(const GeluArgs&);
   void (*dropout_mask)(uint64_t seed, int64_t B, int64_t NH, int64_t TQ, int64_t TK, float p,
                        uint8_t* out, int num_threads);
+  // Returns the gradient norm before clipping, or -1 when max_grad_norm <= 0.
+  double (*adamw_step)(const AdamWArgs&);
 };
 
 // The best table this CPU supports, or the one named by NANOFAST_ISA / select_isa().

@@ -4,6 +4,7 @@
 #include "layer_norm.h"
 #include "attention.h"
 #include "gelu.h"
+#include "adamw.h"
 
 #define NF_STR2(x) #x
 #define NF_STR(x) NF_STR2(x)
@@ -15,7 +16,7 @@ const KernelTable* table() {
   static const KernelTable t = {
       NF_STR(NF_ISA) + 4,  // drop the "isa_" prefix
       &layer_norm_forward, &layer_norm_backward, &attention_forward, &attention_backward, &gelu_forward, &gelu_backward,
-      &dropout_mask,
+      &dropout_mask, &adamw_step,
   };
   return &t;
 }

@@ -1,9 +1,11 @@
 // nanofast._C: the Python face of the kernels. Arguments arrive as plain integers (data pointers from
 // tensor.data_ptr(), sizes, element strides); the Python layer (nanofast/ops) validates them first.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <stdexcept>
 #include <tuple>
+#include <vector>
 
 #ifdef NF_HAVE_OPENMP
 #include <omp.h>
@@ -72,6 +74,24 @@ void gelu(int dtype, int64_t n, uintptr_t x, uintptr_t dy, uintptr_t out, int nu
   else kernels().gelu_forward(a);
 }
 
+// ptrs: (param, grad, exp_avg, exp_avg_sq, step) per tensor; settings: (lr, weight_decay, beta1, beta2,
+// eps) per tensor.
+double adamw_step(const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& sizes,
+                  const std::vector<double>& settings, double max_grad_norm, int num_threads) {
+  const size_t n = sizes.size();
+  if (ptrs.size() != 5 * n || settings.size() != 5 * n)
+    throw std::invalid_argument("adamw_step: 5 pointers and 5 settings per tensor");
+  std::vector<nanofast::AdamWTensor> tensors(n);
+  for (size_t i = 0; i < n; ++i) {
+    const uintptr_t* p = &ptrs[5 * i];
+    const double* s = &settings[5 * i];
+    tensors[i] = {ptr<float>(p[0]), ptr<const float>(p[1]), ptr<float>(p[2]), ptr<float>(p[3]), ptr<float>(p[4]),
+                  sizes[i], s[0], s[1], s[2], s[3], s[4]};
+  }
+  nanofast::AdamWArgs a{tensors.data(), static_cast<int64_t>(n), max_grad_norm, num_threads};
+  return kernels().adamw_step(a);
+}
+
 // glibc returns a freed block to the kernel when it was mmap-ed (above a threshold that starts at 128 KiB)
 // or when the free space at the top of the heap passes the trim threshold; the next tensor of that size
 // then page-faults on every 4 KiB page. A training step frees and reallocates the same tensors each
@@ -104,6 +124,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_backward", &attention_backward, release());
   m.def("dropout_mask", &dropout_mask, release());
   m.def("gelu", &gelu, release(), "forward with dy == 0, else backward");
+  m.def("adamw_step", &adamw_step, release(), "clip (max_grad_norm > 0) and AdamW-step float32 tensors");
   m.def("retain_freed_memory", &retain_freed_memory, "glibc malloc: keep freed blocks up to the thresholds");
   m.def("philox_uniform", &nanofast::philox_uniform, "the dropout generator's uniform at (seed, offset)");
   m.def("isa", [] { return std::string(kernels().isa); }, "the instruction set the kernels run with");

@@ -9,12 +9,13 @@ Compatibility with nanoGPT (https://github.com/karpathy/nanoGPT) is part of the 
 carry the same names, so the state_dict keys are identical, the initialisation draws the same random
 numbers in the same order, and checkpoints go both ways (`model_args` + `model`).
 
-The one thing that differs is which code runs LayerNorm and attention, chosen by GPTConfig.kernels:
+The one thing that differs is which code runs LayerNorm, attention and GELU (and, on the CPU, the
+optimizer step), chosen by GPTConfig.kernels:
 
-    "nanofast"  nanofast.ops.layer_norm and nanofast.ops.scaled_dot_product_attention: fused
-                C++/OpenMP kernels for CPU tensors, Triton kernels for CUDA tensors
-    "torch"     torch.nn.functional.layer_norm and torch.nn.functional.scaled_dot_product_attention,
-                for A/B comparisons
+    "nanofast"  nanofast.ops.layer_norm, scaled_dot_product_attention and gelu: fused C++/OpenMP
+                kernels for CPU tensors, Triton kernels for CUDA tensors; nanofast.optim.AdamW on the CPU
+    "torch"     torch.nn.functional.layer_norm, scaled_dot_product_attention and gelu, and
+                torch.optim.AdamW, for A/B comparisons
 """
 
 import inspect
@@ -24,6 +25,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from nanofast import optim as nanofast_optim
 
 KERNELS = ("nanofast", "torch")
 
@@ -338,8 +341,9 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on the matrices (Linear weights, embeddings) and none on the vectors
-        (biases, LayerNorm scales). Uses torch's fused implementation where it accepts the parameters
-        (CUDA; the CPU since torch 2.4), the default one otherwise."""
+        (biases, LayerNorm scales). With kernels='nanofast' on the CPU, nanofast.optim.AdamW (one C++
+        call per step, gradient clipping fused in); otherwise torch's fused implementation where it
+        accepts the parameters (CUDA; the CPU since torch 2.4), the default one elsewhere."""
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
@@ -347,6 +351,9 @@ class GPT(nn.Module):
                   {"params": no_decay, "weight_decay": 0.0}]
         print(f"num decayed parameter tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
         print(f"num non-decayed parameter tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
+        if self.config.kernels == "nanofast" and device_type == "cpu" and nanofast_optim.AdamW.supports(params):
+            print("using fused AdamW: nanofast (C++, with the gradient clip)")
+            return nanofast_optim.AdamW(groups, lr=learning_rate, betas=betas)
         if "fused" in inspect.signature(torch.optim.AdamW).parameters:
             try:
                 optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)

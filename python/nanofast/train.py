@@ -45,6 +45,7 @@ from contextlib import nullcontext
 
 import torch
 
+from nanofast import optim as nanofast_optim
 from nanofast.allocator import retain_freed_memory
 from nanofast.checkpoint import (FORMAT, VERSION, CheckpointError, capture_rng_state, load_checkpoint,
                                  restore_rng_state, rng_state_for_checkpoint, save_checkpoint)
@@ -202,8 +203,13 @@ def _fmt_secs(s):
 
 def optimizer_step(model, optimizer, scaler, grad_clip):
     """The end of a training step, after the micro-batches' backward passes: unscale (float16), clip
-    the gradient norm, step AdamW, clear the gradients. Returns the norm before clipping (or None)."""
+    the gradient norm, step AdamW, clear the gradients. Returns the norm before clipping (or None).
+    nanofast.optim.AdamW clips and steps in one call."""
     norm = None
+    if isinstance(optimizer, nanofast_optim.AdamW) and not scaler.is_enabled():
+        norm = optimizer.step(max_grad_norm=grad_clip if grad_clip != 0.0 else None)
+        optimizer.zero_grad(set_to_none=True)
+        return norm
     if grad_clip != 0.0:
         scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
