@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import nanofast
+
 from conftest import timed
 from providers import ATTENTION, LAYER_NORM, attention_flops, layer_norm_bytes, naive_attention, parity_error
 
@@ -102,6 +104,60 @@ def test_layer_norm(benchmark, record, device, case, shape, mode, dtype, provide
     record(benchmark, op="layer_norm", case=case if case.startswith("sweep") else f"{case} {N}x{C}", mode=mode,
            dtype=dtype, provider=provider, device=device,
            work=layer_norm_bytes(N, C, x.element_size(), backward), unit="GB/s")
+
+
+def _unfused_add_layer_norm(x, r, shape, w, b, eps, out_dtype):
+    h = x + r
+    return h, F.layer_norm(h, shape, w, b, eps).to(out_dtype)
+
+
+ADD_LAYER_NORM = {"nanofast": nanofast.ops.add_layer_norm, "torch": _unfused_add_layer_norm}
+# the stream's dtype, the residual's and the output's: float32 throughout, and bfloat16 autocast
+# (a bf16 layer output added to the fp32 stream, the norm handed on in bf16)
+ADD_LN_DTYPES = {"float32": (torch.float32,) * 3, "autocast-bf16": (torch.float32, torch.bfloat16, torch.bfloat16)}
+
+
+def _add_ln_fwdbwd(fn, x, r, w, b, dh, dy, out_dtype):
+    h, y = fn(x, r, (x.shape[-1],), w, b, 1e-5, out_dtype)
+    return [h, y] + list(torch.autograd.grad([h, y], [x, r, w, b], [dh, dy]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(LN_CONFIGS))
+@pytest.mark.parametrize("dtypes", list(ADD_LN_DTYPES))
+@pytest.mark.parametrize("provider", list(ADD_LAYER_NORM))
+def test_add_layer_norm(benchmark, record, device, case, dtypes, provider):
+    """The fused residual add + LayerNorm (a transformer block's x + f(...) and the norm after it),
+    forward and backward, against torch's add, F.layer_norm and the cast."""
+    N, C = LN_CONFIGS[case]
+    xd, rd, yd = ADD_LN_DTYPES[dtypes]
+    g = torch.Generator().manual_seed(0)
+    make = lambda dt, *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dt)  # noqa: E731
+    x, r, w, b = (make(xd, N, C), make(rd, N, C), make(xd, C), make(xd, C))
+    for t in (x, r, w, b):
+        t.requires_grad_()
+    dh, dy = make(xd, N, C), make(yd, N, C)
+    fn = ADD_LAYER_NORM[provider]
+    if provider != "torch":  # parity on the first rows, against float64
+        rows = slice(0, min(N, 512))
+        sl = [x[rows].detach().requires_grad_(), r[rows].detach().requires_grad_(), w, b, dh[rows], dy[rows]]
+        ours = _add_ln_fwdbwd(fn, *sl, yd)
+        theirs = _add_ln_fwdbwd(_unfused_add_layer_norm, *sl, yd)
+        ref = _add_ln_fwdbwd(_unfused_add_layer_norm, *[t.detach().double().requires_grad_(t.requires_grad)
+                                                        for t in sl], torch.float64)
+        ours_err, torch_err = parity_error(ours, theirs, ref)
+        assert ours_err <= 2 * torch_err + ATOL[yd], f"parity: {ours_err:.3g} vs torch {torch_err:.3g}"
+    timed(benchmark, lambda: _add_ln_fwdbwd(fn, x, r, w, b, dh, dy, yd), device)
+    elems = N * C
+    # compulsory traffic: forward reads x, r, writes h, y; backward reads dy, dh, h, writes dx, dr
+    nbytes = elems * (2 * x.element_size() + r.element_size() + y_size(yd)
+                      + y_size(yd) + 2 * x.element_size() + x.element_size() + r.element_size())
+    record(benchmark, op="add + layer_norm", case=f"{case} {N}x{C}", mode="fwdbwd", dtype=dtypes,
+           provider=provider, device=device, work=nbytes, unit="GB/s")
+
+
+def y_size(dtype):
+    return torch.empty(0, dtype=dtype).element_size()
 
 
 @pytest.mark.parametrize("device", DEVICES)

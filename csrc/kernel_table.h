@@ -37,6 +37,42 @@ struct LayerNormBackwardArgs {
   int num_threads;
 };
 
+// h = x + residual, y = LayerNorm(h), over (N, C) rows: a pre-norm transformer's residual add fused
+// with the LayerNorm that follows it. x, h, weight and bias share one dtype; the residual and y may
+// be bfloat16 beside float32 rows (autocast: a bf16 layer output added to the fp32 stream, the
+// normalised row going on into a bf16 matmul).
+struct AddLayerNormForwardArgs {
+  int dtype, residual_dtype, y_dtype;
+  int64_t N, C;
+  const void* x; int64_t x_row_stride;
+  const void* residual; int64_t residual_row_stride;
+  const void* weight;  // may be null
+  const void* bias;    // may be null
+  void* h;             // contiguous (N, C)
+  void* y;             // contiguous (N, C)
+  void* mean;          // (N,), accumulation type
+  void* rstd;
+  double eps;
+  int num_threads;
+};
+
+// dx = dh + LayerNorm'(dy); the residual's gradient is the same values in its own dtype.
+struct AddLayerNormBackwardArgs {
+  int dtype, residual_dtype, y_dtype;
+  int64_t N, C;
+  const void* dy; int64_t dy_row_stride;
+  const void* dh;      // may be null (h not used further); contiguous (N, C) otherwise
+  const void* h;       // contiguous (N, C)
+  const void* weight;  // may be null
+  const void* mean;
+  const void* rstd;
+  void* dx;            // contiguous (N, C)
+  void* dresidual;     // may be null: not needed, or the caller reuses dx (same dtype)
+  void* dweight;       // may be null
+  void* dbias;         // may be null
+  int num_threads;
+};
+
 // A (B, NH, T, HS) tensor: data pointer and the element strides of its first three dims; the last
 // dim must have stride 1.
 struct Strided4 {
@@ -109,6 +145,9 @@ struct KernelTable {
   void (*gelu_backward)(const GeluArgs&);
   void (*dropout_mask)(uint64_t seed, int64_t B, int64_t NH, int64_t TQ, int64_t TK, float p,
                        uint8_t* out, int num_threads);
+  // false if the dtype combination is not one of the fused kernel's (the caller falls back).
+  bool (*add_layer_norm_forward)(const AddLayerNormForwardArgs&);
+  bool (*add_layer_norm_backward)(const AddLayerNormBackwardArgs&);
   // Returns the gradient norm before clipping, or -1 when max_grad_norm <= 0.
   double (*adamw_step)(const AdamWArgs&);
 };

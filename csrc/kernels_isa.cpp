@@ -2,6 +2,7 @@
 // matching -m flags. Each copy exports its own kernel table.
 #include "kernel_table.h"
 #include "layer_norm.h"
+#include "add_layer_norm.h"
 #include "attention.h"
 #include "gelu.h"
 #include "adamw.h"
@@ -16,7 +17,7 @@ const KernelTable* table() {
   static const KernelTable t = {
       NF_STR(NF_ISA) + 4,  // drop the "isa_" prefix
       &layer_norm_forward, &layer_norm_backward, &attention_forward, &attention_backward, &gelu_forward, &gelu_backward,
-      &dropout_mask, &adamw_step,
+      &dropout_mask, &add_layer_norm_forward, &add_layer_norm_backward, &adamw_step,
   };
   return &t;
 }

@@ -242,6 +242,32 @@ void layer_norm_backward_rows(const LayerNormBackwardArgs& a, const acc_t<T>* wv
   }
 }
 
+// Reduces the per-chunk partials of dweight and dbias pairwise (a fixed tree, so the order never
+// depends on the threads, and the rounding error grows with log2(chunks) rather than chunks),
+// vectorised along the columns, then writes them out (dw or db may be null).
+template <class T>
+void layer_norm_reduce_param_grads(acc_t<T>* pdw, acc_t<T>* pdb, int64_t chunks, int64_t C, T* dw, T* db,
+                                   int num_threads) {
+  using A = acc_t<T>;
+  constexpr int W = lanes<A>();
+  for (int64_t stride = 1; stride < chunks; stride *= 2) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (chunks * C > 262144)
+    for (int64_t k = 0; k < chunks - stride; k += 2 * stride) {
+      for (A* part : {pdw, pdb}) {
+        A* dst = part + k * C;
+        const A* src = part + (k + stride) * C;
+        int64_t c = 0;
+        for (; c + W <= C; c += W) vstore(dst + c, vload(dst + c) + vload(src + c));
+        for (; c < C; ++c) dst[c] += src[c];
+      }
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    if (dw) dw[c] = from_acc<T>(pdw[c]);
+    if (db) db[c] = from_acc<T>(pdb[c]);
+  }
+}
+
 template <class T>
 void layer_norm_backward_impl(const LayerNormBackwardArgs& a) {
   using A = acc_t<T>;
@@ -263,28 +289,9 @@ void layer_norm_backward_impl(const LayerNormBackwardArgs& a) {
     });
   if (!done) layer_norm_backward_rows<T, 0>(a, wv.data(), chunks, pdw, pdb);
 
-  if (!need_param_grads) return;
-  // Reduce the chunk partials pairwise (a fixed tree, so the order never depends on the threads, and
-  // the rounding error grows with log2(chunks) rather than chunks), vectorised along the columns.
-  constexpr int W = lanes<A>();
-  for (int64_t stride = 1; stride < chunks; stride *= 2) {
-#pragma omp parallel for num_threads(a.num_threads) schedule(static) if (chunks * C > 262144)
-    for (int64_t k = 0; k < chunks - stride; k += 2 * stride) {
-      for (A* part : {pdw, pdb}) {
-        A* dst = part + k * C;
-        const A* src = part + (k + stride) * C;
-        int64_t c = 0;
-        for (; c + W <= C; c += W) vstore(dst + c, vload(dst + c) + vload(src + c));
-        for (; c < C; ++c) dst[c] += src[c];
-      }
-    }
-  }
-  T* dw = static_cast<T*>(a.dweight);
-  T* db = static_cast<T*>(a.dbias);
-  for (int64_t c = 0; c < C; ++c) {
-    if (dw) dw[c] = from_acc<T>(pdw[c]);
-    if (db) db[c] = from_acc<T>(pdb[c]);
-  }
+  if (need_param_grads)
+    layer_norm_reduce_param_grads<T>(pdw, pdb, chunks, C, static_cast<T*>(a.dweight), static_cast<T*>(a.dbias),
+                                     a.num_threads);
 }
 
 inline void layer_norm_forward(const LayerNormForwardArgs& a) {

@@ -47,6 +47,29 @@ void layer_norm_backward(int dtype, int64_t N, int64_t C, uintptr_t dy, int64_t 
   kernels().layer_norm_backward(a);
 }
 
+// Both return false for a dtype combination the fused kernel does not take (nothing is written).
+bool add_layer_norm_forward(int dtype, int residual_dtype, int y_dtype, int64_t N, int64_t C, uintptr_t x,
+                            int64_t x_row_stride, uintptr_t residual, int64_t residual_row_stride, uintptr_t weight,
+                            uintptr_t bias, uintptr_t h, uintptr_t y, uintptr_t mean, uintptr_t rstd, double eps,
+                            int num_threads) {
+  nanofast::AddLayerNormForwardArgs a{dtype, residual_dtype, y_dtype, N, C, ptr<const void>(x), x_row_stride,
+                                      ptr<const void>(residual), residual_row_stride, ptr<const void>(weight),
+                                      ptr<const void>(bias), ptr<void>(h), ptr<void>(y), ptr<void>(mean),
+                                      ptr<void>(rstd), eps, num_threads};
+  return kernels().add_layer_norm_forward(a);
+}
+
+bool add_layer_norm_backward(int dtype, int residual_dtype, int y_dtype, int64_t N, int64_t C, uintptr_t dy,
+                             int64_t dy_row_stride, uintptr_t dh, uintptr_t h, uintptr_t weight, uintptr_t mean,
+                             uintptr_t rstd, uintptr_t dx, uintptr_t dresidual, uintptr_t dweight, uintptr_t dbias,
+                             int num_threads) {
+  nanofast::AddLayerNormBackwardArgs a{dtype, residual_dtype, y_dtype, N, C, ptr<const void>(dy), dy_row_stride,
+                                       ptr<const void>(dh), ptr<const void>(h), ptr<const void>(weight),
+                                       ptr<const void>(mean), ptr<const void>(rstd), ptr<void>(dx),
+                                       ptr<void>(dresidual), ptr<void>(dweight), ptr<void>(dbias), num_threads};
+  return kernels().add_layer_norm_backward(a);
+}
+
 void attention_forward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK, int64_t HS, int64_t HSV,
                        uintptr_t q, Strides3 qs, uintptr_t k, Strides3 ks, uintptr_t v, Strides3 vs, uintptr_t out,
                        Strides3 os, uintptr_t lse, double scale, bool causal, double dropout_p, uint64_t seed,
@@ -120,6 +143,8 @@ PYBIND11_MODULE(_C, m) {
   using release = py::call_guard<py::gil_scoped_release>;
   m.def("layer_norm_forward", &layer_norm_forward, release());
   m.def("layer_norm_backward", &layer_norm_backward, release());
+  m.def("add_layer_norm_forward", &add_layer_norm_forward, release());
+  m.def("add_layer_norm_backward", &add_layer_norm_backward, release());
   m.def("attention_forward", &attention_forward, release());
   m.def("attention_backward", &attention_backward, release());
   m.def("dropout_mask", &dropout_mask, release());

@@ -104,23 +104,30 @@ def test_nanofast_kernels_match_torch(bias):
 
 def test_nanofast_kernels_are_called_with_strided_views(monkeypatch):
     from nanofast import ops
-    calls = {"ln": 0, "sdpa": []}
-    real_ln, real_sdpa = ops.layer_norm, ops.scaled_dot_product_attention
+    calls = {"ln": 0, "add_ln": 0, "sdpa": []}
+    real_ln, real_add_ln, real_sdpa = ops.layer_norm, ops.add_layer_norm, ops.scaled_dot_product_attention
 
     def ln(x, shape, weight=None, bias=None, eps=1e-5):
         calls["ln"] += 1
         assert tuple(shape) == (32,) and eps == 1e-5
         return real_ln(x, shape, weight, bias, eps)
 
+    def add_ln(x, delta, shape, weight=None, bias=None, eps=1e-5, out_dtype=None):
+        calls["add_ln"] += 1
+        assert tuple(shape) == (32,) and eps == 1e-5 and delta.shape == x.shape
+        return real_add_ln(x, delta, shape, weight, bias, eps, out_dtype)
+
     def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
         calls["sdpa"].append((q.is_contiguous(), q.shape, q.stride(), dropout_p, is_causal))
         return real_sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
 
     monkeypatch.setattr(ops, "layer_norm", ln)
+    monkeypatch.setattr(ops, "add_layer_norm", add_ln)
     monkeypatch.setattr(ops, "scaled_dot_product_attention", sdpa)
     m = GPT(tiny("nanofast", dropout=0.25))
     m(torch.randint(0, 37, (3, 16)))
-    assert calls["ln"] == 2 * 2 + 1
+    # 2 blocks x 2 norms + ln_f: the first alone, the other four fused with the residual add before them
+    assert calls["ln"] == 1 and calls["add_ln"] == 4
     assert len(calls["sdpa"]) == 2
     contiguous, shape, stride, p, causal = calls["sdpa"][0]
     assert not contiguous and shape == (3, 2, 16, 16) and stride == (16 * 96, 16, 96, 1)

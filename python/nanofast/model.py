@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from nanofast import ops
 from nanofast import optim as nanofast_optim
 
 KERNELS = ("nanofast", "torch")
@@ -38,7 +39,6 @@ def kernel(op, kernels):
     """The function `op` ("layer_norm", "scaled_dot_product_attention" or "gelu") of a kernel choice:
     nanofast.ops or torch.nn.functional, which share the names and signatures."""
     if kernels == "nanofast":
-        from nanofast import ops
         return getattr(ops, op)
     if kernels == "torch":
         return getattr(F, op)
@@ -57,9 +57,23 @@ class LayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
         self.kernel = kernel("layer_norm", kernels)
+        self.fused_add = kernels == "nanofast"
 
     def forward(self, x):
         return self.kernel(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+    def add_norm(self, x, delta):
+        """(x + delta, the norm of it): a residual update, and the norm that reads the result. nanofast
+        fuses the two (nanofast.ops.add_layer_norm); under autocast it hands the normalised rows over in
+        the autocast dtype, as the matmul that takes them would cast them anyway."""
+        if delta is None:
+            return x, self(x)
+        if not self.fused_add:
+            x = x + delta
+            return x, self(x)
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        return ops.add_layer_norm(x, delta, self.weight.shape, self.weight, self.bias, 1e-5, out_dtype=out_dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -122,7 +136,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One transformer layer, pre-norm: x + attention(norm(x)), then x + mlp(norm(x))."""
+    """One transformer layer, pre-norm: x + attention(norm(x)), then x + mlp(norm(x)).
+
+    Each residual add is followed by a norm (this block's second, or the next block's first), and
+    LayerNorm.add_norm does the two at once. So a block takes the MLP update of the block before it as
+    `pending`, and hands its own MLP update on the same way: x_out + pending_out is what nanoGPT's
+    block returns."""
 
     def __init__(self, config):
         super().__init__()
@@ -131,10 +150,10 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias, kernels=config.kernels)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        x = x + self.mlp(self.ln_2(x))
-        return x
+    def forward(self, x, pending=None):
+        x, h = self.ln_1.add_norm(x, pending)  # x = x + pending; h = ln_1(x)
+        x, h = self.ln_2.add_norm(x, self.attn(h))  # x = x + attn(h); h = ln_2(x)
+        return x, self.mlp(h)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,9 +236,10 @@ class GPT(nn.Module):
         assert T <= self.config.block_size, f"sequence of length {T} is longer than block_size {self.config.block_size}"
         pos = torch.arange(T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        pending = None  # each block's MLP update, added to x by the norm that reads it next
         for block in self.transformer.h:
-            x = block(x)
-        x = self.transformer.ln_f(x)
+            x, pending = block(x, pending)
+        x = self.transformer.ln_f.add_norm(x, pending)[1]
         if targets is None:
             # generating: only the next token's distribution is needed ([-1] keeps the time axis)
             return self.lm_head(x[:, [-1], :]), None

@@ -3,8 +3,9 @@
 Each op is a torch.library custom op (namespace ``nanofast``) with autograd and a fake
 implementation, so it works in eager mode, under autograd and inside torch.compile.
 """
+from .add_layer_norm import add_layer_norm
 from .attention import dropout_mask, scaled_dot_product_attention
 from .gelu import gelu
 from .layer_norm import layer_norm
 
-__all__ = ["layer_norm", "scaled_dot_product_attention", "dropout_mask", "gelu"]
+__all__ = ["layer_norm", "add_layer_norm", "scaled_dot_product_attention", "dropout_mask", "gelu"]

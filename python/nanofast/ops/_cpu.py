@@ -63,6 +63,65 @@ def layer_norm_backward(dy, x, weight, mean, rstd, need_weight_grad, need_bias_g
     return dx, dw, db
 
 
+# (x, residual, y) dtypes the fused add + LayerNorm kernel takes; other combinations are composed
+ADD_LAYER_NORM_DTYPES = {(torch.float64,) * 3, (torch.bfloat16,) * 3} | {
+    (torch.float32, r, y) for r in (torch.float32, torch.bfloat16) for y in (torch.float32, torch.bfloat16)}
+
+
+def _rows(t):
+    """t as rows of its last dimension, without a copy where its strides allow: (t or a packed copy,
+    the number of rows, the row stride). The last dimension has unit stride (the callers see to it)."""
+    C = t.shape[-1]
+    if t.dim() == 2:
+        return t, t.shape[0], t.stride(0)
+    N = t.numel() // C if C else 0
+    if t.dim() == 1:
+        return t, 1, C
+    # the leading dimensions must step evenly, each stride the next one's times its size
+    shape, stride = t.shape, t.stride()
+    for i in range(t.dim() - 2):
+        if shape[i] > 1 and stride[i] != stride[i + 1] * shape[i + 1]:
+            t = t.contiguous()
+            return t, N, C
+    return t, N, stride[-2]
+
+
+def add_layer_norm_forward(x, residual, weight, bias, eps, out_dtype):
+    """(h, y, mean, rstd) over the last dimension of x and residual (same shape, any leading
+    dimensions); h and y come out contiguous, in x's shape."""
+    C = x.shape[-1]
+    x, N, x_stride = _rows(x)
+    residual, _, r_stride = _rows(residual)
+    weight, bias = _packed(weight), _packed(bias)
+    h = torch.empty(x.shape, dtype=x.dtype)
+    y = torch.empty(x.shape, dtype=out_dtype)
+    mean = torch.empty(N, dtype=_acc_dtype(x.dtype))
+    rstd = torch.empty(N, dtype=_acc_dtype(x.dtype))
+    if x.numel():
+        _C.add_layer_norm_forward(_DTYPE_CODE[x.dtype], _DTYPE_CODE[residual.dtype], _DTYPE_CODE[out_dtype], N, C,
+                                  x.data_ptr(), x_stride, residual.data_ptr(), r_stride, _ptr(weight), _ptr(bias),
+                                  h.data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), float(eps), _threads())
+    return h, y, mean, rstd
+
+
+def add_layer_norm_backward(dy, dh, h, weight, mean, rstd, residual_dtype, need_weight_grad, need_bias_grad):
+    """(dx, dresidual, dw, db) in h's shape; dresidual is dx itself when the residual has h's dtype."""
+    C = h.shape[-1]
+    dy, N, dy_stride = _rows(dy)
+    weight, mean, rstd, dh = _packed(weight), _packed(mean), _packed(rstd), _packed(dh)
+    dx = torch.empty(h.shape, dtype=h.dtype)
+    dres = dx if residual_dtype == h.dtype else torch.empty(h.shape, dtype=residual_dtype)
+    alloc = torch.empty if N else torch.zeros
+    dw = alloc(C, dtype=h.dtype) if need_weight_grad else None
+    db = alloc(C, dtype=h.dtype) if need_bias_grad else None
+    if h.numel():
+        _C.add_layer_norm_backward(_DTYPE_CODE[h.dtype], _DTYPE_CODE[residual_dtype], _DTYPE_CODE[dy.dtype], N, C,
+                                   dy.data_ptr(), dy_stride, _ptr(dh), h.data_ptr(), _ptr(weight), mean.data_ptr(),
+                                   rstd.data_ptr(), dx.data_ptr(), 0 if dres is dx else dres.data_ptr(), _ptr(dw),
+                                   _ptr(db), _threads())
+    return dx, dres, dw, db
+
+
 def attention_forward(q, k, v, is_causal, scale, dropout_p, seed):
     B, NH, TQ, HS = q.shape
     TK, HSV = k.shape[2], v.shape[3]

@@ -64,6 +64,29 @@ def layer_norm_args(input, normalized_shape, weight, bias, eps):
     return normalized_shape, eps
 
 
+def add_layer_norm_args(input, residual, normalized_shape, weight, bias, eps, out_dtype):
+    """layer_norm_args' checks plus the residual's and out_dtype's; returns (normalized_shape, eps,
+    out_dtype)."""
+    fn = "nanofast.ops.add_layer_norm"
+    check_tensor("input", input, fn)
+    check_tensor("residual", residual, fn)
+    if tuple(residual.shape) != tuple(input.shape):
+        raise ValueError(f"{fn}: residual has shape {tuple(residual.shape)} but input has shape {tuple(input.shape)}; "
+                         "they must match (no broadcasting)")
+    if residual.device != input.device:
+        raise ValueError(f"{fn}: residual is on {residual.device} but input is on {input.device}; they must match")
+    if torch.promote_types(input.dtype, residual.dtype) != input.dtype:
+        raise TypeError(f"{fn}: residual has dtype {residual.dtype}, which would promote input's {input.dtype}; "
+                        "the sum keeps input's dtype, so the residual must have it or a lower precision")
+    normalized_shape, eps = layer_norm_args(input, normalized_shape, weight, bias, eps)
+    if out_dtype is None:
+        out_dtype = input.dtype
+    elif not isinstance(out_dtype, torch.dtype) or out_dtype not in _SUPPORTED.get(input.device.type, ()):
+        raise TypeError(f"{fn}: out_dtype must be one of {_SUPPORTED.get(input.device.type)} on {input.device.type}, "
+                        f"got {out_dtype!r}")
+    return normalized_shape, eps, out_dtype
+
+
 def attention_args(query, key, value, attn_mask, dropout_p, scale, enable_gqa=False):
     fn = "nanofast.ops.scaled_dot_product_attention"
     if attn_mask is not None:

@@ -1,0 +1,182 @@
+// The residual add fused with the LayerNorm after it: h = x + residual, y = LayerNorm(h) in one pass
+// over the rows, and in the backward dx = dh + LayerNorm'(dy) (the gradient reaching h from the rest of
+// the residual stream plus the one through the norm). Unfused, a pre-norm transformer reads and writes
+// the stream once more for the add, once more for autograd's sum of h's two gradients, and once more
+// for each dtype cast when autocast mixes bf16 layer outputs into the fp32 stream.
+// Included by kernels_isa.cpp once per instruction set, inside namespace nanofast::NF_ISA.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "kernel_table.h"
+#include "layer_norm.h"
+#include "scalar_types.h"
+#include "simd.h"
+
+namespace nanofast {
+namespace NF_ISA {
+
+// TX: x, h, weight and bias; TR: the residual; TY: y (and dy). Rows are widened on the fly, so the
+// accumulation type A is the only type the arithmetic sees.
+template <class TX, class TR, class TY>
+void add_layer_norm_forward_impl(const AddLayerNormForwardArgs& a) {
+  using A = acc_t<TX>;
+  constexpr int W = lanes<A>();
+  const int64_t N = a.N, C = a.C;
+  const TX* x = static_cast<const TX*>(a.x);
+  const TR* res = static_cast<const TR*>(a.residual);
+  const TX* w = static_cast<const TX*>(a.weight);
+  const TX* b = static_cast<const TX*>(a.bias);
+  TX* h = static_cast<TX*>(a.h);
+  TY* y = static_cast<TY*>(a.y);
+  A* mean_out = static_cast<A*>(a.mean);
+  A* rstd_out = static_cast<A*>(a.rstd);
+  std::vector<A> wv(C, A(1)), bv(C, A(0));
+  if (w) for (int64_t c = 0; c < C; ++c) wv[c] = to_acc(w[c]);
+  if (b) for (int64_t c = 0; c < C; ++c) bv[c] = to_acc(b[c]);
+
+#pragma omp parallel for num_threads(a.num_threads) schedule(static) if (N * C > 32768)
+  for (int64_t n = 0; n < N; ++n) {
+    const TX* xr = x + n * a.x_row_stride;
+    const TR* rr = res + n * a.residual_row_stride;
+    TX* hr = h + n * C;
+    TY* yr = y + n * C;
+    // pass 1: h = x + residual, stored in x's dtype; the sum of the stored (rounded) values, so the
+    // norm is of exactly the h the backward will read back
+    vec<A> s{};
+    int64_t c = 0;
+    for (; c + W <= C; c += W) {
+      vstore_as(hr + c, vload_as(xr + c) + vload_as(rr + c));
+      s += vload_as(hr + c);
+    }
+    A sum = vsum(s);
+    for (; c < C; ++c) {
+      hr[c] = from_acc<TX>(to_acc(xr[c]) + to_acc(rr[c]));
+      sum += to_acc(hr[c]);
+    }
+    const A mean = sum / A(C);
+    // pass 2: the variance around the mean
+    vec<A> q{};
+    for (c = 0; c + W <= C; c += W) {
+      const vec<A> d = vload_as(hr + c) - mean;
+      q += d * d;
+    }
+    A var = vsum(q);
+    for (; c < C; ++c) var += (to_acc(hr[c]) - mean) * (to_acc(hr[c]) - mean);
+    const A rstd = A(1) / std::sqrt(var / A(C) + A(a.eps));
+    mean_out[n] = mean;
+    rstd_out[n] = rstd;
+    // pass 3: normalise, scale and shift, stored in y's dtype
+    for (c = 0; c + W <= C; c += W)
+      vstore_as(yr + c, (vload_as(hr + c) - mean) * rstd * vload(wv.data() + c) + vload(bv.data() + c));
+    for (; c < C; ++c) yr[c] = from_acc<TY>((to_acc(hr[c]) - mean) * rstd * wv[c] + bv[c]);
+  }
+}
+
+template <class TX, class TR, class TY>
+void add_layer_norm_backward_impl(const AddLayerNormBackwardArgs& a) {
+  using A = acc_t<TX>;
+  constexpr int W = lanes<A>();
+  const int64_t N = a.N, C = a.C;
+  const TY* dy = static_cast<const TY*>(a.dy);
+  const TX* dh = static_cast<const TX*>(a.dh);
+  const TX* h = static_cast<const TX*>(a.h);
+  const TX* w = static_cast<const TX*>(a.weight);
+  const A* mean = static_cast<const A*>(a.mean);
+  const A* rstd = static_cast<const A*>(a.rstd);
+  TX* dx = static_cast<TX*>(a.dx);
+  TR* dres = static_cast<TR*>(a.dresidual);
+  const bool need_param_grads = a.dweight || a.dbias;
+  std::vector<A> wv(C, A(1));
+  if (w) for (int64_t c = 0; c < C; ++c) wv[c] = to_acc(w[c]);
+  // dweight and dbias: fixed 16-row chunk partials, reduced pairwise (as layer_norm_backward)
+  const int64_t chunks = std::max<int64_t>(1, (N + kLayerNormChunkRows - 1) / kLayerNormChunkRows);
+  std::vector<A> part_dw(need_param_grads ? chunks * C : 0, A(0));
+  std::vector<A> part_db(need_param_grads ? chunks * C : 0, A(0));
+
+#pragma omp parallel for num_threads(a.num_threads) schedule(static) if (N * C > 32768)
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    A* pdw = need_param_grads ? part_dw.data() + chunk * C : nullptr;
+    A* pdb = need_param_grads ? part_db.data() + chunk * C : nullptr;
+    for (int64_t n = chunk * kLayerNormChunkRows; n < std::min(N, (chunk + 1) * kLayerNormChunkRows); ++n) {
+      const TY* dyr = dy + n * a.dy_row_stride;
+      const TX* hr = h + n * C;
+      const TX* dhr = dh ? dh + n * C : nullptr;
+      const A mu = mean[n], rs = rstd[n];
+      // pass 1: the row means of g = dy * w and of g * xhat
+      vec<A> sg{}, sgx{};
+      int64_t c = 0;
+      for (; c + W <= C; c += W) {
+        const vec<A> g = vload_as(dyr + c) * vload(wv.data() + c);
+        sg += g;
+        sgx += g * (vload_as(hr + c) - mu);
+      }
+      A sum_g = vsum(sg), sum_gx = vsum(sgx);
+      for (; c < C; ++c) {
+        const A g = to_acc(dyr[c]) * wv[c];
+        sum_g += g;
+        sum_gx += g * (to_acc(hr[c]) - mu);
+      }
+      const A mean_g = sum_g / A(C), mean_gx = sum_gx * rs / A(C);
+      // pass 2: dx = dh + rstd * (g - mean(g) - xhat * mean(g * xhat)), in x's dtype and the residual's;
+      // the parameter-gradient partials
+      TX* dxr = dx + n * C;
+      TR* drr = dres ? dres + n * C : nullptr;
+      for (c = 0; c + W <= C; c += W) {
+        const vec<A> d = vload_as(dyr + c), xh = (vload_as(hr + c) - mu) * rs;
+        vec<A> v = (d * vload(wv.data() + c) - mean_g - xh * mean_gx) * rs;
+        if (dhr) v += vload_as(dhr + c);
+        vstore_as(dxr + c, v);
+        if (drr) vstore_as(drr + c, v);
+        if (pdw) {
+          vstore(pdw + c, vload(pdw + c) + d * xh);
+          vstore(pdb + c, vload(pdb + c) + d);
+        }
+      }
+      for (; c < C; ++c) {
+        const A d = to_acc(dyr[c]), xh = (to_acc(hr[c]) - mu) * rs;
+        A v = (d * wv[c] - mean_g - xh * mean_gx) * rs;
+        if (dhr) v += to_acc(dhr[c]);
+        dxr[c] = from_acc<TX>(v);
+        if (drr) drr[c] = from_acc<TR>(v);
+        if (pdw) { pdw[c] += d * xh; pdb[c] += d; }
+      }
+    }
+  }
+  if (need_param_grads)
+    layer_norm_reduce_param_grads<TX>(part_dw.data(), part_db.data(), chunks, C, static_cast<TX*>(a.dweight),
+                                      static_cast<TX*>(a.dbias), a.num_threads);
+}
+
+// Calls impl<TX, TR, TY> for the supported combinations: everything in one dtype, or float32 rows
+// with a bfloat16 residual and/or output.
+template <template <class, class, class> class Impl, class Args>
+bool add_layer_norm_dispatch(const Args& a) {
+  const int x = a.dtype, r = a.residual_dtype, y = a.y_dtype;
+  if (x == kFloat64 && r == kFloat64 && y == kFloat64) return Impl<double, double, double>::run(a), true;
+  if (x == kBFloat16 && r == kBFloat16 && y == kBFloat16) return Impl<bf16, bf16, bf16>::run(a), true;
+  if (x != kFloat32) return false;
+  if (r == kFloat32 && y == kFloat32) return Impl<float, float, float>::run(a), true;
+  if (r == kBFloat16 && y == kFloat32) return Impl<float, bf16, float>::run(a), true;
+  if (r == kFloat32 && y == kBFloat16) return Impl<float, float, bf16>::run(a), true;
+  if (r == kBFloat16 && y == kBFloat16) return Impl<float, bf16, bf16>::run(a), true;
+  return false;
+}
+
+template <class TX, class TR, class TY> struct AddLayerNormForward {
+  static void run(const AddLayerNormForwardArgs& a) { add_layer_norm_forward_impl<TX, TR, TY>(a); }
+};
+template <class TX, class TR, class TY> struct AddLayerNormBackward {
+  static void run(const AddLayerNormBackwardArgs& a) { add_layer_norm_backward_impl<TX, TR, TY>(a); }
+};
+
+inline bool add_layer_norm_forward(const AddLayerNormForwardArgs& a) {
+  return add_layer_norm_dispatch<AddLayerNormForward>(a);
+}
+inline bool add_layer_norm_backward(const AddLayerNormBackwardArgs& a) {
+  return add_layer_norm_dispatch<AddLayerNormBackward>(a);
+}
+
+}  // namespace NF_ISA
+}  // namespace nanofast
