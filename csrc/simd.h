@@ -79,9 +79,14 @@ typedef uint16_t vbf16 __attribute__((vector_size(NF_VBYTES / 2)));
 typedef uint32_t vu32 __attribute__((vector_size(NF_VBYTES)));
 
 inline vec<float> vload_bf16(const void* p) {
+#if NF_VBYTES == 64
+  // one vpmovzxwd over the whole vector (the generic widening below is split in two halves)
+  vu32 u = reinterpret_cast<vu32>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(static_cast<const __m256i*>(p)))) << 16;
+#else
   vbf16 h;
   std::memcpy(&h, p, sizeof h);
   vu32 u = __builtin_convertvector(h, vu32) << 16;
+#endif
   vec<float> f;
   std::memcpy(&f, &u, sizeof f);
   return f;
@@ -93,7 +98,12 @@ inline void vstore_bf16(void* p, vec<float> f) {
   const vu32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   const vu32 quiet_nan = (u >> 16) | 0x40u;
   const vu32 r = (u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded;
+#if NF_VBYTES == 64
+  // one vpmovdw: the generic narrowing below becomes a two-source permute on AVX-512
+  const __m256i h = _mm512_cvtepi32_epi16(reinterpret_cast<__m512i>(r));
+#else
   const vbf16 h = __builtin_convertvector(r, vbf16);
+#endif
   std::memcpy(p, &h, sizeof h);
 }
 
