@@ -25,5 +25,8 @@ export LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=lib
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 cd "$root"
 PYTHONPATH="$work/site" python3 -c "import nanofast._C as c; assert c.__file__.startswith('$work'), c.__file__"
-if [ $# -eq 0 ]; then set -- tests/test_ops_layer_norm.py tests/test_ops_attention.py tests/test_dropout.py; fi
+if [ $# -eq 0 ]; then
+  set -- tests/test_ops_layer_norm.py tests/test_ops_add_layer_norm.py tests/test_ops_attention.py \
+    tests/test_ops_gelu.py tests/test_dropout.py tests/test_optim.py
+fi
 PYTHONPATH="$work/site" python3 -m pytest -q -p no:cacheprovider "$@"
