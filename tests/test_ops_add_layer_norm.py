@@ -181,3 +181,11 @@ def test_triton_launchers_compose_the_same_op():
     theirs = _run(_unfused, x, r, w, b, dh, dy, BF16)
     for o, t in zip(ours, theirs):
         torch.testing.assert_close(o, t, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtypes", [(F32, F32, F32), (F32, BF16, BF16), (BF16, BF16, BF16)],
+                         ids=lambda d: "-".join(str(t)[6:] for t in d))
+def test_cuda_parity(dtypes):
+    x, r, w, b, dh, dy = (t.cuda() for t in _inputs((64, 4, 384), dtypes))
+    _check(x, r, w, b, dh, dy, dtypes[2])
