@@ -17,7 +17,8 @@ Beyond nanoGPT:
 - device='auto' (cuda, then mps, then cpu) and dtype='auto' (bfloat16 where the GPU supports it,
   float16 with a GradScaler on other GPUs, float32 on the CPU and mps; --dtype=bfloat16 turns on
   bfloat16 autocast on the CPU)
-- kernels='nanofast' | 'torch' selects who runs LayerNorm and attention
+- kernels='nanofast' | 'torch' selects who runs LayerNorm (with the residual adds), attention, GELU and,
+  on the CPU, the AdamW step
 - retain_memory=True: CPU runs keep freed memory in the process instead of page-faulting every
   step's tensors back in (nanofast/allocator.py; 10-25% of a CPU step on the dev machine)
 - datasets are prepared on first use (nanofast/data.py; keys data_dir and data_path)
@@ -100,7 +101,7 @@ DEFAULTS = dict(
     dtype='auto',  # 'auto', 'float32', 'bfloat16' or 'float16' (float16 adds a GradScaler)
     compile=True,  # torch.compile the model
     # nanofast's own
-    kernels='nanofast',  # 'nanofast' or 'torch': who runs LayerNorm and attention
+    kernels='nanofast',  # 'nanofast' or 'torch': who runs LayerNorm (+ residual adds), attention, GELU, CPU AdamW
     data_dir='',  # root of the prepared datasets ('' = see nanofast.data: ./data/<name> or ~/.cache/nanofast/data)
     data_path='',  # a UTF-8 text file to train on (for shakespeare_char: a local copy of input.txt)
     seed=1337,  # seeds the initialisation, dropout (plus the DDP rank) and the batch sampler
