@@ -34,3 +34,29 @@ def test_compile_inductor():
 
     x, w, q = torch.randn(4, 16), torch.randn(16), torch.randn(1, 2, 9, 8)
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x, w, q), f(x, w, q))
+
+
+def test_gpt_compiles_fullgraph_with_the_fused_ops():
+    # nanofast-train compiles the model by default (--compile=True): the blocks' fused residual adds,
+    # the autocast query in LayerNorm.add_norm and the ops must all trace into one graph
+    import contextlib
+
+    from nanofast.model import GPT, GPTConfig
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=37, bias=False, dropout=0.0)
+    X, Y = torch.randint(37, (3, 16)), torch.randint(37, (3, 16))
+    for dtype in (torch.float32, torch.bfloat16):
+        eager = GPT(cfg)
+        compiled = GPT(cfg)
+        compiled.load_state_dict(eager.state_dict())
+        run = torch.compile(compiled, fullgraph=True, backend="aot_eager")
+        ctx = contextlib.nullcontext() if dtype == torch.float32 else torch.amp.autocast("cpu", dtype=dtype)
+        with ctx:
+            loss_c, loss_e = run(X, Y)[1], eager(X, Y)[1]
+        loss_c.backward()
+        loss_e.backward()
+        torch.testing.assert_close(loss_c, loss_e, rtol=0, atol=0)
+        for (name, a), b in zip(compiled.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, msg=name)
