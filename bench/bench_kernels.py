@@ -160,6 +160,30 @@ def y_size(dtype):
     return torch.empty(0, dtype=dtype).element_size()
 
 
+GELU_CONFIGS = {"cpu-config": (768, 512), "gpu-config": (16384, 1536)}  # the MLP's hidden activations
+GELU = {"nanofast": nanofast.ops.gelu, "torch": F.gelu}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(GELU_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("provider", list(GELU))
+def test_gelu(benchmark, record, device, case, dtype, provider):
+    """Exact (erf) GELU forward and backward on the MLP's hidden activations (the GPT's 4C width)."""
+    N, C = GELU_CONFIGS[case]
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(N, C, generator=g) * 2).to(device=device, dtype=dtype).requires_grad_()
+    dy = torch.randn(N, C, generator=g).to(device=device, dtype=dtype)
+    fn = GELU[provider]
+    if provider != "torch":
+        rows = slice(0, min(N, 256))
+        _check_parity(fn, F.gelu, [x[rows].detach().requires_grad_()], dy[rows], True, {}, dtype)
+    timed(benchmark, lambda: _run(fn, [x], dy, True, {}), device)
+    # compulsory traffic: forward reads x, writes y; backward reads x and dy, writes dx
+    record(benchmark, op="gelu", case=f"{case} {N}x{C}", mode="fwdbwd", dtype=dtype, provider=provider,
+           device=device, work=5 * N * C * x.element_size(), unit="GB/s")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_memory_bandwidth(benchmark, record, device):
     """The machine's copy bandwidth (bytes read + written), for reading the LayerNorm GB/s: a 512 MiB

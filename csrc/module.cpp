@@ -115,18 +115,15 @@ double adamw_step(const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>
   return kernels().adamw_step(a);
 }
 
-// glibc returns a freed block to the kernel when it was mmap-ed (above a threshold that starts at 128 KiB)
-// or when the free space at the top of the heap passes the trim threshold; the next tensor of that size
-// then page-faults on every 4 KiB page. A training step frees and reallocates the same tensors each
-// iteration, so keep them: blocks up to mmap_threshold come from the heap, and the heap is trimmed only
-// past trim_threshold. Returns false where the C library is not glibc (nothing changed).
-bool retain_freed_memory(int64_t mmap_threshold, int64_t trim_threshold) {
+// glibc returns a freed block to the kernel when it was mmap-ed (every block above a threshold that
+// starts at 128 KiB and never passes 32 MiB) or when the free space at the top of the heap passes the
+// trim threshold; the next tensor of that size then page-faults on every 4 KiB page. A training step
+// frees and reallocates the same tensors each iteration, so: every block from the heap (no mmap), and
+// the heap never trimmed. Returns false where the C library is not glibc (nothing changed).
+bool retain_freed_memory() {
 #if defined(__GLIBC__)
-  return mallopt(M_MMAP_THRESHOLD, static_cast<int>(mmap_threshold)) == 1 &&
-         mallopt(M_TRIM_THRESHOLD, static_cast<int>(trim_threshold)) == 1;
+  return mallopt(M_MMAP_MAX, 0) == 1 && mallopt(M_TRIM_THRESHOLD, -1) == 1;
 #else
-  (void)mmap_threshold;
-  (void)trim_threshold;
   return false;
 #endif
 }
@@ -150,7 +147,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("dropout_mask", &dropout_mask, release());
   m.def("gelu", &gelu, release(), "forward with dy == 0, else backward");
   m.def("adamw_step", &adamw_step, release(), "clip (max_grad_norm > 0) and AdamW-step float32 tensors");
-  m.def("retain_freed_memory", &retain_freed_memory, "glibc malloc: keep freed blocks up to the thresholds");
+  m.def("retain_freed_memory", &retain_freed_memory, "glibc malloc: no mmap-ed blocks, no heap trimming");
   m.def("philox_uniform", &nanofast::philox_uniform, "the dropout generator's uniform at (seed, offset)");
   m.def("isa", [] { return std::string(kernels().isa); }, "the instruction set the kernels run with");
   m.def("available_isas", [] { return std::string(nanofast::available_isas()); });

@@ -9,8 +9,6 @@ import sys
 
 import pytest
 
-import nanofast.allocator as allocator
-
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="retain_freed_memory acts on glibc malloc")
 
 # Ten bfloat16-autocast steps of nanoGPT's CPU config (the case that faulted most), then the minor
@@ -51,18 +49,33 @@ def _faults_per_step(mode):
 def test_retained_memory_stops_the_page_faults_of_a_training_step():
     default, retained = _faults_per_step("default"), _faults_per_step("retain")
     assert retained["retained"] is True and default["retained"] is False
-    # the default allocator faults hundreds of pages a step back in (2700 on the dev machine)
-    assert default["faults"] > 100, default
+    if default["faults"] < 100:  # 700-2700 on the dev machine
+        pytest.skip(f"the default allocator faulted only {default['faults']} pages a step here (huge pages?)")
     assert retained["faults"] < default["faults"] / 10, (default, retained)
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(mmap_threshold=-1), "mmap_threshold"),
-    (dict(mmap_threshold=64 << 20), "mmap_threshold"),
-    (dict(trim_threshold=1 << 40), "trim_threshold"),
-    (dict(trim_threshold=1.5), "trim_threshold"),
-    (dict(trim_threshold=True), "trim_threshold"),
-])
-def test_bad_thresholds_name_the_argument(kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        allocator.retain_freed_memory(**kwargs)
+@glibc_only
+def test_large_blocks_are_reused_too():
+    # blocks above glibc's 32 MiB mmap ceiling (the GPU config's activations) are mmap-ed and unmapped
+    # on free by default, so every step faults them in again; retained, they come from the heap
+    code = r"""
+import resource, sys, torch, nanofast.allocator
+if sys.argv[1] == "retain":
+    nanofast.allocator.retain_freed_memory()
+def step():  # two activations of a step, freed at its end
+    a, b = torch.ones(64 << 20, dtype=torch.uint8), torch.ones(40 << 20, dtype=torch.uint8)
+for _ in range(10):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+    faults = {}
+    for mode in ("default", "retain"):
+        p = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        faults[mode] = float(p.stdout.strip().splitlines()[-1])
+    if faults["default"] < 100:  # 26624 with 4 KiB pages
+        pytest.skip(f"this kernel backs the block with huge pages: {faults['default']} faults per allocation")
+    assert faults["retain"] < faults["default"] / 10, faults
