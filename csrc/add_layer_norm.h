@@ -32,9 +32,7 @@ void add_layer_norm_forward_impl(const AddLayerNormForwardArgs& a) {
   TY* y = static_cast<TY*>(a.y);
   A* mean_out = static_cast<A*>(a.mean);
   A* rstd_out = static_cast<A*>(a.rstd);
-  std::vector<A> wv(C, A(1)), bv(C, A(0));
-  if (w) for (int64_t c = 0; c < C; ++c) wv[c] = to_acc(w[c]);
-  if (b) for (int64_t c = 0; c < C; ++c) bv[c] = to_acc(b[c]);
+  const std::vector<A> wv = widened_param(w, C, A(1)), bv = widened_param(b, C, A(0));
 
 #pragma omp parallel for num_threads(a.num_threads) schedule(static) if (N * C > 32768)
   for (int64_t n = 0; n < N; ++n) {
@@ -88,8 +86,7 @@ void add_layer_norm_backward_impl(const AddLayerNormBackwardArgs& a) {
   TX* dx = static_cast<TX*>(a.dx);
   TR* dres = static_cast<TR*>(a.dresidual);
   const bool need_param_grads = a.dweight || a.dbias;
-  std::vector<A> wv(C, A(1));
-  if (w) for (int64_t c = 0; c < C; ++c) wv[c] = to_acc(w[c]);
+  const std::vector<A> wv = widened_param(w, C, A(1));
   // dweight and dbias: fixed 16-row chunk partials, reduced pairwise (as layer_norm_backward)
   const int64_t chunks = std::max<int64_t>(1, (N + kLayerNormChunkRows - 1) / kLayerNormChunkRows);
   std::vector<A> part_dw(need_param_grads ? chunks * C : 0, A(0));

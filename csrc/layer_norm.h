@@ -50,6 +50,14 @@ template <class A> inline A row_centered_sq_sum(const A* x, A mean, int64_t C) {
   return s;
 }
 
+// A parameter vector widened once to the accumulation type, `identity` everywhere when it is missing
+// (weight 1, bias 0), so the row loops have no branches.
+template <class T> std::vector<acc_t<T>> widened_param(const T* p, int64_t C, acc_t<T> identity) {
+  std::vector<acc_t<T>> v(C, identity);
+  if (p) for (int64_t c = 0; c < C; ++c) v[c] = to_acc(p[c]);
+  return v;
+}
+
 // Rows whose width is exactly NV vectors of float32 are held in registers: one load, then the mean,
 // the variance around it and the output all come from registers (the common case: C = 128, 384, ...).
 template <class A, int NV>
@@ -110,10 +118,7 @@ void layer_norm_forward_impl(const LayerNormForwardArgs& a) {
   T* y = static_cast<T*>(a.y);
   A* mean_out = static_cast<A*>(a.mean);
   A* rstd_out = static_cast<A*>(a.rstd);
-  // weight and bias widened once, with the identity for a missing one, so the row loop has no branches.
-  std::vector<A> wv(C, A(1)), bv(C, A(0));
-  if (w) for (int64_t c = 0; c < C; ++c) wv[c] = to_acc(w[c]);
-  if (b) for (int64_t c = 0; c < C; ++c) bv[c] = to_acc(b[c]);
+  const std::vector<A> wv = widened_param(w, C, A(1)), bv = widened_param(b, C, A(0));
   if constexpr (std::is_same<T, float>::value) {
     if (with_register_width<A>(C, [&](auto nv) {
           layer_norm_forward_regs<A, decltype(nv)::value>(a, x, wv.data(), bv.data(), y);
@@ -274,8 +279,7 @@ void layer_norm_backward_impl(const LayerNormBackwardArgs& a) {
   const int64_t N = a.N, C = a.C;
   const T* w = static_cast<const T*>(a.weight);
   const bool need_param_grads = a.dweight || a.dbias;
-  std::vector<A> wv(C, A(1));
-  if (w) for (int64_t c = 0; c < C; ++c) wv[c] = to_acc(w[c]);
+  const std::vector<A> wv = widened_param(w, C, A(1));
 
   const int64_t chunks = std::max<int64_t>(1, (N + kLayerNormChunkRows - 1) / kLayerNormChunkRows);
   std::vector<A> part_dw(need_param_grads ? chunks * C : 0, A(0));

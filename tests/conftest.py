@@ -16,6 +16,8 @@ if not _HAS_CUDA:
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/philox_ref.py and friends
 
+from parity import all_isas  # noqa: E402
+
 HAS_CUDA = _HAS_CUDA
 
 
@@ -34,3 +36,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(params=all_isas())
+def isa(request):
+    """Runs a test once per instruction-set build of the C++ kernels this CPU supports."""
+    from nanofast import _C
+
+    _C.select_isa(request.param)
+    yield request.param
+    _C.select_isa("auto")

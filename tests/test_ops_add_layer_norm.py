@@ -5,19 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanofast import _C, ops
-from parity import all_isas, assert_parity
+from nanofast import ops
+from parity import assert_parity
 
 F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
 # (x, residual, out) dtypes of the fused CPU kernel
 FUSED = [(F32, F32, F32), (F32, BF16, F32), (F32, F32, BF16), (F32, BF16, BF16), (BF16, BF16, BF16), (F64, F64, F64)]
-
-
-@pytest.fixture(params=all_isas())
-def isa(request):
-    _C.select_isa(request.param)
-    yield request.param
-    _C.select_isa("auto")
 
 
 def _inputs(shape, dtypes, affine=True, bias=True, seed=0):

@@ -2,16 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanofast import _C, ops
+from nanofast import ops
 from attention_ref import attention_ref
-from parity import all_isas, assert_parity
-
-
-@pytest.fixture(params=all_isas())
-def isa(request):
-    _C.select_isa(request.param)
-    yield request.param
-    _C.select_isa("auto")
+from parity import assert_parity
 
 
 def _qkv(B, H, Tq, Tk, D, dtype, layout="bthd", Dv=None, seed=0):

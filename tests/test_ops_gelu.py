@@ -2,15 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanofast import _C, ops
-from parity import all_isas, assert_parity
-
-
-@pytest.fixture(params=all_isas())
-def isa(request):
-    _C.select_isa(request.param)
-    yield request.param
-    _C.select_isa("auto")
+from nanofast import ops
+from parity import assert_parity
 
 
 def _run(fn, x, dy):

@@ -3,15 +3,8 @@ import torch
 import torch.nn.functional as F
 
 import nanofast
-from nanofast import _C, ops
-from parity import all_isas, assert_parity
-
-
-@pytest.fixture(params=all_isas())
-def isa(request):
-    _C.select_isa(request.param)
-    yield request.param
-    _C.select_isa("auto")
+from nanofast import ops
+from parity import assert_parity
 
 
 def _inputs(shape, dtype, affine=True, bias=True, seed=0):

@@ -5,20 +5,12 @@ import copy
 import pytest
 import torch
 
-from nanofast import _C
 from nanofast.optim import AdamW
-from parity import all_isas, assert_parity
+from parity import assert_parity
 
 # sizes that are not multiples of a vector or of the kernel's 8192-element chunks
 SHAPES = [(300, 70), (8193,), (129,), (7,), (1,)]
 HYPER = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
-
-
-@pytest.fixture(params=all_isas())
-def isa(request):
-    _C.select_isa(request.param)
-    yield request.param
-    _C.select_isa("auto")
 
 
 def _params(dtype):
