@@ -83,6 +83,9 @@ def test_composed_fallback_for_other_dtype_combinations():
     # LayerNorm kernel, with the same results
     x, r, w, b, dh, dy = _inputs((11, 40), (BF16, BF16, F32))
     _check(x, r, w, b, dh, dy, F32)
+    # and with leading dimensions permuted (the add follows the inputs' strides)
+    x, r, w, b, dh, dy = _inputs((5, 4, 40), (BF16, BF16, F32))
+    _check(x.transpose(0, 1), r.transpose(0, 1), w, b, dh.transpose(0, 1), dy.transpose(0, 1), F32)
 
 
 def test_gradcheck_float64():

@@ -32,7 +32,9 @@ def _forward(launch, x, residual, weight, bias, eps, out_dtype):
     """(h, y, mean, rstd) over the last dimension (unit stride) of x and residual, any leading dims."""
     if _fused(launch, x.dtype, residual.dtype, out_dtype):
         return launch.add_layer_norm_forward(x, residual, weight, bias, eps, out_dtype)
-    h = x + residual  # residual's dtype never promotes x's (checked), so h has x's dtype
+    # residual's dtype never promotes x's (checked), so h has x's dtype; contiguous, because the add
+    # follows the inputs' strides and the rows below are a view of it
+    h = (x + residual).contiguous()
     y, mean, rstd = launch.layer_norm_forward(h.view(-1, h.shape[-1]), weight, bias, eps)
     return h, y.view(h.shape).to(out_dtype), mean, rstd
 
