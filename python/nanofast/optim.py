@@ -20,10 +20,14 @@ import torch
 from . import _C
 
 
+def _is_cpu_float32(p):
+    return isinstance(p, torch.Tensor) and p.device.type == "cpu" and p.dtype == torch.float32
+
+
 def _check_param(p):
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"nanofast.optim.AdamW: parameters must be tensors, got {type(p).__name__}")
-    if p.device.type != "cpu" or p.dtype != torch.float32:
+    if not _is_cpu_float32(p):
         raise ValueError(f"nanofast.optim.AdamW: runs on CPU float32 parameters, got a {p.dtype} parameter of shape "
                          f"{tuple(p.shape)} on {p.device} (use torch.optim.AdamW(fused=True) on a GPU)")
 
@@ -111,7 +115,7 @@ class AdamW(torch.optim.Optimizer):
     @staticmethod
     def supports(params):
         """Whether every parameter is one this optimizer takes (CPU float32)."""
-        return all(isinstance(p, torch.Tensor) and p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
+        return all(_is_cpu_float32(p) for p in params)
 
 
 __all__ = ["AdamW"]
