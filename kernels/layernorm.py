@@ -8,6 +8,9 @@ columns (ONE_BLOCK) it is read once and kept in registers; wider rows loop over 
 Statistics are accumulated in float32 whatever the input type, and the variance is the two-pass
 ``mean((x - mean)^2)`` rather than ``E[x^2] - mean^2``, which cancels badly for rows far from zero.
 The forward saves mean and rstd = 1/sqrt(var + eps) (float32, one per row) for the backward.
+Divisions and the square root are the correctly rounded div_rn and sqrt_rn: a GPU's default `/` and
+tl.sqrt are approximate (2 ulp), which turns mean(x) != x at C = 1 into dx = rstd * 1 ulp, about
+1e-5 at eps = 1e-5 where torch gives exactly 0. The rounding costs nothing in a memory-bound kernel.
 
 Backward: each program owns a contiguous group of rows. It writes dx for those rows and one partial
 row of dweight and dbias (the sum over its rows) into a (G, C) float32 buffer; a second small kernel
@@ -19,6 +22,7 @@ public function ``nanofast.kernels.layer_norm`` by the module object.)
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ._common import check_device, device_guard, is_interpreted, next_pow2, num_programs_hint
 
@@ -61,11 +65,11 @@ def _layer_norm_fwd_kernel(
         col_mask = cols < C
         mask = row_mask[:, None] & col_mask[None, :]
         x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=1) / C
+        mean = tl.math.div_rn(tl.sum(x, axis=1), C * 1.0)
         # Padding columns must not count towards the variance.
         xc = tl.where(mask, x - mean[:, None], 0.0)
-        var = tl.sum(xc * xc, axis=1) / C
-        rstd = 1.0 / tl.sqrt(var + eps)
+        var = tl.math.div_rn(tl.sum(xc * xc, axis=1), C * 1.0)
+        rstd = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), tl.sqrt_rn(var + eps))
         y = xc * rstd[:, None]
         y = _affine(y, W, B, cols, col_mask, HAS_W, HAS_B)
         tl.store(y_rows + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
@@ -77,7 +81,7 @@ def _layer_norm_fwd_kernel(
             cols = c0 + tl.arange(0, BLOCK_N)
             mask = row_mask[:, None] & (cols < C)[None, :]
             acc += tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(acc, axis=1) / C
+        mean = tl.math.div_rn(tl.sum(acc, axis=1), C * 1.0)
         # Pass 2: variance around the mean (the re-read mostly hits L2).
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_N):
@@ -86,8 +90,8 @@ def _layer_norm_fwd_kernel(
             x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             xc = tl.where(mask, x - mean[:, None], 0.0)
             acc += xc * xc
-        var = tl.sum(acc, axis=1) / C
-        rstd = 1.0 / tl.sqrt(var + eps)
+        var = tl.math.div_rn(tl.sum(acc, axis=1), C * 1.0)
+        rstd = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), tl.sqrt_rn(var + eps))
         # Pass 3: normalise and write.
         for c0 in range(0, C, BLOCK_N):
             cols = c0 + tl.arange(0, BLOCK_N)
@@ -102,14 +106,31 @@ def _layer_norm_fwd_kernel(
 
 
 @triton.jit
-def _load_xhat_dy_g(X, DY, W, rows64, cols, mask, col_mask, mean, rstd, stride_x, stride_dy, HAS_W: tl.constexpr):
+def _rounded_product(a, b, ON_GPU: tl.constexpr):
+    """a * b rounded to float32, which the compiler may not fuse into a later subtraction.
+
+    Fused, g - mean(g) in the backward becomes fma(dy, w, -mean(g)): the exact product minus its
+    rounded value. At C = 1 dx should be exactly 0 (torch's is), and that residue times rstd
+    (1/sqrt(eps)) gave 1e-5. libdevice's mul_rn is never contracted; the interpreter has no libdevice
+    and no contraction either.
+    """
+    if ON_GPU:
+        return libdevice.mul_rn(a, b)
+    else:
+        return a * b
+
+
+@triton.jit
+def _load_xhat_dy_g(X, DY, W, rows64, cols, mask, col_mask, mean, rstd, stride_x, stride_dy, HAS_W: tl.constexpr,
+                    ON_GPU: tl.constexpr):
     """One (BLOCK_M, BLOCK_N) tile of a wide row block: xhat, dy and g = dy * w, in float32. The
     wide-row backward reads each tile twice (once per pass) rather than keep the row on chip."""
     x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
     if HAS_W:
-        g = dy * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        g = _rounded_product(dy, tl.broadcast_to(w[None, :], dy.shape), ON_GPU)
     else:
         g = dy
     return xhat, dy, g
@@ -128,6 +149,7 @@ def _layer_norm_bwd_kernel(
     N, C,
     rows_per_prog,  # rows owned by one program, a multiple of BLOCK_M
     HAS_W: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    ON_GPU: tl.constexpr,  # compiled for a GPU (not Triton's interpreter)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
 ):
@@ -157,11 +179,11 @@ def _layer_norm_bwd_kernel(
             rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
             xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
             if HAS_W:
-                g = dy * w[None, :]
+                g = _rounded_product(dy, tl.broadcast_to(w[None, :], dy.shape), ON_GPU)
             else:
                 g = dy
-            c1 = tl.sum(xhat * g, axis=1) / C
-            c2 = tl.sum(g, axis=1) / C
+            c1 = tl.math.div_rn(tl.sum(xhat * g, axis=1), C * 1.0)
+            c2 = tl.math.div_rn(tl.sum(g, axis=1), C * 1.0)
             dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
             tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
             if NEED_DW:
@@ -187,11 +209,11 @@ def _layer_norm_bwd_kernel(
                 col_mask = cols < C
                 mask = row_mask[:, None] & col_mask[None, :]
                 xhat, dy, g = _load_xhat_dy_g(X, DY, W, rows64, cols, mask, col_mask, mean, rstd, stride_x,
-                                              stride_dy, HAS_W)
+                                              stride_dy, HAS_W, ON_GPU)
                 acc1 += xhat * g
                 acc2 += g
-            c1 = tl.sum(acc1, axis=1) / C
-            c2 = tl.sum(acc2, axis=1) / C
+            c1 = tl.math.div_rn(tl.sum(acc1, axis=1), C * 1.0)
+            c2 = tl.math.div_rn(tl.sum(acc2, axis=1), C * 1.0)
             # Pass 2: dx, and this program's partial dweight/dbias row updated in place. The partial
             # row belongs to this program alone, so the read-modify-write needs no atomics.
             for c0 in range(0, C, BLOCK_N):
@@ -199,7 +221,7 @@ def _layer_norm_bwd_kernel(
                 col_mask = cols < C
                 mask = row_mask[:, None] & col_mask[None, :]
                 xhat, dy, g = _load_xhat_dy_g(X, DY, W, rows64, cols, mask, col_mask, mean, rstd, stride_x,
-                                              stride_dy, HAS_W)
+                                              stride_dy, HAS_W, ON_GPU)
                 dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
                 tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
                 if NEED_DW:
@@ -366,7 +388,7 @@ def layer_norm_backward(dy2d, x2d, weight, mean, rstd, need_weight_grad, need_bi
             dw_part if need_dw else dx, db_part if need_db else dx,
             dy2d.stride(0), x2d.stride(0), dx.stride(0),
             N, C, rows_per_prog,
-            HAS_W=weight is not None, NEED_DW=need_dw, NEED_DB=need_db,
+            HAS_W=weight is not None, NEED_DW=need_dw, NEED_DB=need_db, ON_GPU=x2d.is_cuda,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ONE_BLOCK=ONE_BLOCK,
             num_warps=num_warps,
         )
