@@ -76,7 +76,8 @@ def attention_forward(q, k, v, is_causal, scale, dropout_p=0.0, seed=0, **kwargs
 
 
 def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p=0.0, seed=0, **kwargs):
-    """(dq, dk, dv), each with its input's shape and dtype, laid out as (B, T, H, D). Deterministic."""
+    """(dq, dk, dv), each with its input's shape and dtype, in its input's layout where that is dense with a
+    unit last stride, else laid out as (B, T, H, D). Deterministic."""
     return _load("attention").attention_backward(
         dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed, **kwargs)
 

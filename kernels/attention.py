@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanofast._layout import empty_bthd, empty_grad_like
+
 from ._common import check_device, device_guard, is_interpreted, next_pow2
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
@@ -515,15 +517,17 @@ def _check_qkv(q, k, v, interpreted):
 
 
 # GPU tile configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, keyed by
-# (16-bit inputs?, BLOCK_D <= 64?, dropout?). Chosen by compiling for sm_90 and keeping the largest
-# tiles that do not spill registers (dropout's Philox rounds raise register pressure, hence the
-# separate entries); not yet timed on a GPU. BLOCK_M is the query tile and BLOCK_N the key tile in
-# every kernel.
+# (16-bit inputs?, BLOCK_D <= 64?, dropout?). BLOCK_M is the query tile and BLOCK_N the key tile in
+# every kernel. The 16-bit entries without dropout are the fastest of bench/gpu_profile.py's sweep on
+# an H200 (bf16, causal, T = 1024 and 4096 at nanoGPT's B*H*T; every kernel within 2% of the best
+# at both lengths, or the best at T = 4096). The others were chosen by compiling for sm_90 and
+# keeping the largest tiles that do not spill registers (dropout's Philox rounds raise register
+# pressure, hence the separate entries); they are not yet timed.
 _GPU_CONFIGS = {
     # 16-bit inputs: tensor-core dots, software-pipelined loads.
-    (True, True, False): dict(fwd=(128, 64, 4, 3), dkdv=(32, 128, 8, 3), dq=(128, 64, 8, 3)),
+    (True, True, False): dict(fwd=(64, 64, 4, 3), dkdv=(32, 64, 4, 3), dq=(64, 64, 4, 3)),
     (True, True, True): dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 64, 8, 3)),
-    (True, False, False): dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3)),
+    (True, False, False): dict(fwd=(64, 64, 4, 3), dkdv=(64, 128, 8, 3), dq=(128, 64, 8, 3)),
     (True, False, True): dict(fwd=(128, 32, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3)),
     # float32: IEEE dots run on FMA units and need many registers per tile; small tiles.
     (False, True, False): dict(fwd=(64, 32, 8, 1), dkdv=(32, 32, 4, 1), dq=(32, 32, 4, 1)),
@@ -546,11 +550,6 @@ def _config(q, D, kernel, has_dropout):
 
 def _strides(t):
     return tuple(t.stride())
-
-
-def _bthd_empty(B, H, T, D, like):
-    """A (B, H, T, D) tensor laid out as (B, T, H, D) in memory (nanoGPT's later transpose is free)."""
-    return torch.empty((B, T, H, D), dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
 def _dot_args(dtype, interpreted, tf32):
@@ -580,7 +579,7 @@ def attention_forward(q, k, v, is_causal, scale, dropout_p=0.0, seed=0, *, tf32=
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     has_dropout, p, drop_scale, seed = _dropout_args(dropout_p, seed)
-    out = _bthd_empty(B, H, Tq, D, q)
+    out = empty_bthd(B, H, Tq, D, q)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
@@ -603,7 +602,7 @@ def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p=0.0,
                        need_dq=True):
     """Flash attention backward. Returns (dq, dk, dv) (dq is None when ``need_dq`` is False).
 
-    Each gradient has its input's shape and dtype and is laid out as (B, T, H, D) in memory. ``out``
+    Each gradient has its input's shape, dtype and (where the input is dense) memory layout. ``out``
     and ``lse`` are the forward's results; ``seed``/``dropout_p`` must be the forward's.
     """
     interpreted = is_interpreted(_attn_bwd_dq_kernel)
@@ -621,9 +620,9 @@ def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p=0.0,
     lse = lse.contiguous()
     if dout.dtype != q.dtype:
         dout = dout.to(q.dtype)
-    dq = _bthd_empty(B, H, Tq, D, q) if need_dq else None
-    dk = _bthd_empty(B, H, Tk, D, k)
-    dv = _bthd_empty(B, H, Tk, D, v)
+    dq = empty_grad_like(q) if need_dq else None
+    dk = empty_grad_like(k)
+    dv = empty_grad_like(v)
     if Tq == 0 or Tk == 0 or B * H == 0:
         for g in (dq, dk, dv):
             if g is not None:

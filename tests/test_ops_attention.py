@@ -96,6 +96,30 @@ def test_output_layout_makes_the_transpose_free():
     assert out.transpose(1, 2).is_contiguous()
 
 
+@pytest.mark.parametrize("layout", ["bhtd", "bthd", "strided"])
+def test_gradients_keep_the_input_layout(layout):
+    # A gradient in its input's layout is kept as, or added to, .grad without a strided copy; the
+    # fake (torch.compile) implementation must give the same strides as the kernels.
+    B, H, T, D = 2, 3, 9, 8
+    if layout == "bhtd":
+        q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+    elif layout == "bthd":
+        q, k, v = (torch.randn(B, T, H, D).transpose(1, 2) for _ in range(3))
+    else:  # views of one fused projection: not dense, so the gradients take the (B, T, H, D) layout
+        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in torch.randn(B, T, 3 * H * D).split(H * D, dim=2))
+    out, lse = torch.ops.nanofast.sdpa_fwd(q, k, v, True, 0.3, 0.0, None)
+    grads = torch.ops.nanofast.sdpa_bwd(torch.randn_like(out), q, k, v, out, lse, True, 0.3, 0.0, None)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fq, fk, fv, fo, fl = (mode.from_tensor(t) for t in (q, k, v, out, lse))
+        fakes = torch.ops.nanofast.sdpa_bwd(torch.empty_like(fo), fq, fk, fv, fo, fl, True, 0.3, 0.0, None)
+    for g, t, f in zip(grads, (q, k, v), fakes):
+        assert g.stride() == f.stride()
+        expected = t.stride() if layout != "strided" else (T * H * D, D, H * D, 1)
+        assert g.stride() == expected
+
+
 def test_gradcheck_float64():
     q, k, v = (torch.randn(1, 2, 5, 3, dtype=torch.float64, requires_grad=True) for _ in range(3))
     for causal in (False, True):

@@ -6,6 +6,7 @@ translates tensors into the pointer-and-stride form the C++ side takes.
 import torch
 
 from .. import _C
+from .._layout import empty_bthd, empty_grad_like
 
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
 CPU_DTYPES = tuple(_DTYPE_CODE)
@@ -30,11 +31,6 @@ def _strides3(t):
 
 def _threads():
     return torch.get_num_threads()
-
-
-def empty_bthd(B, NH, T, D, like):
-    """A (B, NH, T, D) tensor laid out as (B, T, NH, D): the layout nanoGPT transposes back into."""
-    return torch.empty(B, T, NH, D, dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
 def layer_norm_forward(x, weight, bias, eps):
@@ -141,9 +137,7 @@ def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, see
     B, NH, TQ, HS = q.shape
     lse = _packed(lse)
     TK, HSV = k.shape[2], v.shape[3]
-    dq = empty_bthd(B, NH, TQ, HS, q)
-    dk = empty_bthd(B, NH, TK, HS, k)
-    dv = empty_bthd(B, NH, TK, HSV, v)
+    dq, dk, dv = empty_grad_like(q), empty_grad_like(k), empty_grad_like(v)
     if B * NH * TQ * TK == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     _C.attention_backward(_DTYPE_CODE[q.dtype], B, NH, TQ, TK, HS, HSV, q.data_ptr(), _strides3(q), k.data_ptr(),

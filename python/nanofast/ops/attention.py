@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from . import _cpu
+from .._layout import empty_bthd, empty_grad_like
 from ._launch import launchers
 from ._validate import attention_args, unit_last_stride
 
@@ -31,7 +32,7 @@ def sdpa_fwd(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float, dro
 def _(q, k, v, is_causal, scale, dropout_p, seed):
     B, NH, TQ, _ = q.shape
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out = q.new_empty((B, TQ, NH, v.shape[3])).transpose(1, 2)
+    out = empty_bthd(B, NH, TQ, v.shape[3], q)
     return out, q.new_empty((B, NH, TQ), dtype=acc)
 
 
@@ -43,11 +44,7 @@ def sdpa_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
 
 @sdpa_bwd.register_fake
 def _(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed):
-    def bthd(t):
-        B, NH, T, D = t.shape
-        return t.new_empty((B, T, NH, D)).transpose(1, 2)
-
-    return bthd(q), bthd(k), bthd(v)
+    return empty_grad_like(q), empty_grad_like(k), empty_grad_like(v)
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,0 +1,29 @@
+"""Memory layouts of the attention ops' results, shared by the CPU and CUDA launchers and the fake
+(torch.compile) implementations, which must agree on them stride for stride."""
+import torch
+
+
+def empty_bthd(B, NH, T, D, like):
+    """A (B, NH, T, D) tensor laid out as (B, T, NH, D): the layout nanoGPT transposes back into, so
+    the `y.transpose(1, 2).contiguous()` after attention costs nothing."""
+    return torch.empty(B, T, NH, D, dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
+def empty_grad_like(t):
+    """An empty gradient for the (B, NH, T, D) input t: in t's own layout where t is dense with a unit
+    last stride, so that autograd keeps it as, or adds it to, t's .grad without a strided copy
+    (nanoGPT's q, k and v are (B, T, NH, D) in memory); else (B, T, NH, D)."""
+    if t.stride(-1) == 1 and _dense(t):
+        return torch.empty_like(t)  # keeps a dense tensor's strides
+    return empty_bthd(*t.shape, t)
+
+
+def _dense(t):
+    """True when t's elements fill one block of memory without gaps or overlaps, in any dim order."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda p: p[1]):
+        if size != 1:
+            if stride != expected:
+                return False
+            expected *= size
+    return True
