@@ -4,9 +4,11 @@
 # 1. installs nanofast (editable, no build isolation, no dependency downloads: the box may be offline),
 # 2. runs the CUDA tests: tests/test_triton_kernels.py and the ops tests,
 # 3. runs nanofast-compare cpu vs cuda on a small model (same weights, batches and dropout masks),
-# 4. runs the GPU micro-benchmark (bench/gpu_bench.py).
-# Writes ${OUT:-bench/results}/gpu_table.md (short summary + benchmark tables) and the full log
-# gpu_check.log beside it. Every step has a timeout and the whole run stays under 8 minutes; a failed
+# 4. runs the GPU micro-benchmark (bench/gpu_bench.py),
+# 5. profiles the kernels and the ops' host overhead, and sweeps attention's tiles while time is left
+#    (bench/gpu_profile.py).
+# Writes ${OUT:-bench/results}/gpu_table.md (short summary + benchmark tables), gpu_profile.md and the
+# full log gpu_check.log beside it. On the 2026-11-28 H200 the whole script took about 6 minutes. Every step has a timeout and the whole run stays under 8 minutes; a failed
 # step is recorded and the script goes on, exiting non-zero at the end if anything failed.
 set -uo pipefail
 
@@ -17,7 +19,7 @@ TABLE="$OUT_DIR/gpu_table.md"
 BENCH_MD="$OUT_DIR/gpu_bench.md"
 : >"$LOG"
 BUDGET_S=${GPU_CHECK_BUDGET_S:-460}  # whole-script deadline, under the 8-minute limit
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python)}  # the CUDA images have python3 only
 unset TRITON_INTERPRET  # the interpreter would run everything on the CPU
 export PYTHONUNBUFFERED=1
 
@@ -90,7 +92,11 @@ step "nanofast-compare cpu cuda" 90 200 "$PY" -m nanofast.compare cpu cuda --ite
     --n_embd=128 --block_size=64 --batch_size=12 --dropout=0.1 --dtype=float32 --dataset=readme \
     --data_path=README.md --data_dir=/tmp/nanofast-data --out_dir="$OUT_DIR/compare"
 
-step "gpu_bench.py" 240 5 "$PY" bench/gpu_bench.py --out "$BENCH_MD"
+step "gpu_bench.py" 240 70 "$PY" bench/gpu_bench.py --out "$BENCH_MD"
+# The tile sweep stops itself 30 seconds before the time left (or after 170 s).
+PROFILE_LEFT=$((BUDGET_S - SECONDS - 5))
+step "gpu_profile.py" 200 5 "$PY" bench/gpu_profile.py --out "$OUT_DIR/gpu_profile.md" \
+    --budget $((PROFILE_LEFT > 200 ? 170 : PROFILE_LEFT - 30))
 
 {
     echo "## nanofast GPU check"
@@ -105,6 +111,8 @@ step "gpu_bench.py" 240 5 "$PY" bench/gpu_bench.py --out "$BENCH_MD"
     grep -E '^(FAILED|ERROR) |[0-9]+ (passed|failed)' "$LOG" | sed 's/^/    /' | tail -n 20
     echo
     if [[ -s "$BENCH_MD" ]]; then cat "$BENCH_MD"; else echo "(no benchmark table: see gpu_check.log)"; fi
+    echo
+    echo "(profile, host overhead ladder and tile sweep: gpu_profile.md)"
 } >"$TABLE"
 log "wrote $TABLE and $LOG"
 cat "$TABLE"
