@@ -1,5 +1,9 @@
-// Picks the kernel table for this CPU at run time: AVX-512 where the CPU has it, else AVX2, else the
-// portable baseline. NANOFAST_ISA=generic|avx2|avx512 forces one (tests use it to cover every path).
+// Picks the kernel table for this CPU at run time: AVX-512 with AVX512-BF16 where the CPU has it, else
+// AVX-512, else AVX2, else the portable baseline. NANOFAST_ISA=generic|avx2|avx512|avx512bf16 forces
+// one (tests use it to cover every path).
+#ifdef NF_HAVE_X86
+#include <cpuid.h>
+#endif
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -12,12 +16,21 @@ namespace isa_generic { const KernelTable* table(); }
 namespace isa_avx2 { const KernelTable* table(); }
 namespace isa_avx512 { const KernelTable* table(); }
 #endif
+#ifdef NF_HAVE_AVX512BF16
+namespace isa_avx512bf16 { const KernelTable* table(); }
+#endif
 
 namespace {
 
 bool cpu_has(const char* isa) {
 #ifdef NF_HAVE_X86
   __builtin_cpu_init();
+  if (!std::strcmp(isa, "avx512bf16")) {
+    // CPUID leaf 7, subleaf 1, EAX bit 5 (asked directly: older compilers' __builtin_cpu_supports
+    // does not know the name)
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    return cpu_has("avx512") && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && ((eax >> 5) & 1);
+  }
   if (!std::strcmp(isa, "avx512"))
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
@@ -29,6 +42,9 @@ bool cpu_has(const char* isa) {
 
 const KernelTable* table_for(const char* isa) {
   if (!cpu_has(isa)) return nullptr;
+#ifdef NF_HAVE_AVX512BF16
+  if (!std::strcmp(isa, "avx512bf16")) return isa_avx512bf16::table();
+#endif
 #ifdef NF_HAVE_X86
   if (!std::strcmp(isa, "avx512")) return isa_avx512::table();
   if (!std::strcmp(isa, "avx2")) return isa_avx2::table();
@@ -38,7 +54,7 @@ const KernelTable* table_for(const char* isa) {
 }
 
 const KernelTable* best_table() {
-  for (const char* isa : {"avx512", "avx2", "generic"})
+  for (const char* isa : {"avx512bf16", "avx512", "avx2", "generic"})
     if (const KernelTable* t = table_for(isa)) return t;
   return isa_generic::table();
 }
@@ -67,7 +83,7 @@ bool select_isa(const char* name) {
 const char* available_isas() {
   static std::string list;
   list.clear();
-  for (const char* isa : {"generic", "avx2", "avx512"})
+  for (const char* isa : {"generic", "avx2", "avx512", "avx512bf16"})
     if (table_for(isa)) list += (list.empty() ? "" : ",") + std::string(isa);
   return list.c_str();
 }

@@ -97,6 +97,13 @@ inline vec<float> vload_bf16(const void* p) {
 }
 
 inline void vstore_bf16(void* p, vec<float> f) {
+#if defined(__AVX512BF16__) && NF_VBYTES == 64
+  // vcvtneps2bf16: the same rounding and quiet NaNs in one instruction (the sequence below is about 8
+  // cycles a vector on Zen 4, the bulk of a bf16 LayerNorm's or GELU's time). It differs only on
+  // float32 denormals, below 1.2e-38, which it flushes to a signed zero.
+  const __m256bh rounded = _mm512_cvtneps_pbh(reinterpret_cast<__m512>(f));
+  std::memcpy(p, &rounded, sizeof rounded);
+#else
   vu32 u;
   std::memcpy(&u, &f, sizeof u);
   const vu32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
@@ -109,6 +116,7 @@ inline void vstore_bf16(void* p, vec<float> f) {
   const vbf16 h = __builtin_convertvector(r, vbf16);
 #endif
   std::memcpy(p, &h, sizeof h);
+#endif
 }
 
 // exp(x) for a float vector: round x/ln2 to n with the 1.5*2^23 trick, a degree-6 polynomial on the

@@ -65,3 +65,29 @@ def test_custom_ops_called_directly_pack_their_inputs():
     dy = torch.randn(8, 6)[:, ::1].t().contiguous().t()  # transposed layout
     torch.testing.assert_close(torch.ops.nanofast.gelu_fwd(x), F.gelu(x))
     torch.testing.assert_close(torch.ops.nanofast.gelu_bwd(dy, x), torch.ops.aten.gelu_backward(dy, x))
+
+
+def test_avx512bf16_rounds_like_the_other_builds():
+    # The AVX512-BF16 build narrows float32 to bfloat16 with vcvtneps2bf16 instead of the shift-add
+    # sequence: the same round-to-nearest-even and quiet NaNs, so the outputs must be bitwise equal
+    # (float32 denormals aside, which it flushes to zero).
+    from nanofast import _C
+
+    if "avx512bf16" not in _C.available_isas().split(","):
+        pytest.skip("this CPU has no AVX512-BF16")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4099, generator=g, dtype=torch.float64) * 4
+    x[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 3e38], dtype=torch.float64)
+    x = x.to(torch.bfloat16)
+    dy = torch.randn(4099, generator=g).to(torch.bfloat16)
+    results = {}
+    try:
+        for isa in ("avx512", "avx512bf16"):
+            _C.select_isa(isa)
+            fwd = ops.gelu(x)
+            bwd = torch.ops.nanofast.gelu_bwd(dy, x)
+            results[isa] = (fwd.view(torch.int16), bwd.view(torch.int16))
+    finally:
+        _C.select_isa("auto")
+    for a, b in zip(results["avx512"], results["avx512bf16"]):
+        assert torch.equal(a, b)
