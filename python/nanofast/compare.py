@@ -78,7 +78,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from nanofast.configurator import ConfigError, ConfigHelp, configure, resolve_config_file
+from nanofast.configurator import ConfigError, configure, resolve_config_file, run_cli
 from nanofast.data import BatchSampler, DataError, load_meta, prepare_dataset
 from nanofast.train import optimizer_step
 
@@ -797,24 +797,13 @@ def parse_args(argv):
 def main(argv=None):
     """Entry point of `nanofast-compare`: 0 done (whatever the verdict), 2 bad arguments, 1 data errors."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
+    def body():
         config, specs = parse_args(argv)
         for s in specs:
             parse_target(s)
         compare(config, targets=specs)
-    except ConfigHelp as h:
-        print(h)
-        return 0
-    except ConfigError as e:  # TargetError included
-        print(f"nanofast-compare: error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"nanofast-compare: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("nanofast-compare: interrupted", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_cli('nanofast-compare', body, failures=(DataError,))  # TargetError is a ConfigError
 
 
 if __name__ == '__main__':

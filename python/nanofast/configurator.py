@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import difflib
 import os
+import sys
 import types
 from pathlib import Path
 
@@ -35,6 +36,27 @@ class ConfigError(ValueError):
 
 class ConfigHelp(Exception):
     """Raised for -h/--help; str(exc) is the help text."""
+
+
+def run_cli(prog: str, body, failures: tuple = ()) -> int:
+    """The exit status of a command-line tool whose work is body() (which returns a status or None):
+    help printed and 0; a ConfigError (bad arguments) 2; one of `failures` (bad data, a missing
+    checkpoint: the run itself failed) 1; an interrupt 130. Each error is one line on stderr."""
+    try:
+        status = body()
+    except ConfigHelp as h:
+        print(h)
+        return 0
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except failures as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return 0 if status is None else status
 
 
 def shipped_configs() -> list[str]:

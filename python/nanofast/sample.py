@@ -16,7 +16,7 @@ from contextlib import nullcontext
 import torch
 
 from nanofast.checkpoint import CheckpointError, load_checkpoint
-from nanofast.configurator import ConfigError, ConfigHelp, configure
+from nanofast.configurator import ConfigError, configure, run_cli
 from nanofast.model import GPT, KERNELS
 
 # -----------------------------------------------------------------------------
@@ -162,22 +162,11 @@ def sample(config, out=None):
 def main(argv=None):
     """Entry point of `nanofast-sample`."""
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        config = configure(DEFAULTS, list(argv), verbose=False, prog='nanofast-sample',
-                           doc=__doc__.strip().split('\n\n')[0])
-        sample(config)
-    except ConfigHelp as h:
-        print(h)
-        return 0
-    except ConfigError as e:
-        print(f"nanofast-sample: error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(f"nanofast-sample: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    def body():
+        sample(configure(DEFAULTS, list(argv), verbose=False, prog='nanofast-sample',
+                         doc=__doc__.strip().split('\n\n')[0]))
+
+    return run_cli('nanofast-sample', body, failures=(CheckpointError,))
 
 
 if __name__ == '__main__':

@@ -50,7 +50,7 @@ from nanofast import optim as nanofast_optim
 from nanofast.allocator import retain_freed_memory
 from nanofast.checkpoint import (FORMAT, VERSION, CheckpointError, capture_rng_state, load_checkpoint,
                                  restore_rng_state, rng_state_for_checkpoint, save_checkpoint)
-from nanofast.configurator import ConfigError, ConfigHelp, configure
+from nanofast.configurator import ConfigError, configure, run_cli
 from nanofast.data import BatchSampler, DataError, load_meta, prepare_dataset
 from nanofast.model import GPT, KERNELS, NANOGPT_MODEL_ARGS, GPTConfig
 
@@ -756,26 +756,10 @@ class _Trainer:
 def main(argv=None):
     """Entry point of `nanofast-train`: returns the exit status (0 done, 130 interrupted)."""
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        config = get_config(argv)
-    except ConfigHelp as h:
-        print(h)
-        return 0
-    except ConfigError as e:
-        print(f"nanofast-train: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        result = run(config)
-    except ConfigError as e:
-        print(f"nanofast-train: error: {e}", file=sys.stderr)
-        return 2
-    except (DataError, CheckpointError) as e:
-        print(f"nanofast-train: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("nanofast-train: interrupted", file=sys.stderr)
-        return 130
-    return 130 if result['interrupted'] else 0
+    def body():
+        return 130 if run(get_config(argv))['interrupted'] else 0
+
+    return run_cli('nanofast-train', body, failures=(DataError, CheckpointError))
 
 
 if __name__ == '__main__':
