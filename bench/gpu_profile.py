@@ -146,7 +146,8 @@ def host_ladder_rows(lines):
     qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
     out, lse = K.attention_forward(q, k, v, True, D ** -0.5)
     case = f"attention bf16 B={B} T={T} D={D}"
-    rung(case, "empty launch of the forward kernel's size: torch.empty x2", lambda: (torch.empty_like(q), torch.empty(B, H, T, device="cuda")))
+    rung(case, "the forward's two allocations alone (torch.empty)",
+         lambda: (torch.empty_like(q), torch.empty(B, H, T, device="cuda")))
     rung(case, "launcher forward (nanofast.kernels.attention_forward)", lambda: K.attention_forward(q, k, v, True, D ** -0.5))
     rung(case, "launcher backward (3 kernels)", lambda: K.attention_backward(do, q, k, v, out, lse, True, D ** -0.5))
     rung(case, "ops forward, no grad", lambda: ops.scaled_dot_product_attention(q, k, v, is_causal=True))
