@@ -141,6 +141,53 @@ def host_ladder_rows(lines):
         lines.append(f"| {case} | {name} | {us:.0f} |")
         log(dict(kind="ladder", case=case, rung=name, us=us))
 
+    # The floor under every rung: a Triton launch with one argument and with as many as attention's
+    # forward (34), and an autograd.Function that does nothing, whose backward is Python run by
+    # autograd's CUDA worker thread (and, with multithreading off, by the calling thread).
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _one_arg(X):
+        pass
+
+    @triton.jit
+    def _many_args(X, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, a16, a17, a18, a19,
+                   a20, a21, a22, a23, a24, a25, a26, a27, a28, a29, a30, a31, a32, a33):
+        pass
+
+    class _Null(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return torch.empty_like(x)
+
+        @staticmethod
+        def backward(ctx, dy):
+            return dy
+
+    z = torch.empty(16, device="cuda")
+    zg = torch.zeros(16, device="cuda", requires_grad=True)
+    dz = torch.ones(16, device="cuda")
+    ints = [7 * i + 1 for i in range(33)]
+    rung("floor", "Triton launch, 1 argument", lambda: _one_arg[(1,)](z))
+    rung("floor", "Triton launch, 34 arguments", lambda: _many_args[(1,)](z, *ints))
+    def device_context():
+        with torch.cuda.device(z.device):
+            pass
+
+    rung("floor", "torch.cuda.device(t.device) enter+exit", device_context)
+    rung("floor", "empty autograd.Function fwd+bwd (Python backward)", lambda: _Null.apply(zg).backward(dz))
+    rung("floor", "torch.empty_like(x).add_(1) fwd+bwd via torch ops", lambda: (zg * 2).backward(dz))
+
+    def single_thread(fn):
+        def run():
+            with torch.autograd.set_multithreading_enabled(False):
+                fn()
+        return run
+
+    rung("floor", "empty autograd.Function fwd+bwd, autograd multithreading off",
+         single_thread(lambda: _Null.apply(zg).backward(dz)))
+
     B, H, T, D = 16, 6, 1024, 64
     q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
@@ -153,6 +200,8 @@ def host_ladder_rows(lines):
     rung(case, "ops forward, no grad", lambda: ops.scaled_dot_product_attention(q, k, v, is_causal=True))
     rung(case, "ops forward, inputs require grad", lambda: ops.scaled_dot_product_attention(qg, kg, vg, is_causal=True))
     rung(case, "ops forward + backward", lambda: ops.scaled_dot_product_attention(qg, kg, vg, is_causal=True).backward(do))
+    rung(case, "ops forward + backward, autograd multithreading off",
+         single_thread(lambda: ops.scaled_dot_product_attention(qg, kg, vg, is_causal=True).backward(do)))
     rung(case, "torch flash forward, no grad", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
     rung(case, "torch flash forward + backward",
          lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True).backward(do))
@@ -168,6 +217,8 @@ def host_ladder_rows(lines):
     rung(case, "ops forward, no grad", lambda: ops.layer_norm(x, (C,), w, b))
     rung(case, "ops forward, inputs require grad", lambda: ops.layer_norm(xg, (C,), wg, bg))
     rung(case, "ops forward + backward", lambda: ops.layer_norm(xg, (C,), wg, bg).backward(dy))
+    rung(case, "ops forward + backward, autograd multithreading off",
+         single_thread(lambda: ops.layer_norm(xg, (C,), wg, bg).backward(dy)))
     rung(case, "torch forward + backward", lambda: F.layer_norm(xg, (C,), wg, bg).backward(dy))
     lines.append("")
 
@@ -179,54 +230,75 @@ CANDIDATES = {
              (128, 128, 8, 2)],
     "dq": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 3), (128, 64, 4, 3)],
 }
+# float32 dots run on the FMA units (IEEE precision): register-bound, so smaller tiles and fewer stages.
+CANDIDATES_FP32 = {
+    "fwd": [(64, 32, 8, 1), (32, 32, 4, 1), (64, 64, 8, 1), (32, 64, 4, 1), (64, 32, 4, 2), (128, 32, 8, 1)],
+    "dkdv": [(32, 32, 4, 1), (32, 64, 8, 1), (64, 32, 8, 1), (16, 64, 4, 1), (32, 32, 4, 2)],
+    "dq": [(32, 32, 4, 1), (64, 32, 8, 1), (32, 64, 8, 1), (64, 64, 8, 1), (32, 32, 4, 2)],
+}
 KERNEL_NAMES = {"fwd": "_attn_fwd_kernel", "dkdv": "_attn_bwd_dkdv_kernel", "dq": "_attn_bwd_dq_kernel"}
 
 
 def sweep_rows(lines, quick, deadline):
+    """Per kernel, the GPU time of each candidate tile, fastest first. The untuned entries go first (bf16
+    with dropout, float32), then bf16 without dropout, whose tiles came from the 2026-11-28 sweep.
+    Errors are against the current configuration's results (same dropout mask), and for bf16 without
+    dropout against torch's flash attention."""
     import nanofast.kernels.attention as A
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    lines += ["### Attention tile sweep (bf16, causal, no dropout): GPU µs per kernel call", "",
-              "| T | D | kernel | BLOCK_M, BLOCK_N, warps, stages | µs | max abs diff vs torch flash |",
-              "|---|---|---|---|---|---|"]
-    shapes = ((1024, 64), (1024, 128)) if quick else ((1024, 64), (1024, 128), (4096, 64), (4096, 128))
-    for T, D in shapes:
+    lines += ["### Attention tile sweep (causal): GPU µs per kernel call", "",
+              "| dtype | dropout | T | D | kernel | BLOCK_M, BLOCK_N, warps, stages | µs | max abs diff vs reference |",
+              "|---|---|---|---|---|---|---|---|"]
+    cases = [(torch.bfloat16, 0.1, 1024, 64), (torch.float32, 0.0, 1024, 64), (torch.bfloat16, 0.0, 1024, 64),
+             (torch.bfloat16, 0.0, 1024, 128)]
+    if not quick:
+        cases += [(torch.bfloat16, 0.1, 1024, 128), (torch.float32, 0.0, 1024, 128), (torch.bfloat16, 0.0, 4096, 64)]
+    for dtype, p, T, D in cases:
         B, H = max(1, 64 * 256 // T), 6
-        q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-        for t in (q, k, v):
-            t.requires_grad_(True)
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        ref_grads = torch.autograd.grad(ref, (q, k, v), do)
-        key = (True, max(16, A.next_pow2(D)) <= 64, False)
+        q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=dtype) for _ in range(4))
+        key = (dtype != torch.float32, max(16, A.next_pow2(D)) <= 64, p > 0)
         base = dict(A._GPU_CONFIGS[key])
         scale = D ** -0.5
-        for kernel, cands in CANDIDATES.items():
+        seed = 1234
+
+        def fn():
+            out, lse = A.attention_forward(q, k, v, True, scale, p, seed)
+            grads = A.attention_backward(do, q, k, v, out, lse, True, scale, p, seed)
+            return out, grads
+
+        if dtype == torch.bfloat16 and p == 0:
+            qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                ref = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
+            ref_all = (ref, *torch.autograd.grad(ref, (qg, kg, vg), do))
+        else:
+            out, grads = fn()
+            ref_all = (out, *grads)
+        name = str(dtype).replace("torch.", "")
+        cands = CANDIDATES if dtype != torch.float32 else CANDIDATES_FP32
+        for kernel, kernel_cands in cands.items():
             results = []
-            for cfg in cands:
+            for cfg in kernel_cands:
                 if time.monotonic() > deadline:
-                    lines.append(f"| {T} | {D} | {kernel} | (out of time) | | |")
+                    lines.append(f"| {name} | {p} | {T} | {D} | {kernel} | (out of time) | | |")
                     break
                 A._GPU_CONFIGS[key] = dict(base, **{kernel: cfg})
                 try:
-                    def fn():
-                        out, lse = A.attention_forward(q, k, v, True, scale)
-                        grads = A.attention_backward(do, q, k, v, out, lse, True, scale)
-                        return out, grads
                     out, grads = fn()
-                    err = max((a.float() - b.float()).abs().max().item()
-                              for a, b in zip((out, *grads), (ref, *ref_grads)))
+                    err = max((a.float() - b.float()).abs().max().item() for a, b in zip((out, *grads), ref_all))
                     ks = kernel_times(fn, iters=10)
-                    us = sum(t for name, t in ks.items() if KERNEL_NAMES[kernel] in name)
+                    us = sum(t for kname, t in ks.items() if KERNEL_NAMES[kernel] in kname)
                     results.append((us, cfg, err))
-                    log(dict(kind="sweep", T=T, D=D, kernel=kernel, cfg=cfg, us=us, err=err))
+                    log(dict(kind="sweep", dtype=name, dropout=p, T=T, D=D, kernel=kernel, cfg=cfg, us=us, err=err))
                 except Exception as e:  # a tile that does not compile (shared memory, registers)
-                    lines.append(f"| {T} | {D} | {kernel} | {cfg} | failed: {short(str(e).splitlines()[0], 80)} | |")
+                    lines.append(f"| {name} | {p} | {T} | {D} | {kernel} | {cfg} | failed: "
+                                 f"{short(str(e).splitlines()[0], 80)} | |")
                 finally:
                     A._GPU_CONFIGS[key] = dict(base)
             for us, cfg, err in sorted(results):
                 mark = " (current)" if cfg == base[kernel] else ""
-                lines.append(f"| {T} | {D} | {kernel} | {cfg}{mark} | {us:.1f} | {err:.1e} |")
+                lines.append(f"| {name} | {p} | {T} | {D} | {kernel} | {cfg}{mark} | {us:.1f} | {err:.1e} |")
     lines.append("")
 
 
@@ -241,9 +313,15 @@ def main():
 
     lines = [f"GPU: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}", ""]
     try:
-        host_ladder_rows(lines)
-        profile_rows(lines)
-        sweep_rows(lines, args.quick, deadline)
+        # Each section on its own: one that fails leaves its error in the report and the others run.
+        for section in (lambda: host_ladder_rows(lines), lambda: profile_rows(lines),
+                        lambda: sweep_rows(lines, args.quick, deadline)):
+            try:
+                section()
+            except Exception as e:
+                import traceback
+                traceback.print_exc()
+                lines += ["", f"(section failed: {type(e).__name__}: {short(str(e), 300)})", ""]
     finally:
         text = "\n".join(lines) + "\n"
         with open(args.out, "w") as f:

@@ -520,17 +520,18 @@ def _check_qkv(q, k, v, interpreted):
 # (16-bit inputs?, BLOCK_D <= 64?, dropout?). BLOCK_M is the query tile and BLOCK_N the key tile in
 # every kernel. The 16-bit entries without dropout are the fastest of bench/gpu_profile.py's sweep on
 # an H200 (bf16, causal, T = 1024 and 4096 at nanoGPT's B*H*T; every kernel within 2% of the best
-# at both lengths, or the best at T = 4096). The others were chosen by compiling for sm_90 and
-# keeping the largest tiles that do not spill registers (dropout's Philox rounds raise register
-# pressure, hence the separate entries); they are not yet timed.
+# at both lengths, or the best at T = 4096). The bf16 entries with dropout and the float32 entries at
+# head dims up to 64 are the fastest of the second sweep (T = 1024; dropout's Philox rounds raise
+# register pressure and favour smaller tiles). The rest (dropout or float32 at head dims over 64) were
+# chosen by compiling for sm_90 and keeping the largest tiles that do not spill registers; untimed.
 _GPU_CONFIGS = {
     # 16-bit inputs: tensor-core dots, software-pipelined loads.
     (True, True, False): dict(fwd=(64, 64, 4, 3), dkdv=(32, 64, 4, 3), dq=(64, 64, 4, 3)),
-    (True, True, True): dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 64, 8, 3)),
+    (True, True, True): dict(fwd=(64, 64, 4, 3), dkdv=(32, 64, 4, 3), dq=(64, 32, 4, 3)),
     (True, False, False): dict(fwd=(64, 64, 4, 3), dkdv=(64, 128, 8, 3), dq=(128, 64, 8, 3)),
     (True, False, True): dict(fwd=(128, 32, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3)),
     # float32: IEEE dots run on FMA units and need many registers per tile; small tiles.
-    (False, True, False): dict(fwd=(64, 32, 8, 1), dkdv=(32, 32, 4, 1), dq=(32, 32, 4, 1)),
+    (False, True, False): dict(fwd=(32, 32, 4, 1), dkdv=(32, 32, 4, 1), dq=(32, 32, 4, 1)),
     (False, True, True): dict(fwd=(64, 32, 8, 1), dkdv=(32, 32, 4, 1), dq=(32, 32, 4, 1)),
     (False, False, False): dict(fwd=(32, 32, 8, 1), dkdv=(32, 32, 8, 1), dq=(32, 32, 8, 1)),
     (False, False, True): dict(fwd=(32, 32, 8, 1), dkdv=(32, 32, 8, 1), dq=(32, 32, 8, 1)),
