@@ -28,7 +28,7 @@ import triton.language as tl
 
 from nanofast._layout import empty_bthd, empty_grad_like
 
-from ._common import check_device, device_guard, is_interpreted, next_pow2
+from ._common import cdiv, check_device, device_guard, is_interpreted, next_pow2
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
@@ -459,7 +459,7 @@ def dropout_mask(seed, batch, heads, q_len, k_len, p, *, device=None, window=Non
     check_device("dropout_mask output", out, is_interpreted(_dropout_mask_kernel))
     if out.numel():
         BLOCK_M, BLOCK_N = (16, 16) if device.type == "cpu" else (32, 128)
-        grid = (triton.cdiv(n_rows, BLOCK_M), triton.cdiv(n_cols, BLOCK_N), n_bh)
+        grid = (cdiv(n_rows, BLOCK_M), cdiv(n_cols, BLOCK_N), n_bh)
         with device_guard(out):
             _dropout_mask_kernel[grid](out, seed, float(p), bh0, row0, col0, q_len, k_len, n_rows, n_cols,
                                        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
@@ -586,7 +586,7 @@ def attention_forward(q, k, v, is_causal, scale, dropout_p=0.0, seed=0, *, tf32=
         return out, lse
     BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages = _config(q, D, "fwd", has_dropout)
     prec, upcast = _dot_args(q.dtype, interpreted, tf32)
-    grid = (triton.cdiv(Tq, BLOCK_M), B * H)
+    grid = (cdiv(Tq, BLOCK_M), B * H)
     with device_guard(q):
         _attn_fwd_kernel[grid](
             q, k, v, out, lse,
@@ -634,12 +634,12 @@ def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p=0.0,
     flags = dict(IS_CAUSAL=bool(is_causal), HAS_DROPOUT=has_dropout, DOT_PREC=prec, UPCAST=upcast)
     with device_guard(q):
         BLOCK_M, _, BLOCK_D, _, _ = _config(q, D, "dq", has_dropout)
-        _attn_bwd_preprocess_kernel[(triton.cdiv(Tq, BLOCK_M), B * H)](
+        _attn_bwd_preprocess_kernel[(cdiv(Tq, BLOCK_M), B * H)](
             out, dout, delta, *_strides(out), *_strides(dout), H, Tq,
             HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
         # dK, dV: one program per key block, looping over query blocks.
         BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages = _config(q, D, "dkdv", has_dropout)
-        _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, BLOCK_N), B * H)](
+        _attn_bwd_dkdv_kernel[(cdiv(Tk, BLOCK_N), B * H)](
             q, k, v, dout, lse, delta, dk, dv,
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
             H, Tq, Tk, float(scale), float(scale) * _LOG2E, seed, p, drop_scale,
@@ -648,7 +648,7 @@ def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p=0.0,
         if need_dq:
             # dQ: one program per query block, looping over key blocks.
             BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages = _config(q, D, "dq", has_dropout)
-            _attn_bwd_dq_kernel[(triton.cdiv(Tq, BLOCK_M), B * H)](
+            _attn_bwd_dq_kernel[(cdiv(Tq, BLOCK_M), B * H)](
                 q, k, v, dout, lse, delta, dq,
                 *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
                 H, Tq, Tk, float(scale), float(scale) * _LOG2E, seed, p, drop_scale,

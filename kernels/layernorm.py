@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ._common import check_device, device_guard, is_interpreted, next_pow2, num_programs_hint
+from ._common import cdiv, check_device, device_guard, is_interpreted, next_pow2, num_programs_hint
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -325,7 +325,7 @@ def layer_norm_forward(x2d, weight, bias, eps, *, block_n=None, block_m=None):
     if N == 0:
         return y, mean, rstd
     BLOCK_M, BLOCK_N, ONE_BLOCK, num_warps = _config(x2d, C, block_n, block_m)
-    grid = (triton.cdiv(N, BLOCK_M),)
+    grid = (cdiv(N, BLOCK_M),)
     with device_guard(x2d):
         _layer_norm_fwd_kernel[grid](
             x2d, y,
@@ -374,9 +374,9 @@ def layer_norm_backward(dy2d, x2d, weight, mean, rstd, need_weight_grad, need_bi
     BLOCK_M, BLOCK_N, ONE_BLOCK, num_warps = _config(x2d, C, block_n, block_m)
     # Row groups: about num_programs_hint programs, each owning a whole number of row blocks.
     groups = num_groups if num_groups is not None else num_programs_hint(x2d)
-    groups = max(1, min(groups, triton.cdiv(N, BLOCK_M)))
-    rows_per_prog = triton.cdiv(triton.cdiv(N, groups), BLOCK_M) * BLOCK_M
-    G = triton.cdiv(N, rows_per_prog)
+    groups = max(1, min(groups, cdiv(N, BLOCK_M)))
+    rows_per_prog = cdiv(cdiv(N, groups), BLOCK_M) * BLOCK_M
+    G = cdiv(N, rows_per_prog)
     # Zero-filled: the wide-row path accumulates into its partial row in place.
     dw_part = torch.zeros((G, C), dtype=torch.float32, device=x2d.device) if need_dw else None
     db_part = torch.zeros((G, C), dtype=torch.float32, device=x2d.device) if need_db else None
@@ -405,5 +405,5 @@ def _sum_partials(part, dtype):
     # kernel itself; 32 makes 12, each with an eighth of the work; not yet re-measured on a GPU).
     BLOCK_N = min(next_pow2(C), 64 if not part.is_cuda else 32)
     BLOCK_G = min(next_pow2(G), 32)
-    _sum_partials_kernel[(triton.cdiv(C, BLOCK_N),)](part, out, G, C, BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, num_warps=4)
+    _sum_partials_kernel[(cdiv(C, BLOCK_N),)](part, out, G, C, BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, num_warps=4)
     return out
