@@ -85,9 +85,10 @@ def _eval_loss(model, X, Y, device, dtype):
 VARIANTS = [(dtype, provider) for dtype in (torch.float32, torch.bfloat16) for provider in ("nanofast", "torch")]
 
 
-def _step_fn(cfg, device, dtype, provider, X, Y):
-    """nanofast-train's step for one variant, after checking its loss against torch's kernels."""
-    model = _model(cfg, provider, device)
+def _step_fn(cfg, device, dtype, provider, X, Y, fused_blocks=True):
+    """nanofast-train's step for one variant, after checking its loss against torch's kernels.
+    fused_blocks=False runs nanofast's kernels one autograd node per op (GPT.use_fused_blocks)."""
+    model = _model(cfg, provider, device).use_fused_blocks(fused_blocks)
     if provider != "torch":  # the same loss as torch's kernels on the same batch and weights
         ref = _model(cfg, "torch", device)
         ours, theirs = _eval_loss(model, X, Y, device, dtype), _eval_loss(ref, X, Y, device, dtype)
@@ -142,6 +143,41 @@ def test_train_step(record, device, config):
     for (dtype, provider), ts in times.items():
         record.seconds(statistics.median(ts), len(ts), op="train step", case=case, mode="fwd+bwd+clip+AdamW",
                        dtype=dtype, provider=provider, device=device, work=tokens * 1e6, unit="ktok/s")
+
+
+def _alternate(steps, seconds_per_round=0.15, rounds=15):
+    """{variant: median seconds per step}: the variants take turns, round after round, so that a drift
+    of the machine's speed hits all alike."""
+    for step in steps.values():
+        step()
+    t0 = time.perf_counter()
+    next(iter(steps.values()))()
+    per_round = max(1, int(seconds_per_round / (time.perf_counter() - t0)))
+    times = {v: [] for v in steps}
+    for _ in range(rounds):
+        for v, step in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                step()
+            times[v].append((time.perf_counter() - t0) / per_round)
+    return {v: statistics.median(ts) for v, ts in times.items()}, rounds
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_fused_block_lever(record, dtype):
+    """The hand-written block (nanofast/fused_block.py: one autograd node per transformer block)
+    against the same kernels recorded op by op, at the CPU config where autograd's bookkeeping
+    weighs most. Both must give the same loss and gradients (tests/test_fused_block.py)."""
+    cfg = CONFIGS["cpu-config"]
+    X, Y = _batch(cfg, "cpu")
+    # "with": fused blocks; "without": the same kernels, one autograd node per op
+    steps = {side: _step_fn(cfg, "cpu", dtype, "nanofast", X, Y, fused_blocks=side == "with")
+             for side in ("with", "without")}
+    times, rounds = _alternate(steps)
+    for side, seconds in times.items():
+        record.seconds(seconds, rounds, op="train step: fused blocks", case="cpu-config kernels=nanofast",
+                       mode="fwd+bwd+clip+AdamW", dtype=dtype, provider=side, device="cpu",
+                       work=cfg["batch_size"] * cfg["block_size"] * 1e6, unit="ktok/s")
 
 
 # The allocator lever (nanofast.allocator.retain_freed_memory) is process-wide and permanent, so each

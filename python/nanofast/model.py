@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from nanofast import ops
+from nanofast import fused_block, ops
 from nanofast import optim as nanofast_optim
 
 KERNELS = ("nanofast", "torch")
@@ -149,8 +149,12 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias, kernels=config.kernels)
         self.mlp = MLP(config)
+        self.fused = True  # may run as one hand-written autograd node (see forward); GPT.use_fused_blocks
 
     def forward(self, x, pending=None):
+        if self.fused and fused_block.supported(self, x, pending):
+            # the same computation as the lines below, as one autograd node (nanofast/fused_block.py)
+            return fused_block.block(self, x, pending)
         x, h = self.ln_1.add_norm(x, pending)  # x = x + pending; h = ln_1(x)
         x, h = self.ln_2.add_norm(x, self.attn(h))  # x = x + attn(h); h = ln_2(x)
         return x, self.mlp(h)
@@ -220,6 +224,14 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def use_fused_blocks(self, enabled=True):
+        """Whether the blocks may run as one hand-written autograd node each (nanofast/fused_block.py:
+        nanofast kernels on the CPU, eager mode). The results are the per-op blocks'; off, autograd
+        records every op, for hooks added later or for comparisons. Returns self."""
+        for block in self.transformer.h:
+            block.fused = bool(enabled)
+        return self
 
     def get_num_params(self, non_embedding=True):
         """Parameter count. By default without the position embeddings (the token embeddings stay in:

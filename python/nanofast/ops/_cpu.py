@@ -133,11 +133,14 @@ def attention_forward(q, k, v, is_causal, scale, dropout_p, seed):
     return out, lse
 
 
-def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed):
+def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed, grads=None):
+    """(dq, dk, dv). `grads` may name three tensors of q's, k's and v's shapes and dtype, any strides
+    with a unit last one, for the kernel to write into (nanofast.fused_block passes views of one
+    (B, T, 3C) buffer, so the gradient of the qkv matmul's output needs no concatenation)."""
     B, NH, TQ, HS = q.shape
     lse = _packed(lse)
     TK, HSV = k.shape[2], v.shape[3]
-    dq, dk, dv = empty_grad_like(q), empty_grad_like(k), empty_grad_like(v)
+    dq, dk, dv = grads if grads is not None else (empty_grad_like(q), empty_grad_like(k), empty_grad_like(v))
     if B * NH * TQ * TK == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     _C.attention_backward(_DTYPE_CODE[q.dtype], B, NH, TQ, TK, HS, HSV, q.data_ptr(), _strides3(q), k.data_ptr(),

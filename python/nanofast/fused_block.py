@@ -1,0 +1,204 @@
+"""One transformer block as one autograd node: its forward and backward written out by hand, llm.c's way.
+
+Autograd records about thirty nodes for a block of model.py's GPT (views, casts, the four linears,
+the kernels, the residual adds, dropout), and on the CPU each costs microseconds of bookkeeping. At
+nanoGPT's CPU config that bookkeeping is a fifth of a bfloat16 training step. Here `block_forward`
+runs the block's matmuls (torch.mm) and nanofast's C++ kernels in a row and keeps what the backward
+needs; `block_backward` walks the same steps back. The arithmetic is the per-op block's:
+
+* the same kernels, and under bfloat16 autocast the same casts (weights and matmul outputs in
+  bfloat16, the residual stream and the LayerNorm statistics in float32, weight gradients computed
+  in bfloat16 and stored in float32);
+* the same dropout masks, drawn from torch's generator in the same order (attention's seed, then the
+  attention projection's mask, then the MLP's), so a seeded run takes the same steps either way;
+* the gradient of the qkv matmul's output is written by the attention kernel straight into one
+  (N, 3C) buffer, where autograd would concatenate three.
+
+tests/test_fused_block.py checks the loss and every gradient against the per-op block. model.py's
+Block uses this path on CPU tensors in eager mode when nothing needs the per-op graph (no hooks on
+the block's modules); GPT.fused_blocks(False) turns it off.
+
+Dimensions: B batch, T time, C channels (n_embd), NH heads, HS head size, N = B*T rows.
+"""
+import math
+
+import torch
+
+from .ops import _cpu
+from .ops.add_layer_norm import _backward as add_layer_norm_backward
+from .ops.add_layer_norm import _forward as add_layer_norm_forward
+from .ops.attention import draw_seed
+
+EPS = 1e-5  # model.py's LayerNorm epsilon
+# the block's parameters, in the order block_forward takes them (a None where a bias is off)
+PARAMETERS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+              "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+              "mlp.c_proj.weight", "mlp.c_proj.bias")
+
+
+def _compute_dtype(x):
+    """The matmuls' dtype: autocast's where it is on (as for nn.Linear), else the stream's."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+
+
+def _modules(block):
+    """The modules whose forward block_forward replaces, each with the class it must have (the
+    model's own, not a replacement such as a patched or adapter-wrapped layer)."""
+    from torch import nn
+
+    from . import model
+    attn, mlp = block.attn, block.mlp
+    return ((block, model.Block), (block.ln_1, model.LayerNorm), (attn, model.CausalSelfAttention),
+            (attn.c_attn, nn.Linear), (attn.c_proj, nn.Linear), (attn.attn_dropout, nn.Dropout),
+            (attn.resid_dropout, nn.Dropout), (block.ln_2, model.LayerNorm), (mlp, model.MLP),
+            (mlp.c_fc, nn.Linear), (mlp.gelu, model.GELU), (mlp.c_proj, nn.Linear), (mlp.dropout, nn.Dropout))
+
+
+def supported(block, x, pending):
+    """True when block_forward computes what block.forward would: the model's own modules with the
+    nanofast kernels and no hooks, CPU tensors, eager mode, and dtypes the C++ kernels take."""
+    if not block.ln_1.fused_add or x.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    dtype = block.ln_1.weight.dtype
+    if x.dtype != dtype or dtype not in (torch.float32, torch.float64):
+        return False
+    if _compute_dtype(x) not in (dtype, torch.bfloat16) or x.dim() != 3 or x.shape[-1] % block.attn.n_head:
+        return False
+    if pending is not None and (pending.shape != x.shape or pending.device != x.device):
+        return False
+    from torch.nn.modules import module as nn_module
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks or nn_module._global_backward_hooks:
+        return False
+    return all(type(m) is cls and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                                       or m._backward_pre_hooks) for m, cls in _modules(block))
+
+
+def block(block, x, pending):
+    """(x + pending + attn(ln_1(x + pending)), mlp(ln_2(...))): model.Block.forward's result."""
+    attn, mlp = block.attn, block.mlp
+    params = (block.ln_1.weight, block.ln_1.bias, attn.c_attn.weight, attn.c_attn.bias, attn.c_proj.weight,
+              attn.c_proj.bias, block.ln_2.weight, block.ln_2.bias, mlp.c_fc.weight, mlp.c_fc.bias,
+              mlp.c_proj.weight, mlp.c_proj.bias)  # PARAMETERS' order
+    p = attn.dropout if block.training else 0.0
+    return _Block.apply(x, pending, attn.n_head, p, _compute_dtype(x), *params)
+
+
+def _linear(x, w, b):
+    """x @ w.T (+ b): nn.Linear on the (N, in) rows."""
+    return torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+
+
+def _dropout(x, p):
+    """(dropout(x), its scaled mask or None): torch's CPU dropout, draw for draw (F.dropout makes the
+    same bernoulli_ call on a tensor like x, and multiplies by the mask divided by 1 - p)."""
+    if p == 0.0:
+        return x, None
+    noise = torch.empty_like(x).bernoulli_(1 - p)
+    noise.div_(1 - p)
+    return x * noise, noise
+
+
+def _heads(t, B, T, NH, HS, i):
+    """The i-th of q, k, v as a (B, NH, T, HS) view of a (N, 3C) qkv tensor (split + view + transpose)."""
+    return t.view(B, T, 3, NH, HS)[:, :, i].transpose(1, 2)
+
+
+def _bias_grad(d, b):
+    return None if b is None else d.sum(0).to(b.dtype)
+
+
+class _Block(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, pending, n_head, p, cd, ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, fc_w,
+                fc_b, mp_w, mp_b):
+        with torch.autocast("cpu", enabled=False):
+            B, T, C = x.shape
+            NH, HS, N = n_head, C // n_head, B * T
+            # the weights in the matmuls' dtype: autocast's casts, once per block
+            W = [None if t is None else t.to(cd) for t in (attn_w, attn_b, proj_w, proj_b, fc_w, fc_b, mp_w, mp_b)]
+            attn_wc, attn_bc, proj_wc, proj_bc, fc_wc, fc_bc, mp_wc, mp_bc = W
+            x = x.contiguous()
+            # 1. x1 = x + pending (the previous block's MLP update) and h1 = ln_1(x1), in one pass
+            if pending is None:
+                x1 = x
+                h1, mean1, rstd1 = _cpu.layer_norm_forward(x.view(N, C), ln1_w, ln1_b, EPS)
+                h1 = h1.to(cd)
+            else:
+                x1, h1, mean1, rstd1 = add_layer_norm_forward(_cpu, x, pending.contiguous(), ln1_w, ln1_b, EPS, cd)
+            h1 = h1.view(N, C)
+            # 2. queries, keys and values of every head: one (N, 3C) matmul; q, k, v are views of it
+            qkv = _linear(h1, attn_wc, attn_bc)
+            q, k, v = (_heads(qkv, B, T, NH, HS, i) for i in range(3))
+            # 3. causal attention; the output is (B, T, NH, HS) in memory, i.e. already (N, C) rows
+            seed = draw_seed() if p > 0 else None
+            scale = 1.0 / math.sqrt(HS)
+            y, lse = _cpu.attention_forward(q, k, v, True, scale, p, 0 if seed is None else int(seed.item()))
+            yc = y.transpose(1, 2).reshape(N, C)
+            # 4. the heads mixed back into the stream: a = dropout(y @ Wproj^T)
+            a, noise_a = _dropout(_linear(yc, proj_wc, proj_bc), p)
+            # 5. x2 = x1 + a and h2 = ln_2(x2), in one pass
+            x2, h2, mean2, rstd2 = add_layer_norm_forward(_cpu, x1, a.view(B, T, C), ln2_w, ln2_b, EPS, cd)
+            h2 = h2.view(N, C)
+            # 6. the MLP: f = h2 @ Wfc^T, g = gelu(f), m = dropout(g @ Wmp^T); m is the next norm's residual
+            f = _linear(h2, fc_wc, fc_bc)
+            g = _cpu.gelu(f, None)
+            m, noise_m = _dropout(_linear(g, mp_wc, mp_bc), p)
+        ctx.save_for_backward(x, x1, h1, mean1, rstd1, qkv, y, lse, seed, noise_a, x2, h2, mean2, rstd2, f, g, noise_m,
+                              ln1_w, ln2_w, *W)
+        ctx.first = pending is None
+        ctx.pending_dtype = None if pending is None else pending.dtype
+        ctx.meta = (B, T, C, NH, HS, p, scale)
+        ctx.biases = (ln1_b is not None, ln2_b is not None)
+        return x2, m.view(B, T, C)
+
+    @staticmethod
+    def backward(ctx, dx2, dm):
+        (x, x1, h1, mean1, rstd1, qkv, y, lse, seed, noise_a, x2, h2, mean2, rstd2, f, g, noise_m, ln1_w, ln2_w,
+         attn_wc, attn_bc, proj_wc, proj_bc, fc_wc, fc_bc, mp_wc, mp_bc) = ctx.saved_tensors
+        B, T, C, NH, HS, p, scale = ctx.meta
+        N = B * T
+        need = ctx.needs_input_grad
+        with torch.autocast("cpu", enabled=False):
+            # 6. MLP: through m's dropout and the projection, GELU, then the widening matmul
+            dm = dm.reshape(N, C)
+            if noise_m is not None:
+                dm = dm * noise_m
+            d_mp_w = torch.mm(dm.t(), g) if need[15] else None
+            d_mp_b = _bias_grad(dm, mp_bc) if need[16] else None
+            df = _cpu.gelu(f, torch.mm(dm, mp_wc))
+            d_fc_w = torch.mm(df.t(), h2) if need[13] else None
+            d_fc_b = _bias_grad(df, fc_bc) if need[14] else None
+            dh2 = torch.mm(df, fc_wc)
+            # 5. ln_2 and the residual add: x1's gradient is dx2 plus the norm's, a's the same in a's dtype
+            dx1, da, d_ln2_w, d_ln2_b = add_layer_norm_backward(
+                _cpu, dh2.view(B, T, C), dx2, x2, ln2_w, mean2, rstd2, dh2.dtype, need[11], ctx.biases[1] and need[12])
+            # 4. the attention projection (and its dropout)
+            da = da.reshape(N, C)
+            if noise_a is not None:
+                da = da * noise_a
+            d_proj_w = torch.mm(da.t(), y.transpose(1, 2).reshape(N, C)) if need[9] else None
+            d_proj_b = _bias_grad(da, proj_bc) if need[10] else None
+            dy = torch.mm(da, proj_wc).view(B, T, NH, HS).transpose(1, 2)
+            # 3. attention: dq, dk and dv land in their columns of the qkv gradient
+            dqkv = torch.empty(N, 3 * C, dtype=qkv.dtype)
+            grads = tuple(_heads(dqkv, B, T, NH, HS, i) for i in range(3))
+            _cpu.attention_backward(dy, *(_heads(qkv, B, T, NH, HS, i) for i in range(3)), y, lse, True, scale, p,
+                                    0 if seed is None else int(seed.item()), grads=grads)
+            # 2. the qkv matmul
+            d_attn_w = torch.mm(dqkv.t(), h1) if need[7] else None
+            d_attn_b = _bias_grad(dqkv, attn_bc) if need[8] else None
+            dh1 = torch.mm(dqkv, attn_wc)
+            # 1. ln_1 and the residual add that fed it
+            if ctx.first:
+                dxn, d_ln1_w, d_ln1_b = _cpu.layer_norm_backward(dh1.to(x.dtype), x.view(N, C), ln1_w, mean1, rstd1,
+                                                                 need[5], ctx.biases[0] and need[6])
+                dx, dpending = dx1 + dxn.view(B, T, C), None
+            else:
+                dx, dpending, d_ln1_w, d_ln1_b = add_layer_norm_backward(
+                    _cpu, dh1.view(B, T, C), dx1, x1, ln1_w, mean1, rstd1, ctx.pending_dtype, need[5],
+                    ctx.biases[0] and need[6])
+        weights = (d_attn_w, d_attn_b, d_proj_w, d_proj_b, d_fc_w, d_fc_b, d_mp_w, d_mp_b)
+        # weight gradients come out in the matmuls' dtype; the parameters keep the stream's
+        weights = tuple(None if d is None else d.to(x.dtype) for d in weights)
+        return (dx, dpending, None, None, None, d_ln1_w, d_ln1_b, *weights[:4], d_ln2_w, d_ln2_b, *weights[4:])
