@@ -98,29 +98,41 @@ template <class T, class A>
 void pack_rows(const T* src, int64_t row_stride, int64_t rows, int64_t cols, A* dst, int64_t rows_p,
                int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) {
-    const T* s = src + r * row_stride;
     A* d = dst + r * ld;
-    for (int64_t c = 0; c < cols; ++c) d[c] = to_acc(s[c]);
+    convert_row(src + r * row_stride, d, cols);
     std::fill(d + cols, d + ld, A(0));
   }
   std::fill(dst + rows * ld, dst + rows_p * ld, A(0));
 }
 
-// dst[c][r] = src[r][c]: rows become columns, zero padding to (cols_p x ld). float32 sources go
-// through 16x16 (AVX-512) or 8x8 (AVX2) register transposes; the rest element by element.
+// dst[c][r] = src[r][c]: rows become columns, zero padding to (cols_p x ld). float32 and bfloat16
+// sources go through 16x16 (AVX-512) or 8x8 (AVX2) register transposes, bfloat16 rows widened TB at a
+// time into a per-thread float buffer first; the rest element by element.
 template <class T, class A>
 void pack_transposed(const T* src, int64_t row_stride, int64_t rows, int64_t cols, A* dst,
                      int64_t cols_p, int64_t ld) {
   std::fill(dst, dst + cols_p * ld, A(0));
   int64_t r0 = 0;
-  if constexpr (std::is_same<T, float>::value && std::is_same<A, float>::value) {
+  if constexpr (std::is_same<A, float>::value) {
     constexpr int TB = transpose_block();
+    thread_local std::vector<float> wide;
     if (TB > 1)
       for (; r0 + TB <= rows; r0 += TB) {
+        const float* blk;
+        int64_t blk_stride;
+        if constexpr (std::is_same<T, float>::value) {
+          blk = src + r0 * row_stride;
+          blk_stride = row_stride;
+        } else {
+          wide.resize(TB * cols);
+          for (int64_t r = 0; r < TB; ++r) convert_row(src + (r0 + r) * row_stride, wide.data() + r * cols, cols);
+          blk = wide.data();
+          blk_stride = cols;
+        }
         int64_t c0 = 0;
-        for (; c0 + TB <= cols; c0 += TB) transpose_block_f32(src + r0 * row_stride + c0, row_stride, dst + c0 * ld + r0, ld);
-        for (int64_t r = r0; r < r0 + TB; ++r)
-          for (int64_t c = c0; c < cols; ++c) dst[c * ld + r] = src[r * row_stride + c];
+        for (; c0 + TB <= cols; c0 += TB) transpose_block_f32(blk + c0, blk_stride, dst + c0 * ld + r0, ld);
+        for (int64_t r = 0; r < TB; ++r)
+          for (int64_t c = c0; c < cols; ++c) dst[c * ld + r0 + r] = blk[r * blk_stride + c];
       }
   }
   for (int64_t r = r0; r < rows; ++r) {
@@ -139,6 +151,13 @@ template <class T> inline T* head_ptr_mut(const Strided4& t, int64_t b, int64_t 
 // Score-block bookkeeping shared by forward and backward: how many keys a query block can see.
 inline int64_t visible_keys(bool causal, int64_t q_end, int64_t TK) {
   return causal ? std::min(TK, q_end) : TK;  // causal: key j visible to query i iff j <= i
+}
+
+// Causal diagonal blocks: the columns of key block j0 (BK wide) that queries before q_end can see,
+// rounded up to whole vectors. On a block the diagonal crosses, each slice of W query rows multiplies
+// only these columns; the rest would be masked to exactly zero, so skipping them changes no result.
+inline int64_t causal_cols(int64_t q_end, int64_t j0, int64_t BK, int64_t TK, int64_t W) {
+  return std::min(BK, round_up(std::max<int64_t>(0, std::min(TK, q_end) - j0), W));
 }
 
 // Scales one score row, masks invisible keys to -inf and returns the row maximum.
@@ -213,8 +232,18 @@ void attention_forward_impl(const AttentionForwardArgs& a) {
       std::fill(O.begin(), O.end(), A(0));
 
       for (int64_t j0 = 0; j0 < kv_len; j0 += BK) {
-        // S = Q K^T for this key block.
-        gemm<A, false>(rows, BK, HSp, Q.data(), HSp, Kt.data() + j0, kv_len_p, S.data(), BK, false);
+        // Does the causal diagonal cross this block (some row sees only part of it)?
+        const bool diagonal = a.causal && j0 + BK > i0 + 1;
+        // S = Q K^T for this key block (on the diagonal, W rows at a time, visible columns only).
+        if (!diagonal) {
+          gemm<A, false>(rows, BK, HSp, Q.data(), HSp, Kt.data() + j0, kv_len_p, S.data(), BK, false);
+        } else {
+          for (int64_t r0 = 0; r0 < rows; r0 += W) {
+            const int64_t nr = std::min<int64_t>(W, rows - r0), nc = causal_cols(i0 + r0 + nr, j0, BK, TK, W);
+            gemm<A, false>(nr, nc, HSp, Q.data() + r0 * HSp, HSp, Kt.data() + j0, kv_len_p, S.data() + r0 * BK, BK,
+                           false);
+          }
+        }
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = i0 + r;
           A* s = S.data() + r * BK;
@@ -234,15 +263,22 @@ void attention_forward_impl(const AttentionForwardArgs& a) {
             dropout_row(s, std::min<int64_t>(BK, TK - j0), a.seed, uint64_t((bh * TQ + i) * TK), j0,
                         float(a.dropout_p), keep_scale);
         }
-        // O += P V.
-        gemm<A, false>(rows, HSVp, std::min<int64_t>(BK, kv_len_p - j0), S.data(), BK,
-                       V.data() + j0 * HSVp, HSVp, O.data(), HSVp, true);
+        // O += P V (on the diagonal, each row slice over the keys it can see: P is 0 beyond them).
+        if (!diagonal) {
+          gemm<A, false>(rows, HSVp, std::min<int64_t>(BK, kv_len_p - j0), S.data(), BK,
+                         V.data() + j0 * HSVp, HSVp, O.data(), HSVp, true);
+        } else {
+          for (int64_t r0 = 0; r0 < rows; r0 += W) {
+            const int64_t nr = std::min<int64_t>(W, rows - r0), nc = causal_cols(i0 + r0 + nr, j0, BK, TK, W);
+            gemm<A, false>(nr, HSVp, std::min<int64_t>(nc, kv_len_p - j0), S.data() + r0 * BK, BK,
+                           V.data() + j0 * HSVp, HSVp, O.data() + r0 * HSVp, HSVp, true);
+          }
+        }
       }
       // Normalise and write out; keep the logsumexp for the backward pass.
       T* out = head_ptr_mut<T>(a.out, b, h) + i0 * a.out.st;
       for (int64_t r = 0; r < rows; ++r) {
-        const A inv_l = A(1) / l[r];
-        for (int64_t c = 0; c < HSV; ++c) out[r * a.out.st + c] = from_acc<T>(O[r * HSVp + c] * inv_l);
+        store_row_scaled(out + r * a.out.st, O.data() + r * HSVp, HSV, A(1) / l[r]);
         lse_out[bh * TQ + i0 + r] = m[r] + std::log(l[r]);
       }
     }
@@ -296,11 +332,28 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
         const int64_t i_start = a.causal ? std::min(TQ, j0) / BQ * BQ : 0;
         for (int64_t i0 = i_start; i0 < TQ; i0 += BQ) {
           const int64_t rows = std::min(BQ, TQ - i0);
+          // Does the causal diagonal cross this block? Then passes 1, 2 and 4 run W query rows (or W
+          // keys) at a time over the part that is visible: the rest of P and dS is exactly zero.
+          const bool diagonal = a.causal && j0 + BK > i0 + 1;
           // pass 1: recompute P = exp(scale * Q K^T - lse), zero where masked.
-          gemm<A, false>(rows, BK, HSp, Q.data() + i0 * HSp, HSp, Kt.data() + j0, TKp, P.data(), BK, false);
           // pass 2: dP = dO V^T.
-          gemm<A, false>(rows, BK, HSVp, dO.data() + i0 * HSVp, HSVp, Vt.data() + j0, TKp, dP.data(),
-                         BK, false);
+          if (!diagonal) {
+            gemm<A, false>(rows, BK, HSp, Q.data() + i0 * HSp, HSp, Kt.data() + j0, TKp, P.data(), BK, false);
+            gemm<A, false>(rows, BK, HSVp, dO.data() + i0 * HSVp, HSVp, Vt.data() + j0, TKp, dP.data(),
+                           BK, false);
+          } else {
+            for (int64_t r0 = 0; r0 < rows; r0 += W) {
+              const int64_t nr = std::min<int64_t>(W, rows - r0), nc = causal_cols(i0 + r0 + nr, j0, BK, TK, W);
+              gemm<A, false>(nr, nc, HSp, Q.data() + (i0 + r0) * HSp, HSp, Kt.data() + j0, TKp,
+                             P.data() + r0 * BK, BK, false);
+              gemm<A, false>(nr, nc, HSVp, dO.data() + (i0 + r0) * HSVp, HSVp, Vt.data() + j0, TKp,
+                             dP.data() + r0 * BK, BK, false);
+              for (int64_t r = r0; r < r0 + nr; ++r) {  // the columns not computed: finite, then masked
+                std::fill(P.data() + r * BK + nc, P.data() + (r + 1) * BK, A(0));
+                std::fill(dP.data() + r * BK + nc, dP.data() + (r + 1) * BK, A(0));
+              }
+            }
+          }
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t i = i0 + r;
             A* p = P.data() + r * BK;
@@ -323,21 +376,38 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
             std::fill(dp + kcols, dp + BK, A(0));
           }
           // pass 4: dV += P_dropped^T dO, dK += dS^T Q, dQ += dS K (scale applied at the end).
-          gemm<A, true>(BK, HSVp, rows, P.data(), BK, dO.data() + i0 * HSVp, HSVp, dV.data(), HSVp, true);
-          gemm<A, true>(BK, HSp, rows, dP.data(), BK, Q.data() + i0 * HSp, HSp, dK.data(), HSp, true);
-          gemm<A, false>(rows, HSp, BK, dP.data(), BK, K.data() + j0 * HSp, HSp, dQ.data() + i0 * HSp,
-                         HSp, true);
+          if (!diagonal) {
+            gemm<A, true>(BK, HSVp, rows, P.data(), BK, dO.data() + i0 * HSVp, HSVp, dV.data(), HSVp, true);
+            gemm<A, true>(BK, HSp, rows, dP.data(), BK, Q.data() + i0 * HSp, HSp, dK.data(), HSp, true);
+            gemm<A, false>(rows, HSp, BK, dP.data(), BK, K.data() + j0 * HSp, HSp, dQ.data() + i0 * HSp,
+                           HSp, true);
+          } else {
+            // dV, dK: W keys at a time, over the query rows that see them (rows before r_lo see none).
+            for (int64_t c0 = 0; c0 < BK; c0 += W) {
+              const int64_t r_lo = std::min(rows, std::max<int64_t>(0, j0 + c0 - i0));
+              if (r_lo == rows) continue;
+              gemm<A, true>(W, HSVp, rows - r_lo, P.data() + r_lo * BK + c0, BK, dO.data() + (i0 + r_lo) * HSVp,
+                            HSVp, dV.data() + c0 * HSVp, HSVp, true);
+              gemm<A, true>(W, HSp, rows - r_lo, dP.data() + r_lo * BK + c0, BK, Q.data() + (i0 + r_lo) * HSp,
+                            HSp, dK.data() + c0 * HSp, HSp, true);
+            }
+            // dQ: W rows at a time, over the keys they see.
+            for (int64_t r0 = 0; r0 < rows; r0 += W) {
+              const int64_t nr = std::min<int64_t>(W, rows - r0), nc = causal_cols(i0 + r0 + nr, j0, BK, TK, W);
+              gemm<A, false>(nr, HSp, nc, dP.data() + r0 * BK, BK, K.data() + j0 * HSp, HSp,
+                             dQ.data() + (i0 + r0) * HSp, HSp, true);
+            }
+          }
         }
         T* dk = head_ptr_mut<T>(a.dk, b, h) + j0 * a.dk.st;
         T* dv = head_ptr_mut<T>(a.dv, b, h) + j0 * a.dv.st;
         for (int64_t r = 0; r < kcols; ++r) {
-          for (int64_t c = 0; c < HS; ++c) dk[r * a.dk.st + c] = from_acc<T>(dK[r * HSp + c] * scale);
-          for (int64_t c = 0; c < HSV; ++c) dv[r * a.dv.st + c] = from_acc<T>(dV[r * HSVp + c]);
+          store_row_scaled(dk + r * a.dk.st, dK.data() + r * HSp, HS, scale);
+          store_row_scaled(dv + r * a.dv.st, dV.data() + r * HSVp, HSV, A(1));
         }
       }
       T* dq = head_ptr_mut<T>(a.dq, b, h);
-      for (int64_t i = 0; i < TQ; ++i)
-        for (int64_t c = 0; c < HS; ++c) dq[i * a.dq.st + c] = from_acc<T>(dQ[i * HSp + c] * scale);
+      for (int64_t i = 0; i < TQ; ++i) store_row_scaled(dq + i * a.dq.st, dQ.data() + i * HSp, HS, scale);
     }
   }
 }

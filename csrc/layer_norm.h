@@ -12,15 +12,6 @@
 namespace nanofast {
 namespace NF_ISA {
 
-// C elements converted between storage and accumulation types, a vector at a time (element by
-// element, the conversions took three times as long as the bfloat16 LayerNorm's arithmetic).
-template <class From, class To> inline void convert_row(const From* src, To* dst, int64_t C) {
-  constexpr int W = lanes<decltype(to_acc(From{}))>();
-  int64_t c = 0;
-  for (; c + W <= C; c += W) vstore_as(dst + c, vload_as(src + c));
-  for (; c < C; ++c) dst[c] = from_acc<To>(to_acc(src[c]));
-}
-
 // A row in the accumulation type. float32 rows are used in place; bfloat16 rows are widened into a
 // per-thread buffer first so every later pass runs on plain floats.
 template <class T> struct RowView {

@@ -172,5 +172,23 @@ inline void vstore_as(float* p, vec<float> v) { vstore(p, v); }
 inline void vstore_as(double* p, vec<double> v) { vstore(p, v); }
 inline void vstore_as(bf16* p, vec<float> v) { vstore_bf16(p, v); }
 
+// C elements converted between storage and accumulation types, a vector at a time (element by
+// element, the conversions took three times as long as the bfloat16 LayerNorm's arithmetic).
+template <class From, class To> inline void convert_row(const From* src, To* dst, int64_t C) {
+  constexpr int W = lanes<decltype(to_acc(From{}))>();
+  int64_t c = 0;
+  for (; c + W <= C; c += W) vstore_as(dst + c, vload_as(src + c));
+  for (; c < C; ++c) dst[c] = from_acc<To>(to_acc(src[c]));
+}
+
+// dst[c] = src[c] * scale in the storage type, a vector at a time (the kernels' output rows).
+template <class T, class A> inline void store_row_scaled(T* dst, const A* src, int64_t n, A scale) {
+  constexpr int W = lanes<A>();
+  const vec<A> s = vbroadcast<A>(scale);
+  int64_t c = 0;
+  for (; c + W <= n; c += W) vstore_as(dst + c, vload(src + c) * s);
+  for (; c < n; ++c) dst[c] = from_acc<T>(src[c] * scale);
+}
+
 }  // namespace NF_ISA
 }  // namespace nanofast

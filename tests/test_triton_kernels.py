@@ -405,8 +405,11 @@ def test_dropout_seed_from_torch_generator():
     assert torch.equal(out1.cpu() > 0, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
-def test_attention_dropout_gradients(causal):
+def test_attention_dropout_gradients(causal, dtype):
+    """Dropout through the launchers, float32 and bfloat16 (their own tiles on a GPU), against the
+    float64 reference with the same mask."""
     B, H, Tq, Tk, D = (2, 3, 200, 300, 64) if HAS_CUDA else (1, 2, 33, 17, 16)
     p, seed, scale = 0.2, 2 ** 40 + 7, 0.25
     q, k, v, do = _qkv(B, H, Tq, Tk, D, seed=10)
@@ -424,10 +427,11 @@ def test_attention_dropout_gradients(causal):
         def backward(ctx, g):
             return K.attention_backward(g, *ctx.saved_tensors, causal, scale, p, seed)
 
-    ours = _run_attn(Fn.apply, q, k, v, do, torch.float32)
-    same = _run_attn(lambda a, b, c: _attn_ref(a, b, c, causal, scale, keep, p), q, k, v, do, torch.float32)
+    ours = _run_attn(Fn.apply, q, k, v, do, dtype)
+    same = _run_attn(lambda a, b, c: _attn_ref(a, b, c, causal, scale, keep, p), q, k, v, do, dtype)
     for name, o, s, r in zip(("out", "dq", "dk", "dv"), ours, same, ref):
-        _assert_rule(f"dropout attention {name}", o, s, r.to(o.device), torch.float32)
+        assert o.dtype == dtype, name
+        _assert_rule(f"dropout attention {name}", o, s, r.to(o.device), dtype)
 
 
 def test_dropout_p_one_gives_zeros():
