@@ -48,19 +48,39 @@ template <class A> struct GeluConst {
 template <class A> inline vec<A> gelu_vec(vec<A> x) {
   return x * A(0.5) * (verf(x * GeluConst<A>::inv_sqrt2) + A(1));
 }
-template <class A> inline vec<A> gelu_grad_vec(vec<A> x, vec<A> dy) {
+// gelu'(x) = Phi(x) + x phi(x): one function for the backward and for the forward that saves it, so
+// that dy * (saved gelu') has the bits of the backward computed from x.
+template <class A> inline vec<A> gelu_deriv_vec(vec<A> x) {
   const vec<A> cdf = A(0.5) * (verf(x * GeluConst<A>::inv_sqrt2) + A(1));
   const vec<A> pdf = vexp(x * x * A(-0.5)) * GeluConst<A>::inv_sqrt_2pi;
-  return dy * (cdf + x * pdf);
+  return cdf + x * pdf;
+}
+
+// What one pass computes: out = gelu(x); the same and grad = gelu'(x); out = dy * gelu'(x) from x; or
+// out = dy * grad from the saved derivative.
+enum GeluMode { kForward, kForwardSavingGrad, kBackward, kBackwardFromGrad };
+
+template <class A, GeluMode MODE> inline vec<A> gelu_step(vec<A> x, vec<A> dy, vec<A> saved, vec<A>* grad_out) {
+  if constexpr (MODE == kForward) return gelu_vec<A>(x);
+  if constexpr (MODE == kForwardSavingGrad) {  // gelu_vec and gelu_deriv_vec sharing one erf
+    const vec<A> erf1 = verf(x * GeluConst<A>::inv_sqrt2) + A(1);
+    const vec<A> pdf = vexp(x * x * A(-0.5)) * GeluConst<A>::inv_sqrt_2pi;
+    *grad_out = A(0.5) * erf1 + x * pdf;
+    return x * A(0.5) * erf1;
+  }
+  if constexpr (MODE == kBackward) return dy * gelu_deriv_vec<A>(x);
+  return dy * saved;
 }
 
 // Elementwise over n contiguous elements, split into fixed chunks across threads.
-template <class T, bool BACKWARD>
+template <class T, GeluMode MODE>
 void gelu_apply(const GeluArgs& a) {
   using A = acc_t<T>;
   constexpr int W = lanes<A>();
+  constexpr bool READS_X = MODE != kBackwardFromGrad, READS_DY = MODE >= kBackward;
   const T* x = static_cast<const T*>(a.x);
   const T* dy = static_cast<const T*>(a.dy);
+  A* grad = static_cast<A*>(a.grad);
   T* out = static_cast<T*>(a.out);
   const int64_t n = a.n;
   constexpr int64_t kChunk = 4096;
@@ -68,37 +88,46 @@ void gelu_apply(const GeluArgs& a) {
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t c1 = std::min(n, c0 + kChunk);
     int64_t i = c0;
-    for (; i + W <= c1; i += W)  // whole vectors straight from memory
-      vstore_as(out + i, BACKWARD ? gelu_grad_vec<A>(vload_as(x + i), vload_as(dy + i)) : gelu_vec<A>(vload_as(x + i)));
-    alignas(64) A xb[W], gb[W], ob[W];  // the tail staged through buffers
+    vec<A> g{};
+    for (; i + W <= c1; i += W) {  // whole vectors straight from memory
+      const vec<A> xv = READS_X ? vload_as(x + i) : vec<A>{};
+      const vec<A> dv = READS_DY ? vload_as(dy + i) : vec<A>{};
+      const vec<A> sv = MODE == kBackwardFromGrad ? vload(grad + i) : vec<A>{};
+      vstore_as(out + i, gelu_step<A, MODE>(xv, dv, sv, &g));
+      if constexpr (MODE == kForwardSavingGrad) vstore(grad + i, g);
+    }
+    alignas(64) A xb[W], db[W], sb[W], ob[W], gb[W];  // the tail staged through buffers
     for (; i < c1; i += W) {
       const int64_t m = std::min<int64_t>(W, c1 - i);
-      for (int64_t j = 0; j < W; ++j) xb[j] = j < m ? to_acc(x[i + j]) : A(0);
-      if constexpr (BACKWARD) {
-        for (int64_t j = 0; j < W; ++j) gb[j] = j < m ? to_acc(dy[i + j]) : A(0);
-        vstore(ob, gelu_grad_vec<A>(vload(xb), vload(gb)));
-      } else {
-        vstore(ob, gelu_vec<A>(vload(xb)));
+      for (int64_t j = 0; j < W; ++j) {
+        xb[j] = READS_X && j < m ? to_acc(x[i + j]) : A(0);
+        db[j] = READS_DY && j < m ? to_acc(dy[i + j]) : A(0);
+        sb[j] = MODE == kBackwardFromGrad && j < m ? grad[i + j] : A(0);
       }
-      for (int64_t j = 0; j < m; ++j) out[i + j] = from_acc<T>(ob[j]);
+      vstore(ob, gelu_step<A, MODE>(vload(xb), vload(db), vload(sb), &g));
+      vstore(gb, g);
+      for (int64_t j = 0; j < m; ++j) {
+        out[i + j] = from_acc<T>(ob[j]);
+        if constexpr (MODE == kForwardSavingGrad) grad[i + j] = gb[j];
+      }
     }
   }
 }
 
-inline void gelu_forward(const GeluArgs& a) {
+template <GeluMode MODE> inline void gelu_dispatch(const GeluArgs& a) {
   switch (a.dtype) {
-    case kFloat32: return gelu_apply<float, false>(a);
-    case kFloat64: return gelu_apply<double, false>(a);
-    case kBFloat16: return gelu_apply<bf16, false>(a);
+    case kFloat32: return gelu_apply<float, MODE>(a);
+    case kFloat64: return gelu_apply<double, MODE>(a);
+    case kBFloat16: return gelu_apply<bf16, MODE>(a);
   }
 }
 
+inline void gelu_forward(const GeluArgs& a) {
+  a.grad ? gelu_dispatch<kForwardSavingGrad>(a) : gelu_dispatch<kForward>(a);
+}
+
 inline void gelu_backward(const GeluArgs& a) {
-  switch (a.dtype) {
-    case kFloat32: return gelu_apply<float, true>(a);
-    case kFloat64: return gelu_apply<double, true>(a);
-    case kBFloat16: return gelu_apply<bf16, true>(a);
-  }
+  a.grad ? gelu_dispatch<kBackwardFromGrad>(a) : gelu_dispatch<kBackward>(a);
 }
 
 }  // namespace NF_ISA

@@ -106,6 +106,8 @@ struct AttentionBackwardArgs {
 };
 
 // Elementwise GELU over n contiguous elements: out = gelu(x), or out = dy * gelu'(x) when backward.
+// With `grad` (n elements of the accumulation type), the forward also writes gelu'(x) there, and the
+// backward reads it instead of x (x may then be null): out = dy * grad, the same bits, no erf or exp.
 struct GeluArgs {
   int dtype;
   int64_t n;
@@ -113,6 +115,7 @@ struct GeluArgs {
   const void* dy;  // backward only
   void* out;
   int num_threads;
+  void* grad = nullptr;
 };
 
 // One parameter tensor of an AdamW step: contiguous float32 parameter, gradient and moments of n

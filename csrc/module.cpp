@@ -91,8 +91,9 @@ void attention_backward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK
   kernels().attention_backward(a);
 }
 
-void gelu(int dtype, int64_t n, uintptr_t x, uintptr_t dy, uintptr_t out, int num_threads) {
-  nanofast::GeluArgs a{dtype, n, ptr<const void>(x), ptr<const void>(dy), ptr<void>(out), num_threads};
+void gelu(int dtype, int64_t n, uintptr_t x, uintptr_t dy, uintptr_t out, int num_threads, uintptr_t grad) {
+  nanofast::GeluArgs a{dtype, n, ptr<const void>(x), ptr<const void>(dy), ptr<void>(out), num_threads,
+                       ptr<void>(grad)};
   if (dy) kernels().gelu_backward(a);
   else kernels().gelu_forward(a);
 }
@@ -145,7 +146,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_forward", &attention_forward, release());
   m.def("attention_backward", &attention_backward, release());
   m.def("dropout_mask", &dropout_mask, release());
-  m.def("gelu", &gelu, release(), "forward with dy == 0, else backward");
+  m.def("gelu", &gelu, release(), "forward with dy == 0, else backward; grad: gelu'(x) saved by the forward",
+        py::arg("dtype"), py::arg("n"), py::arg("x"), py::arg("dy"), py::arg("out"), py::arg("num_threads"),
+        py::arg("grad") = 0);
   m.def("adamw_step", &adamw_step, release(), "clip (max_grad_norm > 0) and AdamW-step float32 tensors");
   m.def("retain_freed_memory", &retain_freed_memory, "glibc malloc: no mmap-ed blocks, no heap trimming");
   m.def("philox_uniform", &nanofast::philox_uniform, "the dropout generator's uniform at (seed, offset)");

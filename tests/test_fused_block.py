@@ -71,6 +71,19 @@ def test_same_loss_and_gradients_as_the_per_op_block(amp_dtype, bias, dropout):
             f"{name}: max diff {(grads_f[name] - grads_p[name]).abs().max().item():.3g}"
 
 
+@pytest.mark.parametrize("amp_dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16-autocast"])
+def test_gelu_derivative_recomputed_above_the_size_limit(monkeypatch, amp_dtype):
+    """Above _KEEP_GELU_GRAD_MAX the block keeps GELU's input, not its derivative: the same bits too."""
+    monkeypatch.setattr(fused_block, "_KEEP_GELU_GRAD_MAX", 0)
+    model = _model(dropout=0.1)
+    X, Y = _batch(32)
+    loss_f, grads_f = _loss_and_grads(model, X, Y, True, amp_dtype)
+    loss_p, grads_p = _loss_and_grads(model, X, Y, False, amp_dtype)
+    assert torch.equal(loss_f, loss_p)
+    for name in grads_p:
+        assert torch.equal(grads_f[name], grads_p[name]), name
+
+
 @pytest.mark.parametrize("T", [1, 7, 63, 65])
 @pytest.mark.parametrize("n_embd,n_head", [(48, 4), (60, 4), (45, 3)], ids=["hs12", "hs15", "hs15-3heads"])
 def test_odd_shapes(T, n_embd, n_head):

@@ -25,6 +25,31 @@ def test_parity(n, dtype, isa):
         assert_parity(name, o, t, r)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("n", [1, 17, 1000, 70001])
+def test_saved_derivative_gives_the_backward_bit_for_bit(n, dtype, isa):
+    """The forward that keeps gelu'(x) (nanofast.fused_block's) returns gelu(x) as the plain forward does,
+    and dy * (kept gelu') equals the backward computed from x, NaN and infinities included."""
+    from nanofast.ops import _cpu
+
+    g = torch.Generator().manual_seed(n + 1)
+    x = (torch.randn(n, generator=g, dtype=torch.float64) * 3).to(dtype)
+    dy = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+    x[0] = float("nan")
+    if n > 2:
+        x[1], dy[2] = float("inf"), float("-inf")
+    y, grad = _cpu.gelu_saving_grad(x)
+    assert grad.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.equal(y.view(-1).view(torch.uint8), _cpu.gelu(x, None).view(-1).view(torch.uint8))
+    dx = _cpu.gelu_backward_from_grad(dy, grad)
+    assert torch.equal(dx.view(-1).view(torch.uint8), _cpu.gelu(x, dy).view(-1).view(torch.uint8))
+    # and the kept derivative is gelu'(x): Phi(x) + x phi(x), in float64
+    x64 = x.double()[3:]
+    exact = 0.5 * (1 + torch.erf(x64 / 2 ** 0.5)) + x64 * torch.exp(-x64 * x64 / 2) / (2 * torch.pi) ** 0.5
+    torch.testing.assert_close(grad[3:].double(), exact, rtol=1e-5 if dtype != torch.float64 else 1e-12,
+                               atol=1e-6 if dtype != torch.float64 else 1e-12)
+
+
 def test_extremes_and_nan():
     x = torch.tensor([-1e30, -80.0, -10.0, -1e-30, 0.0, 1e-30, 10.0, 80.0, 1e30, float("inf"), float("-inf"),
                       float("nan")])

@@ -160,6 +160,27 @@ def gelu(x, dy):
     return out
 
 
+def gelu_saving_grad(x):
+    """(gelu(x), gelu'(x)): the derivative in the accumulation dtype (float32 for bfloat16), for
+    gelu_backward_from_grad."""
+    x = _packed(x)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    grad = torch.empty(x.shape, dtype=_acc_dtype(x.dtype))
+    if x.numel():
+        _C.gelu(_DTYPE_CODE[x.dtype], x.numel(), x.data_ptr(), 0, out.data_ptr(), _threads(), grad.data_ptr())
+    return out, grad
+
+
+def gelu_backward_from_grad(dy, grad):
+    """dy * gelu'(x) from the derivative gelu_saving_grad kept: the bits of gelu(x, dy), without
+    the erf and exp."""
+    dy = _packed(dy)
+    out = torch.empty_like(dy, memory_format=torch.contiguous_format)
+    if dy.numel():
+        _C.gelu(_DTYPE_CODE[dy.dtype], dy.numel(), 0, dy.data_ptr(), out.data_ptr(), _threads(), grad.data_ptr())
+    return out
+
+
 def dropout_mask(seed, batch, heads, q_len, k_len, p):
     out = torch.empty(batch, heads, q_len, k_len, dtype=torch.uint8)
     if out.numel():
