@@ -142,6 +142,120 @@ void pack_transposed(const T* src, int64_t row_stride, int64_t rows, int64_t col
   }
 }
 
+#if defined(__AVX512BF16__) && NF_VBYTES == 64
+#define NF_BF16_DOT 1
+// bfloat16 pairs: C[MR x 16 NV] = A B with A's rows and B's columns in pairs of bfloat16 (element 2k in
+// the low half of a 32-bit word, 2k + 1 in the high half), float32 sums. vdpbf16ps multiplies two pairs
+// per lane, exactly (bf16 x bf16 fits float32), and adds them into the float32 sum (round to nearest
+// even; bf16 denormals read as zero). The words travel in float-typed buffers, bit patterns only.
+// A: MR rows of KP words, lda apart; B: KP rows of 16 NV words, ldb apart.
+template <int MR, int NV>
+inline void pair_gemm_tile(int64_t KP, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                           int64_t ldc) {
+  __m512 acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < KP; ++kp) {
+    __m512bh bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_ps(b + kp * ldb + v * 16);
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh av = (__m512bh)_mm512_set1_ps(a[m * lda + kp]);
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], av, bv[v]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + m * ldc + v * 16, acc[m][v]);
+}
+
+template <int NV, int R = 7>
+inline void pair_gemm_tail_rows(int64_t rem, int64_t KP, const float* a, int64_t lda, const float* b,
+                                int64_t ldb, float* c, int64_t ldc) {
+  if constexpr (R > 0) {
+    if (rem == R) return pair_gemm_tile<R, NV>(KP, a, lda, b, ldb, c, ldc);
+    pair_gemm_tail_rows<NV, R - 1>(rem, KP, a, lda, b, ldb, c, ldc);
+  }
+}
+
+// C[M x N] = A B, N a multiple of 16: panels of 32 columns (8 x 2 accumulators), then 16.
+inline void pair_gemm(int64_t M, int64_t N, int64_t KP, const float* a, int64_t lda, const float* b,
+                      int64_t ldb, float* c, int64_t ldc) {
+  for (int64_t n = 0; n < N;) {
+    const bool two = n + 32 <= N;
+    int64_t m = 0;
+    for (; m + 8 <= M; m += 8) {
+      if (two) pair_gemm_tile<8, 2>(KP, a + m * lda, lda, b + n, ldb, c + m * ldc + n, ldc);
+      else pair_gemm_tile<8, 1>(KP, a + m * lda, lda, b + n, ldb, c + m * ldc + n, ldc);
+    }
+    if (m < M) {
+      if (two) pair_gemm_tail_rows<2>(M - m, KP, a + m * lda, lda, b + n, ldb, c + m * ldc + n, ldc);
+      else pair_gemm_tail_rows<1>(M - m, KP, a + m * lda, lda, b + n, ldb, c + m * ldc + n, ldc);
+    }
+    n += two ? 32 : 16;
+  }
+}
+
+// rows of bf16 (row_stride apart) as rows of ld words: pairs, zero-padded to rows_p rows.
+inline void pack_pairs(const bf16* src, int64_t row_stride, int64_t rows, int64_t cols, float* dst,
+                       int64_t rows_p, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    char* d = reinterpret_cast<char*>(dst + r * ld);
+    std::memcpy(d, src + r * row_stride, cols * sizeof(bf16));
+    std::memset(d + cols * sizeof(bf16), 0, (2 * ld - cols) * sizeof(bf16));
+  }
+  std::memset(static_cast<void*>(dst + rows * ld), 0, (rows_p - rows) * ld * sizeof(float));
+}
+#else
+#define NF_BF16_DOT 0
+#endif
+
+// The score products of one head, S = X Y^T (Q K^T; in the backward also dO V^T), on operands packed
+// once: X's rows in the accumulation type (x, also the backward's Q and dO), and Y transposed. For
+// bfloat16 inputs on CPUs with AVX512-BF16, X and Y^T are also kept as bf16 pairs and the products run
+// on vdpbf16ps, twice the multiplications per instruction: the products are exact either way, only the
+// order of the float32 sums differs.
+template <class T> struct ScoreOperands {
+  using A = acc_t<T>;
+  static constexpr bool kPairs = NF_BF16_DOT && std::is_same<T, bf16>::value;
+  int64_t depth = 0, ld = 0;  // the products' depth (HSp, or pairs); Y^T's row length (keys, padded)
+  std::vector<A> x, yt;
+  std::vector<float> xp, ytp, stage;
+
+  // X: rows (of cols elements, row_stride apart) padded to rows_p; Y: keys rows, transposed to ld columns.
+  void pack(const T* xs, int64_t x_stride, int64_t rows, int64_t rows_p, const T* ys, int64_t y_stride,
+            int64_t keys, int64_t ld_p, int64_t cols) {
+    constexpr int W = lanes<A>();
+    const int64_t cols_p = round_up(cols, W);
+    ld = ld_p;
+    x.resize(rows_p * cols_p);
+    pack_rows(xs, x_stride, rows, cols, x.data(), rows_p, cols_p);
+#if NF_BF16_DOT
+    if constexpr (kPairs) {
+      depth = (cols + 1) / 2;
+      xp.resize(rows_p * depth);
+      pack_pairs(xs, x_stride, rows, cols, xp.data(), rows_p, depth);
+      // Y's rows as pairs, then transposed word by word (the float transposes move bits only)
+      stage.resize(keys * depth);
+      pack_pairs(ys, y_stride, keys, cols, stage.data(), keys, depth);
+      ytp.resize(depth * ld);
+      pack_transposed(stage.data(), depth, keys, depth, ytp.data(), depth, ld);
+      return;
+    }
+#endif
+    depth = cols_p;
+    yt.resize(depth * ld);
+    pack_transposed(ys, y_stride, keys, cols, yt.data(), depth, ld);
+  }
+
+  // out[M x N] (ldo apart) = rows x_row0.. of X times columns y_col0.. of Y^T; N a multiple of W.
+  void product(int64_t M, int64_t N, int64_t x_row0, int64_t y_col0, A* out, int64_t ldo) const {
+#if NF_BF16_DOT
+    if constexpr (kPairs)
+      return pair_gemm(M, N, depth, xp.data() + x_row0 * depth, depth, ytp.data() + y_col0, ld, out, ldo);
+#endif
+    gemm<A, false>(M, N, depth, x.data() + x_row0 * depth, depth, yt.data() + y_col0, ld, out, ldo, false);
+  }
+};
+
 template <class T> inline const T* head_ptr(const Strided4& t, int64_t b, int64_t h) {
   return static_cast<const T*>(t.ptr) + b * t.sb + h * t.sh;
 }
@@ -214,8 +328,8 @@ void attention_forward_impl(const AttentionForwardArgs& a) {
 
 #pragma omp parallel num_threads(a.num_threads)
   {
-    std::vector<A> Q(BQ * HSp), Kt(HSp * TKp), V(TKp * HSVp), S(BQ * BK),
-        O(BQ * HSVp), m(BQ), l(BQ);
+    ScoreOperands<T> QK;  // the query block's rows, the visible keys transposed
+    std::vector<A> V(TKp * HSVp), S(BQ * BK), O(BQ * HSVp), m(BQ), l(BQ);
     // Each task is one query block of one head and depends on nothing else, so the result does not
     // depend on which thread runs it; dynamic scheduling evens out the causal imbalance.
 #pragma omp for schedule(dynamic, 1)
@@ -225,8 +339,8 @@ void attention_forward_impl(const AttentionForwardArgs& a) {
       const int64_t kv_len = visible_keys(a.causal, i0 + rows, TK);
       const int64_t kv_len_p = round_up(kv_len, BK);
       // Pack: Q block (rows x HSp), K transposed (HSp x kv_len_p), V (kv_len_p x HSVp).
-      pack_rows(head_ptr<T>(a.q, b, h) + i0 * a.q.st, a.q.st, rows, HS, Q.data(), BQ, HSp);
-      pack_transposed(head_ptr<T>(a.k, b, h), a.k.st, kv_len, HS, Kt.data(), HSp, kv_len_p);
+      QK.pack(head_ptr<T>(a.q, b, h) + i0 * a.q.st, a.q.st, rows, BQ, head_ptr<T>(a.k, b, h), a.k.st, kv_len,
+              kv_len_p, HS);
       pack_rows(head_ptr<T>(a.v, b, h), a.v.st, kv_len, HSV, V.data(), kv_len_p, HSVp);
       std::fill(m.begin(), m.end(), -std::numeric_limits<A>::infinity());
       std::fill(l.begin(), l.end(), A(0));
@@ -237,12 +351,11 @@ void attention_forward_impl(const AttentionForwardArgs& a) {
         const bool diagonal = a.causal && j0 + BK > i0 + 1;
         // S = Q K^T for this key block (on the diagonal, W rows at a time, visible columns only).
         if (!diagonal) {
-          gemm<A, false>(rows, BK, HSp, Q.data(), HSp, Kt.data() + j0, kv_len_p, S.data(), BK, false);
+          QK.product(rows, BK, 0, j0, S.data(), BK);
         } else {
           for (int64_t r0 = 0; r0 < rows; r0 += W) {
             const int64_t nr = std::min<int64_t>(W, rows - r0), nc = causal_cols(i0 + r0 + nr, j0, BK, TK, W);
-            gemm<A, false>(nr, nc, HSp, Q.data() + r0 * HSp, HSp, Kt.data() + j0, kv_len_p, S.data() + r0 * BK, BK,
-                           false);
+            QK.product(nr, nc, r0, j0, S.data() + r0 * BK, BK);
           }
         }
         for (int64_t r = 0; r < rows; ++r) {
@@ -301,8 +414,8 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
 
 #pragma omp parallel num_threads(a.num_threads)
   {
-    std::vector<A> Q(TQp * HSp), K(TKp * HSp), Kt(HSp * TKp), Vt(HSVp * TKp), dO(TQp * HSVp),
-        delta(TQp), dQ(TQp * HSp), P(BQ * BK), dP(BQ * BK), dK(BK * HSp),
+    ScoreOperands<T> QK, dOV;  // for P = exp(Q K^T - lse) and dP = dO V^T; QK.x is Q, dOV.x is dO
+    std::vector<A> K(TKp * HSp), delta(TQp), dQ(TQp * HSp), P(BQ * BK), dP(BQ * BK), dK(BK * HSp),
         dV(BK * HSVp), row_buf(TQp * HSVp);
     // One task per head: dQ accumulates over key blocks in a buffer this task owns, so there are no
     // atomics and no order that depends on the threads.
@@ -310,17 +423,17 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
     for (int64_t bh = 0; bh < B * NH; ++bh) {
       const int64_t b = bh / NH, h = bh % NH;
       const A* lse = lse_all + bh * TQ;
-      pack_rows(head_ptr<T>(a.q, b, h), a.q.st, TQ, HS, Q.data(), TQp, HSp);
+      QK.pack(head_ptr<T>(a.q, b, h), a.q.st, TQ, TQp, head_ptr<T>(a.k, b, h), a.k.st, TK, TKp, HS);
+      dOV.pack(head_ptr<T>(a.dout, b, h), a.dout.st, TQ, TQp, head_ptr<T>(a.v, b, h), a.v.st, TK, TKp, HSV);
       pack_rows(head_ptr<T>(a.k, b, h), a.k.st, TK, HS, K.data(), TKp, HSp);
-      pack_transposed(head_ptr<T>(a.k, b, h), a.k.st, TK, HS, Kt.data(), HSp, TKp);
-      pack_transposed(head_ptr<T>(a.v, b, h), a.v.st, TK, HSV, Vt.data(), HSVp, TKp);
-      pack_rows(head_ptr<T>(a.dout, b, h), a.dout.st, TQ, HSV, dO.data(), TQp, HSVp);
+      const A* Q = QK.x.data();
+      const A* dO = dOV.x.data();
       // delta_i = rowsum(dO_i * O_i): the softmax-backward correction (O already includes dropout).
       const T* o = head_ptr<T>(a.out, b, h);
       pack_rows(o, a.out.st, TQ, HSV, row_buf.data(), TQ, HSVp);
       for (int64_t i = 0; i < TQ; ++i) {
         vec<A> s{};
-        for (int64_t c = 0; c < HSVp; c += W) s += vload(dO.data() + i * HSVp + c) * vload(row_buf.data() + i * HSVp + c);
+        for (int64_t c = 0; c < HSVp; c += W) s += vload(dO + i * HSVp + c) * vload(row_buf.data() + i * HSVp + c);
         delta[i] = vsum(s);
       }
       std::fill(dQ.begin(), dQ.end(), A(0));
@@ -339,16 +452,13 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
           // pass 1: recompute P = exp(scale * Q K^T - lse), zero where masked.
           // pass 2: dP = dO V^T.
           if (!diagonal) {
-            gemm<A, false>(rows, BK, HSp, Q.data() + i0 * HSp, HSp, Kt.data() + j0, TKp, P.data(), BK, false);
-            gemm<A, false>(rows, BK, HSVp, dO.data() + i0 * HSVp, HSVp, Vt.data() + j0, TKp, dP.data(),
-                           BK, false);
+            QK.product(rows, BK, i0, j0, P.data(), BK);
+            dOV.product(rows, BK, i0, j0, dP.data(), BK);
           } else {
             for (int64_t r0 = 0; r0 < rows; r0 += W) {
               const int64_t nr = std::min<int64_t>(W, rows - r0), nc = causal_cols(i0 + r0 + nr, j0, BK, TK, W);
-              gemm<A, false>(nr, nc, HSp, Q.data() + (i0 + r0) * HSp, HSp, Kt.data() + j0, TKp,
-                             P.data() + r0 * BK, BK, false);
-              gemm<A, false>(nr, nc, HSVp, dO.data() + (i0 + r0) * HSVp, HSVp, Vt.data() + j0, TKp,
-                             dP.data() + r0 * BK, BK, false);
+              QK.product(nr, nc, i0 + r0, j0, P.data() + r0 * BK, BK);
+              dOV.product(nr, nc, i0 + r0, j0, dP.data() + r0 * BK, BK);
               for (int64_t r = r0; r < r0 + nr; ++r) {  // the columns not computed: finite, then masked
                 std::fill(P.data() + r * BK + nc, P.data() + (r + 1) * BK, A(0));
                 std::fill(dP.data() + r * BK + nc, dP.data() + (r + 1) * BK, A(0));
@@ -378,8 +488,8 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
           }
           // pass 4: dV += P_dropped^T dO, dK += dS^T Q, dQ += dS K (scale applied at the end).
           if (!diagonal) {
-            gemm<A, true>(BK, HSVp, rows, P.data(), BK, dO.data() + i0 * HSVp, HSVp, dV.data(), HSVp, true);
-            gemm<A, true>(BK, HSp, rows, dP.data(), BK, Q.data() + i0 * HSp, HSp, dK.data(), HSp, true);
+            gemm<A, true>(BK, HSVp, rows, P.data(), BK, dO + i0 * HSVp, HSVp, dV.data(), HSVp, true);
+            gemm<A, true>(BK, HSp, rows, dP.data(), BK, Q + i0 * HSp, HSp, dK.data(), HSp, true);
             gemm<A, false>(rows, HSp, BK, dP.data(), BK, K.data() + j0 * HSp, HSp, dQ.data() + i0 * HSp,
                            HSp, true);
           } else {
@@ -387,9 +497,9 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
             for (int64_t c0 = 0; c0 < BK; c0 += W) {
               const int64_t r_lo = std::min(rows, std::max<int64_t>(0, j0 + c0 - i0));
               if (r_lo == rows) continue;
-              gemm<A, true>(W, HSVp, rows - r_lo, P.data() + r_lo * BK + c0, BK, dO.data() + (i0 + r_lo) * HSVp,
+              gemm<A, true>(W, HSVp, rows - r_lo, P.data() + r_lo * BK + c0, BK, dO + (i0 + r_lo) * HSVp,
                             HSVp, dV.data() + c0 * HSVp, HSVp, true);
-              gemm<A, true>(W, HSp, rows - r_lo, dP.data() + r_lo * BK + c0, BK, Q.data() + (i0 + r_lo) * HSp,
+              gemm<A, true>(W, HSp, rows - r_lo, dP.data() + r_lo * BK + c0, BK, Q + (i0 + r_lo) * HSp,
                             HSp, dK.data() + c0 * HSp, HSp, true);
             }
             // dQ: W rows at a time, over the keys they see.
