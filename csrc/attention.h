@@ -112,7 +112,9 @@ void pack_rows(const T* src, int64_t row_stride, int64_t rows, int64_t cols, A* 
 template <class T, class A>
 void pack_transposed(const T* src, int64_t row_stride, int64_t rows, int64_t cols, A* dst,
                      int64_t cols_p, int64_t ld) {
-  std::fill(dst, dst + cols_p * ld, A(0));
+  // zero only the padding: columns rows..ld of the first cols rows, and rows cols..cols_p
+  for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * ld + rows, dst + (c + 1) * ld, A(0));
+  std::fill(dst + cols * ld, dst + cols_p * ld, A(0));
   int64_t r0 = 0;
   if constexpr (std::is_same<A, float>::value) {
     constexpr int TB = transpose_block();
