@@ -109,6 +109,29 @@ def _step_fn(cfg, device, dtype, provider, X, Y, fused_blocks=True):
     return step
 
 
+def _alternate(steps, sync=lambda: None, seconds_per_round=0.15):
+    """({variant: median seconds per step}, rounds): the variants take turns, round after round (15 of
+    about 0.15 s each, or 3 of one step where a step is longer), so that a drift of the machine's speed
+    hits all alike."""
+    for step in steps.values():  # warm-up
+        step()
+        sync()
+    t0 = time.perf_counter()
+    next(iter(steps.values()))()
+    sync()
+    per_round = max(1, int(seconds_per_round / (time.perf_counter() - t0)))
+    rounds = 15 if per_round > 1 else 3
+    times = {v: [] for v in steps}
+    for _ in range(rounds):
+        for v, step in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                step()
+            sync()
+            times[v].append((time.perf_counter() - t0) / per_round)
+    return {v: statistics.median(ts) for v, ts in times.items()}, rounds
+
+
 @pytest.mark.parametrize("device,config", [(d, c) for d in DEVICES for c in CONFIGS],
                          ids=[f"train-{d}-{c}" for d in DEVICES for c in CONFIGS])
 def test_train_step(record, device, config):
@@ -121,46 +144,13 @@ def test_train_step(record, device, config):
         X, Y = _batch(cfg, device)
         steps = {v: _step_fn(cfg, device, *v, X, Y) for v in VARIANTS}
         torch.manual_seed(0)
-        for step in steps.values():  # warm-up, and the size of a round: about 0.15 s of steps
-            step()
-            sync()
-        t0 = time.perf_counter()
-        steps[VARIANTS[0]]()
-        sync()
-        per_round = max(1, int(0.15 / (time.perf_counter() - t0)))
-        rounds = 15 if per_round > 1 else 3
-        times = {v: [] for v in VARIANTS}
-        for _ in range(rounds):
-            for v, step in steps.items():
-                t0 = time.perf_counter()
-                for _ in range(per_round):
-                    step()
-                sync()
-                times[v].append((time.perf_counter() - t0) / per_round)
+        times, rounds = _alternate(steps, sync)
     tokens = cfg["batch_size"] * cfg["block_size"]
     L, H, C, T, B = cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["block_size"], cfg["batch_size"]
     case = f"{config} {L}L {H}H {C}d B{B} T{T}" + (f" dropout {cfg['dropout']}" if cfg["dropout"] else "")
-    for (dtype, provider), ts in times.items():
-        record.seconds(statistics.median(ts), len(ts), op="train step", case=case, mode="fwd+bwd+clip+AdamW",
+    for (dtype, provider), seconds in times.items():
+        record.seconds(seconds, rounds, op="train step", case=case, mode="fwd+bwd+clip+AdamW",
                        dtype=dtype, provider=provider, device=device, work=tokens * 1e6, unit="ktok/s")
-
-
-def _alternate(steps, seconds_per_round=0.15, rounds=15):
-    """{variant: median seconds per step}: the variants take turns, round after round, so that a drift
-    of the machine's speed hits all alike."""
-    for step in steps.values():
-        step()
-    t0 = time.perf_counter()
-    next(iter(steps.values()))()
-    per_round = max(1, int(seconds_per_round / (time.perf_counter() - t0)))
-    times = {v: [] for v in steps}
-    for _ in range(rounds):
-        for v, step in steps.items():
-            t0 = time.perf_counter()
-            for _ in range(per_round):
-                step()
-            times[v].append((time.perf_counter() - t0) / per_round)
-    return {v: statistics.median(ts) for v, ts in times.items()}, rounds
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
