@@ -151,17 +151,17 @@ void pack_transposed(const T* src, int64_t row_stride, int64_t rows, int64_t col
 // per lane, exactly (bf16 x bf16 fits float32), and adds them into the float32 sum (round to nearest
 // even; bf16 denormals read as zero). The words travel in float-typed buffers, bit patterns only.
 // A: MR rows of KP words, lda apart; B: KP rows of 16 NV words, ldb apart.
-template <int MR, int NV>
+template <int MR, int NV, bool TRANS_A>
 inline void pair_gemm_tile(int64_t KP, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-                           int64_t ldc) {
+                           int64_t ldc, bool accumulate) {
   __m512 acc[MR][NV];
   for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) acc[m][v] = accumulate ? _mm512_loadu_ps(c + m * ldc + v * 16) : _mm512_setzero_ps();
   for (int64_t kp = 0; kp < KP; ++kp) {
     __m512bh bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_ps(b + kp * ldb + v * 16);
     for (int m = 0; m < MR; ++m) {
-      const __m512bh av = (__m512bh)_mm512_set1_ps(a[m * lda + kp]);
+      const __m512bh av = (__m512bh)_mm512_set1_ps(TRANS_A ? a[kp * lda + m] : a[m * lda + kp]);
       for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], av, bv[v]);
     }
   }
@@ -169,31 +169,72 @@ inline void pair_gemm_tile(int64_t KP, const float* a, int64_t lda, const float*
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + m * ldc + v * 16, acc[m][v]);
 }
 
-template <int NV, int R = 7>
+template <int NV, bool TRANS_A, int R = 7>
 inline void pair_gemm_tail_rows(int64_t rem, int64_t KP, const float* a, int64_t lda, const float* b,
-                                int64_t ldb, float* c, int64_t ldc) {
+                                int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   if constexpr (R > 0) {
-    if (rem == R) return pair_gemm_tile<R, NV>(KP, a, lda, b, ldb, c, ldc);
-    pair_gemm_tail_rows<NV, R - 1>(rem, KP, a, lda, b, ldb, c, ldc);
+    if (rem == R) return pair_gemm_tile<R, NV, TRANS_A>(KP, a, lda, b, ldb, c, ldc, accumulate);
+    pair_gemm_tail_rows<NV, TRANS_A, R - 1>(rem, KP, a, lda, b, ldb, c, ldc, accumulate);
   }
 }
 
-// C[M x N] = A B, N a multiple of 16: panels of 32 columns (8 x 2 accumulators), then 16.
+// C[M x N] (+)= op(A) B, N a multiple of 16: panels of 32 columns (8 x 2 accumulators), then 16.
+// op(A)'s row m, pair kp is a[m * lda + kp], or with TRANS_A a[kp * lda + m].
+template <bool TRANS_A = false>
 inline void pair_gemm(int64_t M, int64_t N, int64_t KP, const float* a, int64_t lda, const float* b,
-                      int64_t ldb, float* c, int64_t ldc) {
+                      int64_t ldb, float* c, int64_t ldc, bool accumulate = false) {
   for (int64_t n = 0; n < N;) {
     const bool two = n + 32 <= N;
     int64_t m = 0;
     for (; m + 8 <= M; m += 8) {
-      if (two) pair_gemm_tile<8, 2>(KP, a + m * lda, lda, b + n, ldb, c + m * ldc + n, ldc);
-      else pair_gemm_tile<8, 1>(KP, a + m * lda, lda, b + n, ldb, c + m * ldc + n, ldc);
+      const float* am = TRANS_A ? a + m : a + m * lda;
+      if (two) pair_gemm_tile<8, 2, TRANS_A>(KP, am, lda, b + n, ldb, c + m * ldc + n, ldc, accumulate);
+      else pair_gemm_tile<8, 1, TRANS_A>(KP, am, lda, b + n, ldb, c + m * ldc + n, ldc, accumulate);
     }
     if (m < M) {
-      if (two) pair_gemm_tail_rows<2>(M - m, KP, a + m * lda, lda, b + n, ldb, c + m * ldc + n, ldc);
-      else pair_gemm_tail_rows<1>(M - m, KP, a + m * lda, lda, b + n, ldb, c + m * ldc + n, ldc);
+      const float* am = TRANS_A ? a + m : a + m * lda;
+      if (two) pair_gemm_tail_rows<2, TRANS_A>(M - m, KP, am, lda, b + n, ldb, c + m * ldc + n, ldc, accumulate);
+      else pair_gemm_tail_rows<1, TRANS_A>(M - m, KP, am, lda, b + n, ldb, c + m * ldc + n, ldc, accumulate);
     }
     n += two ? 32 : 16;
   }
+}
+
+// 16 bf16 of row a and 16 of row b as 16 words: pair n = (a[n], b[n]).
+inline __m512i interleave_rows(__m256i a, __m256i b) {
+  alignas(64) static const uint16_t kIdx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  return _mm512_permutexvar_epi16(_mm512_load_si512(kIdx), _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
+}
+
+// The rows of a (rows x cols) matrix paired along the rows: dst[kp][n] = (src[2kp][n], src[2kp+1][n])
+// as words, kp < rows_p / 2, n < ld (a multiple of 16), zero-padded. The B operand of a product that
+// sums over those rows (P V, P^T dO, dS^T Q, dS K). float rows are rounded to bf16 first.
+template <class T>
+inline void pack_row_pairs(const T* src, int64_t row_stride, int64_t rows, int64_t cols, float* dst,
+                           int64_t rows_p, int64_t ld) {
+  auto load16 = [&](int64_t r, int64_t n) -> __m256i {
+    const int64_t m = std::min<int64_t>(16, cols - n);
+    if (r >= rows || m <= 0) return _mm256_setzero_si256();
+    const __mmask16 mask = m >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << m) - 1);
+    if constexpr (std::is_same<T, float>::value)
+      return (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, src + r * row_stride + n));
+    else
+      return _mm256_maskz_loadu_epi16(mask, src + r * row_stride + n);
+  };
+  for (int64_t kp = 0; kp < rows_p / 2; ++kp)
+    for (int64_t n = 0; n < ld; n += 16)
+      _mm512_storeu_si512(dst + kp * ld + n, interleave_rows(load16(2 * kp, n), load16(2 * kp + 1, n)));
+}
+
+// float rows rounded to bf16 in place order: row r's words are its consecutive pairs (the A operand of a
+// product that sums along the row: P V, dS K). cols a multiple of 16.
+inline void pack_rounded_rows(const float* src, int64_t row_stride, int64_t rows, int64_t cols, float* dst,
+                              int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t n = 0; n < cols; n += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + r * ld + n / 2),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + r * row_stride + n)));
 }
 
 // rows of bf16 (row_stride apart) as rows of ld words: pairs, zero-padded to rows_p rows.
@@ -327,11 +368,13 @@ void attention_forward_impl(const AttentionForwardArgs& a) {
   const A scale = A(a.scale);
   const A keep_scale = a.dropout_p > 0 ? A(1) / (A(1) - A(a.dropout_p)) : A(1);
   A* lse_out = static_cast<A*>(a.lse);
+  constexpr bool kPairs = ScoreOperands<T>::kPairs;
 
 #pragma omp parallel num_threads(a.num_threads)
   {
     ScoreOperands<T> QK;  // the query block's rows, the visible keys transposed
     std::vector<A> V(TKp * HSVp), S(BQ * BK), O(BQ * HSVp), m(BQ), l(BQ);
+    std::vector<float> V_pairs, P_pairs;  // bf16 on AVX512-BF16: V paired along keys, P rounded
     // Each task is one query block of one head and depends on nothing else, so the result does not
     // depend on which thread runs it; dynamic scheduling evens out the causal imbalance.
 #pragma omp for schedule(dynamic, 1)
@@ -343,7 +386,15 @@ void attention_forward_impl(const AttentionForwardArgs& a) {
       // Pack: Q block (rows x HSp), K transposed (HSp x kv_len_p), V (kv_len_p x HSVp).
       QK.pack(head_ptr<T>(a.q, b, h) + i0 * a.q.st, a.q.st, rows, BQ, head_ptr<T>(a.k, b, h), a.k.st, kv_len,
               kv_len_p, HS);
-      pack_rows(head_ptr<T>(a.v, b, h), a.v.st, kv_len, HSV, V.data(), kv_len_p, HSVp);
+      if constexpr (kPairs) {
+#if NF_BF16_DOT
+        V_pairs.resize(kv_len_p / 2 * HSVp);
+        pack_row_pairs(head_ptr<T>(a.v, b, h), a.v.st, kv_len, HSV, V_pairs.data(), kv_len_p, HSVp);
+        P_pairs.resize(BQ * BK / 2);
+#endif
+      } else {
+        pack_rows(head_ptr<T>(a.v, b, h), a.v.st, kv_len, HSV, V.data(), kv_len_p, HSVp);
+      }
       std::fill(m.begin(), m.end(), -std::numeric_limits<A>::infinity());
       std::fill(l.begin(), l.end(), A(0));
       std::fill(O.begin(), O.end(), A(0));
@@ -380,7 +431,19 @@ void attention_forward_impl(const AttentionForwardArgs& a) {
                         float(a.dropout_p), keep_scale);
         }
         // O += P V (on the diagonal, each row slice over the keys it can see: P is 0 beyond them).
-        if (!diagonal) {
+        if constexpr (kPairs) {
+#if NF_BF16_DOT
+          // bf16 pairs: P rounded to bfloat16 first, as the GPU kernel rounds it for its P V dot (the
+          // row sums l above took P unrounded)
+          pack_rounded_rows(S.data(), BK, rows, BK, P_pairs.data(), BK / 2);
+          for (int64_t r0 = 0; r0 < rows; r0 += diagonal ? W : rows) {
+            const int64_t nr = diagonal ? std::min<int64_t>(W, rows - r0) : rows;
+            const int64_t nc = diagonal ? causal_cols(i0 + r0 + nr, j0, BK, TK, W) : BK;
+            pair_gemm(nr, HSVp, std::min<int64_t>(nc, kv_len_p - j0) / 2, P_pairs.data() + r0 * (BK / 2), BK / 2,
+                      V_pairs.data() + (j0 / 2) * HSVp, HSVp, O.data() + r0 * HSVp, HSVp, true);
+          }
+#endif
+        } else if (!diagonal) {
           gemm<A, false>(rows, HSVp, std::min<int64_t>(BK, kv_len_p - j0), S.data(), BK,
                          V.data() + j0 * HSVp, HSVp, O.data(), HSVp, true);
         } else {
@@ -413,12 +476,16 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
   const bool dropout = a.dropout_p > 0;
   const A keep_scale = dropout ? A(1) / (A(1) - A(a.dropout_p)) : A(1);
   const A* lse_all = static_cast<const A*>(a.lse);
+  constexpr bool kPairs = ScoreOperands<T>::kPairs;
 
 #pragma omp parallel num_threads(a.num_threads)
   {
     ScoreOperands<T> QK, dOV;  // for P = exp(Q K^T - lse) and dP = dO V^T; QK.x is Q, dOV.x is dO
     std::vector<A> K(TKp * HSp), delta(TQp), dQ(TQp * HSp), P(BQ * BK), dP(BQ * BK), dK(BK * HSp),
         dV(BK * HSVp), row_buf(TQp * HSVp);
+    // bf16 on AVX512-BF16: Q, dO and K paired along their rows, and per block P^T, dS^T and dS rounded
+    // to bfloat16 (as the GPU kernel rounds them for its dV, dK and dQ dots)
+    std::vector<float> Q_pairs, dO_pairs, K_pairs, Pt_pairs, dSt_pairs, dS_pairs;
     // One task per head: dQ accumulates over key blocks in a buffer this task owns, so there are no
     // atomics and no order that depends on the threads.
 #pragma omp for schedule(dynamic, 1)
@@ -427,7 +494,21 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
       const A* lse = lse_all + bh * TQ;
       QK.pack(head_ptr<T>(a.q, b, h), a.q.st, TQ, TQp, head_ptr<T>(a.k, b, h), a.k.st, TK, TKp, HS);
       dOV.pack(head_ptr<T>(a.dout, b, h), a.dout.st, TQ, TQp, head_ptr<T>(a.v, b, h), a.v.st, TK, TKp, HSV);
-      pack_rows(head_ptr<T>(a.k, b, h), a.k.st, TK, HS, K.data(), TKp, HSp);
+      if constexpr (kPairs) {
+#if NF_BF16_DOT
+        Q_pairs.resize(TQp / 2 * HSp);
+        dO_pairs.resize(TQp / 2 * HSVp);
+        K_pairs.resize(TKp / 2 * HSp);
+        Pt_pairs.resize(BQ / 2 * BK);
+        dSt_pairs.resize(BQ / 2 * BK);
+        dS_pairs.resize(BQ * BK / 2);
+        pack_row_pairs(head_ptr<T>(a.q, b, h), a.q.st, TQ, HS, Q_pairs.data(), TQp, HSp);
+        pack_row_pairs(head_ptr<T>(a.dout, b, h), a.dout.st, TQ, HSV, dO_pairs.data(), TQp, HSVp);
+        pack_row_pairs(head_ptr<T>(a.k, b, h), a.k.st, TK, HS, K_pairs.data(), TKp, HSp);
+#endif
+      } else {
+        pack_rows(head_ptr<T>(a.k, b, h), a.k.st, TK, HS, K.data(), TKp, HSp);
+      }
       const A* Q = QK.x.data();
       const A* dO = dOV.x.data();
       // delta_i = rowsum(dO_i * O_i): the softmax-backward correction (O already includes dropout).
@@ -489,7 +570,32 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
             std::fill(dp + kcols, dp + BK, A(0));
           }
           // pass 4: dV += P_dropped^T dO, dK += dS^T Q, dQ += dS K (scale applied at the end).
-          if (!diagonal) {
+          if constexpr (kPairs) {
+#if NF_BF16_DOT
+            // bf16 pairs: P and dS rounded; P^T and dS^T pair up query rows, dS pairs up keys. On the
+            // diagonal, the same skipping as below (r_lo and nc are multiples of 16, so pairs stay whole).
+            const int64_t rows_p = round_up(rows, 2);
+            pack_row_pairs(P.data(), BK, rows, BK, Pt_pairs.data(), rows_p, BK);
+            pack_row_pairs(dP.data(), BK, rows, BK, dSt_pairs.data(), rows_p, BK);
+            pack_rounded_rows(dP.data(), BK, rows, BK, dS_pairs.data(), BK / 2);
+            for (int64_t c0 = 0; c0 < BK; c0 += diagonal ? W : BK) {
+              const int64_t mc = diagonal ? W : BK;
+              const int64_t r_lo = diagonal ? std::min(rows, std::max<int64_t>(0, j0 + c0 - i0)) : 0;
+              if (r_lo == rows) continue;
+              const int64_t kp = (rows_p - r_lo) / 2, p0 = r_lo / 2;
+              pair_gemm<true>(mc, HSVp, kp, Pt_pairs.data() + p0 * BK + c0, BK,
+                              dO_pairs.data() + (i0 / 2 + p0) * HSVp, HSVp, dV.data() + c0 * HSVp, HSVp, true);
+              pair_gemm<true>(mc, HSp, kp, dSt_pairs.data() + p0 * BK + c0, BK,
+                              Q_pairs.data() + (i0 / 2 + p0) * HSp, HSp, dK.data() + c0 * HSp, HSp, true);
+            }
+            for (int64_t r0 = 0; r0 < rows; r0 += diagonal ? W : rows) {
+              const int64_t nr = diagonal ? std::min<int64_t>(W, rows - r0) : rows;
+              const int64_t nc = diagonal ? causal_cols(i0 + r0 + nr, j0, BK, TK, W) : BK;
+              pair_gemm(nr, HSp, nc / 2, dS_pairs.data() + r0 * (BK / 2), BK / 2, K_pairs.data() + (j0 / 2) * HSp,
+                        HSp, dQ.data() + (i0 + r0) * HSp, HSp, true);
+            }
+#endif
+          } else if (!diagonal) {
             gemm<A, true>(BK, HSVp, rows, P.data(), BK, dO + i0 * HSVp, HSVp, dV.data(), HSVp, true);
             gemm<A, true>(BK, HSp, rows, dP.data(), BK, Q + i0 * HSp, HSp, dK.data(), HSp, true);
             gemm<A, false>(rows, HSp, BK, dP.data(), BK, K.data() + j0 * HSp, HSp, dQ.data() + i0 * HSp,
