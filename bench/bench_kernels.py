@@ -178,6 +178,28 @@ def test_gelu(benchmark, record, device, case, dtype, provider):
            device=device, work=5 * N * C * x.element_size(), unit="GB/s")
 
 
+DROPOUT = {"nanofast": nanofast.ops.dropout, "torch": lambda x, p: F.dropout(x, p, True)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("provider", list(DROPOUT))
+def test_dropout(benchmark, record, dtype, provider):
+    """Dropout p = 0.2 forward and backward on the residual stream at nanoGPT's GPU config (16384 x 384:
+    13 of them a step). nanofast's masks come from a seeded counter-based generator on all threads,
+    torch's from its sequential one, so the masks differ; each is checked for its keep rate and for
+    a backward that applies the forward's mask."""
+    N, C = 16384, 384
+    x = torch.randn(N, C, generator=torch.Generator().manual_seed(0)).to(dtype).requires_grad_()
+    dy = torch.ones(N, C, dtype=dtype)
+    fn = DROPOUT[provider]
+    y, dx = _run(lambda t: fn(t, 0.2), [x], dy, True, {})
+    assert abs((y != 0).float().mean().item() - 0.8) < 0.01 and torch.equal(dx != 0, y != 0)
+    timed(benchmark, lambda: _run(lambda t: fn(t, 0.2), [x], dy, True, {}), "cpu")
+    # compulsory traffic: forward reads x, writes y; backward reads dy, writes dx
+    record(benchmark, op="dropout p=0.2", case=f"gpu-config {N}x{C}", mode="fwdbwd", dtype=dtype,
+           provider=provider, device="cpu", work=4 * N * C * x.element_size(), unit="GB/s")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_memory_bandwidth(benchmark, record, device):
     """The machine's copy bandwidth (bytes read + written), for reading the LayerNorm GB/s: a 512 MiB

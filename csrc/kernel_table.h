@@ -118,6 +118,18 @@ struct GeluArgs {
   void* grad = nullptr;
 };
 
+// Dropout of n contiguous elements keyed by seed (element i kept iff the generator keeps offset i);
+// the same call on the output gradient is the backward.
+struct DropoutArgs {
+  int dtype;
+  int64_t n;
+  const void* x;
+  void* out;
+  uint64_t seed;
+  double p;
+  int num_threads;
+};
+
 // One parameter tensor of an AdamW step: contiguous float32 parameter, gradient and moments of n
 // elements, the step counter (a float32 scalar, advanced by the kernel) and its group's settings.
 struct AdamWTensor {
@@ -153,6 +165,7 @@ struct KernelTable {
   bool (*add_layer_norm_backward)(const AddLayerNormBackwardArgs&);
   // Returns the gradient norm before clipping, or -1 when max_grad_norm <= 0.
   double (*adamw_step)(const AdamWArgs&);
+  void (*dropout)(const DropoutArgs&);
 };
 
 // The best table this CPU supports, or the one named by NANOFAST_ISA / select_isa().

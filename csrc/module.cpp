@@ -98,6 +98,11 @@ void gelu(int dtype, int64_t n, uintptr_t x, uintptr_t dy, uintptr_t out, int nu
   else kernels().gelu_forward(a);
 }
 
+void dropout(int dtype, int64_t n, uintptr_t x, uintptr_t out, uint64_t seed, double p, int num_threads) {
+  nanofast::DropoutArgs a{dtype, n, ptr<const void>(x), ptr<void>(out), seed, p, num_threads};
+  kernels().dropout(a);
+}
+
 // ptrs: (param, grad, exp_avg, exp_avg_sq, step) per tensor; settings: (lr, weight_decay, beta1, beta2,
 // eps) per tensor.
 double adamw_step(const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& sizes,
@@ -146,6 +151,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_forward", &attention_forward, release());
   m.def("attention_backward", &attention_backward, release());
   m.def("dropout_mask", &dropout_mask, release());
+  m.def("dropout", &dropout, release(), "out = x * keep(seed, i) / (1 - p); the backward is the same call on dy");
   m.def("gelu", &gelu, release(), "forward with dy == 0, else backward; grad: gelu'(x) saved by the forward",
         py::arg("dtype"), py::arg("n"), py::arg("x"), py::arg("dy"), py::arg("out"), py::arg("num_threads"),
         py::arg("grad") = 0);

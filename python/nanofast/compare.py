@@ -53,9 +53,10 @@ twin also draws other dropout masks, so the envelope is that of dropout noise.
 
 Dropout masks: before each step of each target, torch.manual_seed is reset to the same value.
 nanofast's attention kernels key their masks by a seed from torch's CPU generator, identical on
-CPU and CUDA; torch's nn.Dropout (embeddings, residuals, MLP) draws from the generator of the
-device it runs on, and kernels=torch draws attention masks of its own. So with dropout > 0, only
-targets on the same device type with the same kernel set share masks; the output says when not.
+CPU and CUDA. The other dropouts (embeddings, residuals, MLP) are nanofast.ops.dropout's seeded masks
+on the CPU with kernels=nanofast, and torch's otherwise, which draw from the generator of the device
+they run on; kernels=torch also draws attention masks of its own. So with dropout > 0, only targets on
+the same device type with the same kernel set share masks; the output says when not.
 
 Not like nanofast-train: no evaluations or checkpoints during the run, init_from must be 'scratch',
 one process (no torchrun), and each target's batch is copied to its device inside the timed step
@@ -279,8 +280,8 @@ def dropout_sharing(a: Target, b: Target, dropout: float) -> tuple[bool, str]:
         return True, "dropout=0: no masks to share"
     reasons = []
     if a.device_type != b.device_type:
-        reasons.append("torch's nn.Dropout (embeddings, residuals, MLP) draws its masks from each device's own "
-                       "generator")
+        reasons.append("the embedding, residual and MLP dropouts draw their masks differently on each device "
+                       "(nanofast's seeded kernel on the CPU, torch's generator on CUDA)")
     if a.kernels != b.kernels:
         reasons.append("kernels=torch draws its own attention-dropout masks, nanofast keys them by a seed, so a "
                        "comparison of kernels=torch with kernels=nanofast cannot share masks")

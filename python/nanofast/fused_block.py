@@ -51,11 +51,12 @@ def _modules(block):
     from torch import nn
 
     from . import model
+    from . import nn as nanofast_nn
     attn, mlp = block.attn, block.mlp
     return ((block, model.Block), (block.ln_1, model.LayerNorm), (attn, model.CausalSelfAttention),
-            (attn.c_attn, nn.Linear), (attn.c_proj, nn.Linear), (attn.attn_dropout, nn.Dropout),
-            (attn.resid_dropout, nn.Dropout), (block.ln_2, model.LayerNorm), (mlp, model.MLP),
-            (mlp.c_fc, nn.Linear), (mlp.gelu, model.GELU), (mlp.c_proj, nn.Linear), (mlp.dropout, nn.Dropout))
+            (attn.c_attn, nn.Linear), (attn.c_proj, nn.Linear), (attn.attn_dropout, nanofast_nn.Dropout),
+            (attn.resid_dropout, nanofast_nn.Dropout), (block.ln_2, model.LayerNorm), (mlp, model.MLP),
+            (mlp.c_fc, nn.Linear), (mlp.gelu, model.GELU), (mlp.c_proj, nn.Linear), (mlp.dropout, nanofast_nn.Dropout))
 
 
 def supported(block, x, pending):
@@ -93,13 +94,16 @@ def _linear(x, w, b):
 
 
 def _dropout(x, p):
-    """(dropout(x), its scaled mask or None): torch's CPU dropout, draw for draw (F.dropout makes the
-    same bernoulli_ call on a tensor like x, and multiplies by the mask divided by 1 - p)."""
+    """(nanofast.ops.dropout(x, p), its seed or None): the same seed drawn from torch's generator and
+    the same kernel as the model's dropout modules; the backward reruns the kernel with the seed."""
     if p == 0.0:
         return x, None
-    noise = torch.empty_like(x).bernoulli_(1 - p)
-    noise.div_(1 - p)
-    return x * noise, noise
+    seed = draw_seed()
+    return _cpu.dropout(x, p, int(seed.item())), seed
+
+
+def _dropout_backward(d, p, seed):
+    return d if seed is None else _cpu.dropout(d, p, int(seed.item()))
 
 
 def _heads(t, B, T, NH, HS, i):
@@ -140,7 +144,7 @@ class _Block(torch.autograd.Function):
             y, lse = _cpu.attention_forward(q, k, v, True, scale, p, 0 if seed is None else int(seed.item()))
             yc = y.transpose(1, 2).reshape(N, C)
             # 4. the heads mixed back into the stream: a = dropout(y @ Wproj^T)
-            a, noise_a = _dropout(_linear(yc, proj_wc, proj_bc), p)
+            a, seed_a = _dropout(_linear(yc, proj_wc, proj_bc), p)
             # 5. x2 = x1 + a and h2 = ln_2(x2), in one pass
             x2, h2, mean2, rstd2 = add_layer_norm_forward(_cpu, x1, a.view(B, T, C), ln2_w, ln2_b, EPS, cd)
             h2 = h2.view(N, C)
@@ -151,9 +155,9 @@ class _Block(torch.autograd.Function):
                 g, gelu_in = _cpu.gelu_saving_grad(f)
             else:
                 g, gelu_in = _cpu.gelu(f, None), f
-            m, noise_m = _dropout(_linear(g, mp_wc, mp_bc), p)
-        ctx.save_for_backward(x, x1, h1, mean1, rstd1, qkv, y, lse, seed, noise_a, x2, h2, mean2, rstd2, gelu_in, g,
-                              noise_m, ln1_w, ln2_w, *W)
+            m, seed_m = _dropout(_linear(g, mp_wc, mp_bc), p)
+        ctx.save_for_backward(x, x1, h1, mean1, rstd1, qkv, y, lse, seed, seed_a, x2, h2, mean2, rstd2, gelu_in, g,
+                              seed_m, ln1_w, ln2_w, *W)
         ctx.first = pending is None
         ctx.kept_gelu_grad = keep_gelu_grad
         ctx.pending_dtype = None if pending is None else pending.dtype
@@ -163,16 +167,14 @@ class _Block(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dx2, dm):
-        (x, x1, h1, mean1, rstd1, qkv, y, lse, seed, noise_a, x2, h2, mean2, rstd2, gelu_in, g, noise_m, ln1_w,
+        (x, x1, h1, mean1, rstd1, qkv, y, lse, seed, seed_a, x2, h2, mean2, rstd2, gelu_in, g, seed_m, ln1_w,
          ln2_w, attn_wc, attn_bc, proj_wc, proj_bc, fc_wc, fc_bc, mp_wc, mp_bc) = ctx.saved_tensors
         B, T, C, NH, HS, p, scale = ctx.meta
         N = B * T
         need = ctx.needs_input_grad
         with torch.autocast("cpu", enabled=False):
             # 6. MLP: through m's dropout and the projection, GELU, then the widening matmul
-            dm = dm.reshape(N, C)
-            if noise_m is not None:
-                dm = dm * noise_m
+            dm = _dropout_backward(dm.reshape(N, C), p, seed_m)
             d_mp_w = torch.mm(dm.t(), g) if need[15] else None
             d_mp_b = _bias_grad(dm, mp_bc) if need[16] else None
             dg = torch.mm(dm, mp_wc)
@@ -187,9 +189,7 @@ class _Block(torch.autograd.Function):
             dx1, da, d_ln2_w, d_ln2_b = add_layer_norm_backward(
                 _cpu, dh2.view(B, T, C), dx2, x2, ln2_w, mean2, rstd2, dh2.dtype, need[11], ctx.biases[1] and need[12])
             # 4. the attention projection (and its dropout)
-            da = da.reshape(N, C)
-            if noise_a is not None:
-                da = da * noise_a
+            da = _dropout_backward(da.reshape(N, C), p, seed_a)
             d_proj_w = torch.mm(da.t(), y.transpose(1, 2).reshape(N, C)) if need[9] else None
             d_proj_b = _bias_grad(da, proj_bc) if need[10] else None
             dy = torch.mm(da, proj_wc).view(B, T, NH, HS).transpose(1, 2)

@@ -27,6 +27,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from nanofast import fused_block, ops
+from nanofast import nn as nanofast_nn
 from nanofast import optim as nanofast_optim
 
 KERNELS = ("nanofast", "torch")
@@ -43,6 +44,12 @@ def kernel(op, kernels):
     if kernels == "torch":
         return getattr(F, op)
     raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+
+
+def dropout(p, kernels):
+    """A dropout module of a kernel choice: nanofast.nn.Dropout (seeded counter-based masks, on all
+    threads; torch's own on CUDA) or torch.nn.Dropout. Either has no weights."""
+    return nanofast_nn.Dropout(p) if kernels == "nanofast" else nn.Dropout(p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,8 +98,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         # attention dropout happens inside the kernel (dropout_p); these modules hold no weights and
         # exist so that the module tree matches nanoGPT's
-        self.attn_dropout = nn.Dropout(config.dropout)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.attn_dropout = dropout(config.dropout, config.kernels)
+        self.resid_dropout = dropout(config.dropout, config.kernels)
         self.kernel = kernel("scaled_dot_product_attention", config.kernels)
 
     def forward(self, x):
@@ -129,7 +136,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = GELU(config.kernels)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = dropout(config.dropout, config.kernels)
 
     def forward(self, x):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
@@ -198,7 +205,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
             wpe=nn.Embedding(config.block_size, config.n_embd),  # position embeddings
-            drop=nn.Dropout(config.dropout),
+            drop=dropout(config.dropout, config.kernels),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=LayerNorm(config.n_embd, bias=config.bias, kernels=config.kernels),
         ))

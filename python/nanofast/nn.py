@@ -10,3 +10,12 @@ class LayerNorm(torch.nn.LayerNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return ops.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class Dropout(torch.nn.Dropout):
+    """A drop-in for torch.nn.Dropout that runs nanofast.ops.dropout on CPU tensors: masks from a
+    counter-based generator keyed by a seed from torch's generator, on all threads, not stored for the
+    backward. (`inplace` is accepted and ignored: the result is a new tensor.)"""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return ops.dropout(input, self.p, self.training)

@@ -5,7 +5,8 @@ implementation, so it works in eager mode, under autograd and inside torch.compi
 """
 from .add_layer_norm import add_layer_norm
 from .attention import dropout_mask, scaled_dot_product_attention
+from .dropout import dropout
 from .gelu import gelu
 from .layer_norm import layer_norm
 
-__all__ = ["layer_norm", "add_layer_norm", "scaled_dot_product_attention", "dropout_mask", "gelu"]
+__all__ = ["layer_norm", "add_layer_norm", "scaled_dot_product_attention", "dropout_mask", "gelu", "dropout"]

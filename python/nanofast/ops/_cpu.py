@@ -181,6 +181,16 @@ def gelu_backward_from_grad(dy, grad):
     return out
 
 
+def dropout(x, p, seed):
+    """x with each element kept (scaled by 1 / (1 - p)) or zeroed as the generator decides for its
+    offset under seed; applied to a gradient with the same seed, it is the backward."""
+    x = _packed(x)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if x.numel():
+        _C.dropout(_DTYPE_CODE[x.dtype], x.numel(), x.data_ptr(), out.data_ptr(), int(seed), float(p), _threads())
+    return out
+
+
 def dropout_mask(seed, batch, heads, q_len, k_len, p):
     out = torch.empty(batch, heads, q_len, k_len, dtype=torch.uint8)
     if out.numel():

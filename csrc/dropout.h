@@ -1,0 +1,43 @@
+// Dropout on contiguous elements, keyed by a seed: element i survives iff the counter-based generator's
+// uniform at offset i is >= p (the attention kernels' keep test, philox.h), and a survivor is scaled by
+// 1 / (1 - p) in the accumulation type. Nothing is stored: the backward is the same call on the
+// gradient with the same seed, and the mask is a pure function of (seed, i) whatever the threads.
+// Included by kernels_isa.cpp once per instruction set, inside namespace nanofast::NF_ISA.
+#pragma once
+#include <algorithm>
+
+#include "kernel_table.h"
+#include "philox.h"
+#include "scalar_types.h"
+
+namespace nanofast {
+namespace NF_ISA {
+
+template <class T>
+void dropout_apply(const DropoutArgs& a) {
+  using A = acc_t<T>;
+  const T* x = static_cast<const T*>(a.x);
+  T* out = static_cast<T*>(a.out);
+  const float p = float(a.p);
+  // p == 1 drops everything: scale 0 rather than inf keeps 0 * inf from making NaNs
+  const A scale = a.p >= 1.0 ? A(0) : A(1) / (A(1) - A(a.p));
+  const int64_t n = a.n;
+  constexpr int64_t kChunk = 4096;
+#pragma omp parallel for num_threads(a.num_threads) schedule(static) if (n > 32768)
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t c1 = std::min(n, c0 + kChunk);
+    for (int64_t i = c0; i < c1; ++i)
+      out[i] = from_acc<T>(dropout_keep(a.seed, uint64_t(i), p) ? to_acc(x[i]) * scale : A(0));
+  }
+}
+
+inline void dropout(const DropoutArgs& a) {
+  switch (a.dtype) {
+    case kFloat32: return dropout_apply<float>(a);
+    case kFloat64: return dropout_apply<double>(a);
+    case kBFloat16: return dropout_apply<bf16>(a);
+  }
+}
+
+}  // namespace NF_ISA
+}  // namespace nanofast
