@@ -264,13 +264,16 @@ template <class T> struct ScoreOperands {
   std::vector<float> xp, ytp, stage;
 
   // X: rows (of cols elements, row_stride apart) padded to rows_p; Y: keys rows, transposed to ld columns.
+  // With `need_x` false, X's rows in the accumulation type (x) are packed only when the products use them.
   void pack(const T* xs, int64_t x_stride, int64_t rows, int64_t rows_p, const T* ys, int64_t y_stride,
-            int64_t keys, int64_t ld_p, int64_t cols) {
+            int64_t keys, int64_t ld_p, int64_t cols, bool need_x = false) {
     constexpr int W = lanes<A>();
     const int64_t cols_p = round_up(cols, W);
     ld = ld_p;
-    x.resize(rows_p * cols_p);
-    pack_rows(xs, x_stride, rows, cols, x.data(), rows_p, cols_p);
+    if (need_x || !kPairs) {
+      x.resize(rows_p * cols_p);
+      pack_rows(xs, x_stride, rows, cols, x.data(), rows_p, cols_p);
+    }
 #if NF_BF16_DOT
     if constexpr (kPairs) {
       depth = (cols + 1) / 2;
@@ -480,7 +483,7 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
 
 #pragma omp parallel num_threads(a.num_threads)
   {
-    ScoreOperands<T> QK, dOV;  // for P = exp(Q K^T - lse) and dP = dO V^T; QK.x is Q, dOV.x is dO
+    ScoreOperands<T> QK, dOV;  // for P = exp(Q K^T - lse) and dP = dO V^T; QK.x is Q (without pairs), dOV.x dO
     std::vector<A> K(TKp * HSp), delta(TQp), dQ(TQp * HSp), P(BQ * BK), dP(BQ * BK), dK(BK * HSp),
         dV(BK * HSVp), row_buf(TQp * HSVp);
     // bf16 on AVX512-BF16: Q, dO and K paired along their rows, and per block P^T, dS^T and dS rounded
@@ -493,7 +496,8 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
       const int64_t b = bh / NH, h = bh % NH;
       const A* lse = lse_all + bh * TQ;
       QK.pack(head_ptr<T>(a.q, b, h), a.q.st, TQ, TQp, head_ptr<T>(a.k, b, h), a.k.st, TK, TKp, HS);
-      dOV.pack(head_ptr<T>(a.dout, b, h), a.dout.st, TQ, TQp, head_ptr<T>(a.v, b, h), a.v.st, TK, TKp, HSV);
+      dOV.pack(head_ptr<T>(a.dout, b, h), a.dout.st, TQ, TQp, head_ptr<T>(a.v, b, h), a.v.st, TK, TKp, HSV,
+               /*need_x=*/true);  // dO's rows: delta below
       if constexpr (kPairs) {
 #if NF_BF16_DOT
         Q_pairs.resize(TQp / 2 * HSp);

@@ -52,11 +52,7 @@ void dropout_apply(const DropoutArgs& a) {
   const float p = float(a.p);
   // p == 1 drops everything: scale 0 rather than inf keeps 0 * inf from making NaNs
   const A scale = a.p >= 1.0 ? A(0) : A(1) / (A(1) - A(a.p));
-  const int64_t n = a.n;
-  constexpr int64_t kChunk = 4096;
-#pragma omp parallel for num_threads(a.num_threads) schedule(static) if (n > 32768)
-  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-    const int64_t c1 = std::min(n, c0 + kChunk);
+  for_each_chunk(a.n, a.num_threads, [&](int64_t c0, int64_t c1) {
     int64_t i = c0;
 #if defined(__AVX512F__)
     if constexpr (std::is_same<A, float>::value) {  // float32 and bfloat16: 16 elements a step, no branches
@@ -69,7 +65,7 @@ void dropout_apply(const DropoutArgs& a) {
 #endif
     for (; i < c1; ++i)
       out[i] = from_acc<T>(dropout_keep(a.seed, uint64_t(i), p) ? to_acc(x[i]) * scale : A(0));
-  }
+  });
 }
 
 inline void dropout(const DropoutArgs& a) {

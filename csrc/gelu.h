@@ -82,11 +82,7 @@ void gelu_apply(const GeluArgs& a) {
   const T* dy = static_cast<const T*>(a.dy);
   A* grad = static_cast<A*>(a.grad);
   T* out = static_cast<T*>(a.out);
-  const int64_t n = a.n;
-  constexpr int64_t kChunk = 4096;
-#pragma omp parallel for num_threads(a.num_threads) schedule(static) if (n > 32768)
-  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-    const int64_t c1 = std::min(n, c0 + kChunk);
+  for_each_chunk(a.n, a.num_threads, [&](int64_t c0, int64_t c1) {
     int64_t i = c0;
     vec<A> g{};
     for (; i + W <= c1; i += W) {  // whole vectors straight from memory
@@ -111,7 +107,7 @@ void gelu_apply(const GeluArgs& a) {
         if constexpr (MODE == kForwardSavingGrad) grad[i + j] = gb[j];
       }
     }
-  }
+  });
 }
 
 template <GeluMode MODE> inline void gelu_dispatch(const GeluArgs& a) {

@@ -1,6 +1,7 @@
 // Portable SIMD through GCC/Clang vector extensions: the same source becomes SSE2, AVX2 or AVX-512
 // code depending on the flags the including translation unit is compiled with (see CMakeLists.txt).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <cmath>
@@ -179,6 +180,14 @@ template <class From, class To> inline void convert_row(const From* src, To* dst
   int64_t c = 0;
   for (; c + W <= C; c += W) vstore_as(dst + c, vload_as(src + c));
   for (; c < C; ++c) dst[c] = from_acc<To>(to_acc(src[c]));
+}
+
+// The elementwise kernels' loop: f(c0, c1) over [0, n) in fixed chunks of 4096, split across threads
+// once there is enough work (the chunks, not the threads, fix what each call computes).
+template <class F> inline void for_each_chunk(int64_t n, int num_threads, F&& f) {
+  constexpr int64_t kChunk = 4096;
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (n > 32768)
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) f(c0, std::min(n, c0 + kChunk));
 }
 
 // dst[c] = src[c] * scale in the storage type, a vector at a time (the kernels' output rows).
