@@ -14,6 +14,7 @@
 
 #include "kernel_table.h"
 #include "philox.h"
+#include "philox_vec.h"
 #include "scalar_types.h"
 #include "simd.h"
 #include "transpose.h"
@@ -355,7 +356,15 @@ inline A exp_row(A* s, int64_t ncols, A m) {
 template <class A>
 inline void dropout_row(A* p, int64_t ncols, uint64_t seed, uint64_t row_offset, int64_t j0, float p_drop,
                         A keep_scale) {
-  for (int64_t c = 0; c < ncols; ++c)
+  int64_t c = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<A, float>::value)  // 16 at a time, a masked multiply instead of a branch
+    for (; c + 16 <= ncols; c += 16) {
+      const __mmask16 keep = __mmask16(dropout_keep16(seed, row_offset + uint64_t(j0 + c), p_drop));
+      vstore(p + c, (vec<float>)_mm512_maskz_mov_ps(keep, (__m512)(vload(p + c) * keep_scale)));
+    }
+#endif
+  for (; c < ncols; ++c)
     p[c] = dropout_keep(seed, row_offset + uint64_t(j0 + c), p_drop) ? p[c] * keep_scale : A(0);
 }
 
@@ -566,7 +575,22 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
               continue;
             }
             const uint64_t row_offset = uint64_t((bh * TQ + i) * TK);
-            for (int64_t c = 0; c < kcols; ++c) {
+            int64_t c = 0;
+#if defined(__AVX512F__)
+            if constexpr (std::is_same<A, float>::value)  // the same, 16 at a time without branches
+              for (; c + 16 <= kcols; c += 16) {
+                const __mmask16 keep = __mmask16(dropout_keep16(a.seed, row_offset + uint64_t(j0 + c),
+                                                                float(a.dropout_p)));
+                const vec<float> pc = vload(p + c);
+                // kept: dp * keep_scale - delta as one FMA (as the compiler contracts the scalar loop below);
+                // dropped: -delta
+                const __m512 kept = _mm512_fmsub_ps((__m512)vload(dp + c), _mm512_set1_ps(keep_scale), (__m512)delta_i);
+                const vec<float> ds = (vec<float>)_mm512_mask_mov_ps((__m512)(-delta_i), keep, kept);
+                vstore(dp + c, pc * ds);  // dS
+                vstore(p + c, (vec<float>)_mm512_maskz_mov_ps(keep, (__m512)(pc * keep_scale)));
+              }
+#endif
+            for (; c < kcols; ++c) {
               const bool keep = dropout_keep(a.seed, row_offset + uint64_t(j0 + c), float(a.dropout_p));
               dp[c] = p[c] * ((keep ? dp[c] * keep_scale : A(0)) - delta[i]);  // dS
               p[c] = keep ? p[c] * keep_scale : A(0);
