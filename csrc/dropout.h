@@ -16,7 +16,6 @@
 namespace nanofast {
 namespace NF_ISA {
 
-
 template <class T>
 void dropout_apply(const DropoutArgs& a) {
   using A = acc_t<T>;
