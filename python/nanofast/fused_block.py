@@ -28,7 +28,7 @@ import torch
 from .ops import _cpu
 from .ops.add_layer_norm import _backward as add_layer_norm_backward
 from .ops.add_layer_norm import _forward as add_layer_norm_forward
-from .ops.attention import draw_seed
+from .ops.attention import _seed_value, draw_seed
 
 EPS = 1e-5  # model.py's LayerNorm epsilon
 # GELU's derivative is kept from the forward (float32, one erf for both) up to this many elements, where
@@ -100,11 +100,11 @@ def _dropout(x, p):
     if p == 0.0:
         return x, None
     seed = draw_seed()
-    return _cpu.dropout(x, p, int(seed.item())), seed
+    return _cpu.dropout(x, p, _seed_value(seed)), seed
 
 
 def _dropout_backward(d, p, seed):
-    return d if seed is None else _cpu.dropout(d, p, int(seed.item()))
+    return d if seed is None else _cpu.dropout(d, p, _seed_value(seed))
 
 
 def _heads(t, B, T, NH, HS, i):
@@ -142,7 +142,7 @@ class _Block(torch.autograd.Function):
             # 3. causal attention; the output is (B, T, NH, HS) in memory, i.e. already (N, C) rows
             seed = draw_seed() if p > 0 else None
             scale = 1.0 / math.sqrt(HS)
-            y, lse = _cpu.attention_forward(q, k, v, True, scale, p, 0 if seed is None else int(seed.item()))
+            y, lse = _cpu.attention_forward(q, k, v, True, scale, p, _seed_value(seed))
             yc = y.transpose(1, 2).reshape(N, C)
             # 4. the heads mixed back into the stream: a = dropout(y @ Wproj^T)
             a, seed_a = _dropout(_linear(yc, proj_wc, proj_bc), p)
@@ -198,7 +198,7 @@ class _Block(torch.autograd.Function):
             dqkv = torch.empty(N, 3 * C, dtype=qkv.dtype)
             grads = tuple(_heads(dqkv, B, T, NH, HS, i) for i in range(3))
             _cpu.attention_backward(dy, *(_heads(qkv, B, T, NH, HS, i) for i in range(3)), y, lse, True, scale, p,
-                                    0 if seed is None else int(seed.item()), grads=grads)
+                                    _seed_value(seed), grads=grads)
             # 2. the qkv matmul
             d_attn_w = torch.mm(dqkv.t(), h1) if need[7] else None
             d_attn_b = _bias_grad(dqkv, attn_bc) if need[8] else None
