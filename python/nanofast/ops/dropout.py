@@ -14,15 +14,11 @@ from torch import Tensor
 
 from . import _cpu
 from ._validate import check_tensor
-from .attention import draw_seed
-
-
-def _seed(seed: Tensor) -> int:
-    return int(seed.item())
+from .attention import _seed_value, draw_seed
 
 
 def _apply(x: Tensor, p: float, seed: Tensor) -> Tensor:
-    return _cpu.dropout(x, p, _seed(seed))
+    return _cpu.dropout(x, p, _seed_value(seed))
 
 
 @torch.library.custom_op("nanofast::dropout_fwd", mutates_args=())
