@@ -149,6 +149,19 @@ struct AdamWArgs {
   int num_threads;
 };
 
+// C (M, N) = A (M, K) @ B (K, N) (+ bias) in float32. A and B are read through element strides
+// (row stride, column stride), so transposed views need no copy; C is row-major with row stride ldc.
+// accumulate: C += A @ B instead (bias ignored).
+struct GemmArgs {
+  int64_t M, N, K;
+  const float* a; int64_t a_rs, a_cs;
+  const float* b; int64_t b_rs, b_cs;
+  float* c; int64_t ldc;
+  const float* bias;  // (N,), may be null
+  bool accumulate;
+  int num_threads;
+};
+
 struct KernelTable {
   const char* isa;
   void (*layer_norm_forward)(const LayerNormForwardArgs&);
@@ -166,6 +179,8 @@ struct KernelTable {
   // Returns the gradient norm before clipping, or -1 when max_grad_norm <= 0.
   double (*adamw_step)(const AdamWArgs&);
   void (*dropout)(const DropoutArgs&);
+  // false where this instruction set has no GEMM of its own (below AVX-512 torch's is as fast)
+  bool (*gemm_f32)(const GemmArgs&);
 };
 
 // The best table this CPU supports, or the one named by NANOFAST_ISA / select_isa().

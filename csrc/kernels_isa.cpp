@@ -7,6 +7,7 @@
 #include "gelu.h"
 #include "adamw.h"
 #include "dropout.h"
+#include "gemm.h"
 
 #define NF_STR2(x) #x
 #define NF_STR(x) NF_STR2(x)
@@ -18,7 +19,7 @@ const KernelTable* table() {
   static const KernelTable t = {
       NF_STR(NF_ISA) + 4,  // drop the "isa_" prefix
       &layer_norm_forward, &layer_norm_backward, &attention_forward, &attention_backward, &gelu_forward, &gelu_backward,
-      &dropout_mask, &add_layer_norm_forward, &add_layer_norm_backward, &adamw_step, &dropout,
+      &dropout_mask, &add_layer_norm_forward, &add_layer_norm_backward, &adamw_step, &dropout, &gemm_f32,
   };
   return &t;
 }

@@ -103,6 +103,13 @@ void dropout(int dtype, int64_t n, uintptr_t x, uintptr_t out, uint64_t seed, do
   kernels().dropout(a);
 }
 
+bool gemm(int64_t M, int64_t N, int64_t K, uintptr_t a, int64_t a_rs, int64_t a_cs, uintptr_t b, int64_t b_rs,
+          int64_t b_cs, uintptr_t c, int64_t ldc, uintptr_t bias, bool accumulate, int num_threads) {
+  nanofast::GemmArgs g{M, N, K, ptr<const float>(a), a_rs, a_cs, ptr<const float>(b), b_rs, b_cs, ptr<float>(c),
+                       ldc, ptr<const float>(bias), accumulate, num_threads};
+  return kernels().gemm_f32(g);
+}
+
 // ptrs: (param, grad, exp_avg, exp_avg_sq, step) per tensor; settings: (lr, weight_decay, beta1, beta2,
 // eps) per tensor.
 double adamw_step(const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& sizes,
@@ -155,6 +162,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("gelu", &gelu, release(), "forward with dy == 0, else backward; grad: gelu'(x) saved by the forward",
         py::arg("dtype"), py::arg("n"), py::arg("x"), py::arg("dy"), py::arg("out"), py::arg("num_threads"),
         py::arg("grad") = 0);
+  m.def("gemm", &gemm, release(),
+        "float32 C = A @ B (+ bias) through strides; false (nothing done) where the ISA has no GEMM");
+  m.def("has_gemm", [] { return kernels().gemm_f32(nanofast::GemmArgs{}); },
+        "whether the selected instruction set has nanofast's float32 GEMM");
   m.def("adamw_step", &adamw_step, release(), "clip (max_grad_norm > 0) and AdamW-step float32 tensors");
   m.def("retain_freed_memory", &retain_freed_memory, "glibc malloc: no mmap-ed blocks, no heap trimming");
   m.def("philox_uniform", &nanofast::philox_uniform, "the dropout generator's uniform at (seed, offset)");

@@ -2,7 +2,7 @@
 
 Autograd records about thirty nodes for a block of model.py's GPT (views, casts, the four linears,
 the kernels, the residual adds, dropout), and on the CPU each costs microseconds of bookkeeping. Here
-`_Block.forward` runs the block's matmuls (torch.mm) and nanofast's C++ kernels in a row and keeps what
+`_Block.forward` runs the block's matmuls (nanofast.nn.Linear's) and nanofast's C++ kernels in a row and keeps what
 the backward needs; `_Block.backward` walks the same steps back. At nanoGPT's CPU config that saves up
 to 6% of a bfloat16 step (`pytest --benchmark -k fused_block`: 0.99-1.06x). The arithmetic is the
 per-op block's:
@@ -49,15 +49,13 @@ def _compute_dtype(x):
 def _modules(block):
     """The modules whose forward block_forward replaces, each with the class it must have (the
     model's own, not a replacement such as a patched or adapter-wrapped layer)."""
-    from torch import nn
-
     from . import model
     from . import nn as nanofast_nn
     attn, mlp = block.attn, block.mlp
     return ((block, model.Block), (block.ln_1, model.LayerNorm), (attn, model.CausalSelfAttention),
-            (attn.c_attn, nn.Linear), (attn.c_proj, nn.Linear), (attn.attn_dropout, nanofast_nn.Dropout),
+            (attn.c_attn, nanofast_nn.Linear), (attn.c_proj, nanofast_nn.Linear), (attn.attn_dropout, nanofast_nn.Dropout),
             (attn.resid_dropout, nanofast_nn.Dropout), (block.ln_2, model.LayerNorm), (mlp, model.MLP),
-            (mlp.c_fc, nn.Linear), (mlp.gelu, model.GELU), (mlp.c_proj, nn.Linear), (mlp.dropout, nanofast_nn.Dropout))
+            (mlp.c_fc, nanofast_nn.Linear), (mlp.gelu, model.GELU), (mlp.c_proj, nanofast_nn.Linear), (mlp.dropout, nanofast_nn.Dropout))
 
 
 def supported(block, x, pending):
@@ -89,9 +87,8 @@ def block(block, x, pending):
     return _Block.apply(x, pending, attn.n_head, p, _compute_dtype(x), *params)
 
 
-def _linear(x, w, b):
-    """x @ w.T (+ b): nn.Linear on the (N, in) rows."""
-    return torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())
+_linear = _cpu.linear  # nanofast.nn.Linear's products: nanofast's float32 GEMM, or torch's matmul
+_mm = _cpu.mm
 
 
 def _dropout(x, p):
@@ -176,33 +173,33 @@ class _Block(torch.autograd.Function):
         with torch.autocast("cpu", enabled=False):
             # 6. MLP: through m's dropout and the projection, GELU, then the widening matmul
             dm = _dropout_backward(dm.reshape(N, C), p, seed_m)
-            d_mp_w = torch.mm(dm.t(), g) if need[15] else None
+            d_mp_w = _mm(dm.t(), g) if need[15] else None
             d_mp_b = _bias_grad(dm, mp_bc) if need[16] else None
-            dg = torch.mm(dm, mp_wc)
+            dg = _mm(dm, mp_wc)
             if ctx.kept_gelu_grad:  # the derivative the forward kept (float32, or float64)
                 df = _cpu.gelu_backward_from_grad(dg, gelu_in)
             else:  # f itself: the derivative is computed again
                 df = _cpu.gelu(gelu_in, dg)
-            d_fc_w = torch.mm(df.t(), h2) if need[13] else None
+            d_fc_w = _mm(df.t(), h2) if need[13] else None
             d_fc_b = _bias_grad(df, fc_bc) if need[14] else None
-            dh2 = torch.mm(df, fc_wc)
+            dh2 = _mm(df, fc_wc)
             # 5. ln_2 and the residual add: x1's gradient is dx2 plus the norm's, a's the same in a's dtype
             dx1, da, d_ln2_w, d_ln2_b = add_layer_norm_backward(
                 _cpu, dh2.view(B, T, C), dx2, x2, ln2_w, mean2, rstd2, dh2.dtype, need[11], ctx.biases[1] and need[12])
             # 4. the attention projection (and its dropout)
             da = _dropout_backward(da.reshape(N, C), p, seed_a)
-            d_proj_w = torch.mm(da.t(), y.transpose(1, 2).reshape(N, C)) if need[9] else None
+            d_proj_w = _mm(da.t(), y.transpose(1, 2).reshape(N, C)) if need[9] else None
             d_proj_b = _bias_grad(da, proj_bc) if need[10] else None
-            dy = torch.mm(da, proj_wc).view(B, T, NH, HS).transpose(1, 2)
+            dy = _mm(da, proj_wc).view(B, T, NH, HS).transpose(1, 2)
             # 3. attention: dq, dk and dv land in their columns of the qkv gradient
             dqkv = torch.empty(N, 3 * C, dtype=qkv.dtype)
             grads = tuple(_heads(dqkv, B, T, NH, HS, i) for i in range(3))
             _cpu.attention_backward(dy, *(_heads(qkv, B, T, NH, HS, i) for i in range(3)), y, lse, True, scale, p,
                                     _seed_value(seed), grads=grads)
             # 2. the qkv matmul
-            d_attn_w = torch.mm(dqkv.t(), h1) if need[7] else None
+            d_attn_w = _mm(dqkv.t(), h1) if need[7] else None
             d_attn_b = _bias_grad(dqkv, attn_bc) if need[8] else None
-            dh1 = torch.mm(dqkv, attn_wc)
+            dh1 = _mm(dqkv, attn_wc)
             # 1. ln_1 and the residual add that fed it
             if ctx.first:
                 dxn, d_ln1_w, d_ln1_b = _cpu.layer_norm_backward(dh1.to(x.dtype), x.view(N, C), ln1_w, mean1, rstd1,

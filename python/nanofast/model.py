@@ -52,6 +52,13 @@ def dropout(p, kernels):
     return nanofast_nn.Dropout(p) if kernels == "nanofast" else nn.Dropout(p)
 
 
+def linear(in_features, out_features, bias, kernels):
+    """A linear layer of a kernel choice: nanofast.nn.Linear (nanofast's float32 GEMM on CPUs with
+    AVX-512) or torch.nn.Linear. Same weights and state_dict keys either way."""
+    cls = nanofast_nn.Linear if kernels == "nanofast" else nn.Linear
+    return cls(in_features, out_features, bias=bias)
+
+
 # ---------------------------------------------------------------------------------------------
 # Building blocks
 
@@ -93,9 +100,9 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
         # one matmul computes the queries, keys and values of every head at once
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_attn = linear(config.n_embd, 3 * config.n_embd, config.bias, config.kernels)
         # mixes the heads' outputs back into the residual stream
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = linear(config.n_embd, config.n_embd, config.bias, config.kernels)
         # attention dropout happens inside the kernel (dropout_p); these modules hold no weights and
         # exist so that the module tree matches nanoGPT's
         self.attn_dropout = dropout(config.dropout, config.kernels)
@@ -133,9 +140,9 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_fc = linear(config.n_embd, 4 * config.n_embd, config.bias, config.kernels)
         self.gelu = GELU(config.kernels)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = linear(4 * config.n_embd, config.n_embd, config.bias, config.kernels)
         self.dropout = dropout(config.dropout, config.kernels)
 
     def forward(self, x):
@@ -209,7 +216,7 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=LayerNorm(config.n_embd, bias=config.bias, kernels=config.kernels),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = linear(config.n_embd, config.vocab_size, False, config.kernels)
         # Weight tying: the output projection reuses the token embedding matrix. The state_dict still
         # lists both names (one tensor), as nanoGPT's does.
         self.transformer.wte.weight = self.lm_head.weight

@@ -12,6 +12,14 @@ class LayerNorm(torch.nn.LayerNorm):
         return ops.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
+class Linear(torch.nn.Linear):
+    """A drop-in for torch.nn.Linear (same constructor arguments and state_dict keys) that runs
+    nanofast.ops.linear: nanofast's float32 GEMM on CPUs with AVX-512, torch's matmul elsewhere."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return ops.linear(input, self.weight, self.bias)
+
+
 class Dropout(torch.nn.Dropout):
     """A drop-in for torch.nn.Dropout that runs nanofast.ops.dropout on CPU tensors: masks from a
     counter-based generator keyed by a seed from torch's generator, on all threads, not stored for the

@@ -8,5 +8,6 @@ from .attention import dropout_mask, scaled_dot_product_attention
 from .dropout import dropout
 from .gelu import gelu
 from .layer_norm import layer_norm
+from .linear import linear
 
-__all__ = ["layer_norm", "add_layer_norm", "scaled_dot_product_attention", "dropout_mask", "gelu", "dropout"]
+__all__ = ["layer_norm", "add_layer_norm", "scaled_dot_product_attention", "dropout_mask", "gelu", "dropout", "linear"]

@@ -181,6 +181,35 @@ def gelu_backward_from_grad(dy, grad):
     return out
 
 
+def mm(a, b, bias=None):
+    """a @ b (+ bias) for 2-D tensors, any strides: nanofast's GEMM for float32 where the CPU has
+    AVX-512 (torch's float32 matmul runs its AVX2 code on AMD CPUs), else torch's. The result is
+    contiguous, and its bits do not depend on a's or b's strides (both are packed first)."""
+    if a.dtype is torch.float32 and b.dtype is torch.float32 and _C.has_gemm():
+        (M, K), N = a.shape, b.shape[1]
+        out = torch.empty(M, N, dtype=torch.float32)
+        if out.numel():
+            bias = _packed(bias)
+            (a_rs, a_cs), (b_rs, b_cs) = a.stride(), b.stride()
+            _C.gemm(M, N, K, a.data_ptr(), a_rs, a_cs, b.data_ptr(), b_rs, b_cs, out.data_ptr(), N, _ptr(bias),
+                    False, _threads())
+        return out
+    return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+
+
+def linear(x, weight, bias=None):
+    """x @ weight.T (+ bias) on (N, in) rows: nn.Linear's product."""
+    return mm(x, weight.t(), bias)
+
+
+def linear_backward(dy, x, weight, need_input_grad, need_weight_grad, need_bias_grad):
+    """(dx, dweight, dbias) of linear for the (N, out) gradient dy; None where not needed."""
+    dx = mm(dy, weight) if need_input_grad else None
+    dw = mm(dy.t(), x) if need_weight_grad else None
+    db = dy.sum(0) if need_bias_grad else None
+    return dx, dw, db
+
+
 def dropout(x, p, seed):
     """x with each element kept (scaled by 1 / (1 - p)) or zeroed as the generator decides for its
     offset under seed; applied to a gradient with the same seed, it is the backward."""

@@ -87,6 +87,24 @@ def add_layer_norm_args(input, residual, normalized_shape, weight, bias, eps, ou
     return normalized_shape, eps, out_dtype
 
 
+def linear_args(input, weight, bias):
+    fn = "nanofast.ops.linear"
+    check_tensor("input", input, fn)
+    check_tensor("weight", weight, fn)
+    check_same(fn, "input", input, "weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"{fn}: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{fn}: input's last dimension must equal weight's in_features: input has shape "
+                         f"{tuple(input.shape)}, weight {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, fn)
+        check_same(fn, "input", input, "bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{fn}: bias must have shape ({weight.shape[0]},) to match weight {tuple(weight.shape)}, "
+                             f"got {tuple(bias.shape)}")
+
+
 def attention_args(query, key, value, attn_mask, dropout_p, scale, enable_gqa=False):
     fn = "nanofast.ops.scaled_dot_product_attention"
     if attn_mask is not None:

@@ -1,0 +1,204 @@
+// float32 matrix multiply, C (M, N) = A (M, K) @ B (K, N) (+ bias), for the CPUs with AVX-512.
+// Included by kernels_isa.cpp once per instruction set, inside namespace nanofast::NF_ISA.
+//
+// Why: torch's float32 matmul (MKL) runs its AVX2 code on AMD CPUs, about 200 GFLOP/s on the 2-core
+// Zen dev machine, where AVX-512 FMAs reach 2x that. The matmuls are 70% of a float32 training step of
+// nanoGPT's CPU config, so they bound every other lever.
+//
+// The blocking is BLIS's (Goto's): for each KC-deep slice of K, B's slice is packed into NR-wide
+// column panels (one panel stays in L1 while it is used), A's rows are packed MC at a time into
+// MR-tall row panels (L2), and a register-resident MR x NR microkernel sweeps the panels. Packing
+// also absorbs any strides: A and B may be transposed views (nn.Linear's x @ W^T, dW = dY^T @ x).
+//
+// Determinism: each element of C is summed over k in the same order (KC slices in turn, k ascending
+// within a slice) whatever the number of threads; threads only split the rows or columns of C.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "kernel_table.h"
+
+namespace nanofast {
+namespace NF_ISA {
+
+#if defined(__AVX512F__)
+
+constexpr int kGemmMR = 12;         // rows of the C tile held in registers
+constexpr int kGemmNR = 32;         // its columns: two zmm vectors (12 x 2 = 24 accumulators of 32)
+constexpr int64_t kGemmKC = 256;    // depth of a slice: B's micro-panel (KC x NR, 32 KB) fits L1
+constexpr int64_t kGemmMC = 192;    // rows of A packed at a time: MC x KC = 192 KB, in L2
+constexpr int64_t kGemmNC = 2048;   // columns of B packed at a time
+
+// out[j][i] = r[i][j] for a 16 x 16 block of floats held in 16 registers (in place).
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {  // pairs of rows interleaved within each 128-bit lane
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {  // quads of rows: lane l of u[4g + c] holds column 4l + c of rows 4g..4g+3
+    const __m512d t0 = _mm512_castps_pd(t[4 * g]), t1 = _mm512_castps_pd(t[4 * g + 1]);
+    const __m512d t2 = _mm512_castps_pd(t[4 * g + 2]), t3 = _mm512_castps_pd(t[4 * g + 3]);
+    u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+  }
+  for (int c = 0; c < 4; ++c) {  // gather lane l of the four quads: column 4l + c of all 16 rows
+    const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
+    const __m512 v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    r[4 + c] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+    r[8 + c] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+  }
+}
+
+inline __mmask16 lanes_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+
+// Packs the W x kc block src[w * ws + k * ks] (w < W <= WIDTH, k < kc) as dst[k * WIDTH + w], zero
+// beyond W: a panel of A (WIDTH = MR, w the row) or of B (WIDTH = NR, w the column).
+template <int WIDTH>
+void gemm_pack_panel(const float* src, int64_t ws, int64_t ks, int64_t W, int64_t kc, float* dst) {
+  if (ws == 1) {  // the panel's width is contiguous: one masked copy per k
+    for (int64_t k = 0; k < kc; ++k)
+      for (int w0 = 0; w0 < WIDTH; w0 += 16) {
+        const __mmask16 m = lanes_mask(std::max<int64_t>(0, W - w0));
+        _mm512_mask_storeu_ps(dst + k * WIDTH + w0, lanes_mask(WIDTH - w0), _mm512_maskz_loadu_ps(m, src + k * ks + w0));
+      }
+    return;
+  }
+  if (ks == 1) {  // k is contiguous: transpose 16 x 16 blocks (rows w0.., columns k0..)
+    int64_t k0 = 0;
+    for (; k0 + 16 <= kc; k0 += 16)
+      for (int w0 = 0; w0 < WIDTH; w0 += 16) {
+        __m512 r[16];
+        for (int i = 0; i < 16; ++i)
+          r[i] = w0 + i < W ? _mm512_loadu_ps(src + (w0 + i) * ws + k0) : _mm512_setzero_ps();
+        transpose16(r);
+        const __mmask16 m = lanes_mask(WIDTH - w0);  // WIDTH = 12: a panel row is 12 wide
+        for (int t = 0; t < 16; ++t) _mm512_mask_storeu_ps(dst + (k0 + t) * WIDTH + w0, m, r[t]);
+      }
+    for (int64_t k = k0; k < kc; ++k)
+      for (int w = 0; w < WIDTH; ++w) dst[k * WIDTH + w] = w < W ? src[w * ws + k] : 0.0f;
+    return;
+  }
+  for (int64_t k = 0; k < kc; ++k)  // any other strides
+    for (int w = 0; w < WIDTH; ++w) dst[k * WIDTH + w] = w < W ? src[w * ws + k * ks] : 0.0f;
+}
+
+// The microkernel: an MR x NR tile of A_panel @ B_panel over kc, then written to C (its first m rows
+// and n columns): C = tile (+ bias) on the first slice, C += tile on the later ones.
+inline void gemm_micro(int64_t kc, const float* ap, const float* bp, float* c, int64_t ldc, int64_t m, int64_t n,
+                       bool first, const float* bias) {
+  __m512 acc[kGemmMR][2];
+  for (int i = 0; i < kGemmMR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(bp + k * kGemmNR), b1 = _mm512_loadu_ps(bp + k * kGemmNR + 16);
+    const float* a = ap + k * kGemmMR;
+#pragma GCC unroll 12
+    for (int i = 0; i < kGemmMR; ++i) {
+      const __m512 ai = _mm512_set1_ps(a[i]);
+      acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
+    }
+  }
+  const __mmask16 m0 = lanes_mask(n), m1 = lanes_mask(std::max<int64_t>(0, n - 16));
+  __m512 bias0 = _mm512_setzero_ps(), bias1 = _mm512_setzero_ps();
+  if (first && bias) { bias0 = _mm512_maskz_loadu_ps(m0, bias); bias1 = _mm512_maskz_loadu_ps(m1, bias + 16); }
+  for (int i = 0; i < m; ++i) {
+    float* ci = c + i * ldc;
+    const __m512 base0 = first ? bias0 : _mm512_maskz_loadu_ps(m0, ci);
+    const __m512 base1 = first ? bias1 : _mm512_maskz_loadu_ps(m1, ci + 16);
+    _mm512_mask_storeu_ps(ci, m0, _mm512_add_ps(base0, acc[i][0]));
+    _mm512_mask_storeu_ps(ci + 16, m1, _mm512_add_ps(base1, acc[i][1]));
+  }
+}
+
+// One thread's share: C[m0:m1, n0:n1], with its own packing buffers.
+inline void gemm_block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  thread_local std::vector<float> a_buf, b_buf;
+  const float* A = g.a;
+  const float* B = g.b;
+  const int64_t kslices = (g.K + kGemmKC - 1) / kGemmKC;
+  const int64_t kc_even = (g.K + kslices - 1) / kslices;  // equal slices: K = 384 is 2 x 192, not 256 + 128
+  for (int64_t nc0 = n0; nc0 < n1; nc0 += kGemmNC) {
+    const int64_t nc = std::min(kGemmNC, n1 - nc0), npanels = (nc + kGemmNR - 1) / kGemmNR;
+    for (int64_t p = 0; p < g.K; p += kc_even) {
+      const int64_t kc = std::min(kc_even, g.K - p);
+      const bool first = p == 0 && !g.accumulate;
+      // pass 1: B[p:p+kc, nc0:nc0+nc] into NR-wide panels
+      b_buf.resize(npanels * kc * kGemmNR);
+      for (int64_t jp = 0; jp < npanels; ++jp) {
+        const int64_t j = nc0 + jp * kGemmNR;
+        gemm_pack_panel<kGemmNR>(B + p * g.b_rs + j * g.b_cs, g.b_cs, g.b_rs, std::min<int64_t>(kGemmNR, n1 - j),
+                                 kc, b_buf.data() + jp * kc * kGemmNR);
+      }
+      for (int64_t mc0 = m0; mc0 < m1; mc0 += kGemmMC) {
+        const int64_t mc = std::min(kGemmMC, m1 - mc0), mpanels = (mc + kGemmMR - 1) / kGemmMR;
+        // pass 2: A[mc0:mc0+mc, p:p+kc] into MR-tall panels
+        a_buf.resize(mpanels * kc * kGemmMR);
+        if (g.a_rs == 1 && g.a_cs != 1) {  // A's columns are contiguous (dY^T): read each one once, whole
+          for (int64_t k = 0; k < kc; ++k)
+            for (int64_t ip = 0; ip < mpanels; ++ip) {
+              const int64_t i = mc0 + ip * kGemmMR;
+              gemm_pack_panel<kGemmMR>(A + i + (p + k) * g.a_cs, 1, 0, std::min<int64_t>(kGemmMR, m1 - i), 1,
+                                       a_buf.data() + ip * kc * kGemmMR + k * kGemmMR);
+            }
+        } else {
+          for (int64_t ip = 0; ip < mpanels; ++ip) {
+            const int64_t i = mc0 + ip * kGemmMR;
+            gemm_pack_panel<kGemmMR>(A + i * g.a_rs + p * g.a_cs, g.a_rs, g.a_cs, std::min<int64_t>(kGemmMR, m1 - i),
+                                     kc, a_buf.data() + ip * kc * kGemmMR);
+          }
+        }
+        // pass 3: every tile of this block, a B panel held in L1 across the A panels
+        for (int64_t jp = 0; jp < npanels; ++jp) {
+          const int64_t j = nc0 + jp * kGemmNR;
+          for (int64_t ip = 0; ip < mpanels; ++ip) {
+            const int64_t i = mc0 + ip * kGemmMR;
+            gemm_micro(kc, a_buf.data() + ip * kc * kGemmMR, b_buf.data() + jp * kc * kGemmNR, g.c + i * g.ldc + j,
+                       g.ldc, std::min<int64_t>(kGemmMR, m1 - i), std::min<int64_t>(kGemmNR, n1 - j), first,
+                       g.bias ? g.bias + j : nullptr);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Splits C between the threads along its longer side (whole tiles each), then runs the blocks.
+inline bool gemm_f32(const GemmArgs& g) {
+  if (g.M <= 0 || g.N <= 0) return true;
+  if (g.K == 0) {  // an empty sum: C = bias or 0 (or unchanged when accumulating)
+    for (int64_t i = 0; i < g.M && !g.accumulate; ++i)
+      for (int64_t j = 0; j < g.N; ++j) g.c[i * g.ldc + j] = g.bias ? g.bias[j] : 0.0f;
+    return true;
+  }
+  const bool split_rows = (g.M + kGemmMR - 1) / kGemmMR >= (g.N + kGemmNR - 1) / kGemmNR;
+  const int64_t unit = split_rows ? kGemmMR : kGemmNR, extent = split_rows ? g.M : g.N;
+  const int64_t units = (extent + unit - 1) / unit;
+  // below ~2 MFLOP a second thread costs more to wake than it saves
+  const int threads = int(std::min<int64_t>({int64_t(g.num_threads), units, std::max<int64_t>(1, g.M * g.N * g.K >> 20)}));
+#pragma omp parallel for num_threads(threads) schedule(static, 1) if (threads > 1)
+  for (int t = 0; t < threads; ++t) {
+    const int64_t lo = std::min(extent, units * t / threads * unit);
+    const int64_t hi = std::min(extent, units * (t + 1) / threads * unit);
+    if (lo < hi) {
+      if (split_rows) gemm_block(g, lo, hi, 0, g.N);
+      else gemm_block(g, 0, g.M, lo, hi);
+    }
+  }
+  return true;
+}
+
+#else
+
+inline bool gemm_f32(const GemmArgs&) { return false; }  // no AVX-512: the caller uses torch's matmul
+
+#endif
+
+}  // namespace NF_ISA
+}  // namespace nanofast
