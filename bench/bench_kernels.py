@@ -178,6 +178,29 @@ def test_gelu(benchmark, record, device, case, dtype, provider):
            device=device, work=5 * N * C * x.element_size(), unit="GB/s")
 
 
+LINEAR_CONFIGS = {"cpu-config": (768, 128, 512), "gpu-config": (16384, 384, 1536)}  # the MLP's c_fc: N, in, out
+LINEAR = {"nanofast": nanofast.ops.linear, "torch": F.linear}
+
+
+@pytest.mark.parametrize("case", list(LINEAR_CONFIGS))
+@pytest.mark.parametrize("provider", list(LINEAR))
+def test_linear(benchmark, record, case, provider):
+    """nn.Linear's three float32 products (y = x W^T, dx = dy W, dW = dy^T x) at the MLP's widening layer:
+    nanofast's AVX-512 GEMM against torch's (MKL, which runs AVX2 code on AMD CPUs). CPU only: on CUDA
+    nanofast.ops.linear is torch's."""
+    N, K, M = LINEAR_CONFIGS[case]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, K, generator=g).requires_grad_()
+    w = (torch.randn(M, K, generator=g) / K ** 0.5).requires_grad_()
+    dy = torch.randn(N, M, generator=g)
+    fn = LINEAR[provider]
+    if provider != "torch":
+        _check_parity(fn, F.linear, [x[:256].detach().requires_grad_(), w], dy[:256], True, {}, torch.float32)
+    timed(benchmark, lambda: _run(fn, [x, w], dy, True, {}), "cpu")
+    record(benchmark, op="linear", case=f"{case} {N}x{K}->{M}", mode="fwdbwd", dtype=torch.float32,
+           provider=provider, device="cpu", work=6 * N * K * M, unit="GFLOP/s")
+
+
 DROPOUT = {"nanofast": nanofast.ops.dropout, "torch": lambda x, p: F.dropout(x, p, True)}
 
 

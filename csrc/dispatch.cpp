@@ -80,6 +80,23 @@ bool select_isa(const char* name) {
   return true;
 }
 
+bool gemm_preferred() {
+  const char* forced = std::getenv("NANOFAST_GEMM");
+  if (forced && *forced) return std::strcmp(forced, "0") != 0;
+#ifdef NF_HAVE_X86
+  // MKL, torch's float32 matmul, has AVX-512 code paths for Intel CPUs only: there it is as fast as ours
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid(0, &eax, &ebx, &ecx, &edx)) {
+    char vendor[13] = {};
+    std::memcpy(vendor, &ebx, 4);
+    std::memcpy(vendor + 4, &edx, 4);
+    std::memcpy(vendor + 8, &ecx, 4);
+    return std::strcmp(vendor, "GenuineIntel") != 0;
+  }
+#endif
+  return true;
+}
+
 const char* available_isas() {
   static std::string list;
   list.clear();

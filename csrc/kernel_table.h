@@ -187,5 +187,8 @@ struct KernelTable {
 const KernelTable& kernels();
 bool select_isa(const char* name);  // "generic", "avx2", "avx512" or "auto"; false if unsupported
 const char* available_isas();       // comma-separated, best last
+// Whether float32 matmuls should use nanofast's GEMM where the instruction set has one: NANOFAST_GEMM=0|1
+// decides, else every CPU but Intel's (where torch's MKL has AVX-512 code of its own).
+bool gemm_preferred();
 
 }  // namespace nanofast

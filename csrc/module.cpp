@@ -164,8 +164,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("grad") = 0);
   m.def("gemm", &gemm, release(),
         "float32 C = A @ B (+ bias) through strides; false (nothing done) where the ISA has no GEMM");
-  m.def("has_gemm", [] { return kernels().gemm_f32(nanofast::GemmArgs{}); },
-        "whether the selected instruction set has nanofast's float32 GEMM");
+  m.def("has_gemm", [] { return kernels().gemm_f32(nanofast::GemmArgs{}) && nanofast::gemm_preferred(); },
+        "whether float32 matmuls use nanofast's GEMM: the selected instruction set has one (AVX-512) and "
+        "the CPU is not Intel's, or NANOFAST_GEMM=1");
   m.def("adamw_step", &adamw_step, release(), "clip (max_grad_norm > 0) and AdamW-step float32 tensors");
   m.def("retain_freed_memory", &retain_freed_memory, "glibc malloc: no mmap-ed blocks, no heap trimming");
   m.def("philox_uniform", &nanofast::philox_uniform, "the dropout generator's uniform at (seed, offset)");

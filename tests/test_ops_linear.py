@@ -1,5 +1,9 @@
 """nanofast.ops.linear / nanofast.nn.Linear: nanofast's float32 GEMM (AVX-512 CPUs) behind F.linear's
 signature, with torch's matmul for other dtypes and instruction sets."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -200,3 +204,10 @@ def test_mm_launcher_result_is_contiguous_for_any_operand_layout():
     out = _cpu.mm(a, b)
     assert out.is_contiguous() and out.shape == (17, 23)
     torch.testing.assert_close(out, a @ b, rtol=1e-5, atol=1e-5)
+
+
+def test_nanofast_gemm_env_turns_the_gemm_off():
+    code = ("import torch, torch.nn.functional as F; from nanofast import _C, ops; assert not _C.has_gemm(); "
+            "x, w = torch.randn(33, 70), torch.randn(50, 70); assert torch.equal(ops.linear(x, w), F.linear(x, w))")
+    env = {**os.environ, "NANOFAST_GEMM": "0"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
