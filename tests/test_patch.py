@@ -24,6 +24,8 @@ def test_patched_model_matches_unpatched():
     params_before = {n: p for n, p in model.named_parameters()}
     nanofast.patch(model)
     assert sum(isinstance(m, nanofast.nn.LayerNorm) for m in model.modules()) == 5
+    n_linear = sum(type(m) is torch.nn.Linear for m in ref.modules())
+    assert n_linear > 0 and sum(type(m) is nanofast.nn.Linear for m in model.modules()) == n_linear
     assert {n: p for n, p in model.named_parameters()} == params_before  # same Parameter objects
     idx = torch.randint(0, 50, (3, 32))
     targets = torch.randint(0, 50, (3, 32))
@@ -69,8 +71,9 @@ def test_patch_is_idempotent_and_selective():
     nanofast.patch(model)
     nanofast.patch(model)
     assert model.forward.forward.__self__ is model  # wrapped once, not twice
-    untouched = nanofast.patch(TinyGPT(), layer_norm=False)
-    assert not any(isinstance(m, nanofast.nn.LayerNorm) for m in untouched.modules())
+    untouched = nanofast.patch(TinyGPT(), layer_norm=False, linear=False)
+    assert not any(isinstance(m, (nanofast.nn.LayerNorm, nanofast.nn.Linear)) for m in untouched.modules())
+    assert any(type(m) is torch.nn.Linear for m in untouched.modules())
 
 
 def test_patched_model_state_dict_and_pickle():

@@ -64,26 +64,46 @@ class _RoutedForward:
                     F.scaled_dot_product_attention = _torch_sdpa
 
 
-def _swap_layer_norms(module: torch.nn.Module) -> None:
+def _layer_norm(child):
+    ln = nf_nn.LayerNorm(child.normalized_shape, eps=child.eps, elementwise_affine=child.elementwise_affine,
+                         bias=child.bias is not None, device="meta")
+    ln.weight, ln.bias = child.weight, child.bias  # the same Parameter objects: optimizers keep working
+    return ln
+
+
+def _linear(child):
+    lin = nf_nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+    lin.weight, lin.bias = child.weight, child.bias  # the same Parameter objects (tied weights stay tied)
+    return lin
+
+
+def _swap(module: torch.nn.Module, replacements) -> None:
+    """Replaces, in place, every submodule whose exact type is a key of `replacements` (subclasses
+    such as adapters keep their own forward) by what the key's function builds from it."""
     for name, child in module.named_children():
-        if type(child) is torch.nn.LayerNorm:
-            ln = nf_nn.LayerNorm(child.normalized_shape, eps=child.eps, elementwise_affine=child.elementwise_affine,
-                                 bias=child.bias is not None, device="meta")
-            ln.weight, ln.bias = child.weight, child.bias  # the same Parameter objects: optimizers keep working
-            setattr(module, name, ln)
+        make = replacements.get(type(child))
+        if make is not None:
+            setattr(module, name, make(child))
         else:
-            _swap_layer_norms(child)
+            _swap(child, replacements)
 
 
-def patch(model: torch.nn.Module, layer_norm: bool = True, attention: bool = True) -> torch.nn.Module:
+def patch(model: torch.nn.Module, layer_norm: bool = True, attention: bool = True,
+          linear: bool = True) -> torch.nn.Module:
     """Make `model` run nanofast's kernels, in place, and return it.
 
     layer_norm: replace torch.nn.LayerNorm submodules by nanofast.nn.LayerNorm, keeping the parameters.
     attention: route the model's calls of torch.nn.functional.scaled_dot_product_attention to
     nanofast.ops; calls nanofast cannot serve (an attn_mask, say) go to torch, with a one-time warning.
+    linear: replace torch.nn.Linear submodules by nanofast.nn.Linear (nanofast's float32 GEMM where
+    the CPU has AVX-512), keeping the parameters.
     """
+    replacements = {}
     if layer_norm:
-        _swap_layer_norms(model)
+        replacements[torch.nn.LayerNorm] = _layer_norm
+    if linear:
+        replacements[torch.nn.Linear] = _linear
+    _swap(model, replacements)
     if attention and not isinstance(model.forward, _RoutedForward):
         model.forward = _RoutedForward(model.forward)
     return model
