@@ -86,6 +86,9 @@ else
     log "no tests/test_ops*.py found"
 fi
 
+# nanofast's CPU GEMM against MKL on this host's CPU (the GEMM policy: csrc/dispatch.cpp)
+SOFT=1 step "cpu_gemm_probe.py" 40 200 "$PY" bench/cpu_gemm_probe.py
+
 # The same training on both devices: same weights, batches and dropout masks (nanofast's masks are
 # identical on CPU and GPU), so per-step losses should agree within rounding noise.
 step "nanofast-compare cpu cuda" 90 200 "$PY" -m nanofast.compare cpu cuda --iters=30 --n_layer=2 --n_head=4 \

@@ -1,0 +1,54 @@
+"""nanofast's float32 GEMM against torch's matmul on this machine's CPU, for the GEMM policy (csrc/
+dispatch.cpp, gemm_preferred: nanofast's on every CPU but Intel's, where MKL has AVX-512 code).
+
+Prints the CPU, whether nanofast.ops.linear uses the GEMM here by default, and GFLOP/s of both for
+nn.Linear's forward product at nanoGPT's shapes, at 2 threads and at all of them (the GEMM forced on
+with NANOFAST_GEMM=1 for the timing).  Usage: python bench/cpu_gemm_probe.py
+"""
+import os
+import time
+
+import torch
+
+from nanofast import _C
+from nanofast.ops import _cpu
+
+
+def vendor():
+    try:
+        with open("/proc/cpuinfo") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return f"{fields.get('vendor_id', '?').strip()} / {fields.get('model name', '?').strip()}"
+    except OSError:
+        return "unknown"
+
+
+def gflops(fn, flop, seconds=0.5):
+    fn()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        n += 1
+    return flop * n / (time.perf_counter() - t0) / 1e9
+
+
+def main():
+    print(f"CPU: {vendor()}; isa {_C.isa()}; ops.linear uses nanofast's GEMM by default: {_C.has_gemm()}")
+    os.environ["NANOFAST_GEMM"] = "1"  # read on each call: forces the GEMM for the timing below
+    if not _C.has_gemm():
+        print("no AVX-512 here: nothing to compare")
+        return
+    all_threads = torch.get_num_threads()
+    for threads in sorted({2, all_threads}):
+        torch.set_num_threads(threads)
+        for N, K, M in ((768, 128, 512), (16384, 384, 1536)):
+            x, w = torch.randn(N, K), torch.randn(M, K)
+            flop = 2 * N * K * M
+            ours, theirs = gflops(lambda: _cpu.mm(x, w.t()), flop), gflops(lambda: torch.mm(x, w.t()), flop)
+            print(f"threads {threads:3d}  x {N}x{K} @ W^T {K}x{M}: nanofast {ours:7.1f} GFLOP/s, torch {theirs:7.1f} "
+                  f"GFLOP/s ({ours / theirs:.2f}x)")
+    torch.set_num_threads(all_threads)
+
+
+if __name__ == "__main__":
+    main()
