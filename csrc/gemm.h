@@ -26,8 +26,8 @@ namespace NF_ISA {
 
 constexpr int kGemmMR = 12;         // rows of the C tile held in registers
 constexpr int kGemmNR = 32;         // its columns: two zmm vectors (12 x 2 = 24 accumulators of 32)
-constexpr int64_t kGemmKC = 256;    // depth of a slice: B's micro-panel (KC x NR, 32 KB) fits L1
-constexpr int64_t kGemmMC = 192;    // rows of A packed at a time: MC x KC = 192 KB, in L2
+constexpr int64_t kGemmKC = 512;    // depth of a slice: B's micro-panel (KC x NR, up to 64 KB)
+constexpr int64_t kGemmMC = 192;    // rows of A packed at a time: MC x KC = up to 384 KB, in L2
 constexpr int64_t kGemmNC = 2048;   // columns of B packed at a time
 
 // out[j][i] = r[i][j] for a 16 x 16 block of floats held in 16 registers (in place).
@@ -123,7 +123,7 @@ inline void gemm_block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, in
   const float* A = g.a;
   const float* B = g.b;
   const int64_t kslices = (g.K + kGemmKC - 1) / kGemmKC;
-  const int64_t kc_even = (g.K + kslices - 1) / kslices;  // equal slices: K = 384 is 2 x 192, not 256 + 128
+  const int64_t kc_even = (g.K + kslices - 1) / kslices;  // equal slices: K = 768 is 2 x 384, not 512 + 256
   for (int64_t nc0 = n0; nc0 < n1; nc0 += kGemmNC) {
     const int64_t nc = std::min(kGemmNC, n1 - nc0), npanels = (nc + kGemmNR - 1) / kGemmNR;
     for (int64_t p = 0; p < g.K; p += kc_even) {

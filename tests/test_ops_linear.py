@@ -26,8 +26,9 @@ def _bits(t):
     return t.contiguous().view(-1).view(torch.int32)
 
 
-# (rows, in, out): edges of the 12 x 32 tile, K slices of 256 (257, 513: uneven), row blocks of 192
-SHAPES = [(1, 1, 1), (7, 5, 3), (13, 17, 33), (65, 257, 97), (193, 64, 31), (97, 513, 65), (768, 128, 384)]
+# (rows, in, out): edges of the 12 x 32 tile, K slices of up to 512 (513, 1100: uneven), row blocks of 192
+SHAPES = [(1, 1, 1), (7, 5, 3), (13, 17, 33), (65, 257, 97), (193, 64, 31), (97, 513, 65), (40, 1100, 50),
+          (768, 128, 384)]
 
 
 @needs_gemm
