@@ -8,7 +8,9 @@
 # 5. profiles the kernels and the ops' host overhead, and sweeps attention's tiles while time is left
 #    (bench/gpu_profile.py).
 # Writes ${OUT:-bench/results}/gpu_table.md (short summary + benchmark tables), gpu_profile.md and the
-# full log gpu_check.log beside it. On the 2026-11-28 H200 the whole script took about 6 minutes. Every step has a timeout and the whole run stays under 8 minutes; a failed
+# full log gpu_check.log beside it. On the 2026-11-28 H200 the whole script took 6 to 8 minutes (the Triton tests
+# compile every kernel variant on a fresh machine: up to ~4 minutes). Every step has a timeout and the whole run
+# stays within GPU_CHECK_BUDGET_S (default 520 s); a failed
 # step is recorded and the script goes on, exiting non-zero at the end if anything failed.
 set -uo pipefail
 
@@ -18,7 +20,7 @@ LOG="$OUT_DIR/gpu_check.log"
 TABLE="$OUT_DIR/gpu_table.md"
 BENCH_MD="$OUT_DIR/gpu_bench.md"
 : >"$LOG"
-BUDGET_S=${GPU_CHECK_BUDGET_S:-460}  # whole-script deadline, under the 8-minute limit
+BUDGET_S=${GPU_CHECK_BUDGET_S:-520}  # whole-script deadline, under the 10-minute limit per call
 PY=${PYTHON:-$(command -v python3 || command -v python)}  # the CUDA images have python3 only
 unset TRITON_INTERPRET  # the interpreter would run everything on the CPU
 export PYTHONUNBUFFERED=1
@@ -76,7 +78,7 @@ fi
 step "import nanofast" 60 320 "$PY" -c "import nanofast, nanofast.kernels as k; print(nanofast.__file__, k.__file__, 'HAS_TRITON', k.HAS_TRITON)"
 
 # The CUDA tests. The first run of each kernel variant compiles it (a few seconds each).
-step "pytest tests/test_triton_kernels.py" 220 200 \
+step "pytest tests/test_triton_kernels.py" 300 200 \
     "$PY" -m pytest tests/test_triton_kernels.py -q -rs --maxfail=10 -p no:cacheprovider --durations=10
 OPS_TESTS=$(ls tests/test_ops*.py 2>/dev/null | tr '\n' ' ')
 if [[ -n "$OPS_TESTS" ]]; then
