@@ -10,12 +10,14 @@ carry the same names, so the state_dict keys are identical, the initialisation d
 numbers in the same order, and checkpoints go both ways (`model_args` + `model`).
 
 The one thing that differs is which code runs LayerNorm, attention and GELU (and, on the CPU, the
-optimizer step), chosen by GPTConfig.kernels:
+linear layers, dropout and the optimizer step), chosen by GPTConfig.kernels:
 
     "nanofast"  nanofast.ops.layer_norm, scaled_dot_product_attention and gelu: fused C++/OpenMP
-                kernels for CPU tensors, Triton kernels for CUDA tensors; nanofast.optim.AdamW on the CPU
-    "torch"     torch.nn.functional.layer_norm, scaled_dot_product_attention and gelu, and
-                torch.optim.AdamW, for A/B comparisons
+                kernels for CPU tensors, Triton kernels for CUDA tensors; on the CPU also
+                nanofast.nn.Linear (an AVX-512 float32 GEMM), nanofast.nn.Dropout and
+                nanofast.optim.AdamW
+    "torch"     torch.nn.functional.layer_norm, scaled_dot_product_attention and gelu, nn.Linear,
+                nn.Dropout and torch.optim.AdamW, for A/B comparisons
 """
 
 import inspect
