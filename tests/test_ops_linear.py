@@ -26,9 +26,37 @@ def _bits(t):
     return t.contiguous().view(-1).view(torch.int32)
 
 
-# (rows, in, out): edges of the 12 x 32 tile, K slices of up to 512 (513, 1100: uneven), row blocks of 192
-SHAPES = [(1, 1, 1), (7, 5, 3), (13, 17, 33), (65, 257, 97), (193, 64, 31), (97, 513, 65), (40, 1100, 50),
+# (rows, in, out): small products (torch's matmul) and large ones (the GEMM), odd sizes
+SHAPES = [(1, 1, 1), (7, 5, 3), (13, 17, 33), (65, 257, 97), (193, 64, 175), (97, 513, 65), (40, 1100, 50),
           (768, 128, 384)]
+# (M, N, K) for the GEMM itself: edges of the 12 x 32 tile, K slices of up to 512 (513, 1100: uneven),
+# row blocks of 192, column blocks of 2048
+KERNEL_SHAPES = [(1, 1, 1), (7, 3, 5), (13, 33, 17), (12, 32, 16), (65, 97, 257), (193, 31, 64), (97, 65, 513),
+                 (40, 50, 1100), (25, 2100, 9)]
+
+
+def _gemm(a, b, bias=None):
+    """nanofast's GEMM whatever the size (the launcher leaves small products to torch)."""
+    (M, K), N = a.shape, b.shape[1]
+    out = torch.empty(M, N)
+    assert _C.gemm(M, N, K, a.data_ptr(), *a.stride(), b.data_ptr(), *b.stride(), out.data_ptr(), N,
+                   0 if bias is None else bias.data_ptr(), False, 2)
+    return out
+
+
+@needs_gemm
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("layout", ["NN", "TN", "NT", "TT"])
+@pytest.mark.parametrize("M,N,K", KERNEL_SHAPES)
+def test_gemm_kernel_parity_with_float64(M, N, K, layout, bias):
+    g = torch.Generator().manual_seed(M * 10000 + N * 100 + K)
+    a = torch.randn(K, M, generator=g).t() if layout[0] == "T" else torch.randn(M, K, generator=g)
+    b = torch.randn(N, K, generator=g).t() if layout[1] == "T" else torch.randn(K, N, generator=g)
+    c = torch.randn(N, generator=g) if bias else None
+    ours = _gemm(a, b, c)
+    theirs = a @ b if c is None else torch.addmm(c, a, b)
+    ref = a.double() @ b.double() + (0 if c is None else c.double())
+    assert_parity("C", ours, theirs, ref)
 
 
 @needs_gemm
@@ -50,18 +78,19 @@ def test_parity_with_float64(N, K, M, bias):
 def test_non_contiguous_inputs_give_the_same_bits(layout):
     """The operands are packed before the products, so a view's strides change nothing."""
     g = torch.Generator().manual_seed(3)
-    x, w, b = torch.randn(4, 15, 40, generator=g), torch.randn(72, 40, generator=g), torch.randn(72, generator=g)
+    x, w, b = torch.randn(4, 48, 96, generator=g), torch.randn(160, 96, generator=g), torch.randn(160, generator=g)
+    assert _cpu.uses_gemm(4 * 48, 160, 96, torch.float32)
     dense = ops.linear(x, w, b)
     if layout == "x transposed":
         got = ops.linear(x.transpose(-1, -2).contiguous().transpose(-1, -2), w, b)
     elif layout == "weight transposed":
         got = ops.linear(x, w.t().contiguous().t(), b)
     elif layout == "3-D input":
-        got = ops.linear(x.reshape(60, 40), w, b).view(4, 15, 72)
+        got = ops.linear(x.reshape(192, 96), w, b).view(4, 48, 160)
     else:
-        wide = torch.zeros(4, 15, 100)
-        wide[..., 30:70] = x
-        got = ops.linear(wide[..., 30:70], w, b)
+        wide = torch.zeros(4, 48, 200)
+        wide[..., 30:126] = x
+        got = ops.linear(wide[..., 30:126], w, b)
     assert torch.equal(_bits(got), _bits(dense))
 
 
@@ -69,7 +98,7 @@ def test_non_contiguous_inputs_give_the_same_bits(layout):
 def test_matches_torchs_matmul_bit_for_bit_without_the_gemm():
     """Where the instruction set has no GEMM of its own (below AVX-512), torch's matmul runs."""
     g = torch.Generator().manual_seed(4)
-    x, w, b = torch.randn(33, 70, generator=g), torch.randn(50, 70, generator=g), torch.randn(50, generator=g)
+    x, w, b = torch.randn(96, 256, generator=g), torch.randn(128, 256, generator=g), torch.randn(128, generator=g)
     ours = ops.linear(x, w, b)
     try:
         _C.select_isa("avx2")
@@ -110,13 +139,21 @@ def test_accumulate_adds_to_c():
 
 @needs_gemm
 def test_nan_and_inf_reach_only_their_rows_and_columns():
-    x, w = torch.ones(20, 40), torch.ones(35, 40)
+    x, w = torch.ones(200, 160), torch.ones(70, 160)
+    assert _cpu.uses_gemm(200, 70, 160, torch.float32)
     x[3, 7], w[30, 2] = float("nan"), float("inf")
     y = ops.linear(x, w)
-    assert y[3].isnan().all() and y[:, 30].isinf().sum() == 19 and y[3, 30].isnan()
+    assert y[3].isnan().all() and y[:, 30].isinf().sum() == 199 and y[3, 30].isnan()
     rest = torch.ones_like(y, dtype=torch.bool)
     rest[3], rest[:, 30] = False, False
-    assert (y[rest] == 40).all()
+    assert (y[rest] == 160).all()
+
+
+def test_small_products_use_torchs_matmul():
+    """A matrix-vector product (sampling one token) would spend more on packing than MKL on the whole call."""
+    assert not _cpu.uses_gemm(1, 1536, 384, torch.float32) and not _cpu.uses_gemm(24, 384, 128, torch.float32)
+    x, w = torch.randn(1, 384), torch.randn(1536, 384)
+    assert torch.equal(ops.linear(x, w), F.linear(x, w))
 
 
 @pytest.mark.parametrize("shape", [(0, 8), (5, 0)])
@@ -209,6 +246,6 @@ def test_mm_launcher_result_is_contiguous_for_any_operand_layout():
 
 def test_nanofast_gemm_env_turns_the_gemm_off():
     code = ("import torch, torch.nn.functional as F; from nanofast import _C, ops; assert not _C.has_gemm(); "
-            "x, w = torch.randn(33, 70), torch.randn(50, 70); assert torch.equal(ops.linear(x, w), F.linear(x, w))")
+            "x, w = torch.randn(96, 256), torch.randn(128, 256); assert torch.equal(ops.linear(x, w), F.linear(x, w))")
     env = {**os.environ, "NANOFAST_GEMM": "0"}
     subprocess.run([sys.executable, "-c", code], env=env, check=True)

@@ -181,18 +181,29 @@ def gelu_backward_from_grad(dy, grad):
     return out
 
 
+# Below about 2M multiply-adds (or 4 rows) packing the operands and starting threads cost more than
+# torch's whole call (a matrix-vector product while sampling, say): torch's matmul takes those.
+GEMM_MIN_MACS = 1 << 21
+GEMM_MIN_ROWS = 4
+
+
+def uses_gemm(M, N, K, dtype):
+    """Whether mm runs nanofast's GEMM for an (M, K) @ (K, N) product of this dtype."""
+    return dtype is torch.float32 and M >= GEMM_MIN_ROWS and M * N * K >= GEMM_MIN_MACS and _C.has_gemm()
+
+
 def mm(a, b, bias=None):
-    """a @ b (+ bias) for 2-D tensors, any strides: nanofast's GEMM for float32 where the CPU has
-    AVX-512 (torch's float32 matmul runs its AVX2 code on AMD CPUs), else torch's. The result is
-    contiguous, and its bits do not depend on a's or b's strides (both are packed first)."""
-    if a.dtype is torch.float32 and b.dtype is torch.float32 and _C.has_gemm():
-        (M, K), N = a.shape, b.shape[1]
+    """a @ b (+ bias) for 2-D tensors, any strides: nanofast's GEMM for float32 products where the
+    CPU has AVX-512 (torch's float32 matmul runs its AVX2 code on AMD CPUs) and the product is large
+    enough (uses_gemm), else torch's. The GEMM's result is contiguous, and its bits depend neither on
+    a's or b's strides (both are packed first) nor on the number of threads."""
+    (M, K), N = a.shape, b.shape[1]
+    if b.dtype is a.dtype and uses_gemm(M, N, K, a.dtype):
         out = torch.empty(M, N, dtype=torch.float32)
-        if out.numel():
-            bias = _packed(bias)
-            (a_rs, a_cs), (b_rs, b_cs) = a.stride(), b.stride()
-            _C.gemm(M, N, K, a.data_ptr(), a_rs, a_cs, b.data_ptr(), b_rs, b_cs, out.data_ptr(), N, _ptr(bias),
-                    False, _threads())
+        bias = _packed(bias)
+        (a_rs, a_cs), (b_rs, b_cs) = a.stride(), b.stride()
+        _C.gemm(M, N, K, a.data_ptr(), a_rs, a_cs, b.data_ptr(), b_rs, b_cs, out.data_ptr(), N, _ptr(bias), False,
+                _threads())
         return out
     return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
 
