@@ -46,16 +46,37 @@ def _compute_dtype(x):
     return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
 
 
-def _modules(block):
-    """The modules whose forward block_forward replaces, each with the class it must have (the
-    model's own, not a replacement such as a patched or adapter-wrapped layer)."""
+def _expected_classes():
+    """{path: class} for the modules whose forward block() replaces: the model's own classes, not a
+    replacement such as a patched or adapter-wrapped layer. (Imported late: model.py imports this file.)"""
     from . import model
     from . import nn as nanofast_nn
-    attn, mlp = block.attn, block.mlp
-    return ((block, model.Block), (block.ln_1, model.LayerNorm), (attn, model.CausalSelfAttention),
-            (attn.c_attn, nanofast_nn.Linear), (attn.c_proj, nanofast_nn.Linear), (attn.attn_dropout, nanofast_nn.Dropout),
-            (attn.resid_dropout, nanofast_nn.Dropout), (block.ln_2, model.LayerNorm), (mlp, model.MLP),
-            (mlp.c_fc, nanofast_nn.Linear), (mlp.gelu, model.GELU), (mlp.c_proj, nanofast_nn.Linear), (mlp.dropout, nanofast_nn.Dropout))
+    return {(): model.Block, ("ln_1",): model.LayerNorm, ("attn",): model.CausalSelfAttention,
+            ("attn", "c_attn"): nanofast_nn.Linear, ("attn", "c_proj"): nanofast_nn.Linear,
+            ("attn", "attn_dropout"): nanofast_nn.Dropout, ("attn", "resid_dropout"): nanofast_nn.Dropout,
+            ("ln_2",): model.LayerNorm, ("mlp",): model.MLP, ("mlp", "c_fc"): nanofast_nn.Linear,
+            ("mlp", "gelu"): model.GELU, ("mlp", "c_proj"): nanofast_nn.Linear, ("mlp", "dropout"): nanofast_nn.Dropout}
+
+
+_EXPECTED = None
+
+
+def _modules(block):
+    """(module, the class it must have) for each module block() replaces. Children are read from
+    `_modules` directly: nn.Module.__getattr__ costs about half a microsecond a lookup, and this runs
+    on every block's forward."""
+    global _EXPECTED
+    if _EXPECTED is None:
+        _EXPECTED = tuple(_expected_classes().items())
+    found = []
+    for path, cls in _EXPECTED:
+        m = block
+        for name in path:
+            m = m._modules.get(name)
+            if m is None:
+                return None
+        found.append((m, cls))
+    return found
 
 
 def supported(block, x, pending):
@@ -73,8 +94,10 @@ def supported(block, x, pending):
     from torch.nn.modules import module as nn_module
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks or nn_module._global_backward_hooks:
         return False
-    return all(type(m) is cls and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                                       or m._backward_pre_hooks) for m, cls in _modules(block))
+    modules = _modules(block)
+    return modules is not None and all(
+        type(m) is cls and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+        for m, cls in modules)
 
 
 def block(block, x, pending):
@@ -104,9 +127,9 @@ def _dropout_backward(d, p, seed):
     return d if seed is None else _cpu.dropout(d, p, _seed_value(seed))
 
 
-def _heads(t, B, T, NH, HS, i):
-    """The i-th of q, k, v as a (B, NH, T, HS) view of a (N, 3C) qkv tensor (split + view + transpose)."""
-    return t.view(B, T, 3, NH, HS)[:, :, i].transpose(1, 2)
+def _heads(t, B, T, NH, HS):
+    """q, k, v as (B, NH, T, HS) views of a (N, 3C) qkv tensor (split + view + transpose, in two ops)."""
+    return t.view(B, T, 3, NH, HS).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def _bias_grad(d, b):
@@ -135,7 +158,7 @@ class _Block(torch.autograd.Function):
             h1 = h1.view(N, C)
             # 2. queries, keys and values of every head: one (N, 3C) matmul; q, k, v are views of it
             qkv = _linear(h1, attn_wc, attn_bc)
-            q, k, v = (_heads(qkv, B, T, NH, HS, i) for i in range(3))
+            q, k, v = _heads(qkv, B, T, NH, HS)
             # 3. causal attention; the output is (B, T, NH, HS) in memory, i.e. already (N, C) rows
             seed = draw_seed() if p > 0 else None
             scale = 1.0 / math.sqrt(HS)
@@ -193,9 +216,8 @@ class _Block(torch.autograd.Function):
             dy = _mm(da, proj_wc).view(B, T, NH, HS).transpose(1, 2)
             # 3. attention: dq, dk and dv land in their columns of the qkv gradient
             dqkv = torch.empty(N, 3 * C, dtype=qkv.dtype)
-            grads = tuple(_heads(dqkv, B, T, NH, HS, i) for i in range(3))
-            _cpu.attention_backward(dy, *(_heads(qkv, B, T, NH, HS, i) for i in range(3)), y, lse, True, scale, p,
-                                    _seed_value(seed), grads=grads)
+            _cpu.attention_backward(dy, *_heads(qkv, B, T, NH, HS), y, lse, True, scale, p, _seed_value(seed),
+                                    grads=_heads(dqkv, B, T, NH, HS))
             # 2. the qkv matmul
             d_attn_w = _mm(dqkv.t(), h1) if need[7] else None
             d_attn_b = _bias_grad(dqkv, attn_bc) if need[8] else None
