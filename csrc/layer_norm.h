@@ -158,25 +158,52 @@ void layer_norm_forward_impl(const LayerNormForwardArgs& a) {
 // is bitwise the same whatever the number of threads, and no long float sum accumulates.
 constexpr int64_t kLayerNormChunkRows = 16;
 
-// The register-resident backward row (see layer_norm_forward_row_regs).
-template <class A, int NV>
-inline void layer_norm_backward_row_regs(const A* xr, const A* dyr, const A* w, A mu, A rs, A* dxr, A* pdw,
-                                         A* pdb) {
+// The register-resident backward row (see layer_norm_forward_row_regs). The chunk's dweight and dbias
+// partial sums stay in registers too (dw, db), from the chunk's first row to its last.
+template <class A, int NV, bool PARAM_GRADS>
+inline void layer_norm_backward_row_regs(const A* xr, const A* dyr, const A* w, A mu, A rs, A* dxr, vec<A>* dw,
+                                         vec<A>* db) {
   constexpr int W = lanes<A>();
-  vec<A> xh[NV], g[NV], sg{}, sgx{};
+  vec<A> xh[NV], sg{}, sgx{};
   for (int i = 0; i < NV; ++i) {
     xh[i] = (vload(xr + i * W) - mu) * rs;
-    g[i] = vload(dyr + i * W) * vload(w + i * W);
-    sg += g[i];
-    sgx += g[i] * xh[i];
+    const vec<A> g = vload(dyr + i * W) * vload(w + i * W);
+    sg += g;
+    sgx += g * xh[i];
   }
   const A mean_g = vsum(sg) / A(NV * W), mean_gx = vsum(sgx) / A(NV * W);
-  for (int i = 0; i < NV; ++i) vstore(dxr + i * W, (g[i] - mean_g - xh[i] * mean_gx) * rs);
+  for (int i = 0; i < NV; ++i) {
+    const vec<A> d = vload(dyr + i * W), g = d * vload(w + i * W);  // g again: a load beats 8 more registers
+    vstore(dxr + i * W, (g - mean_g - xh[i] * mean_gx) * rs);
+    if constexpr (PARAM_GRADS) {
+      dw[i] += d * xh[i];
+      db[i] += d;
+    }
+  }
+}
+
+// A chunk of float32 rows of NV vectors each, with its dweight/dbias partials (when wanted) summed
+// in registers and stored once.
+template <int NV>
+inline void layer_norm_backward_chunk_regs(const LayerNormBackwardArgs& a, const float* wv, int64_t n0, int64_t n1,
+                                           float* pdw, float* pdb) {
+  constexpr int W = lanes<float>();
+  const float* dy = static_cast<const float*>(a.dy);
+  const float* x = static_cast<const float*>(a.x);
+  const float* mean = static_cast<const float*>(a.mean);
+  const float* rstd = static_cast<const float*>(a.rstd);
+  float* dx = static_cast<float*>(a.dx);
+  vec<float> dw[NV] = {}, db[NV] = {};
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* xr = x + n * a.x_row_stride;
+    const float* dyr = dy + n * a.dy_row_stride;
+    if (pdw) layer_norm_backward_row_regs<float, NV, true>(xr, dyr, wv, mean[n], rstd[n], dx + n * a.C, dw, db);
+    else layer_norm_backward_row_regs<float, NV, false>(xr, dyr, wv, mean[n], rstd[n], dx + n * a.C, dw, db);
+  }
   if (pdw)
     for (int i = 0; i < NV; ++i) {
-      const vec<A> d = vload(dyr + i * W);
-      vstore(pdw + i * W, vload(pdw + i * W) + d * xh[i]);
-      vstore(pdb + i * W, vload(pdb + i * W) + d);
+      vstore(pdw + i * W, dw[i]);
+      vstore(pdb + i * W, db[i]);
     }
 }
 
@@ -203,14 +230,14 @@ void layer_norm_backward_rows(const LayerNormBackwardArgs& a, const acc_t<T>* wv
       A* pdw = need_param_grads ? part_dw + chunk * C : nullptr;
       A* pdb = need_param_grads ? part_db + chunk * C : nullptr;
       const int64_t n_end = std::min(N, (chunk + 1) * rows_per_chunk);
+      if constexpr (NV > 0) {
+        layer_norm_backward_chunk_regs<NV>(a, wv, chunk * rows_per_chunk, n_end, pdw, pdb);
+        continue;
+      }
       for (int64_t n = chunk * rows_per_chunk; n < n_end; ++n) {
         const A* xr = xview.load(x + n * a.x_row_stride, C);
         const A* dyr = dyview.load(dy + n * a.dy_row_stride, C);
         const A mu = mean[n], rs = rstd[n];
-        if constexpr (NV > 0) {
-          layer_norm_backward_row_regs<A, NV>(xr, dyr, wv, mu, rs, reinterpret_cast<A*>(dx + n * C), pdw, pdb);
-          continue;
-        }
         // pass 1: the two row means the input gradient needs, of g = dy * w and of g * xhat.
         // (xhat and g are recomputed in pass 2: loads from L1 are cheaper than storing them.)
         vec<A> sg{}, sgx{};
