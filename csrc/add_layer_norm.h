@@ -116,6 +116,22 @@ void add_layer_norm_backward_impl(const AddLayerNormBackwardArgs& a) {
   const int64_t chunks = std::max<int64_t>(1, (N + kLayerNormChunkRows - 1) / kLayerNormChunkRows);
   std::vector<A> part_dw(need_param_grads ? chunks * C : 0, A(0));
   std::vector<A> part_db(need_param_grads ? chunks * C : 0, A(0));
+  if constexpr (std::is_same<A, float>::value) {
+    const bool done = with_register_width<A>(C, [&](auto nv) {
+#pragma omp parallel for num_threads(a.num_threads) schedule(static) if (N * C > 32768)
+      for (int64_t chunk = 0; chunk < chunks; ++chunk)
+        layer_norm_backward_chunk_regs<TX, TR, TY, decltype(nv)::value>(
+            dy, a.dy_row_stride, h, C, dh, wv.data(), mean, rstd, dx, dres, chunk * kLayerNormChunkRows,
+            std::min(N, (chunk + 1) * kLayerNormChunkRows), need_param_grads ? part_dw.data() + chunk * C : nullptr,
+            need_param_grads ? part_db.data() + chunk * C : nullptr);
+    });
+    if (done) {
+      if (need_param_grads)
+        layer_norm_reduce_param_grads<TX>(part_dw.data(), part_db.data(), chunks, C, static_cast<TX*>(a.dweight),
+                                          static_cast<TX*>(a.dbias), a.num_threads);
+      return;
+    }
+  }
 
 #pragma omp parallel for num_threads(a.num_threads) schedule(static) if (N * C > 32768)
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {

@@ -158,47 +158,43 @@ void layer_norm_forward_impl(const LayerNormForwardArgs& a) {
 // is bitwise the same whatever the number of threads, and no long float sum accumulates.
 constexpr int64_t kLayerNormChunkRows = 16;
 
-// The register-resident backward row (see layer_norm_forward_row_regs). The chunk's dweight and dbias
-// partial sums stay in registers too (dw, db), from the chunk's first row to its last.
-template <class A, int NV, bool PARAM_GRADS>
-inline void layer_norm_backward_row_regs(const A* xr, const A* dyr, const A* w, A mu, A rs, A* dxr, vec<A>* dw,
-                                         vec<A>* db) {
-  constexpr int W = lanes<A>();
-  vec<A> xh[NV], sg{}, sgx{};
-  for (int i = 0; i < NV; ++i) {
-    xh[i] = (vload(xr + i * W) - mu) * rs;
-    const vec<A> g = vload(dyr + i * W) * vload(w + i * W);
-    sg += g;
-    sgx += g * xh[i];
-  }
-  const A mean_g = vsum(sg) / A(NV * W), mean_gx = vsum(sgx) / A(NV * W);
-  for (int i = 0; i < NV; ++i) {
-    const vec<A> d = vload(dyr + i * W), g = d * vload(w + i * W);  // g again: a load beats 8 more registers
-    vstore(dxr + i * W, (g - mean_g - xh[i] * mean_gx) * rs);
-    if constexpr (PARAM_GRADS) {
-      dw[i] += d * xh[i];
-      db[i] += d;
-    }
-  }
-}
-
-// A chunk of float32 rows of NV vectors each, with its dweight/dbias partials (when wanted) summed
-// in registers and stored once.
-template <int NV>
-inline void layer_norm_backward_chunk_regs(const LayerNormBackwardArgs& a, const float* wv, int64_t n0, int64_t n1,
-                                           float* pdw, float* pdb) {
-  constexpr int W = lanes<float>();
-  const float* dy = static_cast<const float*>(a.dy);
-  const float* x = static_cast<const float*>(a.x);
-  const float* mean = static_cast<const float*>(a.mean);
-  const float* rstd = static_cast<const float*>(a.rstd);
-  float* dx = static_cast<float*>(a.dx);
+// The register-resident backward of the rows [n0, n1) when a row is NV float vectors (float32 or
+// bfloat16 storage, widened on load), shared with add_layer_norm: xhat stays in registers between the
+// two passes, and the chunk's dweight/dbias partials (when wanted: pdw non-null) are summed in
+// registers and stored once, not loaded and stored back for every row.
+// dx = dh + rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w; dh and dres (a copy of dx in the
+// residual's dtype) may be null.
+template <class TX, class TR, class TY, int NV>
+void layer_norm_backward_chunk_regs(const TY* dy, int64_t dy_row_stride, const TX* x, int64_t x_row_stride,
+                                    const TX* dh, const float* wv, const float* mean, const float* rstd, TX* dx,
+                                    TR* dres, int64_t n0, int64_t n1, float* pdw, float* pdb) {
+  constexpr int W = lanes<float>(), C = NV * W;
   vec<float> dw[NV] = {}, db[NV] = {};
   for (int64_t n = n0; n < n1; ++n) {
-    const float* xr = x + n * a.x_row_stride;
-    const float* dyr = dy + n * a.dy_row_stride;
-    if (pdw) layer_norm_backward_row_regs<float, NV, true>(xr, dyr, wv, mean[n], rstd[n], dx + n * a.C, dw, db);
-    else layer_norm_backward_row_regs<float, NV, false>(xr, dyr, wv, mean[n], rstd[n], dx + n * a.C, dw, db);
+    const TY* dyr = dy + n * dy_row_stride;
+    const TX* xr = x + n * x_row_stride;
+    const float mu = mean[n], rs = rstd[n];
+    // pass 1: xhat; the row means of g and of g * xhat
+    vec<float> xh[NV], sg{}, sgx{};
+    for (int i = 0; i < NV; ++i) {
+      xh[i] = (vload_as(xr + i * W) - mu) * rs;
+      const vec<float> g = vload_as(dyr + i * W) * vload(wv + i * W);
+      sg += g;
+      sgx += g * xh[i];
+    }
+    const float mean_g = vsum(sg) / float(C), mean_gx = vsum(sgx) / float(C);
+    // pass 2: dx (g again from dy: a load costs less than NV more registers); the partials
+    for (int i = 0; i < NV; ++i) {
+      const vec<float> d = vload_as(dyr + i * W);
+      vec<float> v = (d * vload(wv + i * W) - mean_g - xh[i] * mean_gx) * rs;
+      if (dh) v += vload_as(dh + n * C + i * W);
+      vstore_as(dx + n * C + i * W, v);
+      if (dres) vstore_as(dres + n * C + i * W, v);
+      if (pdw) {
+        dw[i] += d * xh[i];
+        db[i] += d;
+      }
+    }
   }
   if (pdw)
     for (int i = 0; i < NV; ++i) {
@@ -231,7 +227,9 @@ void layer_norm_backward_rows(const LayerNormBackwardArgs& a, const acc_t<T>* wv
       A* pdb = need_param_grads ? part_db + chunk * C : nullptr;
       const int64_t n_end = std::min(N, (chunk + 1) * rows_per_chunk);
       if constexpr (NV > 0) {
-        layer_norm_backward_chunk_regs<NV>(a, wv, chunk * rows_per_chunk, n_end, pdw, pdb);
+        layer_norm_backward_chunk_regs<float, float, float, NV>(dy, a.dy_row_stride, x, a.x_row_stride, nullptr, wv,
+                                                                mean, rstd, dx, nullptr, chunk * rows_per_chunk,
+                                                                n_end, pdw, pdb);
         continue;
       }
       for (int64_t n = chunk * rows_per_chunk; n < n_end; ++n) {
