@@ -6,9 +6,11 @@
 // nanoGPT's CPU config, so they bound every other lever.
 //
 // The blocking is BLIS's (Goto's): for each KC-deep slice of K, B's slice is packed into NR-wide
-// column panels (one panel stays in L1 while it is used), A's rows are packed MC at a time into
-// MR-tall row panels (L2), and a register-resident MR x NR microkernel sweeps the panels. Packing
-// also absorbs any strides: A and B may be transposed views (nn.Linear's x @ W^T, dW = dY^T @ x).
+// column panels (one panel is reused across all of A's panels before the next), A's rows are packed
+// MC at a time into MR-tall row panels (L2), and a register-resident MR x NR microkernel sweeps the
+// panels. Slices are deep (up to 512) so that C, at nanoGPT's K = 384, is written once rather than
+// read back per slice. Packing also absorbs any strides: A and B may be transposed views (nn.Linear's
+// x @ W^T, dW = dY^T @ x).
 //
 // Determinism: each element of C is summed over k in the same order (KC slices in turn, k ascending
 // within a slice) whatever the number of threads; threads only split the rows or columns of C.
@@ -26,7 +28,7 @@ namespace NF_ISA {
 
 constexpr int kGemmMR = 12;         // rows of the C tile held in registers
 constexpr int kGemmNR = 32;         // its columns: two zmm vectors (12 x 2 = 24 accumulators of 32)
-constexpr int64_t kGemmKC = 512;    // depth of a slice: B's micro-panel (KC x NR, up to 64 KB)
+constexpr int64_t kGemmKC = 512;    // depth of a slice: B's micro-panel (KC x NR) is up to 64 KB, from L1/L2
 constexpr int64_t kGemmMC = 192;    // rows of A packed at a time: MC x KC = up to 384 KB, in L2
 constexpr int64_t kGemmNC = 2048;   // columns of B packed at a time
 
