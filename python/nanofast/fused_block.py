@@ -2,10 +2,10 @@
 
 Autograd records about thirty nodes for a block of model.py's GPT (views, casts, the four linears,
 the kernels, the residual adds, dropout), and on the CPU each costs microseconds of bookkeeping. Here
-`_Block.forward` runs the block's matmuls (nanofast.nn.Linear's) and nanofast's C++ kernels in a row and keeps what
-the backward needs; `_Block.backward` walks the same steps back. At nanoGPT's CPU config that saves up
-to 6% of a bfloat16 step (`pytest --benchmark -k fused_block`: 0.99-1.06x). The arithmetic is the
-per-op block's:
+`_Block.forward` runs the block's matmuls (nanofast.nn.Linear's) and nanofast's C++ kernels in a row
+and keeps what the backward needs; `_Block.backward` walks the same steps back. At nanoGPT's CPU
+config that saves up to 6% of a bfloat16 step (`pytest --benchmark -k fused_block`: 1.00-1.06x). The
+arithmetic is the per-op block's:
 
 * the same kernels, and under bfloat16 autocast the same casts (weights and matmul outputs in
   bfloat16, the residual stream and the LayerNorm statistics in float32, weight gradients computed
@@ -47,15 +47,16 @@ def _compute_dtype(x):
 
 
 def _expected_classes():
-    """{path: class} for the modules whose forward block() replaces: the model's own classes, not a
+    """(path, class) for the modules whose forward block() replaces: the model's own classes, not a
     replacement such as a patched or adapter-wrapped layer. (Imported late: model.py imports this file.)"""
     from . import model
     from . import nn as nanofast_nn
-    return {(): model.Block, ("ln_1",): model.LayerNorm, ("attn",): model.CausalSelfAttention,
-            ("attn", "c_attn"): nanofast_nn.Linear, ("attn", "c_proj"): nanofast_nn.Linear,
-            ("attn", "attn_dropout"): nanofast_nn.Dropout, ("attn", "resid_dropout"): nanofast_nn.Dropout,
-            ("ln_2",): model.LayerNorm, ("mlp",): model.MLP, ("mlp", "c_fc"): nanofast_nn.Linear,
-            ("mlp", "gelu"): model.GELU, ("mlp", "c_proj"): nanofast_nn.Linear, ("mlp", "dropout"): nanofast_nn.Dropout}
+    return (((), model.Block), (("ln_1",), model.LayerNorm), (("attn",), model.CausalSelfAttention),
+            (("attn", "c_attn"), nanofast_nn.Linear), (("attn", "c_proj"), nanofast_nn.Linear),
+            (("attn", "attn_dropout"), nanofast_nn.Dropout), (("attn", "resid_dropout"), nanofast_nn.Dropout),
+            (("ln_2",), model.LayerNorm), (("mlp",), model.MLP), (("mlp", "c_fc"), nanofast_nn.Linear),
+            (("mlp", "gelu"), model.GELU), (("mlp", "c_proj"), nanofast_nn.Linear),
+            (("mlp", "dropout"), nanofast_nn.Dropout))
 
 
 _EXPECTED = None
@@ -67,7 +68,7 @@ def _modules(block):
     on every block's forward."""
     global _EXPECTED
     if _EXPECTED is None:
-        _EXPECTED = tuple(_expected_classes().items())
+        _EXPECTED = _expected_classes()
     found = []
     for path, cls in _EXPECTED:
         m = block
@@ -108,10 +109,6 @@ def block(block, x, pending):
               mlp.c_proj.weight, mlp.c_proj.bias)  # PARAMETERS' order
     p = attn.dropout if block.training else 0.0
     return _Block.apply(x, pending, attn.n_head, p, _compute_dtype(x), *params)
-
-
-_linear = _cpu.linear  # nanofast.nn.Linear's products: nanofast's float32 GEMM, or torch's matmul
-_mm = _cpu.mm
 
 
 def _dropout(x, p):
@@ -157,7 +154,7 @@ class _Block(torch.autograd.Function):
                 x1, h1, mean1, rstd1 = add_layer_norm_forward(_cpu, x, pending.contiguous(), ln1_w, ln1_b, EPS, cd)
             h1 = h1.view(N, C)
             # 2. queries, keys and values of every head: one (N, 3C) matmul; q, k, v are views of it
-            qkv = _linear(h1, attn_wc, attn_bc)
+            qkv = _cpu.linear(h1, attn_wc, attn_bc)
             q, k, v = _heads(qkv, B, T, NH, HS)
             # 3. causal attention; the output is (B, T, NH, HS) in memory, i.e. already (N, C) rows
             seed = draw_seed() if p > 0 else None
@@ -165,18 +162,18 @@ class _Block(torch.autograd.Function):
             y, lse = _cpu.attention_forward(q, k, v, True, scale, p, _seed_value(seed))
             yc = y.transpose(1, 2).reshape(N, C)
             # 4. the heads mixed back into the stream: a = dropout(y @ Wproj^T)
-            a, seed_a = _dropout(_linear(yc, proj_wc, proj_bc), p)
+            a, seed_a = _dropout(_cpu.linear(yc, proj_wc, proj_bc), p)
             # 5. x2 = x1 + a and h2 = ln_2(x2), in one pass
             x2, h2, mean2, rstd2 = add_layer_norm_forward(_cpu, x1, a.view(B, T, C), ln2_w, ln2_b, EPS, cd)
             h2 = h2.view(N, C)
             # 6. the MLP: f = h2 @ Wfc^T, g = gelu(f), m = dropout(g @ Wmp^T); m is the next norm's residual
-            f = _linear(h2, fc_wc, fc_bc)
+            f = _cpu.linear(h2, fc_wc, fc_bc)
             keep_gelu_grad = f.numel() <= _KEEP_GELU_GRAD_MAX
             if keep_gelu_grad:  # gelu'(f) kept instead of f: the backward is one multiply
                 g, gelu_in = _cpu.gelu_saving_grad(f)
             else:
                 g, gelu_in = _cpu.gelu(f, None), f
-            m, seed_m = _dropout(_linear(g, mp_wc, mp_bc), p)
+            m, seed_m = _dropout(_cpu.linear(g, mp_wc, mp_bc), p)
         ctx.save_for_backward(x, x1, h1, mean1, rstd1, qkv, y, lse, seed, seed_a, x2, h2, mean2, rstd2, gelu_in, g,
                               seed_m, ln1_w, ln2_w, *W)
         ctx.first = pending is None
@@ -196,32 +193,32 @@ class _Block(torch.autograd.Function):
         with torch.autocast("cpu", enabled=False):
             # 6. MLP: through m's dropout and the projection, GELU, then the widening matmul
             dm = _dropout_backward(dm.reshape(N, C), p, seed_m)
-            d_mp_w = _mm(dm.t(), g) if need[15] else None
+            d_mp_w = _cpu.mm(dm.t(), g) if need[15] else None
             d_mp_b = _bias_grad(dm, mp_bc) if need[16] else None
-            dg = _mm(dm, mp_wc)
+            dg = _cpu.mm(dm, mp_wc)
             if ctx.kept_gelu_grad:  # the derivative the forward kept (float32, or float64)
                 df = _cpu.gelu_backward_from_grad(dg, gelu_in)
             else:  # f itself: the derivative is computed again
                 df = _cpu.gelu(gelu_in, dg)
-            d_fc_w = _mm(df.t(), h2) if need[13] else None
+            d_fc_w = _cpu.mm(df.t(), h2) if need[13] else None
             d_fc_b = _bias_grad(df, fc_bc) if need[14] else None
-            dh2 = _mm(df, fc_wc)
+            dh2 = _cpu.mm(df, fc_wc)
             # 5. ln_2 and the residual add: x1's gradient is dx2 plus the norm's, a's the same in a's dtype
             dx1, da, d_ln2_w, d_ln2_b = add_layer_norm_backward(
                 _cpu, dh2.view(B, T, C), dx2, x2, ln2_w, mean2, rstd2, dh2.dtype, need[11], ctx.biases[1] and need[12])
             # 4. the attention projection (and its dropout)
             da = _dropout_backward(da.reshape(N, C), p, seed_a)
-            d_proj_w = _mm(da.t(), y.transpose(1, 2).reshape(N, C)) if need[9] else None
+            d_proj_w = _cpu.mm(da.t(), y.transpose(1, 2).reshape(N, C)) if need[9] else None
             d_proj_b = _bias_grad(da, proj_bc) if need[10] else None
-            dy = _mm(da, proj_wc).view(B, T, NH, HS).transpose(1, 2)
+            dy = _cpu.mm(da, proj_wc).view(B, T, NH, HS).transpose(1, 2)
             # 3. attention: dq, dk and dv land in their columns of the qkv gradient
             dqkv = torch.empty(N, 3 * C, dtype=qkv.dtype)
             _cpu.attention_backward(dy, *_heads(qkv, B, T, NH, HS), y, lse, True, scale, p, _seed_value(seed),
                                     grads=_heads(dqkv, B, T, NH, HS))
             # 2. the qkv matmul
-            d_attn_w = _mm(dqkv.t(), h1) if need[7] else None
+            d_attn_w = _cpu.mm(dqkv.t(), h1) if need[7] else None
             d_attn_b = _bias_grad(dqkv, attn_bc) if need[8] else None
-            dh1 = _mm(dqkv, attn_wc)
+            dh1 = _cpu.mm(dqkv, attn_wc)
             # 1. ln_1 and the residual add that fed it
             if ctx.first:
                 dxn, d_ln1_w, d_ln1_b = _cpu.layer_norm_backward(dh1.to(x.dtype), x.view(N, C), ln1_w, mean1, rstd1,
