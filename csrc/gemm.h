@@ -183,7 +183,9 @@ inline bool gemm_f32(const GemmArgs& g) {
   const int64_t unit = split_rows ? kGemmMR : kGemmNR, extent = split_rows ? g.M : g.N;
   const int64_t units = (extent + unit - 1) / unit;
   // below ~2 MFLOP a second thread costs more to wake than it saves
-  const int threads = int(std::min<int64_t>({int64_t(g.num_threads), units, std::max<int64_t>(1, g.M * g.N * g.K >> 20)}));
+  const double mmacs = double(g.M) * double(g.N) * double(g.K) / double(1 << 20);  // (no int64 overflow)
+  const int threads = int(std::max<int64_t>(1, std::min<int64_t>({int64_t(g.num_threads), units,
+                                                                   int64_t(std::min(mmacs, 1e6))})));
 #pragma omp parallel for num_threads(threads) schedule(static, 1) if (threads > 1)
   for (int t = 0; t < threads; ++t) {
     const int64_t lo = std::min(extent, units * t / threads * unit);
