@@ -204,6 +204,13 @@ def test_autocast_runs_torchs_bfloat16_matmul():
     assert y.dtype == torch.bfloat16 and torch.equal(y, ref)
 
 
+def test_float16_and_other_devices_are_torchs():
+    x, w = torch.randn(8, 16).half(), torch.randn(4, 16).half()
+    assert torch.equal(ops.linear(x, w), F.linear(x, w))
+    x, w = torch.randn(8, 16, device="meta"), torch.randn(4, 16, device="meta")
+    assert ops.linear(x, w).shape == (8, 4)
+
+
 def test_module_is_a_drop_in():
     torch.manual_seed(0)
     ref = torch.nn.Linear(24, 10)

@@ -3,9 +3,9 @@ ops with autograd and fake implementations, plus the user-facing `linear` (F.lin
 
 On the CPU the products run nanofast's float32 GEMM (csrc/gemm.h) where the CPU has AVX-512: torch's
 float32 matmul there is MKL's AVX2 code on AMD CPUs, at half the rate the FMA units allow, and the
-matmuls are most of a float32 training step. Other dtypes and CPUs use torch's matmul through the same
-autograd formula; CUDA tensors, and autocast regions (which choose the dtype themselves), use
-torch.nn.functional.linear.
+matmuls are most of a float32 training step. float64, bfloat16 and other CPUs use torch's matmul
+through the same autograd formula; CUDA and other devices, float16, and autocast regions (which choose
+the dtype themselves) use torch.nn.functional.linear.
 
 Backward: dx = dy @ W, dW = dy^T @ x, db = dy summed over the rows.
 """
@@ -78,11 +78,12 @@ class _EagerLinear(torch.autograd.Function):
 
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """torch.nn.functional.linear: input (..., in) @ weight (out, in)^T + bias (out,)."""
-    if isinstance(input, Tensor) and torch.is_autocast_enabled(input.device.type):
-        return F.linear(input, weight, bias)  # autocast picks the dtype and casts the weights itself
-    linear_args(input, weight, bias)
-    if input.device.type != "cpu":
+    if isinstance(input, Tensor) and (input.device.type != "cpu" or torch.is_autocast_enabled("cpu")
+                                      or (input.is_floating_point() and input.dtype not in _cpu.CPU_DTYPES)):
+        # torch's: other devices, float16 (nothing to gain here, and patch() must not break such
+        # models), and autocast regions, where autocast picks the dtype and casts the weights itself
         return F.linear(input, weight, bias)
+    linear_args(input, weight, bias)
     x = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
     if torch.compiler.is_compiling():
         y = linear_fwd(x, weight, bias)
