@@ -94,3 +94,13 @@ def test_forward_exception_restores_torch():
     with pytest.raises(RuntimeError):
         m(torch.zeros(1))
     assert F.scaled_dot_product_attention is nanofast.patch.__globals__["_torch_sdpa"]
+
+
+def test_patched_float16_model_runs_on_torchs_kernels():
+    """float16 on the CPU is not a dtype nanofast's CPU kernels take: patched modules hand it to torch."""
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32)).half()
+    model = nanofast.patch(copy.deepcopy(ref))
+    assert isinstance(model[0], nanofast.nn.Linear) and isinstance(model[1], nanofast.nn.LayerNorm)
+    x = torch.randn(4, 16).half()
+    assert torch.equal(model(x), ref(x))

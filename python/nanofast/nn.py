@@ -2,13 +2,17 @@
 import torch
 
 from . import ops
+from .ops._validate import served
 
 
 class LayerNorm(torch.nn.LayerNorm):
     """A drop-in for torch.nn.LayerNorm (same constructor arguments and state_dict keys) that runs
-    nanofast's fused kernels."""
+    nanofast's fused kernels; tensors they do not take (float16 on the CPU, other devices) go to
+    torch's, so that nanofast.patch never breaks a model."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.is_floating_point() and not served(input):
+            return super().forward(input)
         return ops.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 

@@ -16,6 +16,12 @@ def _describe(t):
 _SUPPORTED = {"cpu": CPU_DTYPES, "cuda": CUDA_DTYPES}
 
 
+def served(t):
+    """Whether nanofast's kernels take a floating-point tensor of t's device and dtype (the nn modules
+    hand the others to torch)."""
+    return t.dtype in _SUPPORTED.get(t.device.type, ())
+
+
 def check_tensor(name, t, fn):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _cpu
-from ._validate import linear_args
+from ._validate import linear_args, served
 
 
 @torch.library.custom_op("nanofast::linear_fwd", mutates_args=())
@@ -79,7 +79,7 @@ class _EagerLinear(torch.autograd.Function):
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """torch.nn.functional.linear: input (..., in) @ weight (out, in)^T + bias (out,)."""
     if isinstance(input, Tensor) and (input.device.type != "cpu" or torch.is_autocast_enabled("cpu")
-                                      or (input.is_floating_point() and input.dtype not in _cpu.CPU_DTYPES)):
+                                      or (input.is_floating_point() and not served(input))):
         # torch's: other devices, float16 (nothing to gain here, and patch() must not break such
         # models), and autocast regions, where autocast picks the dtype and casts the weights itself
         return F.linear(input, weight, bias)
