@@ -54,10 +54,9 @@ def _sync(device: torch.device) -> None:
 
 
 def _nanofast_gemm(device, dtype):
-    """nanofast's float32 GEMM where a CPU run uses it (AVX-512 CPUs), else None."""
-    from . import _C
+    """nanofast's float32 GEMM where a CPU run uses it for the probe's 1024^3 product, else None."""
     from .ops import _cpu
-    return _cpu.mm if torch.device(device).type == "cpu" and dtype == torch.float32 and _C.has_gemm() else None
+    return _cpu.mm if torch.device(device).type == "cpu" and _cpu.uses_gemm(1024, 1024, 1024, dtype) else None
 
 
 def measure_matmul_flops(device, dtype=torch.float32, budget_s: float = 0.5) -> float:
