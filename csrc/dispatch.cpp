@@ -80,21 +80,30 @@ bool select_isa(const char* name) {
   return true;
 }
 
-bool gemm_preferred() {
-  const char* forced = std::getenv("NANOFAST_GEMM");
-  if (forced && *forced) return std::strcmp(forced, "0") != 0;
+// CPUID traps to the hypervisor in a VM (about 9 us on the dev machine), and this runs on every
+// matmul: the vendor is read once.
+static bool cpu_is_intel() {
 #ifdef NF_HAVE_X86
-  // MKL, torch's float32 matmul, has AVX-512 code paths for Intel CPUs only: there it is as fast as ours
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  if (__get_cpuid(0, &eax, &ebx, &ecx, &edx)) {
+  static const bool intel = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
     char vendor[13] = {};
     std::memcpy(vendor, &ebx, 4);
     std::memcpy(vendor + 4, &edx, 4);
     std::memcpy(vendor + 8, &ecx, 4);
-    return std::strcmp(vendor, "GenuineIntel") != 0;
-  }
+    return std::strcmp(vendor, "GenuineIntel") == 0;
+  }();
+  return intel;
+#else
+  return false;
 #endif
-  return true;
+}
+
+bool gemm_preferred() {
+  const char* forced = std::getenv("NANOFAST_GEMM");
+  if (forced && *forced) return std::strcmp(forced, "0") != 0;
+  // MKL, torch's float32 matmul, has AVX-512 code paths for Intel CPUs only: there it is as fast as ours
+  return !cpu_is_intel();
 }
 
 const char* available_isas() {
