@@ -182,22 +182,34 @@ LINEAR_CONFIGS = {"cpu-config": (768, 128, 512), "gpu-config": (16384, 384, 1536
 LINEAR = {"nanofast": nanofast.ops.linear, "torch": F.linear}
 
 
+def _autocast_bf16(fn):
+    def run(*args):
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # (float64 operands are left alone: the reference)
+            return fn(*args)
+    return run
+
+
 @pytest.mark.parametrize("case", list(LINEAR_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16-autocast"])
 @pytest.mark.parametrize("provider", list(LINEAR))
-def test_linear(benchmark, record, case, provider):
-    """nn.Linear's three float32 products (y = x W^T, dx = dy W, dW = dy^T x) at the MLP's widening layer:
-    nanofast's AVX-512 GEMM against torch's (MKL, which runs AVX2 code on AMD CPUs). CPU only: on CUDA
+def test_linear(benchmark, record, case, dtype, provider):
+    """nn.Linear's three products (y = x W^T, dx = dy W, dW = dy^T x) at the MLP's widening layer, on
+    float32 x and W: in float32, nanofast's AVX-512 GEMM against torch's (MKL, which runs AVX2 code on
+    AMD CPUs); under bfloat16 autocast, nanofast's AVX512-BF16 GEMM (rounding x and W while packing)
+    against autocast's casts and torch's bfloat16 matmul (oneDNN). CPU only: on CUDA
     nanofast.ops.linear is torch's."""
     N, K, M = LINEAR_CONFIGS[case]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(N, K, generator=g).requires_grad_()
     w = (torch.randn(M, K, generator=g) / K ** 0.5).requires_grad_()
-    dy = torch.randn(N, M, generator=g)
-    fn = LINEAR[provider]
+    dy = torch.randn(N, M, generator=g).to(dtype)
+    fn, ref_fn = LINEAR[provider], F.linear
+    if dtype == torch.bfloat16:
+        fn, ref_fn = _autocast_bf16(fn), _autocast_bf16(ref_fn)
     if provider != "torch":
-        _check_parity(fn, F.linear, [x[:256].detach().requires_grad_(), w], dy[:256], True, {}, torch.float32)
+        _check_parity(fn, ref_fn, [x[:256].detach().requires_grad_(), w], dy[:256], True, {}, dtype)
     timed(benchmark, lambda: _run(fn, [x, w], dy, True, {}), "cpu")
-    record(benchmark, op="linear", case=f"{case} {N}x{K}->{M}", mode="fwdbwd", dtype=torch.float32,
+    record(benchmark, op="linear", case=f"{case} {N}x{K}->{M}", mode="fwdbwd", dtype=dtype,
            provider=provider, device="cpu", work=6 * N * K * M, unit="GFLOP/s")
 
 

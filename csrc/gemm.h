@@ -171,7 +171,28 @@ inline void gemm_block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, in
   }
 }
 
-// Splits C between the threads along its longer side (whole tiles each), then runs the blocks.
+// Splits C (M x N, inner dimension K) between the threads along its longer side, whole MR x NR tiles
+// each, and runs block(m0, m1, n0, n1) for each share. Shared with gemm_bf16.h.
+template <class Block>
+void gemm_parallel(int64_t M, int64_t N, int64_t K, int num_threads, Block&& block) {
+  const bool split_rows = (M + kGemmMR - 1) / kGemmMR >= (N + kGemmNR - 1) / kGemmNR;
+  const int64_t unit = split_rows ? kGemmMR : kGemmNR, extent = split_rows ? M : N;
+  const int64_t units = (extent + unit - 1) / unit;
+  // below ~2 MFLOP a second thread costs more to wake than it saves
+  const double mmacs = double(M) * double(N) * double(K) / double(1 << 20);  // (no int64 overflow)
+  const int threads = int(std::max<int64_t>(1, std::min<int64_t>({int64_t(num_threads), units,
+                                                                   int64_t(std::min(mmacs, 1e6))})));
+#pragma omp parallel for num_threads(threads) schedule(static, 1) if (threads > 1)
+  for (int t = 0; t < threads; ++t) {
+    const int64_t lo = std::min(extent, units * t / threads * unit);
+    const int64_t hi = std::min(extent, units * (t + 1) / threads * unit);
+    if (lo < hi) {
+      if (split_rows) block(lo, hi, int64_t(0), N);
+      else block(int64_t(0), M, lo, hi);
+    }
+  }
+}
+
 inline bool gemm_f32(const GemmArgs& g) {
   if (g.M <= 0 || g.N <= 0) return true;
   if (g.K == 0) {  // an empty sum: C = bias or 0 (or unchanged when accumulating)
@@ -179,22 +200,8 @@ inline bool gemm_f32(const GemmArgs& g) {
       for (int64_t j = 0; j < g.N; ++j) g.c[i * g.ldc + j] = g.bias ? g.bias[j] : 0.0f;
     return true;
   }
-  const bool split_rows = (g.M + kGemmMR - 1) / kGemmMR >= (g.N + kGemmNR - 1) / kGemmNR;
-  const int64_t unit = split_rows ? kGemmMR : kGemmNR, extent = split_rows ? g.M : g.N;
-  const int64_t units = (extent + unit - 1) / unit;
-  // below ~2 MFLOP a second thread costs more to wake than it saves
-  const double mmacs = double(g.M) * double(g.N) * double(g.K) / double(1 << 20);  // (no int64 overflow)
-  const int threads = int(std::max<int64_t>(1, std::min<int64_t>({int64_t(g.num_threads), units,
-                                                                   int64_t(std::min(mmacs, 1e6))})));
-#pragma omp parallel for num_threads(threads) schedule(static, 1) if (threads > 1)
-  for (int t = 0; t < threads; ++t) {
-    const int64_t lo = std::min(extent, units * t / threads * unit);
-    const int64_t hi = std::min(extent, units * (t + 1) / threads * unit);
-    if (lo < hi) {
-      if (split_rows) gemm_block(g, lo, hi, 0, g.N);
-      else gemm_block(g, 0, g.M, lo, hi);
-    }
-  }
+  gemm_parallel(g.M, g.N, g.K, g.num_threads,
+                [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { gemm_block(g, m0, m1, n0, n1); });
   return true;
 }
 

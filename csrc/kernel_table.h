@@ -162,6 +162,19 @@ struct GemmArgs {
   int num_threads;
 };
 
+// C (M, N) = A (M, K) @ B (K, N) (+ bias) with the products in bfloat16 and the sums in float32. A, B and
+// the bias are float32 or bfloat16 (a_dtype, b_dtype, bias_dtype: kFloat32 or kBFloat16), each element
+// rounded to bfloat16 on the way in; C is float32 (accumulate: C += A @ B, bias ignored) or bfloat16.
+struct GemmBf16Args {
+  int64_t M, N, K;
+  const void* a; int64_t a_rs, a_cs; int a_dtype;
+  const void* b; int64_t b_rs, b_cs; int b_dtype;
+  void* c; int64_t ldc; int c_dtype;
+  const void* bias; int bias_dtype;  // (N,), may be null
+  bool accumulate;
+  int num_threads;
+};
+
 struct KernelTable {
   const char* isa;
   void (*layer_norm_forward)(const LayerNormForwardArgs&);
@@ -181,6 +194,8 @@ struct KernelTable {
   void (*dropout)(const DropoutArgs&);
   // false where this instruction set has no GEMM of its own (below AVX-512 torch's is as fast)
   bool (*gemm_f32)(const GemmArgs&);
+  // false where the instruction set has no bfloat16 dot product (below AVX512-BF16)
+  bool (*gemm_bf16)(const GemmBf16Args&);
 };
 
 // The best table this CPU supports, or the one named by NANOFAST_ISA / select_isa().

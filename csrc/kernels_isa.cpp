@@ -8,6 +8,7 @@
 #include "adamw.h"
 #include "dropout.h"
 #include "gemm.h"
+#include "gemm_bf16.h"
 
 #define NF_STR2(x) #x
 #define NF_STR(x) NF_STR2(x)
@@ -19,7 +20,7 @@ const KernelTable* table() {
   static const KernelTable t = {
       NF_STR(NF_ISA) + 4,  // drop the "isa_" prefix
       &layer_norm_forward, &layer_norm_backward, &attention_forward, &attention_backward, &gelu_forward, &gelu_backward,
-      &dropout_mask, &add_layer_norm_forward, &add_layer_norm_backward, &adamw_step, &dropout, &gemm_f32,
+      &dropout_mask, &add_layer_norm_forward, &add_layer_norm_backward, &adamw_step, &dropout, &gemm_f32, &gemm_bf16,
   };
   return &t;
 }

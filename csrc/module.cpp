@@ -110,6 +110,14 @@ bool gemm(int64_t M, int64_t N, int64_t K, uintptr_t a, int64_t a_rs, int64_t a_
   return kernels().gemm_f32(g);
 }
 
+bool gemm_bf16(int64_t M, int64_t N, int64_t K, uintptr_t a, int64_t a_rs, int64_t a_cs, int a_dtype, uintptr_t b,
+               int64_t b_rs, int64_t b_cs, int b_dtype, uintptr_t c, int64_t ldc, int c_dtype, uintptr_t bias,
+               int bias_dtype, bool accumulate, int num_threads) {
+  nanofast::GemmBf16Args g{M, N, K, ptr<const void>(a), a_rs, a_cs, a_dtype, ptr<const void>(b), b_rs, b_cs, b_dtype,
+                           ptr<void>(c), ldc, c_dtype, ptr<const void>(bias), bias_dtype, accumulate, num_threads};
+  return kernels().gemm_bf16(g);
+}
+
 // ptrs: (param, grad, exp_avg, exp_avg_sq, step) per tensor; settings: (lr, weight_decay, beta1, beta2,
 // eps) per tensor.
 double adamw_step(const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& sizes,
@@ -167,6 +175,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("has_gemm", [] { return kernels().gemm_f32(nanofast::GemmArgs{}) && nanofast::gemm_preferred(); },
         "whether float32 matmuls use nanofast's GEMM: the selected instruction set has one (AVX-512) and "
         "the CPU is not Intel's, or NANOFAST_GEMM=1");
+  m.def("gemm_bf16", &gemm_bf16, release(),
+        "C = A @ B (+ bias) with bfloat16 products and float32 sums; A, B, bias float32 or bfloat16 (rounded on "
+        "the way in), C float32 or bfloat16; false (nothing done) where the ISA has no bfloat16 dot product");
+  m.def("has_gemm_bf16",
+        [] { return kernels().gemm_bf16(nanofast::GemmBf16Args{}) && nanofast::gemm_preferred(); },
+        "whether bfloat16 matmuls use nanofast's GEMM: the selected instruction set has AVX512-BF16 and the "
+        "CPU is not Intel's, or NANOFAST_GEMM=1");
   m.def("adamw_step", &adamw_step, release(), "clip (max_grad_norm > 0) and AdamW-step float32 tensors");
   m.def("retain_freed_memory", &retain_freed_memory, "glibc malloc: no mmap-ed blocks, no heap trimming");
   m.def("philox_uniform", &nanofast::philox_uniform, "the dropout generator's uniform at (seed, offset)");

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from nanofast import fused_block
+from nanofast.ops import _cpu
 from nanofast.model import GPT, GPTConfig
 
 
@@ -59,7 +60,13 @@ def _batch(T, B=3, seed=1):
 @pytest.mark.parametrize("amp_dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16-autocast"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_same_loss_and_gradients_as_the_per_op_block(amp_dtype, bias, dropout):
+@pytest.mark.parametrize("gemm", [False, True], ids=["size-rule", "gemm-always"])
+def test_same_loss_and_gradients_as_the_per_op_block(monkeypatch, amp_dtype, bias, dropout, gemm):
+    """gemm-always: nanofast's GEMMs (float32, or bfloat16 under autocast) take every product, however
+    small, where the CPU has them; else these sizes are torch's."""
+    if gemm:
+        monkeypatch.setattr(_cpu, "GEMM_MIN_MACS", 0)
+        monkeypatch.setattr(_cpu, "GEMM_MIN_ROWS", 1)
     model = _model(bias=bias, dropout=dropout)
     X, Y = _batch(32)
     loss_f, grads_f = _loss_and_grads(model, X, Y, True, amp_dtype)

@@ -197,7 +197,8 @@ def test_bad_dtypes():
         ops.linear(x, [[1.0] * 5])
 
 
-def test_autocast_runs_torchs_bfloat16_matmul():
+def test_autocast_below_the_gemms_size_runs_torchs_bfloat16_matmul():
+    """(Above it, on CPUs with AVX512-BF16, nanofast's bfloat16 GEMM: tests/test_ops_linear_bf16.py.)"""
     x, w = torch.randn(8, 16), torch.randn(4, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, ref = ops.linear(x, w), F.linear(x, w)

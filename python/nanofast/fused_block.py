@@ -7,9 +7,9 @@ and keeps what the backward needs; `_Block.backward` walks the same steps back. 
 config that saves up to 6% of a bfloat16 step (`pytest --benchmark -k fused_block`: 0.99-1.06x). The
 arithmetic is the per-op block's:
 
-* the same kernels, and under bfloat16 autocast the same casts (weights and matmul outputs in
-  bfloat16, the residual stream and the LayerNorm statistics in float32, weight gradients computed
-  in bfloat16 and stored in float32);
+* the same kernels and matmuls (nanofast.ops.linear's), and under bfloat16 autocast the same roundings
+  (the matmuls' operands and outputs in bfloat16, the residual stream and the LayerNorm statistics in
+  float32, weight gradients summed in float32; see ops/linear.py);
 * the same dropout masks: the same seeds, drawn from torch's generator in the same order (attention's,
   then the attention projection's, then the MLP's), so a seeded run takes the same steps either way;
 * the gradient of the qkv matmul's output is written by the attention kernel straight into one
@@ -124,6 +124,15 @@ def _dropout_backward(d, p, seed):
     return d if seed is None else _cpu.dropout(d, p, _seed_value(seed))
 
 
+def _matmul_weights(cd, weights):
+    """The linears' weights and biases as the block's matmuls take them: as they are where the products
+    are the stream's dtype, or bfloat16 ones that nanofast's bfloat16 GEMM rounds while packing; else
+    cast to bfloat16 once, autocast's casts."""
+    if cd is not torch.bfloat16 or _cpu.has_gemm_bf16():
+        return weights
+    return [None if t is None else t.to(cd) for t in weights]
+
+
 def _heads(t, B, T, NH, HS):
     """q, k, v as (B, NH, T, HS) views of a (N, 3C) qkv tensor (split + view + transpose, in two ops)."""
     return t.view(B, T, 3, NH, HS).permute(2, 0, 3, 1, 4).unbind(0)
@@ -141,8 +150,7 @@ class _Block(torch.autograd.Function):
         with torch.autocast("cpu", enabled=False):
             B, T, C = x.shape
             NH, HS, N = n_head, C // n_head, B * T
-            # the weights in the matmuls' dtype: autocast's casts, once per block
-            W = [None if t is None else t.to(cd) for t in (attn_w, attn_b, proj_w, proj_b, fc_w, fc_b, mp_w, mp_b)]
+            W = _matmul_weights(cd, (attn_w, attn_b, proj_w, proj_b, fc_w, fc_b, mp_w, mp_b))
             attn_wc, attn_bc, proj_wc, proj_bc, fc_wc, fc_bc, mp_wc, mp_bc = W
             x = x.contiguous()
             # 1. x1 = x + pending (the previous block's MLP update) and h1 = ln_1(x1), in one pass
@@ -154,7 +162,7 @@ class _Block(torch.autograd.Function):
                 x1, h1, mean1, rstd1 = add_layer_norm_forward(_cpu, x, pending.contiguous(), ln1_w, ln1_b, EPS, cd)
             h1 = h1.view(N, C)
             # 2. queries, keys and values of every head: one (N, 3C) matmul; q, k, v are views of it
-            qkv = _cpu.linear(h1, attn_wc, attn_bc)
+            qkv = _cpu.linear(h1, attn_wc, attn_bc, cd)
             q, k, v = _heads(qkv, B, T, NH, HS)
             # 3. causal attention; the output is (B, T, NH, HS) in memory, i.e. already (N, C) rows
             seed = draw_seed() if p > 0 else None
@@ -162,24 +170,24 @@ class _Block(torch.autograd.Function):
             y, lse = _cpu.attention_forward(q, k, v, True, scale, p, _seed_value(seed))
             yc = y.transpose(1, 2).reshape(N, C)
             # 4. the heads mixed back into the stream: a = dropout(y @ Wproj^T)
-            a, seed_a = _dropout(_cpu.linear(yc, proj_wc, proj_bc), p)
+            a, seed_a = _dropout(_cpu.linear(yc, proj_wc, proj_bc, cd), p)
             # 5. x2 = x1 + a and h2 = ln_2(x2), in one pass
             x2, h2, mean2, rstd2 = add_layer_norm_forward(_cpu, x1, a.view(B, T, C), ln2_w, ln2_b, EPS, cd)
             h2 = h2.view(N, C)
             # 6. the MLP: f = h2 @ Wfc^T, g = gelu(f), m = dropout(g @ Wmp^T); m is the next norm's residual
-            f = _cpu.linear(h2, fc_wc, fc_bc)
+            f = _cpu.linear(h2, fc_wc, fc_bc, cd)
             keep_gelu_grad = f.numel() <= _KEEP_GELU_GRAD_MAX
             if keep_gelu_grad:  # gelu'(f) kept instead of f: the backward is one multiply
                 g, gelu_in = _cpu.gelu_saving_grad(f)
             else:
                 g, gelu_in = _cpu.gelu(f, None), f
-            m, seed_m = _dropout(_cpu.linear(g, mp_wc, mp_bc), p)
+            m, seed_m = _dropout(_cpu.linear(g, mp_wc, mp_bc, cd), p)
         ctx.save_for_backward(x, x1, h1, mean1, rstd1, qkv, y, lse, seed, seed_a, x2, h2, mean2, rstd2, gelu_in, g,
                               seed_m, ln1_w, ln2_w, *W)
         ctx.first = pending is None
         ctx.kept_gelu_grad = keep_gelu_grad
         ctx.pending_dtype = None if pending is None else pending.dtype
-        ctx.meta = (B, T, C, NH, HS, p, scale)
+        ctx.meta = (B, T, C, NH, HS, p, scale, cd)
         ctx.biases = (ln1_b is not None, ln2_b is not None)
         return x2, m.view(B, T, C)
 
@@ -187,38 +195,38 @@ class _Block(torch.autograd.Function):
     def backward(ctx, dx2, dm):
         (x, x1, h1, mean1, rstd1, qkv, y, lse, seed, seed_a, x2, h2, mean2, rstd2, gelu_in, g, seed_m, ln1_w,
          ln2_w, attn_wc, attn_bc, proj_wc, proj_bc, fc_wc, fc_bc, mp_wc, mp_bc) = ctx.saved_tensors
-        B, T, C, NH, HS, p, scale = ctx.meta
+        B, T, C, NH, HS, p, scale, cd = ctx.meta
         N = B * T
         need = ctx.needs_input_grad
         with torch.autocast("cpu", enabled=False):
             # 6. MLP: through m's dropout and the projection, GELU, then the widening matmul
             dm = _dropout_backward(dm.reshape(N, C), p, seed_m)
-            d_mp_w = _cpu.mm(dm.t(), g) if need[15] else None
+            d_mp_w = _cpu.mm(dm.t(), g, dtype=cd, out_dtype=x.dtype) if need[15] else None
             d_mp_b = _bias_grad(dm, mp_bc) if need[16] else None
-            dg = _cpu.mm(dm, mp_wc)
+            dg = _cpu.mm(dm, mp_wc, dtype=cd)
             if ctx.kept_gelu_grad:  # the derivative the forward kept (float32, or float64)
                 df = _cpu.gelu_backward_from_grad(dg, gelu_in)
             else:  # f itself: the derivative is computed again
                 df = _cpu.gelu(gelu_in, dg)
-            d_fc_w = _cpu.mm(df.t(), h2) if need[13] else None
+            d_fc_w = _cpu.mm(df.t(), h2, dtype=cd, out_dtype=x.dtype) if need[13] else None
             d_fc_b = _bias_grad(df, fc_bc) if need[14] else None
-            dh2 = _cpu.mm(df, fc_wc)
+            dh2 = _cpu.mm(df, fc_wc, dtype=cd)
             # 5. ln_2 and the residual add: x1's gradient is dx2 plus the norm's, a's the same in a's dtype
             dx1, da, d_ln2_w, d_ln2_b = add_layer_norm_backward(
                 _cpu, dh2.view(B, T, C), dx2, x2, ln2_w, mean2, rstd2, dh2.dtype, need[11], ctx.biases[1] and need[12])
             # 4. the attention projection (and its dropout)
             da = _dropout_backward(da.reshape(N, C), p, seed_a)
-            d_proj_w = _cpu.mm(da.t(), y.transpose(1, 2).reshape(N, C)) if need[9] else None
+            d_proj_w = _cpu.mm(da.t(), y.transpose(1, 2).reshape(N, C), dtype=cd, out_dtype=x.dtype) if need[9] else None
             d_proj_b = _bias_grad(da, proj_bc) if need[10] else None
-            dy = _cpu.mm(da, proj_wc).view(B, T, NH, HS).transpose(1, 2)
+            dy = _cpu.mm(da, proj_wc, dtype=cd).view(B, T, NH, HS).transpose(1, 2)
             # 3. attention: dq, dk and dv land in their columns of the qkv gradient
             dqkv = torch.empty(N, 3 * C, dtype=qkv.dtype)
             _cpu.attention_backward(dy, *_heads(qkv, B, T, NH, HS), y, lse, True, scale, p, _seed_value(seed),
                                     grads=_heads(dqkv, B, T, NH, HS))
             # 2. the qkv matmul
-            d_attn_w = _cpu.mm(dqkv.t(), h1) if need[7] else None
+            d_attn_w = _cpu.mm(dqkv.t(), h1, dtype=cd, out_dtype=x.dtype) if need[7] else None
             d_attn_b = _bias_grad(dqkv, attn_bc) if need[8] else None
-            dh1 = _cpu.mm(dqkv, attn_wc)
+            dh1 = _cpu.mm(dqkv, attn_wc, dtype=cd)
             # 1. ln_1 and the residual add that fed it
             if ctx.first:
                 dxn, d_ln1_w, d_ln1_b = _cpu.layer_norm_backward(dh1.to(x.dtype), x.view(N, C), ln1_w, mean1, rstd1,
@@ -229,6 +237,6 @@ class _Block(torch.autograd.Function):
                     _cpu, dh1.view(B, T, C), dx1, x1, ln1_w, mean1, rstd1, ctx.pending_dtype, need[5],
                     ctx.biases[0] and need[6])
         weights = (d_attn_w, d_attn_b, d_proj_w, d_proj_b, d_fc_w, d_fc_b, d_mp_w, d_mp_b)
-        # weight gradients come out in the matmuls' dtype; the parameters keep the stream's
+        # the bias gradients come out in the matmuls' dtype; the parameters keep the stream's
         weights = tuple(None if d is None else d.to(x.dtype) for d in weights)
         return (dx, dpending, None, None, None, d_ln1_w, d_ln1_b, *weights[:4], d_ln2_w, d_ln2_b, *weights[4:])

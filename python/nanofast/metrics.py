@@ -54,7 +54,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _nanofast_gemm(device, dtype):
-    """nanofast's float32 GEMM where a CPU run uses it for the probe's 1024^3 product, else None."""
+    """nanofast's GEMM (float32, or bfloat16 on AVX512-BF16) where a CPU run uses it for the probe's
+    1024^3 product, else None."""
     from .ops import _cpu
     return _cpu.mm if torch.device(device).type == "cpu" and _cpu.uses_gemm(1024, 1024, 1024, dtype) else None
 

@@ -188,35 +188,68 @@ GEMM_MIN_ROWS = 4
 
 
 def uses_gemm(M, N, K, dtype):
-    """Whether mm runs nanofast's GEMM for an (M, K) @ (K, N) product of this dtype."""
-    return dtype is torch.float32 and M >= GEMM_MIN_ROWS and M * N * K >= GEMM_MIN_MACS and _C.has_gemm()
+    """Whether mm runs nanofast's GEMM for an (M, K) @ (K, N) product computed in this dtype: float32
+    where the CPU has AVX-512, bfloat16 where it has AVX512-BF16 (and, for both, it is not Intel's)."""
+    if M < GEMM_MIN_ROWS or M * N * K < GEMM_MIN_MACS:
+        return False
+    return _C.has_gemm() if dtype is torch.float32 else dtype is torch.bfloat16 and _C.has_gemm_bf16()
 
 
-def mm(a, b, bias=None):
-    """a @ b (+ bias) for 2-D tensors, any strides: nanofast's GEMM for float32 products where the
-    CPU has AVX-512 (torch's float32 matmul runs its AVX2 code on AMD CPUs) and the product is large
-    enough (uses_gemm), else torch's. The GEMM's result is contiguous, and its bits depend neither on
-    a's or b's strides (both are packed first) nor on the number of threads."""
+_GEMM_BF16_OPERANDS = (torch.float32, torch.bfloat16)
+
+
+def has_gemm_bf16():
+    """Whether bfloat16 products can run nanofast's bfloat16 GEMM (AVX512-BF16, not Intel's CPU)."""
+    return _C.has_gemm_bf16()
+
+
+def mm(a, b, bias=None, dtype=None, out_dtype=None):
+    """a @ b (+ bias) for 2-D tensors, any strides, with the products in `dtype` (default: a's) and the
+    result in `out_dtype` (default: dtype).
+
+    float32 products run nanofast's float32 GEMM where uses_gemm says so (torch's float32 matmul runs
+    its AVX2 code on AMD CPUs). bfloat16 products take float32 or bfloat16 operands and bias, each
+    rounded to bfloat16 as autocast's casts would, and sum in float32: nanofast's bfloat16 GEMM rounds
+    while packing (no cast copies) and can return the float32 sums unrounded (out_dtype=float32, for
+    weight gradients). Elsewhere torch's matmul runs on the cast operands. The GEMMs' results are
+    contiguous, and their bits depend neither on a's or b's strides nor on the number of threads."""
     (M, K), N = a.shape, b.shape[1]
-    if b.dtype is a.dtype and uses_gemm(M, N, K, a.dtype):
+    dtype = dtype or a.dtype
+    if dtype is torch.float32 and b.dtype is a.dtype is dtype and out_dtype in (None, dtype) and \
+            uses_gemm(M, N, K, dtype):
         out = torch.empty(M, N, dtype=torch.float32)
         bias = _packed(bias)
         (a_rs, a_cs), (b_rs, b_cs) = a.stride(), b.stride()
         _C.gemm(M, N, K, a.data_ptr(), a_rs, a_cs, b.data_ptr(), b_rs, b_cs, out.data_ptr(), N, _ptr(bias), False,
                 _threads())
         return out
-    return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+    out_dtype = out_dtype or dtype
+    if dtype is torch.bfloat16 and a.dtype in _GEMM_BF16_OPERANDS and b.dtype in _GEMM_BF16_OPERANDS and \
+            out_dtype in _GEMM_BF16_OPERANDS and (bias is None or bias.dtype in _GEMM_BF16_OPERANDS) and \
+            uses_gemm(M, N, K, dtype):
+        out = torch.empty(M, N, dtype=out_dtype)
+        bias = _packed(bias)
+        (a_rs, a_cs), (b_rs, b_cs) = a.stride(), b.stride()
+        _C.gemm_bf16(M, N, K, a.data_ptr(), a_rs, a_cs, _DTYPE_CODE[a.dtype], b.data_ptr(), b_rs, b_cs,
+                     _DTYPE_CODE[b.dtype], out.data_ptr(), N, _DTYPE_CODE[out_dtype], _ptr(bias),
+                     0 if bias is None else _DTYPE_CODE[bias.dtype], False, _threads())
+        return out
+    a, b = a.to(dtype), b.to(dtype)
+    out = torch.mm(a, b) if bias is None else torch.addmm(bias.to(dtype), a, b)
+    return out.to(out_dtype)
 
 
-def linear(x, weight, bias=None):
-    """x @ weight.T (+ bias) on (N, in) rows: nn.Linear's product."""
-    return mm(x, weight.t(), bias)
+def linear(x, weight, bias=None, dtype=None):
+    """x @ weight.T (+ bias) on (N, in) rows, the products in dtype (default x's): nn.Linear's product."""
+    return mm(x, weight.t(), bias, dtype)
 
 
-def linear_backward(dy, x, weight, need_input_grad, need_weight_grad, need_bias_grad):
-    """(dx, dweight, dbias) of linear for the (N, out) gradient dy; None where not needed."""
-    dx = mm(dy, weight) if need_input_grad else None
-    dw = mm(dy.t(), x) if need_weight_grad else None
+def linear_backward(dy, x, weight, need_input_grad, need_weight_grad, need_bias_grad, dtype=None):
+    """(dx, dweight, dbias) of linear for the (N, out) gradient dy, products in dtype as in the forward;
+    None where not needed. dx comes in dtype (autocast's), dweight and dbias in the parameters' own
+    dtypes: a bfloat16 product's weight gradient is its float32 sums, never rounded to bfloat16."""
+    dx = mm(dy, weight, dtype=dtype) if need_input_grad else None
+    dw = mm(dy.t(), x, dtype=dtype, out_dtype=weight.dtype) if need_weight_grad else None
     db = dy.sum(0) if need_bias_grad else None
     return dx, dw, db
 

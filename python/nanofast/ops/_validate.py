@@ -93,11 +93,16 @@ def add_layer_norm_args(input, residual, normalized_shape, weight, bias, eps, ou
     return normalized_shape, eps, out_dtype
 
 
-def linear_args(input, weight, bias):
+def linear_args(input, weight, bias, mixed=False):
+    """mixed: under bfloat16 autocast, where input, weight and bias may differ in dtype (float32 or
+    bfloat16: the product rounds them all to bfloat16)."""
     fn = "nanofast.ops.linear"
     check_tensor("input", input, fn)
     check_tensor("weight", weight, fn)
-    check_same(fn, "input", input, "weight", weight)
+    if not mixed:
+        check_same(fn, "input", input, "weight", weight)
+    elif weight.device != input.device:
+        raise ValueError(f"{fn}: weight is on {weight.device} but input is on {input.device}; they must match")
     if weight.dim() != 2:
         raise ValueError(f"{fn}: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
@@ -105,7 +110,10 @@ def linear_args(input, weight, bias):
                          f"{tuple(input.shape)}, weight {tuple(weight.shape)}")
     if bias is not None:
         check_tensor("bias", bias, fn)
-        check_same(fn, "input", input, "bias", bias)
+        if not mixed:
+            check_same(fn, "input", input, "bias", bias)
+        elif bias.device != input.device:
+            raise ValueError(f"{fn}: bias is on {bias.device} but input is on {input.device}; they must match")
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"{fn}: bias must have shape ({weight.shape[0]},) to match weight {tuple(weight.shape)}, "
                              f"got {tuple(bias.shape)}")

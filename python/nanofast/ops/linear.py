@@ -3,9 +3,11 @@ ops with autograd and fake implementations, plus the user-facing `linear` (F.lin
 
 On the CPU the products run nanofast's float32 GEMM (csrc/gemm.h) where the CPU has AVX-512: torch's
 float32 matmul there is MKL's AVX2 code on AMD CPUs, at half the rate the FMA units allow, and the
-matmuls are most of a float32 training step. float64, bfloat16 and other CPUs use torch's matmul
-through the same autograd formula; CUDA and other devices, float16, and autocast regions (which choose
-the dtype themselves) use torch.nn.functional.linear.
+matmuls are most of a float32 training step. Under bfloat16 autocast on CPUs with AVX512-BF16 they run
+nanofast's bfloat16 GEMM (csrc/gemm_bf16.h) on the float32 weights, rounded while packed instead of
+cast copies; the weight gradient comes out as float32 sums, not rounded to bfloat16 first. float64,
+bfloat16 and other CPUs use torch's matmul through the same autograd formula; CUDA and other devices,
+float16, and other autocast regions use torch.nn.functional.linear.
 
 Backward: dx = dy @ W, dW = dy^T @ x, db = dy summed over the rows.
 """
@@ -61,32 +63,49 @@ linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerLinear(torch.autograd.Function):
-    """The eager-mode path: the custom op's autograd formula, minus the op dispatch (see layer_norm.py)."""
+    """The eager-mode path: the custom op's autograd formula, minus the op dispatch (see layer_norm.py).
+    dtype: the products' dtype (bfloat16 under autocast), else None for the input's."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, dtype=None):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _cpu.linear(x, weight, bias)
+        ctx.dtype = dtype
+        return _cpu.linear(x, weight, bias, dtype)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
-        return _cpu.linear_backward(dy, x, weight, need_x, need_w, ctx.has_bias and need_b)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx, dw, db = _cpu.linear_backward(dy, x, weight, need_x, need_w, ctx.has_bias and need_b, ctx.dtype)
+        return dx, dw, db, None
+
+
+_BF16_OPERANDS = (torch.float32, torch.bfloat16)
+
+
+def _bfloat16_autocast(input, weight, bias):
+    """Whether a CPU autocast region asks for bfloat16 products of operands the bfloat16 GEMM takes, in
+    eager mode (under torch.compile autocast's F.linear is what the graph records)."""
+    return (not torch.compiler.is_compiling() and torch.get_autocast_dtype("cpu") is torch.bfloat16
+            and input.dtype in _BF16_OPERANDS and weight.dtype in _BF16_OPERANDS
+            and (bias is None or bias.dtype in _BF16_OPERANDS) and _cpu.has_gemm_bf16())
 
 
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """torch.nn.functional.linear: input (..., in) @ weight (out, in)^T + bias (out,)."""
-    if isinstance(input, Tensor) and (input.device.type != "cpu" or torch.is_autocast_enabled("cpu")
-                                      or (input.is_floating_point() and not served(input))):
-        # torch's: other devices, float16 (nothing to gain here, and patch() must not break such
-        # models), and autocast regions, where autocast picks the dtype and casts the weights itself
+    dtype = None
+    if isinstance(input, Tensor) and input.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        if not (isinstance(weight, Tensor) and _bfloat16_autocast(input, weight, bias)):
+            return F.linear(input, weight, bias)  # autocast picks the dtype and casts the weights itself
+        dtype = torch.bfloat16
+    elif isinstance(input, Tensor) and (input.device.type != "cpu" or (input.is_floating_point() and not served(input))):
+        # torch's: other devices, and float16 (nothing to gain here, and patch() must not break such models)
         return F.linear(input, weight, bias)
-    linear_args(input, weight, bias)
+    linear_args(input, weight, bias, mixed=dtype is not None)
     x = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
-    if torch.compiler.is_compiling():
+    if dtype is None and torch.compiler.is_compiling():
         y = linear_fwd(x, weight, bias)
     else:
-        y = _EagerLinear.apply(x, weight, bias)
+        y = _EagerLinear.apply(x, weight, bias, dtype)
     return y if input.dim() == 2 else y.view(*input.shape[:-1], weight.shape[0])
