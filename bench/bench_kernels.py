@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import nanofast
+from nanofast.ops import _cpu
 
 from conftest import timed
 from providers import ATTENTION, LAYER_NORM, attention_flops, layer_norm_bytes, naive_attention, parity_error
@@ -104,6 +105,43 @@ def test_layer_norm(benchmark, record, device, case, shape, mode, dtype, provide
     record(benchmark, op="layer_norm", case=case if case.startswith("sweep") else f"{case} {N}x{C}", mode=mode,
            dtype=dtype, provider=provider, device=device,
            work=layer_norm_bytes(N, C, x.element_size(), backward), unit="GB/s")
+
+
+def _ln_kernels_nanofast(x, w, b, dy):
+    y, mean, rstd = _cpu.layer_norm_forward(x, w, b, 1e-5)
+    return (y,) + _cpu.layer_norm_backward(dy, x, w, mean, rstd, True, True)
+
+
+def _ln_kernels_torch(x, w, b, dy):
+    C = x.shape[1]
+    y, mean, rstd = torch.ops.aten.native_layer_norm(x, [C], w, b, 1e-5)
+    return (y,) + torch.ops.aten.native_layer_norm_backward(dy, x, [C], mean, rstd, w, b, [True, True, True])
+
+
+LN_KERNELS = {"nanofast": _ln_kernels_nanofast, "torch": _ln_kernels_torch}
+
+
+@pytest.mark.parametrize("case", list(LN_CONFIGS))
+@pytest.mark.parametrize("provider", list(LN_KERNELS))
+def test_layer_norm_kernels(benchmark, record, case, provider):
+    """LayerNorm's forward and backward kernels called directly, float32 on the CPU, without autograd:
+    nanofast's launchers (nanofast.ops._cpu) against the ATen ops behind F.layer_norm
+    (native_layer_norm and its backward). Each side allocates its outputs, as in the op. At the CPU
+    config's 768 x 128 a Python autograd.Function and its node in the backward graph cost about as
+    much as both kernels together, so this row shows what the kernels themselves gain there."""
+    N, C = LN_CONFIGS[case]
+    g = torch.Generator().manual_seed(0)
+    x, w, b, dy = (torch.randn(*s, generator=g) for s in ((N, C), (C,), (C,), (N, C)))
+    fn = LN_KERNELS[provider]
+    if provider != "torch":
+        rows = slice(0, min(N, 512))
+        ours, theirs = fn(x[rows], w, b, dy[rows]), _ln_kernels_torch(x[rows], w, b, dy[rows])
+        ref = _ln_kernels_torch(x[rows].double(), w.double(), b.double(), dy[rows].double())
+        ours_err, torch_err = parity_error(list(ours), list(theirs), list(ref))
+        assert ours_err <= 2 * torch_err + ATOL[torch.float32], f"parity: {ours_err:.3g} vs torch {torch_err:.3g}"
+    timed(benchmark, lambda: fn(x, w, b, dy), "cpu")
+    record(benchmark, op="layer_norm kernels", case=f"{case} {N}x{C}", mode="fwdbwd", dtype=torch.float32,
+           provider=provider, device="cpu", work=layer_norm_bytes(N, C, 4, True), unit="GB/s")
 
 
 def _unfused_add_layer_norm(x, r, shape, w, b, eps, out_dtype):

@@ -112,22 +112,21 @@ void add_layer_norm_backward_impl(const AddLayerNormBackwardArgs& a) {
   TR* dres = static_cast<TR*>(a.dresidual);
   const bool need_param_grads = a.dweight || a.dbias;
   const std::vector<A> wv = widened_param(w, C, A(1));
-  // dweight and dbias: fixed 16-row chunk partials, reduced pairwise (as layer_norm_backward)
-  const int64_t chunks = std::max<int64_t>(1, (N + kLayerNormChunkRows - 1) / kLayerNormChunkRows);
-  std::vector<A> part_dw(need_param_grads ? chunks * C : 0, A(0));
-  std::vector<A> part_db(need_param_grads ? chunks * C : 0, A(0));
+  // dweight and dbias: per-chunk partials, reduced pairwise (as layer_norm_backward)
+  const LayerNormParamPartials<A> parts(need_param_grads, N, C);
+  const int64_t chunks = parts.chunks, chunk_rows = parts.chunk_rows;
   if constexpr (std::is_same<A, float>::value) {
     const bool done = with_register_width<A>(C, [&](auto nv) {
 #pragma omp parallel for num_threads(a.num_threads) schedule(static) if (N * C > 32768)
       for (int64_t chunk = 0; chunk < chunks; ++chunk)
         layer_norm_backward_chunk_regs<TX, TR, TY, decltype(nv)::value>(
-            dy, a.dy_row_stride, h, C, dh, wv.data(), mean, rstd, dx, dres, chunk * kLayerNormChunkRows,
-            std::min(N, (chunk + 1) * kLayerNormChunkRows), need_param_grads ? part_dw.data() + chunk * C : nullptr,
-            need_param_grads ? part_db.data() + chunk * C : nullptr);
+            dy, a.dy_row_stride, h, C, dh, wv.data(), mean, rstd, dx, dres, chunk * chunk_rows,
+            std::min(N, (chunk + 1) * chunk_rows), parts.dw ? parts.dw + chunk * C : nullptr,
+            parts.db ? parts.db + chunk * C : nullptr);
     });
     if (done) {
       if (need_param_grads)
-        layer_norm_reduce_param_grads<TX>(part_dw.data(), part_db.data(), chunks, C, static_cast<TX*>(a.dweight),
+        layer_norm_reduce_param_grads<TX>(parts.dw, parts.db, chunks, C, static_cast<TX*>(a.dweight),
                                           static_cast<TX*>(a.dbias), a.num_threads);
       return;
     }
@@ -135,9 +134,13 @@ void add_layer_norm_backward_impl(const AddLayerNormBackwardArgs& a) {
 
 #pragma omp parallel for num_threads(a.num_threads) schedule(static) if (N * C > 32768)
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    A* pdw = need_param_grads ? part_dw.data() + chunk * C : nullptr;
-    A* pdb = need_param_grads ? part_db.data() + chunk * C : nullptr;
-    for (int64_t n = chunk * kLayerNormChunkRows; n < std::min(N, (chunk + 1) * kLayerNormChunkRows); ++n) {
+    A* pdw = need_param_grads ? parts.dw + chunk * C : nullptr;
+    A* pdb = need_param_grads ? parts.db + chunk * C : nullptr;
+    if (pdw) {
+      std::fill(pdw, pdw + C, A(0));
+      std::fill(pdb, pdb + C, A(0));
+    }
+    for (int64_t n = chunk * chunk_rows; n < std::min(N, (chunk + 1) * chunk_rows); ++n) {
       const TY* dyr = dy + n * a.dy_row_stride;
       const TX* hr = h + n * C;
       const TX* dhr = dh ? dh + n * C : nullptr;
@@ -183,7 +186,7 @@ void add_layer_norm_backward_impl(const AddLayerNormBackwardArgs& a) {
     }
   }
   if (need_param_grads)
-    layer_norm_reduce_param_grads<TX>(part_dw.data(), part_db.data(), chunks, C, static_cast<TX*>(a.dweight),
+    layer_norm_reduce_param_grads<TX>(parts.dw, parts.db, chunks, C, static_cast<TX*>(a.dweight),
                                       static_cast<TX*>(a.dbias), a.num_threads);
 }
 

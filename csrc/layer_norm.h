@@ -2,6 +2,7 @@
 // Included by kernels_isa.cpp once per instruction set, inside namespace nanofast::NF_ISA.
 #pragma once
 #include <algorithm>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -153,10 +154,34 @@ void layer_norm_forward_impl(const LayerNormForwardArgs& a) {
   }
 }
 
-// dweight and dbias are sums over rows. Rows are cut into chunks of a fixed size and each chunk's
-// partial sums go to its own buffer, then the buffers are added in a fixed pairwise order: the result
-// is bitwise the same whatever the number of threads, and no long float sum accumulates.
+// dweight and dbias are sums over rows. Rows are cut into chunks whose size depends on N alone and each
+// chunk's partial sums go to its own buffer, then the buffers are added in a fixed pairwise order: the
+// result is bitwise the same whatever the number of threads. Chunks are at least 16 rows and at most
+// 64 in number: enough to share among threads, few enough that the partials stay small beside the
+// rows (1024 chunks of 16384 x 384 rows were 3 MB to zero, write and reduce: 8% of the backward).
 constexpr int64_t kLayerNormChunkRows = 16;
+constexpr int64_t kLayerNormMaxChunks = 64;
+
+inline int64_t layer_norm_chunk_rows(int64_t N) {
+  const int64_t rows = (N + kLayerNormMaxChunks - 1) / kLayerNormMaxChunks;
+  return std::max(kLayerNormChunkRows, (rows + kLayerNormChunkRows - 1) / kLayerNormChunkRows * kLayerNormChunkRows);
+}
+
+// The per-chunk partials of dweight and dbias (none when neither is wanted), left uninitialised: each
+// chunk writes its own (the register path) or zeroes them first.
+template <class A> struct LayerNormParamPartials {
+  int64_t chunk_rows, chunks;
+  std::unique_ptr<A[]> buf;
+  A* dw = nullptr;
+  A* db = nullptr;
+  LayerNormParamPartials(bool needed, int64_t N, int64_t C)
+      : chunk_rows(layer_norm_chunk_rows(N)), chunks(std::max<int64_t>(1, (N + chunk_rows - 1) / chunk_rows)) {
+    if (!needed) return;
+    buf.reset(new A[2 * chunks * C]);
+    dw = buf.get();
+    db = dw + chunks * C;
+  }
+};
 
 // The register-resident backward of the rows [n0, n1) when a row is NV float vectors (float32 or
 // bfloat16 storage, widened on load), shared with add_layer_norm: xhat stays in registers between the
@@ -205,8 +230,8 @@ void layer_norm_backward_chunk_regs(const TY* dy, int64_t dy_row_stride, const T
 
 // The backward over all rows; NV > 0 selects the register-resident row for float32 rows of NV vectors.
 template <class T, int NV>
-void layer_norm_backward_rows(const LayerNormBackwardArgs& a, const acc_t<T>* wv, int64_t chunks,
-                              acc_t<T>* part_dw, acc_t<T>* part_db) {
+void layer_norm_backward_rows(const LayerNormBackwardArgs& a, const acc_t<T>* wv,
+                              const LayerNormParamPartials<acc_t<T>>& parts) {
   using A = acc_t<T>;
   constexpr int W = lanes<A>();
   const int64_t N = a.N, C = a.C;
@@ -215,22 +240,26 @@ void layer_norm_backward_rows(const LayerNormBackwardArgs& a, const acc_t<T>* wv
   const A* mean = static_cast<const A*>(a.mean);
   const A* rstd = static_cast<const A*>(a.rstd);
   T* dx = static_cast<T*>(a.dx);
-  const bool need_param_grads = part_dw != nullptr;
-  const int64_t rows_per_chunk = kLayerNormChunkRows;
+  const bool need_param_grads = parts.dw != nullptr;
+  const int64_t rows_per_chunk = parts.chunk_rows, chunks = parts.chunks;
 #pragma omp parallel num_threads(a.num_threads) if (N * C > 32768)
   {
     RowView<T> xview, dyview;
     std::vector<A> dx_row(std::is_same<T, A>::value ? 0 : C);
 #pragma omp for schedule(static)
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      A* pdw = need_param_grads ? part_dw + chunk * C : nullptr;
-      A* pdb = need_param_grads ? part_db + chunk * C : nullptr;
+      A* pdw = need_param_grads ? parts.dw + chunk * C : nullptr;
+      A* pdb = need_param_grads ? parts.db + chunk * C : nullptr;
       const int64_t n_end = std::min(N, (chunk + 1) * rows_per_chunk);
       if constexpr (NV > 0) {
         layer_norm_backward_chunk_regs<float, float, float, NV>(dy, a.dy_row_stride, x, a.x_row_stride, nullptr, wv,
                                                                 mean, rstd, dx, nullptr, chunk * rows_per_chunk,
                                                                 n_end, pdw, pdb);
         continue;
+      }
+      if (pdw) {
+        std::fill(pdw, pdw + C, A(0));
+        std::fill(pdb, pdb + C, A(0));
       }
       for (int64_t n = chunk * rows_per_chunk; n < n_end; ++n) {
         const A* xr = xview.load(x + n * a.x_row_stride, C);
@@ -302,26 +331,18 @@ void layer_norm_reduce_param_grads(acc_t<T>* pdw, acc_t<T>* pdb, int64_t chunks,
 template <class T>
 void layer_norm_backward_impl(const LayerNormBackwardArgs& a) {
   using A = acc_t<T>;
-  const int64_t N = a.N, C = a.C;
+  const int64_t C = a.C;
   const T* w = static_cast<const T*>(a.weight);
-  const bool need_param_grads = a.dweight || a.dbias;
   const std::vector<A> wv = widened_param(w, C, A(1));
-
-  const int64_t chunks = std::max<int64_t>(1, (N + kLayerNormChunkRows - 1) / kLayerNormChunkRows);
-  std::vector<A> part_dw(need_param_grads ? chunks * C : 0, A(0));
-  std::vector<A> part_db(need_param_grads ? chunks * C : 0, A(0));
-  A* pdw = need_param_grads ? part_dw.data() : nullptr;
-  A* pdb = need_param_grads ? part_db.data() : nullptr;
+  const LayerNormParamPartials<A> parts(a.dweight || a.dbias, a.N, C);
   bool done = false;
   if constexpr (std::is_same<T, float>::value)
-    done = with_register_width<A>(C, [&](auto nv) {
-      layer_norm_backward_rows<T, decltype(nv)::value>(a, wv.data(), chunks, pdw, pdb);
-    });
-  if (!done) layer_norm_backward_rows<T, 0>(a, wv.data(), chunks, pdw, pdb);
+    done = with_register_width<A>(C, [&](auto nv) { layer_norm_backward_rows<T, decltype(nv)::value>(a, wv.data(), parts); });
+  if (!done) layer_norm_backward_rows<T, 0>(a, wv.data(), parts);
 
-  if (need_param_grads)
-    layer_norm_reduce_param_grads<T>(pdw, pdb, chunks, C, static_cast<T*>(a.dweight), static_cast<T*>(a.dbias),
-                                     a.num_threads);
+  if (parts.dw)
+    layer_norm_reduce_param_grads<T>(parts.dw, parts.db, parts.chunks, C, static_cast<T*>(a.dweight),
+                                     static_cast<T*>(a.dbias), a.num_threads);
 }
 
 inline void layer_norm_forward(const LayerNormForwardArgs& a) {

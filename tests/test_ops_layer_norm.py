@@ -76,18 +76,29 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda x, w, b: ops.layer_norm(x, (6,), w, b), (x, w, b))
 
 
-def test_deterministic_and_thread_independent():
-    x, w, b, dy = _inputs((1000, 384), torch.float32)
+@pytest.mark.parametrize("shape", [(1000, 384), (3000, 128), (5000, 200)], ids=["16-row-chunks", "regs-48-row-chunks",
+                                                                           "generic-80-row-chunks"])
+def test_deterministic_and_thread_independent(shape):
+    """dweight and dbias sum per-chunk partials in a fixed order; chunks grow with N (at most 64), never
+    with the threads."""
+    x, w, b, dy = _inputs(shape, torch.float32)
     threads = torch.get_num_threads()
     try:
         first = _run(ops.layer_norm, x, w, b, dy)
         again = _run(ops.layer_norm, x, w, b, dy)
-        torch.set_num_threads(1)
-        single = _run(ops.layer_norm, x, w, b, dy)
+        others = []
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            others.append(_run(ops.layer_norm, x, w, b, dy))
     finally:
         torch.set_num_threads(threads)
-    for a, b2, c in zip(first, again, single):
-        assert torch.equal(a, b2) and torch.equal(a, c)
+    for a, b2, *c in zip(first, again, *others):
+        assert torch.equal(a, b2) and all(torch.equal(a, ci) for ci in c)
+
+
+@pytest.mark.parametrize("shape", [(5000, 128), (3000, 200)])
+def test_many_rows_parity(shape):
+    _check(*_inputs(shape, torch.float32))
 
 
 def test_empty():
