@@ -333,6 +333,17 @@ inline A scale_mask_rowmax(A* s, int64_t ncols, int64_t valid, A scale) {
     vstore(s + c, x);
     mv = vmaxv<A>(mv, x);
   }
+  if (c < valid && c + W <= ncols) {  // the vector the last visible key falls in, its later lanes masked
+    using vi = typename VecOf<A>::itype;
+    using I = std::conditional_t<sizeof(A) == 4, int32_t, int64_t>;  // vi's lanes
+    vi lane;
+    for (int i = 0; i < W; ++i) lane[i] = I(i);
+    const vec<A> x = vload(s + c) * scale;
+    const vec<A> masked = lane < vi{} + I(valid - c) ? x : vbroadcast<A>(-std::numeric_limits<A>::infinity());
+    vstore(s + c, masked);
+    mv = vmaxv<A>(mv, masked);
+    c += W;
+  }
   A m = vmax(mv);
   for (; c < valid; ++c) { s[c] *= scale; m = std::max(m, s[c]); }
   for (; c < ncols; ++c) s[c] = -std::numeric_limits<A>::infinity();
@@ -428,13 +439,17 @@ void attention_forward_impl(const AttentionForwardArgs& a) {
           A* s = S.data() + r * BK;
           const int64_t valid = std::max<int64_t>(0, std::min(BK, visible_keys(a.causal, i + 1, TK) - j0));
           // Online softmax: new running max, rescale what was accumulated, exponentiate this block.
-          const A m_new = std::max(m[r], scale_mask_rowmax(s, BK, valid, scale));
+          // Only the vectors holding visible keys are exponentiated (on the diagonal, about half the
+          // row): P is exactly 0 beyond them.
+          const int64_t ncols = std::min(BK, round_up(valid, W));
+          const A m_new = std::max(m[r], scale_mask_rowmax(s, ncols, valid, scale));
+          std::fill(s + ncols, s + BK, A(0));
           if (m_new == -std::numeric_limits<A>::infinity()) {  // nothing visible yet in this row
-            std::fill(s, s + BK, A(0));
+            std::fill(s, s + ncols, A(0));
             continue;
           }
           const A alpha = std::exp(m[r] - m_new);
-          l[r] = l[r] * alpha + exp_row(s, BK, m_new);
+          l[r] = l[r] * alpha + exp_row(s, ncols, m_new);
           m[r] = m_new;
           A* o = O.data() + r * HSVp;
           for (int64_t c = 0; c < HSVp; c += W) vstore(o + c, vload(o + c) * alpha);
@@ -567,11 +582,14 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
             A* dp = dP.data() + r * BK;
             const int64_t valid = std::max<int64_t>(0, std::min(kcols, visible_keys(a.causal, i + 1, TK) - j0));
             const vec<A> lse_i = vbroadcast<A>(lse[i]), delta_i = vbroadcast<A>(delta[i]);
-            for (int64_t c = 0; c < BK; c += W) vstore(p + c, vexp(vload(p + c) * scale - lse_i));
-            for (int64_t c = valid; c < BK; ++c) p[c] = A(0);
+            // exp over the vectors holding visible keys only (on the diagonal, about half the row)
+            const int64_t ncols = std::min(BK, round_up(valid, W));
+            for (int64_t c = 0; c < ncols; c += W) vstore(p + c, vexp(vload(p + c) * scale - lse_i));
+            std::fill(p + valid, p + BK, A(0));
             // pass 3: dS = P * (dP_dropped - delta); P itself becomes the dropped P for dV.
             if (!dropout) {
-              for (int64_t c = 0; c < BK; c += W) vstore(dp + c, vload(p + c) * (vload(dp + c) - delta_i));
+              for (int64_t c = 0; c < ncols; c += W) vstore(dp + c, vload(p + c) * (vload(dp + c) - delta_i));
+              std::fill(dp + ncols, dp + BK, A(0));
               continue;
             }
             const uint64_t row_offset = uint64_t((bh * TQ + i) * TK);
