@@ -119,57 +119,82 @@ inline void gemm_micro(int64_t kc, const float* ap, const float* bp, float* c, i
   }
 }
 
-// One thread's share: C[m0:m1, n0:n1], with its own packing buffers.
-inline void gemm_block(const GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  thread_local std::vector<float> a_buf, b_buf;
-  const float* A = g.a;
-  const float* B = g.b;
-  const int64_t kslices = (g.K + kGemmKC - 1) / kGemmKC;
-  const int64_t kc_even = (g.K + kslices - 1) / kslices;  // equal slices: K = 768 is 2 x 384, not 512 + 256
+// The loop nest both GEMMs share, over one thread's share C[m0:m1, n0:n1] with its own packing buffers.
+// The kernel supplies the packed element (Word: a float, or a pair of bfloat16), how deep a K slice may
+// go (kMaxDepth, in multiples of kDepthStep elements) and how many Words a slice of kc elements packs
+// to per panel row (depth), and it packs B's and A's panels and runs a tile.
+template <class Kernel>
+void gemm_blocked(const Kernel& kern, int64_t K, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  using Word = typename Kernel::Word;
+  thread_local std::vector<Word> a_buf, b_buf;
+  constexpr int64_t step = Kernel::kDepthStep;
+  const int64_t kslices = (K + Kernel::kMaxDepth - 1) / Kernel::kMaxDepth;
+  // equal slices (K = 768 is 2 x 384, not 512 + 256), whole steps each
+  const int64_t kc_even = ((K + kslices - 1) / kslices + step - 1) / step * step;
   for (int64_t nc0 = n0; nc0 < n1; nc0 += kGemmNC) {
     const int64_t nc = std::min(kGemmNC, n1 - nc0), npanels = (nc + kGemmNR - 1) / kGemmNR;
-    for (int64_t p = 0; p < g.K; p += kc_even) {
-      const int64_t kc = std::min(kc_even, g.K - p);
-      const bool first = p == 0 && !g.accumulate;
+    for (int64_t p = 0; p < K; p += kc_even) {
+      const int64_t kc = std::min(kc_even, K - p), depth = Kernel::depth(kc);
+      const bool first = p == 0 && !kern.accumulate();
       // pass 1: B[p:p+kc, nc0:nc0+nc] into NR-wide panels
-      b_buf.resize(npanels * kc * kGemmNR);
+      b_buf.resize(npanels * depth * kGemmNR);
       for (int64_t jp = 0; jp < npanels; ++jp) {
         const int64_t j = nc0 + jp * kGemmNR;
-        gemm_pack_panel<kGemmNR>(B + p * g.b_rs + j * g.b_cs, g.b_cs, g.b_rs, std::min<int64_t>(kGemmNR, n1 - j),
-                                 kc, b_buf.data() + jp * kc * kGemmNR);
+        kern.pack_b(p, kc, j, std::min<int64_t>(kGemmNR, n1 - j), b_buf.data() + jp * depth * kGemmNR);
       }
       for (int64_t mc0 = m0; mc0 < m1; mc0 += kGemmMC) {
         const int64_t mc = std::min(kGemmMC, m1 - mc0), mpanels = (mc + kGemmMR - 1) / kGemmMR;
         // pass 2: A[mc0:mc0+mc, p:p+kc] into MR-tall panels
-        a_buf.resize(mpanels * kc * kGemmMR);
-        if (g.a_rs == 1 && g.a_cs != 1) {  // A's columns are contiguous (dY^T): read each one once, whole
-          for (int64_t k = 0; k < kc; ++k)
-            for (int64_t ip = 0; ip < mpanels; ++ip) {
-              const int64_t i = mc0 + ip * kGemmMR;
-              gemm_pack_panel<kGemmMR>(A + i + (p + k) * g.a_cs, 1, 0, std::min<int64_t>(kGemmMR, m1 - i), 1,
-                                       a_buf.data() + ip * kc * kGemmMR + k * kGemmMR);
-            }
-        } else {
-          for (int64_t ip = 0; ip < mpanels; ++ip) {
-            const int64_t i = mc0 + ip * kGemmMR;
-            gemm_pack_panel<kGemmMR>(A + i * g.a_rs + p * g.a_cs, g.a_rs, g.a_cs, std::min<int64_t>(kGemmMR, m1 - i),
-                                     kc, a_buf.data() + ip * kc * kGemmMR);
-          }
-        }
+        a_buf.resize(mpanels * depth * kGemmMR);
+        kern.pack_a(p, kc, mc0, mc0 + mc, m1, a_buf.data());
         // pass 3: every tile of this block, a B panel held in L1 across the A panels
         for (int64_t jp = 0; jp < npanels; ++jp) {
           const int64_t j = nc0 + jp * kGemmNR;
           for (int64_t ip = 0; ip < mpanels; ++ip) {
             const int64_t i = mc0 + ip * kGemmMR;
-            gemm_micro(kc, a_buf.data() + ip * kc * kGemmMR, b_buf.data() + jp * kc * kGemmNR, g.c + i * g.ldc + j,
-                       g.ldc, std::min<int64_t>(kGemmMR, m1 - i), std::min<int64_t>(kGemmNR, n1 - j), first,
-                       g.bias ? g.bias + j : nullptr);
+            kern.tile(depth, a_buf.data() + ip * depth * kGemmMR, b_buf.data() + jp * depth * kGemmNR, i, j,
+                      std::min<int64_t>(kGemmMR, m1 - i), std::min<int64_t>(kGemmNR, n1 - j), first);
           }
         }
       }
     }
   }
 }
+
+// The float32 GEMM's panels and tile for gemm_blocked.
+struct GemmF32Kernel {
+  using Word = float;
+  static constexpr int64_t kMaxDepth = kGemmKC, kDepthStep = 1;
+  static int64_t depth(int64_t kc) { return kc; }
+  const GemmArgs& g;
+
+  bool accumulate() const { return g.accumulate; }
+  void pack_b(int64_t p, int64_t kc, int64_t j, int64_t width, float* dst) const {
+    gemm_pack_panel<kGemmNR>(g.b + p * g.b_rs + j * g.b_cs, g.b_cs, g.b_rs, width, kc, dst);
+  }
+  // rows [i0, i1) of A (none at or past m1) into consecutive MR-tall panels
+  void pack_a(int64_t p, int64_t kc, int64_t i0, int64_t i1, int64_t m1, float* dst) const {
+    const int64_t mpanels = (i1 - i0 + kGemmMR - 1) / kGemmMR;
+    if (g.a_rs == 1 && g.a_cs != 1) {  // A's columns are contiguous (dY^T): read each one once, whole
+      for (int64_t k = 0; k < kc; ++k)
+        for (int64_t ip = 0; ip < mpanels; ++ip) {
+          const int64_t i = i0 + ip * kGemmMR;
+          gemm_pack_panel<kGemmMR>(g.a + i + (p + k) * g.a_cs, 1, 0, std::min<int64_t>(kGemmMR, m1 - i), 1,
+                                   dst + ip * kc * kGemmMR + k * kGemmMR);
+        }
+      return;
+    }
+    for (int64_t ip = 0; ip < mpanels; ++ip) {
+      const int64_t i = i0 + ip * kGemmMR;
+      gemm_pack_panel<kGemmMR>(g.a + i * g.a_rs + p * g.a_cs, g.a_rs, g.a_cs, std::min<int64_t>(kGemmMR, m1 - i), kc,
+                               dst + ip * kc * kGemmMR);
+    }
+  }
+  void tile(int64_t kc, const float* ap, const float* bp, int64_t i, int64_t j, int64_t m, int64_t n,
+            bool first) const {
+    gemm_micro(kc, ap, bp, g.c + i * g.ldc + j, g.ldc, m, n, first, g.bias ? g.bias + j : nullptr);
+  }
+};
 
 // Splits C (M x N, inner dimension K) between the threads along its longer side, whole MR x NR tiles
 // each, and runs block(m0, m1, n0, n1) for each share. Shared with gemm_bf16.h.
@@ -200,8 +225,9 @@ inline bool gemm_f32(const GemmArgs& g) {
       for (int64_t j = 0; j < g.N; ++j) g.c[i * g.ldc + j] = g.bias ? g.bias[j] : 0.0f;
     return true;
   }
+  const GemmF32Kernel kern{g};
   gemm_parallel(g.M, g.N, g.K, g.num_threads,
-                [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { gemm_block(g, m0, m1, n0, n1); });
+                [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { gemm_blocked(kern, g.K, m0, m1, n0, n1); });
   return true;
 }
 

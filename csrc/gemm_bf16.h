@@ -10,7 +10,8 @@
 //
 // VDPBF16PS multiplies pairs: lane j of the accumulator gains a[k] * b[k][j] + a[k+1] * b[k+1][j]. So
 // the panels hold k in pairs: a 32-bit word per (row, k pair) in A's panels, per (column, k pair) in
-// B's, a zero padding an odd K. The microkernel is gemm.h's 12 x 32 tile with the k loop halved.
+// B's, a zero padding an odd K. The loop nest is gemm.h's (gemm_blocked), the microkernel its 12 x 32
+// tile with the k loop halved.
 //
 // The instruction treats bfloat16 denormals as zero, and so does the conversion that rounds float32
 // inputs (oneDNN's bfloat16 matmul on these CPUs uses the same two instructions).
@@ -133,52 +134,34 @@ inline void gemm_bf16_micro(int64_t kpairs, const uint32_t* ap, const uint32_t* 
   }
 }
 
-// One thread's share, C[m0:m1, n0:n1], with its own packing buffers: gemm.h's gemm_block in words.
-// The products go to c32 (float32, row stride ldc) or, when K is one slice, straight to c16.
+// The bfloat16 GEMM's panels (words of k pairs) and tile for gemm.h's gemm_blocked. The products go
+// to c32 (float32, row stride ldc) or, when K is one slice, straight to c16.
 template <class TA, class TB>
-void gemm_bf16_block(const GemmBf16Args& g, const float* bias, float* c32, bf16* c16, int64_t ldc, int64_t m0,
-                     int64_t m1, int64_t n0, int64_t n1) {
-  thread_local std::vector<uint32_t> a_buf, b_buf;
-  const TA* A = static_cast<const TA*>(g.a);
-  const TB* B = static_cast<const TB*>(g.b);
-  const int64_t kslices = (g.K + 2 * kGemmKP - 1) / (2 * kGemmKP);
-  const int64_t kc_even = ((g.K + kslices - 1) / kslices + 1) / 2 * 2;  // equal slices of whole pairs
-  for (int64_t nc0 = n0; nc0 < n1; nc0 += kGemmNC) {
-    const int64_t nc = std::min(kGemmNC, n1 - nc0), npanels = (nc + kGemmNR - 1) / kGemmNR;
-    for (int64_t p = 0; p < g.K; p += kc_even) {
-      const int64_t kc = std::min(kc_even, g.K - p), kpairs = (kc + 1) / 2;
-      const bool first = p == 0 && !g.accumulate;
-      // pass 1: B[p:p+kc, nc0:nc0+nc] into NR-wide panels of k pairs
-      b_buf.resize(npanels * kpairs * kGemmNR);
-      for (int64_t jp = 0; jp < npanels; ++jp) {
-        const int64_t j = nc0 + jp * kGemmNR;
-        gemm_pack_pairs<kGemmNR>(B + p * g.b_rs + j * g.b_cs, g.b_cs, g.b_rs, std::min<int64_t>(kGemmNR, n1 - j), kc,
-                                 b_buf.data() + jp * kpairs * kGemmNR);
-      }
-      for (int64_t mc0 = m0; mc0 < m1; mc0 += kGemmMC) {
-        const int64_t mc = std::min(kGemmMC, m1 - mc0), mpanels = (mc + kGemmMR - 1) / kGemmMR;
-        // pass 2: A[mc0:mc0+mc, p:p+kc] into MR-tall panels of k pairs
-        a_buf.resize(mpanels * kpairs * kGemmMR);
-        for (int64_t ip = 0; ip < mpanels; ++ip) {
-          const int64_t i = mc0 + ip * kGemmMR;
-          gemm_pack_pairs<kGemmMR>(A + i * g.a_rs + p * g.a_cs, g.a_rs, g.a_cs, std::min<int64_t>(kGemmMR, m1 - i),
-                                   kc, a_buf.data() + ip * kpairs * kGemmMR);
-        }
-        // pass 3: every tile of this block, a B panel held in L1 across the A panels
-        for (int64_t jp = 0; jp < npanels; ++jp) {
-          const int64_t j = nc0 + jp * kGemmNR;
-          for (int64_t ip = 0; ip < mpanels; ++ip) {
-            const int64_t i = mc0 + ip * kGemmMR;
-            gemm_bf16_micro(kpairs, a_buf.data() + ip * kpairs * kGemmMR, b_buf.data() + jp * kpairs * kGemmNR,
-                            c32 ? c32 + i * ldc + j : nullptr, c16 ? c16 + i * ldc + j : nullptr, ldc,
-                            std::min<int64_t>(kGemmMR, m1 - i), std::min<int64_t>(kGemmNR, n1 - j), first,
-                            bias ? bias + j : nullptr);
-          }
-        }
-      }
-    }
+struct GemmBf16Kernel {
+  using Word = uint32_t;
+  static constexpr int64_t kMaxDepth = 2 * kGemmKP, kDepthStep = 2;  // slices of whole pairs
+  static int64_t depth(int64_t kc) { return (kc + 1) / 2; }
+  const GemmBf16Args& g;
+  const float* bias;
+  float* c32;
+  bf16* c16;
+  int64_t ldc;
+
+  bool accumulate() const { return g.accumulate; }
+  void pack_b(int64_t p, int64_t kc, int64_t j, int64_t width, uint32_t* dst) const {
+    gemm_pack_pairs<kGemmNR>(static_cast<const TB*>(g.b) + p * g.b_rs + j * g.b_cs, g.b_cs, g.b_rs, width, kc, dst);
   }
-}
+  void pack_a(int64_t p, int64_t kc, int64_t i0, int64_t i1, int64_t m1, uint32_t* dst) const {
+    for (int64_t i = i0; i < i1; i += kGemmMR, dst += depth(kc) * kGemmMR)
+      gemm_pack_pairs<kGemmMR>(static_cast<const TA*>(g.a) + i * g.a_rs + p * g.a_cs, g.a_rs, g.a_cs,
+                               std::min<int64_t>(kGemmMR, m1 - i), kc, dst);
+  }
+  void tile(int64_t kpairs, const uint32_t* ap, const uint32_t* bp, int64_t i, int64_t j, int64_t m, int64_t n,
+            bool first) const {
+    gemm_bf16_micro(kpairs, ap, bp, c32 ? c32 + i * ldc + j : nullptr, c16 ? c16 + i * ldc + j : nullptr, ldc, m,
+                    n, first, bias ? bias + j : nullptr);
+  }
+};
 
 template <class TA, class TB>
 void gemm_bf16_run(const GemmBf16Args& g, const float* bias) {
@@ -188,8 +171,9 @@ void gemm_bf16_run(const GemmBf16Args& g, const float* bias) {
   std::vector<float> buf(buffered ? g.M * g.N : 0);
   float* c32 = buffered ? buf.data() : c16 ? nullptr : static_cast<float*>(g.c);
   const int64_t ldc = buffered ? g.N : g.ldc;
+  const GemmBf16Kernel<TA, TB> kern{g, bias, c32, buffered ? nullptr : c16, ldc};
   gemm_parallel(g.M, g.N, g.K, g.num_threads, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-    gemm_bf16_block<TA, TB>(g, bias, c32, buffered ? nullptr : c16, ldc, m0, m1, n0, n1);
+    gemm_blocked(kern, g.K, m0, m1, n0, n1);
     if (buffered)
       for (int64_t i = m0; i < m1; ++i)
         for (int64_t j = n0; j < n1; j += 16) {
