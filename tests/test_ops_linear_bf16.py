@@ -201,3 +201,14 @@ def test_nanofast_gemm_env_turns_the_bfloat16_gemm_off():
             "x, w = torch.randn(96, 256), torch.randn(128, 256)\n"
             "with torch.autocast('cpu', dtype=torch.bfloat16): assert torch.equal(ops.linear(x, w), F.linear(x, w))")
     subprocess.run([sys.executable, "-c", code], env={**os.environ, "NANOFAST_GEMM": "0"}, check=True)
+
+
+def test_autocast_runs_the_gemm_only_above_its_size():
+    """Sampling's one-row products stay autocast's own F.linear: no autograd.Function around them."""
+    w = torch.randn(1536, 384, requires_grad=True)
+    x1, x64 = torch.randn(1, 384), torch.randn(64, 384)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        small, large = ops.linear(x1, w), ops.linear(x64, w)
+        assert torch.equal(small, F.linear(x1, w))
+    assert type(large.grad_fn).__name__ == "_EagerLinearBackward"
+    assert type(small.grad_fn).__name__ != "_EagerLinearBackward" and small.dtype == torch.bfloat16

@@ -85,11 +85,21 @@ _BF16_OPERANDS = (torch.float32, torch.bfloat16)
 
 
 def _bfloat16_autocast(input, weight, bias):
-    """Whether a CPU autocast region asks for bfloat16 products of operands the bfloat16 GEMM takes, in
-    eager mode (under torch.compile autocast's F.linear is what the graph records)."""
-    return (not torch.compiler.is_compiling() and torch.get_autocast_dtype("cpu") is torch.bfloat16
-            and input.dtype in _BF16_OPERANDS and weight.dtype in _BF16_OPERANDS
-            and (bias is None or bias.dtype in _BF16_OPERANDS) and _cpu.has_gemm_bf16())
+    """Whether a CPU autocast region asks for bfloat16 products that nanofast's bfloat16 GEMM takes:
+    operands it reads, in eager mode (under torch.compile autocast's F.linear is what the graph records),
+    and a forward product it runs (below its size, such as sampling's one-row products, autocast's own
+    F.linear costs less than the autograd.Function around the same torch matmul)."""
+    if torch.compiler.is_compiling() or torch.get_autocast_dtype("cpu") is not torch.bfloat16:
+        return False
+    if input.dtype not in _BF16_OPERANDS or weight.dtype not in _BF16_OPERANDS or weight.dim() != 2:
+        return False
+    if bias is not None and bias.dtype not in _BF16_OPERANDS:
+        return False
+    out_features, in_features = weight.shape
+    if input.dim() == 0 or input.shape[-1] != in_features or (bias is not None and tuple(bias.shape) != (out_features,)):
+        return True  # nanofast's checks, which name the shapes
+    rows = input.numel() // in_features if in_features else 0
+    return _cpu.uses_gemm(rows, out_features, in_features, torch.bfloat16)
 
 
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
