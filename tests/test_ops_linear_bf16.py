@@ -194,6 +194,8 @@ def test_autocast_bad_shapes_name_the_arguments():
         ops.linear(torch.randn(7, 5), torch.randn(4, 6))
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="bias must have shape"):
         ops.linear(torch.randn(7, 5), torch.randn(4, 5), torch.randn(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="bias must be a torch.Tensor"):
+        ops.linear(torch.randn(7, 5), torch.randn(4, 5), [0.0] * 4)
 
 
 def test_nanofast_gemm_env_turns_the_bfloat16_gemm_off():
