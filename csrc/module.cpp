@@ -113,6 +113,17 @@ bool gemm(int64_t M, int64_t N, int64_t K, uintptr_t a, int64_t a_rs, int64_t a_
 bool gemm_bf16(int64_t M, int64_t N, int64_t K, uintptr_t a, int64_t a_rs, int64_t a_cs, int a_dtype, uintptr_t b,
                int64_t b_rs, int64_t b_cs, int b_dtype, uintptr_t c, int64_t ldc, int c_dtype, uintptr_t bias,
                int bias_dtype, bool accumulate, int num_threads) {
+  auto check = [](const char* name, int dtype) {
+    if (dtype != nanofast::kFloat32 && dtype != nanofast::kBFloat16)
+      throw std::invalid_argument(std::string("gemm_bf16: ") + name + " must be float32 (0) or bfloat16 (2), got dtype code " +
+                                  std::to_string(dtype));
+  };
+  check("a", a_dtype);
+  check("b", b_dtype);
+  check("c", c_dtype);
+  if (bias) check("bias", bias_dtype);
+  if (accumulate && c_dtype != nanofast::kFloat32)
+    throw std::invalid_argument("gemm_bf16: accumulate (C += A @ B) needs a float32 C");
   nanofast::GemmBf16Args g{M, N, K, ptr<const void>(a), a_rs, a_cs, a_dtype, ptr<const void>(b), b_rs, b_cs, b_dtype,
                            ptr<void>(c), ldc, c_dtype, ptr<const void>(bias), bias_dtype, accumulate, num_threads};
   return kernels().gemm_bf16(g);

@@ -214,3 +214,12 @@ def test_autocast_runs_the_gemm_only_above_its_size():
         assert torch.equal(small, F.linear(x1, w))
     assert type(large.grad_fn).__name__ == "_EagerLinearBackward"
     assert type(small.grad_fn).__name__ != "_EagerLinearBackward" and small.dtype == torch.bfloat16
+
+
+def test_kernel_refuses_what_it_cannot_do():
+    a, b = torch.randn(4, 8), torch.randn(8, 5)
+    c16 = torch.empty(4, 5, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="accumulate .* needs a float32 C"):
+        _C.gemm_bf16(4, 5, 8, a.data_ptr(), 8, 1, 0, b.data_ptr(), 5, 1, 0, c16.data_ptr(), 5, 2, 0, 0, True, 1)
+    with pytest.raises(ValueError, match="a must be float32 .* got dtype code 1"):
+        _C.gemm_bf16(4, 5, 8, a.data_ptr(), 8, 1, 1, b.data_ptr(), 5, 1, 0, c16.data_ptr(), 5, 2, 0, 0, False, 1)
