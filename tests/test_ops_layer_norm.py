@@ -125,6 +125,15 @@ def test_nan_propagates_like_torch():
     (lambda: ops.layer_norm(torch.randn(3, 4).half(), (4,)), "does not support"),
     (lambda: ops.layer_norm([1.0, 2.0], (2,)), "input must be a torch.Tensor"),
     (lambda: ops.layer_norm(torch.randn(3, 4), (4,), eps=-1.0), "eps must be"),
+    (lambda: ops.layer_norm(torch.randn(3, 4), (4,), eps=float("nan")), "eps must be"),
+    # each one argument away from the everyday case that skips the full checks
+    (lambda: ops.layer_norm(torch.randn(3, 4), 4.0), "normalized_shape must be an int or a sequence of ints"),
+    (lambda: ops.layer_norm(torch.randn(3, 4), (4,), torch.randn(1, 4)), r"weight has shape \(1, 4\)"),
+    (lambda: ops.layer_norm(torch.randn(3, 4), (4,), torch.randn(4), torch.randn(3)), r"bias has shape \(3,\)"),
+    (lambda: ops.layer_norm(torch.randn(3, 4), (4,), torch.randn(4).bfloat16()), "weight has dtype"),
+    (lambda: ops.layer_norm(torch.randn(3, 4), (4,), torch.randn(4), torch.randn(4, device="meta")), "bias is on meta"),
+    (lambda: ops.layer_norm(torch.randn(3, 4), (4,), [1.0] * 4), "weight must be a torch.Tensor"),
+    (lambda: ops.layer_norm(torch.randn(3, 4, device="meta"), (4,)), "nanofast runs on CPU and CUDA tensors only"),
 ])
 def test_bad_input(call, match):
     with pytest.raises((TypeError, ValueError), match=match):

@@ -33,29 +33,42 @@ def _threads():
     return torch.get_num_threads()
 
 
+# The two LayerNorm launchers are written out call by call: at nanoGPT's CPU shapes (768 x 128) each
+# kernel takes 6-9 µs, and every Python call around it (a helper, a second dtype lookup) is 0.1 µs more.
+
 def layer_norm_forward(x, weight, bias, eps):
     N, C = x.shape
-    weight, bias = _packed(weight), _packed(bias)
-    y = torch.empty(N, C, dtype=x.dtype)
-    mean = torch.empty(N, dtype=_acc_dtype(x.dtype))
-    rstd = torch.empty(N, dtype=_acc_dtype(x.dtype))
-    if x.numel():
-        _C.layer_norm_forward(_DTYPE_CODE[x.dtype], N, C, x.data_ptr(), x.stride(0), _ptr(weight), _ptr(bias),
-                              y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), float(eps), _threads())
+    dtype = x.dtype
+    acc = torch.float64 if dtype is torch.float64 else torch.float32
+    if weight is not None and not weight.is_contiguous():
+        weight = weight.contiguous()  # (held here until the kernel has run)
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
+    y = torch.empty(N, C, dtype=dtype)
+    mean = torch.empty(N, dtype=acc)
+    rstd = torch.empty(N, dtype=acc)
+    if N and C:
+        _C.layer_norm_forward(_DTYPE_CODE[dtype], N, C, x.data_ptr(), x.stride(0),
+                              0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                              y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), float(eps), torch.get_num_threads())
     return y, mean, rstd
 
 
 def layer_norm_backward(dy, x, weight, mean, rstd, need_weight_grad, need_bias_grad):
     N, C = x.shape
-    weight, mean, rstd = _packed(weight), _packed(mean), _packed(rstd)
-    dx = torch.empty(N, C, dtype=x.dtype)
+    dtype = x.dtype
+    if weight is not None and not weight.is_contiguous():
+        weight = weight.contiguous()
+    mean, rstd = _packed(mean), _packed(rstd)
+    dx = torch.empty(N, C, dtype=dtype)
     alloc = torch.empty if N else torch.zeros  # with no rows the kernel does not run: the sums are 0
-    dw = alloc(C, dtype=x.dtype) if need_weight_grad else None
-    db = alloc(C, dtype=x.dtype) if need_bias_grad else None
-    if x.numel():
-        _C.layer_norm_backward(_DTYPE_CODE[x.dtype], N, C, dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0),
-                               _ptr(weight), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(), _ptr(dw), _ptr(db),
-                               _threads())
+    dw = alloc(C, dtype=dtype) if need_weight_grad else None
+    db = alloc(C, dtype=dtype) if need_bias_grad else None
+    if N and C:
+        _C.layer_norm_backward(_DTYPE_CODE[dtype], N, C, dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0),
+                               0 if weight is None else weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+                               dx.data_ptr(), 0 if dw is None else dw.data_ptr(), 0 if db is None else db.data_ptr(),
+                               torch.get_num_threads())
     return dx, dw, db
 
 

@@ -44,14 +44,43 @@ def check_same(fn, ref_name, ref, name, t):
         raise ValueError(f"{fn}: {name} is on {t.device} but {ref_name} is on {ref.device}; they must match")
 
 
+def _param_fits(p, input, on_cpu, C):
+    return p is None or (isinstance(p, torch.Tensor) and p.dtype == input.dtype and p.dim() == 1 and p.shape[0] == C
+                         and (p.is_cpu if on_cpu else p.device == input.device))
+
+
+def _everyday_layer_norm(input, normalized_shape, weight, bias):
+    """(C,) when the arguments are the everyday case, else None: a tensor of a dtype its device serves,
+    normalised over its last dimension C (an int or a 1-tuple), weight and bias each None or a 1-D
+    tensor of C elements, of its dtype and device. A few attribute reads: the full checks below, which
+    name what is wrong, cost about 3 µs, a tenth of the op at nanoGPT's CPU shapes."""
+    if not isinstance(input, torch.Tensor) or input.dim() == 0:
+        return None
+    C = input.shape[-1]
+    if not ((type(normalized_shape) is int and normalized_shape == C)
+            or (type(normalized_shape) is tuple and normalized_shape == (C,))):
+        return None
+    on_cpu = input.is_cpu
+    if input.dtype not in (CPU_DTYPES if on_cpu else CUDA_DTYPES if input.is_cuda else ()):
+        return None
+    return (C,) if _param_fits(weight, input, on_cpu, C) and _param_fits(bias, input, on_cpu, C) else None
+
+
 def layer_norm_args(input, normalized_shape, weight, bias, eps):
     """Checks the arguments; returns (normalized_shape as a tuple, eps as a float)."""
+    shape = _everyday_layer_norm(input, normalized_shape, weight, bias)
+    if shape is not None and type(eps) is float and eps >= 0.0:
+        return shape, eps
     fn = "nanofast.ops.layer_norm"
     check_tensor("input", input, fn)
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
     elif not isinstance(normalized_shape, tuple):
-        normalized_shape = tuple(int(s) for s in normalized_shape)
+        try:
+            normalized_shape = tuple(int(s) for s in normalized_shape)
+        except TypeError:
+            raise TypeError(f"{fn}: normalized_shape must be an int or a sequence of ints, "
+                            f"got {normalized_shape!r}") from None
     k = len(normalized_shape)
     # (tuples, not torch.Size: Size comparisons go through torch.fx's symbolic sym_eq, 1 µs each)
     if k == 0 or input.dim() < k or tuple(input.shape[input.dim() - k:]) != normalized_shape:
