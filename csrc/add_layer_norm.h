@@ -35,6 +35,8 @@ void add_layer_norm_forward_impl(const AddLayerNormForwardArgs& a) {
   A* rstd_out = static_cast<A*>(a.rstd);
   const std::vector<A> wv = widened_param(w, C, A(1)), bv = widened_param(b, C, A(0));
 
+  // y may be streamed (h may not: each pass reads it back)
+  const bool stream_y = stream_output(y, N * C * int64_t(sizeof(TY)), C * int64_t(sizeof(TY)));
   // R rows at a time, their passes interleaved: a row of a few hundred columns is a chain of
   // dependent sums, a horizontal reduction, a division and a square root, and on its own it leaves
   // the core waiting on latency (about 160 cycles a row at C = 128). Each row's arithmetic, and so
@@ -87,14 +89,20 @@ void add_layer_norm_forward_impl(const AddLayerNormForwardArgs& a) {
     // pass 3: normalise, scale and shift, stored in y's dtype
     for (c = 0; c + W <= C; c += W)
       for (int r = 0; r < R; ++r)
-        vstore_as(yr[r] + c, (vload_as(hr[r] + c) - mean[r]) * rstd[r] * vload(wv.data() + c) + vload(bv.data() + c));
+        vput(yr[r] + c, (vload_as(hr[r] + c) - mean[r]) * rstd[r] * vload(wv.data() + c) + vload(bv.data() + c),
+             stream_y);
     for (int r = 0; r < R; ++r)
       for (c = c_tail; c < C; ++c) yr[r][c] = from_acc<TY>((to_acc(hr[r][c]) - mean[r]) * rstd[r] * wv[c] + bv[c]);
   };
   const int64_t groups = N / 4;
-#pragma omp parallel for num_threads(a.num_threads) schedule(static) if (N * C > 32768)
-  for (int64_t g = 0; g < groups; ++g) rows(std::integral_constant<int, 4>{}, g * 4);
+#pragma omp parallel num_threads(a.num_threads) if (N * C > 32768)
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t g = 0; g < groups; ++g) rows(std::integral_constant<int, 4>{}, g * 4);
+    if (stream_y) stream_fence();
+  }
   for (int64_t n = groups * 4; n < N; ++n) rows(std::integral_constant<int, 1>{}, n);
+  if (stream_y) stream_fence();
 }
 
 template <class TX, class TR, class TY>
@@ -132,58 +140,64 @@ void add_layer_norm_backward_impl(const AddLayerNormBackwardArgs& a) {
     }
   }
 
-#pragma omp parallel for num_threads(a.num_threads) schedule(static) if (N * C > 32768)
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    A* pdw = need_param_grads ? parts.dw + chunk * C : nullptr;
-    A* pdb = need_param_grads ? parts.db + chunk * C : nullptr;
-    if (pdw) {
-      std::fill(pdw, pdw + C, A(0));
-      std::fill(pdb, pdb + C, A(0));
-    }
-    for (int64_t n = chunk * chunk_rows; n < std::min(N, (chunk + 1) * chunk_rows); ++n) {
-      const TY* dyr = dy + n * a.dy_row_stride;
-      const TX* hr = h + n * C;
-      const TX* dhr = dh ? dh + n * C : nullptr;
-      const A mu = mean[n], rs = rstd[n];
-      // pass 1: the row means of g = dy * w and of g * xhat
-      vec<A> sg{}, sgx{};
-      int64_t c = 0;
-      for (; c + W <= C; c += W) {
-        const vec<A> g = vload_as(dyr + c) * vload(wv.data() + c);
-        sg += g;
-        sgx += g * (vload_as(hr + c) - mu);
+  const bool stream_dx = stream_output(dx, N * C * int64_t(sizeof(TX)), C * int64_t(sizeof(TX)));
+  const bool stream_dres = dres && stream_output(dres, N * C * int64_t(sizeof(TR)), C * int64_t(sizeof(TR)));
+#pragma omp parallel num_threads(a.num_threads) if (N * C > 32768)
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      A* pdw = need_param_grads ? parts.dw + chunk * C : nullptr;
+      A* pdb = need_param_grads ? parts.db + chunk * C : nullptr;
+      if (pdw) {
+        std::fill(pdw, pdw + C, A(0));
+        std::fill(pdb, pdb + C, A(0));
       }
-      A sum_g = vsum(sg), sum_gx = vsum(sgx);
-      for (; c < C; ++c) {
-        const A g = to_acc(dyr[c]) * wv[c];
-        sum_g += g;
-        sum_gx += g * (to_acc(hr[c]) - mu);
-      }
-      const A mean_g = sum_g / A(C), mean_gx = sum_gx * rs / A(C);
-      // pass 2: dx = dh + rstd * (g - mean(g) - xhat * mean(g * xhat)), in x's dtype and the residual's;
-      // the parameter-gradient partials
-      TX* dxr = dx + n * C;
-      TR* drr = dres ? dres + n * C : nullptr;
-      for (c = 0; c + W <= C; c += W) {
-        const vec<A> d = vload_as(dyr + c), xh = (vload_as(hr + c) - mu) * rs;
-        vec<A> v = (d * vload(wv.data() + c) - mean_g - xh * mean_gx) * rs;
-        if (dhr) v += vload_as(dhr + c);
-        vstore_as(dxr + c, v);
-        if (drr) vstore_as(drr + c, v);
-        if (pdw) {
-          vstore(pdw + c, vload(pdw + c) + d * xh);
-          vstore(pdb + c, vload(pdb + c) + d);
+      for (int64_t n = chunk * chunk_rows; n < std::min(N, (chunk + 1) * chunk_rows); ++n) {
+        const TY* dyr = dy + n * a.dy_row_stride;
+        const TX* hr = h + n * C;
+        const TX* dhr = dh ? dh + n * C : nullptr;
+        const A mu = mean[n], rs = rstd[n];
+        // pass 1: the row means of g = dy * w and of g * xhat
+        vec<A> sg{}, sgx{};
+        int64_t c = 0;
+        for (; c + W <= C; c += W) {
+          const vec<A> g = vload_as(dyr + c) * vload(wv.data() + c);
+          sg += g;
+          sgx += g * (vload_as(hr + c) - mu);
+        }
+        A sum_g = vsum(sg), sum_gx = vsum(sgx);
+        for (; c < C; ++c) {
+          const A g = to_acc(dyr[c]) * wv[c];
+          sum_g += g;
+          sum_gx += g * (to_acc(hr[c]) - mu);
+        }
+        const A mean_g = sum_g / A(C), mean_gx = sum_gx * rs / A(C);
+        // pass 2: dx = dh + rstd * (g - mean(g) - xhat * mean(g * xhat)), in x's dtype and the residual's;
+        // the parameter-gradient partials
+        TX* dxr = dx + n * C;
+        TR* drr = dres ? dres + n * C : nullptr;
+        for (c = 0; c + W <= C; c += W) {
+          const vec<A> d = vload_as(dyr + c), xh = (vload_as(hr + c) - mu) * rs;
+          vec<A> v = (d * vload(wv.data() + c) - mean_g - xh * mean_gx) * rs;
+          if (dhr) v += vload_as(dhr + c);
+          vput(dxr + c, v, stream_dx);
+          if (drr) vput(drr + c, v, stream_dres);
+          if (pdw) {
+            vstore(pdw + c, vload(pdw + c) + d * xh);
+            vstore(pdb + c, vload(pdb + c) + d);
+          }
+        }
+        for (; c < C; ++c) {
+          const A d = to_acc(dyr[c]), xh = (to_acc(hr[c]) - mu) * rs;
+          A v = (d * wv[c] - mean_g - xh * mean_gx) * rs;
+          if (dhr) v += to_acc(dhr[c]);
+          dxr[c] = from_acc<TX>(v);
+          if (drr) drr[c] = from_acc<TR>(v);
+          if (pdw) { pdw[c] += d * xh; pdb[c] += d; }
         }
       }
-      for (; c < C; ++c) {
-        const A d = to_acc(dyr[c]), xh = (to_acc(hr[c]) - mu) * rs;
-        A v = (d * wv[c] - mean_g - xh * mean_gx) * rs;
-        if (dhr) v += to_acc(dhr[c]);
-        dxr[c] = from_acc<TX>(v);
-        if (drr) drr[c] = from_acc<TR>(v);
-        if (pdw) { pdw[c] += d * xh; pdb[c] += d; }
-      }
     }
+    if (stream_dx || stream_dres) stream_fence();
   }
   if (need_param_grads)
     layer_norm_reduce_param_grads<TX>(parts.dw, parts.db, chunks, C, static_cast<TX*>(a.dweight),

@@ -128,11 +128,12 @@ void layer_norm_forward_impl(const LayerNormForwardArgs& a) {
       return;
   }
 
+  const bool stream = std::is_same<T, float>::value && stream_output(y, N * C * 4, C * 4);
 #pragma omp parallel num_threads(a.num_threads) if (N * C > 32768)
   {
     RowView<T> view;
     std::vector<A> out_row(std::is_same<T, A>::value ? 0 : C);
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int64_t n = 0; n < N; ++n) {
       const A* xr = view.load(x + n * a.x_row_stride, C);
       // pass 1: mean; pass 2: variance around it (two passes over an L1-resident row, more accurate
@@ -145,12 +146,14 @@ void layer_norm_forward_impl(const LayerNormForwardArgs& a) {
       // pass 3: normalise, scale and shift.
       A* yr = std::is_same<T, A>::value ? reinterpret_cast<A*>(y + n * C) : out_row.data();
       int64_t c = 0;
-      for (; c + W <= C; c += W)
-        vstore(yr + c, (vload(xr + c) - mean) * rstd * vload(wv.data() + c) + vload(bv.data() + c));
+      for (; c + W <= C; c += W) {
+        vput(yr + c, (vload(xr + c) - mean) * rstd * vload(wv.data() + c) + vload(bv.data() + c), stream);
+      }
       for (; c < C; ++c) yr[c] = (xr[c] - mean) * rstd * wv[c] + bv[c];
       if (!std::is_same<T, A>::value)
         convert_row(yr, y + n * C, C);
     }
+    if (stream) stream_fence();
   }
 }
 
@@ -242,11 +245,12 @@ void layer_norm_backward_rows(const LayerNormBackwardArgs& a, const acc_t<T>* wv
   T* dx = static_cast<T*>(a.dx);
   const bool need_param_grads = parts.dw != nullptr;
   const int64_t rows_per_chunk = parts.chunk_rows, chunks = parts.chunks;
+  const bool stream = NV == 0 && std::is_same<T, float>::value && stream_output(dx, N * C * 4, C * 4);
 #pragma omp parallel num_threads(a.num_threads) if (N * C > 32768)
   {
     RowView<T> xview, dyview;
     std::vector<A> dx_row(std::is_same<T, A>::value ? 0 : C);
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
       A* pdw = need_param_grads ? parts.dw + chunk * C : nullptr;
       A* pdb = need_param_grads ? parts.db + chunk * C : nullptr;
@@ -284,7 +288,7 @@ void layer_norm_backward_rows(const LayerNormBackwardArgs& a, const acc_t<T>* wv
         A* dxr = std::is_same<T, A>::value ? reinterpret_cast<A*>(dx + n * C) : dx_row.data();
         for (c = 0; c + W <= C; c += W) {
           const vec<A> d = vload(dyr + c), xh = (vload(xr + c) - mu) * rs;
-          vstore(dxr + c, (d * vload(wv + c) - mean_g - xh * mean_gx) * rs);
+          vput(dxr + c, (d * vload(wv + c) - mean_g - xh * mean_gx) * rs, stream);
           if (pdw) {
             vstore(pdw + c, vload(pdw + c) + d * xh);
             vstore(pdb + c, vload(pdb + c) + d);
@@ -299,6 +303,7 @@ void layer_norm_backward_rows(const LayerNormBackwardArgs& a, const acc_t<T>* wv
           convert_row(dxr, dx + n * C, C);
       }
     }
+    if (stream) stream_fence();
   }
 }
 

@@ -101,6 +101,22 @@ def test_many_rows_parity(shape):
     _check(*_inputs(shape, torch.float32))
 
 
+# 16 MiB of float32 rows: outputs this large are written with streaming stores (csrc/simd.h,
+# stream_output); 8193 rows also leave a chunk of rows that is not whole.
+STREAMED = (8193, 512)
+
+
+def test_streamed_outputs_parity_and_rows():
+    """At a size whose y and dx are streamed past the cache: parity with float64, and each row's bits
+    the same as when that row is normalised in a small tensor (whose stores are plain)."""
+    x, w, b, dy = _inputs(STREAMED, torch.float32)
+    _check(x, w, b, dy)
+    big = _run(ops.layer_norm, x, w, b, dy)
+    for rows in (slice(0, 64), slice(8193 - 70, 8193)):
+        small = _run(ops.layer_norm, x[rows], w, b, dy[rows])
+        assert torch.equal(big[0][rows], small[0]) and torch.equal(big[1][rows], small[1])
+
+
 def test_empty():
     x = torch.randn(0, 16, requires_grad=True)
     w = torch.randn(16, requires_grad=True)
