@@ -82,6 +82,9 @@ void gelu_apply(const GeluArgs& a) {
   const T* dy = static_cast<const T*>(a.dy);
   A* grad = static_cast<A*>(a.grad);
   T* out = static_cast<T*>(a.out);
+  // (chunks start 4096 elements apart, so a 64-byte aligned array keeps every vector store aligned)
+  const bool stream_out = stream_output(out, a.n * int64_t(sizeof(T)), 64);
+  const bool stream_grad = MODE == kForwardSavingGrad && stream_output(grad, a.n * int64_t(sizeof(A)), 64);
   for_each_chunk(a.n, a.num_threads, [&](int64_t c0, int64_t c1) {
     int64_t i = c0;
     vec<A> g{};
@@ -89,8 +92,8 @@ void gelu_apply(const GeluArgs& a) {
       const vec<A> xv = READS_X ? vload_as(x + i) : vec<A>{};
       const vec<A> dv = READS_DY ? vload_as(dy + i) : vec<A>{};
       const vec<A> sv = MODE == kBackwardFromGrad ? vload(grad + i) : vec<A>{};
-      vstore_as(out + i, gelu_step<A, MODE>(xv, dv, sv, &g));
-      if constexpr (MODE == kForwardSavingGrad) vstore(grad + i, g);
+      vput(out + i, gelu_step<A, MODE>(xv, dv, sv, &g), stream_out);
+      if constexpr (MODE == kForwardSavingGrad) vput(grad + i, g, stream_grad);
     }
     alignas(64) A xb[W], db[W], sb[W], ob[W], gb[W];  // the tail staged through buffers
     for (; i < c1; i += W) {
@@ -107,7 +110,7 @@ void gelu_apply(const GeluArgs& a) {
         if constexpr (MODE == kForwardSavingGrad) grad[i + j] = gb[j];
       }
     }
-  });
+  }, stream_out || stream_grad);
 }
 
 template <GeluMode MODE> inline void gelu_dispatch(const GeluArgs& a) {

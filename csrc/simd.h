@@ -217,11 +217,16 @@ template <class From, class To> inline void convert_row(const From* src, To* dst
 }
 
 // The elementwise kernels' loop: f(c0, c1) over [0, n) in fixed chunks of 4096, split across threads
-// once there is enough work (the chunks, not the threads, fix what each call computes).
-template <class F> inline void for_each_chunk(int64_t n, int num_threads, F&& f) {
+// once there is enough work (the chunks, not the threads, fix what each call computes). `streamed`:
+// f streams stores, and each thread fences them before the loop ends.
+template <class F> inline void for_each_chunk(int64_t n, int num_threads, F&& f, bool streamed = false) {
   constexpr int64_t kChunk = 4096;
-#pragma omp parallel for num_threads(num_threads) schedule(static) if (n > 32768)
-  for (int64_t c0 = 0; c0 < n; c0 += kChunk) f(c0, std::min(n, c0 + kChunk));
+#pragma omp parallel num_threads(num_threads) if (n > 32768)
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t c0 = 0; c0 < n; c0 += kChunk) f(c0, std::min(n, c0 + kChunk));
+    if (streamed) stream_fence();
+  }
 }
 
 // dst[c] = src[c] * scale in the storage type, a vector at a time (the kernels' output rows).

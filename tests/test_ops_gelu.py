@@ -50,6 +50,29 @@ def test_saved_derivative_gives_the_backward_bit_for_bit(n, dtype, isa):
                                atol=1e-6 if dtype != torch.float64 else 1e-12)
 
 
+def test_streamed_outputs():
+    """4M + 37 float32 elements (16 MiB and more: the outputs and the kept derivative are written with
+    streaming stores): parity with float64, and every element's bits as in a small tensor (plain stores),
+    forward, backward and the saved-derivative pair."""
+    from nanofast.ops import _cpu
+
+    n = (4 << 20) + 37
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, generator=g) * 3
+    dy = torch.randn(n, generator=g)
+    ours, theirs = _run(ops.gelu, x, dy), _run(F.gelu, x, dy)
+    ref = _run(F.gelu, x.double(), dy.double())
+    for name, o, t, r in zip(["y", "dx"], ours, theirs, ref):
+        assert_parity(name, o, t, r)
+    y, grad = _cpu.gelu_saving_grad(x)
+    dx = _cpu.gelu_backward_from_grad(dy, grad)
+    assert torch.equal(y, ours[0]) and torch.equal(dx, ours[1])
+    for part in (slice(0, 5000), slice(n - 5037, n)):  # the tail: a part chunk, a part vector
+        y_s, grad_s = _cpu.gelu_saving_grad(x[part])
+        assert torch.equal(y[part], y_s) and torch.equal(grad[part], grad_s)
+        assert torch.equal(dx[part], _cpu.gelu(x[part], dy[part]))
+
+
 def test_extremes_and_nan():
     x = torch.tensor([-1e30, -80.0, -10.0, -1e-30, 0.0, 1e-30, 10.0, 80.0, 1e30, float("inf"), float("-inf"),
                       float("nan")])
