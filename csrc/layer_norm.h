@@ -128,7 +128,8 @@ void layer_norm_forward_impl(const LayerNormForwardArgs& a) {
       return;
   }
 
-  const bool stream = std::is_same<T, float>::value && stream_output(y, N * C * 4, C * 4);
+  const bool stream =
+      std::is_same<T, float>::value && stream_output(y, N * C * int64_t(sizeof(T)), C * int64_t(sizeof(T)));
 #pragma omp parallel num_threads(a.num_threads) if (N * C > 32768)
   {
     RowView<T> view;
@@ -146,9 +147,8 @@ void layer_norm_forward_impl(const LayerNormForwardArgs& a) {
       // pass 3: normalise, scale and shift.
       A* yr = std::is_same<T, A>::value ? reinterpret_cast<A*>(y + n * C) : out_row.data();
       int64_t c = 0;
-      for (; c + W <= C; c += W) {
+      for (; c + W <= C; c += W)
         vput(yr + c, (vload(xr + c) - mean) * rstd * vload(wv.data() + c) + vload(bv.data() + c), stream);
-      }
       for (; c < C; ++c) yr[c] = (xr[c] - mean) * rstd * wv[c] + bv[c];
       if (!std::is_same<T, A>::value)
         convert_row(yr, y + n * C, C);
@@ -245,7 +245,8 @@ void layer_norm_backward_rows(const LayerNormBackwardArgs& a, const acc_t<T>* wv
   T* dx = static_cast<T*>(a.dx);
   const bool need_param_grads = parts.dw != nullptr;
   const int64_t rows_per_chunk = parts.chunk_rows, chunks = parts.chunks;
-  const bool stream = NV == 0 && std::is_same<T, float>::value && stream_output(dx, N * C * 4, C * 4);
+  const bool stream =
+      NV == 0 && std::is_same<T, float>::value && stream_output(dx, N * C * int64_t(sizeof(T)), C * int64_t(sizeof(T)));
 #pragma omp parallel num_threads(a.num_threads) if (N * C > 32768)
   {
     RowView<T> xview, dyview;

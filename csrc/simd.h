@@ -102,7 +102,7 @@ inline void stream_fence() {
 // Whether a kernel streams an output of `bytes` whose rows are `row_bytes` apart: outputs of 16 MiB and
 // more (the size of a laptop's last-level cache, half a server CCX's), each row starting on a 64-byte
 // boundary so every vector store is aligned. At 16384 x 384 float32 this makes LayerNorm's forward
-// 18-22% faster.
+// 1.15x and its forward+backward 1.20x faster, with the same bits.
 constexpr int64_t kStreamingStoreBytes = int64_t(16) << 20;
 inline bool stream_output(const void* p, int64_t bytes, int64_t row_bytes) {
   return bytes >= kStreamingStoreBytes && reinterpret_cast<uintptr_t>(p) % 64 == 0 && row_bytes % 64 == 0;
