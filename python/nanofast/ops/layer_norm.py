@@ -68,25 +68,21 @@ layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 class _EagerLayerNorm(torch.autograd.Function):
     """The eager-mode path: the custom op's autograd formula, minus the op dispatch. `launch` forces a
     set of launchers (nanofast.kernels uses it to run Triton on any device); by default the tensor's
-    device picks them. (_setup_context and _backward written out: at nanoGPT's CPU shapes each Python
-    call here is a percent of the op.)"""
+    device picks them."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, launch=None):
-        launch = ctx.launch = launch or launchers(x)
-        y, mean, rstd = launch.layer_norm_forward(x, weight, bias, eps)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.has_bias = bias is not None
-        return y
+        ctx.launch = launch or launchers(x)
+        out = ctx.launch.layer_norm_forward(x, weight, bias, eps)
+        _setup_context(ctx, (x, weight, bias, eps), out)
+        return out[0]
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, mean, rstd = ctx.saved_tensors
-        _, need_w, need_b = ctx.needs_input_grad[:3]
-        if dy.stride(-1) != 1:
-            dy = unit_last_stride(dy)
-        return ctx.launch.layer_norm_backward(dy, x, weight, mean, rstd, need_w and weight is not None,
-                                              need_b and ctx.has_bias) + (None, None)
+        need_w, need_b = _grads_wanted(ctx, weight)
+        dx, dw, db = ctx.launch.layer_norm_backward(unit_last_stride(dy), x, weight, mean, rstd, need_w, need_b)
+        return dx, dw, db, None, None
 
 
 def layer_norm(input: Tensor, normalized_shape, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
