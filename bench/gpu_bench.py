@@ -74,7 +74,7 @@ def attention_rows(K, quick, rows, on_row):
             log(rec)
             rows.append(rec)
             on_row()
-            del q, k, v, do
+            q = k = v = do = None  # free the GPU memory before the next shape
             torch.cuda.empty_cache()
             if quick:
                 return rows
@@ -87,7 +87,7 @@ def copy_bandwidth():
     y = torch.empty_like(x)
     ms = bench(lambda: y.copy_(x), rep=100)
     gbs = 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
-    del x, y
+    x = y = None
     torch.cuda.empty_cache()
     return gbs
 
@@ -123,7 +123,7 @@ def layer_norm_rows(K, copy_gbs, quick, rows, on_row):
             log(rec)
             rows.append(rec)
             on_row()
-            del x, dy, xs
+            x = dy = xs = None
             torch.cuda.empty_cache()
     return rows
 

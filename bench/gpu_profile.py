@@ -145,7 +145,6 @@ def host_ladder_rows(lines):
     # forward (34), and an autograd.Function that does nothing, whose backward is Python run by
     # autograd's CUDA worker thread (and, with multithreading off, by the calling thread).
     import triton
-    import triton.language as tl
 
     @triton.jit
     def _one_arg(X):

@@ -6,7 +6,6 @@ import contextlib
 import functools
 
 import torch
-import triton
 
 
 def is_interpreted(jit_fn) -> bool:
