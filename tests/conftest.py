@@ -16,9 +16,14 @@ if not _HAS_CUDA:
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/philox_ref.py and friends
 
-from parity import all_isas  # noqa: E402
-
 HAS_CUDA = _HAS_CUDA
+
+
+def all_isas():
+    """Every instruction-set build of the C++ kernels this CPU can run."""
+    from nanofast import _C
+
+    return _C.available_isas().split(",")
 
 
 def pytest_addoption(parser):

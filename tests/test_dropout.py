@@ -4,8 +4,7 @@ import torch
 
 from nanofast import ops
 from nanofast.ops.attention import draw_seed
-from attention_ref import attention_ref
-from parity import assert_parity
+from nanofast.testing import assert_parity, attention_reference
 from philox_ref import dropout_mask_ref, uniform
 
 
@@ -58,11 +57,11 @@ def test_attention_applies_exactly_that_mask(causal, dtype):
     out.backward(dout.to(dtype))
     keep = ops.dropout_mask(seed, B, H, T, T, p)
     ref_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    ref = attention_ref(*ref_leaves, is_causal=causal, keep=keep, p=p)
+    ref = attention_reference(*ref_leaves, is_causal=causal, keep=keep, p=p)
     ref.backward(dout)
     # torch's own dropout draws another mask, so the float32 comparison uses a float32 run of the reference.
     f_leaves = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
-    f_ref = attention_ref(*f_leaves, is_causal=causal, keep=keep, p=p)
+    f_ref = attention_reference(*f_leaves, is_causal=causal, keep=keep, p=p)
     f_ref.backward(dout.to(dtype))
     for name, o, f, r in zip(["out", "dq", "dk", "dv"], [out.detach()] + [t.grad for t in leaves],
                              [f_ref.detach()] + [t.grad for t in f_leaves], [ref.detach()] + [t.grad for t in ref_leaves]):

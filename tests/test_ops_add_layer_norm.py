@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from nanofast import ops
-from parity import assert_parity
+from nanofast.testing import assert_parity
 
 F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
 # (x, residual, out) dtypes of the fused CPU kernel

@@ -3,8 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from nanofast import ops
-from attention_ref import attention_ref
-from parity import assert_parity
+from nanofast.testing import assert_parity, attention_reference
 
 
 def _qkv(B, H, Tq, Tk, D, dtype, layout="bthd", Dv=None, seed=0):
@@ -30,7 +29,7 @@ def _run(fn, q, k, v, dout, **kw):
 def _check(q, k, v, dout, **kw):
     ours = _run(ops.scaled_dot_product_attention, q, k, v, dout, **kw)
     theirs = _run(F.scaled_dot_product_attention, q, k, v, dout, **kw)
-    ref = _run(attention_ref, q.double(), k.double(), v.double(), dout.double(), **kw)
+    ref = _run(attention_reference, q.double(), k.double(), v.double(), dout.double(), **kw)
     for name, o, t, r in zip(["out", "dq", "dk", "dv"], ours, theirs, ref):
         assert_parity(name, o, t, r)
     return ours

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from nanofast import ops
-from parity import assert_parity
+from nanofast.testing import assert_parity
 
 
 def _run(fn, x, dy):

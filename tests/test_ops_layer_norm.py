@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 import nanofast
 from nanofast import ops
-from parity import assert_parity
+from nanofast.testing import assert_parity
 
 
 def _inputs(shape, dtype, affine=True, bias=True, seed=0):

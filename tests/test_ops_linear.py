@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from nanofast import _C, nn, ops
 from nanofast.ops import _cpu
-from parity import assert_parity
+from nanofast.testing import assert_parity
 
 needs_gemm = pytest.mark.skipif(not _C.has_gemm(), reason="nanofast's GEMM needs a CPU with AVX-512")
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from nanofast import _C, ops
 from nanofast.ops import _cpu
-from parity import assert_parity
+from nanofast.testing import assert_parity
 
 needs_gemm_bf16 = pytest.mark.skipif(not _C.has_gemm_bf16(),
                                      reason="nanofast's bfloat16 GEMM needs a CPU with AVX512-BF16")

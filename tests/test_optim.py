@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanofast.optim import AdamW
-from parity import assert_parity
+from nanofast.testing import assert_parity
 
 # sizes that are not multiples of a vector or of the kernel's 8192-element chunks
 SHAPES = [(300, 70), (8193,), (129,), (7,), (1,)]

@@ -4,8 +4,8 @@ Without a GPU they run on CPU tensors through Triton's interpreter (tests/confte
 TRITON_INTERPRET=1 before anything imports triton), at small shapes. With CUDA the same tests run
 natively at larger shapes, plus float16/bfloat16 checks against torch's own kernels.
 
-Accuracy follows the flash-attention rule: against a float64 reference, our error may be at most
-twice torch's error in the same dtype, plus a small absolute slack:
+Accuracy follows the flash-attention rule of nanofast.testing: against a float64 reference, our error
+may be at most twice torch's error in the same dtype, plus a small absolute slack:
     max|ours - ref64| <= 2 * max|torch_same_dtype - ref64| + atol.
 """
 import importlib
@@ -31,16 +31,10 @@ _REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 import nanofast.kernels as K  # noqa: E402  (the installed package: a missing kernels/ in the wheel fails here)
+from nanofast.testing import ATOL, ATOL_TRITON_GPU, assert_parity, attention_reference  # noqa: E402
+
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# Absolute slack of the parity rule, per dtype (a few ulps of the output's magnitude).
-ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-def _assert_rule(name, ours, torch_same, ref64, dtype, factor=2.0):
-    err = (ours.double() - ref64).abs().max().item()
-    base = (torch_same.double() - ref64).abs().max().item()
-    bound = factor * base + ATOL[dtype]
-    assert err <= bound, f"{name}: max error {err:.3g} > {factor}*{base:.3g} + {ATOL[dtype]:g} (torch {dtype})"
+SLACK = ATOL_TRITON_GPU if HAS_CUDA else ATOL  # the parity rule's slack (nanofast.testing)
 
 
 # ==================================================================================================
@@ -82,7 +76,7 @@ def _ln_check(x, w, b, dy, shape, dtype):
             assert o is None
             continue
         assert o.dtype == s.dtype and o.shape == s.shape, name
-        _assert_rule(f"layer_norm {name}", o, s, r, dtype)
+        assert_parity(f"layer_norm {name}", o, s, r, SLACK)
 
 
 @pytest.mark.parametrize("N,C", LN_SHAPES)
@@ -218,18 +212,6 @@ else:
     ]
 
 
-def _attn_ref(q, k, v, causal, scale, keep=None, p=0.0):
-    """float64 math attention; ``keep`` is the dropout mask (B, H, Tq, Tk)."""
-    s = (q @ k.transpose(-1, -2)) * scale
-    if causal:
-        allowed = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
-        s = s.masked_fill(~allowed, float("-inf"))
-    P = torch.softmax(s, dim=-1)
-    if keep is not None:
-        P = P * keep.to(P.device) / (1.0 - p)
-    return P @ v
-
-
 def _qkv(B, H, Tq, Tk, D, seed=0):
     """float64 q, k, v and an output gradient, on the CPU."""
     g = torch.Generator().manual_seed(seed)
@@ -273,13 +255,13 @@ def _attn_check(q, k, v, do, dtype, causal, scale=None, layout="contiguous"):
         out.backward(do.to(DEVICE, dt))
         return (out.detach(),) + tuple(t.grad for t in leaves)
 
-    ref = run(lambda a, b, c: _attn_ref(a, b, c, causal, sc), torch.float64)
+    ref = run(lambda a, b, c: attention_reference(a, b, c, causal, sc), torch.float64)
     same = run(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=causal, scale=scale), dtype)
     ours = run(lambda a, b, c: K.scaled_dot_product_attention(a, b, c, is_causal=causal, scale=scale), dtype)
     for name, o, s, r in zip(("out", "dq", "dk", "dv"), ours, same, ref):
         assert o.dtype == dtype and o.shape == r.shape, name
         assert torch.isfinite(o).all(), name
-        _assert_rule(f"attention {name}", o, s, r, dtype)
+        assert_parity(f"attention {name}", o, s, r, SLACK)
     return ours
 
 
@@ -318,7 +300,7 @@ def test_attention_tf32_opt_in(monkeypatch):
     B, H, T, D = (2, 2, 256, 64) if HAS_CUDA else (1, 2, 17, 16)
     q, k, v, _ = _qkv(B, H, T, T, D, seed=8)
     q, k, v = (t.to(DEVICE, torch.float32) for t in (q, k, v))
-    ref = _attn_ref(q.double(), k.double(), v.double(), True, 0.25)
+    ref = attention_reference(q.double(), k.double(), v.double(), True, 0.25)
     out, _ = K.attention_forward(q, k, v, True, 0.25, tf32=True)
     assert (out.double() - ref.to(out.device)).abs().max().item() < 2e-2  # TF32: 10-bit mantissa
     monkeypatch.setenv("NANOFAST_TF32", "1")
@@ -414,7 +396,7 @@ def test_attention_dropout_gradients(causal, dtype):
     p, seed, scale = 0.2, 2 ** 40 + 7, 0.25
     q, k, v, do = _qkv(B, H, Tq, Tk, D, seed=10)
     keep = torch.from_numpy(dropout_mask_ref(seed, B, H, Tq, Tk, p))
-    ref = _run_attn(lambda a, b, c: _attn_ref(a, b, c, causal, scale, keep, p), q, k, v, do, torch.float64)
+    ref = _run_attn(lambda a, b, c: attention_reference(a, b, c, causal, scale, keep, p), q, k, v, do, torch.float64)
 
     class Fn(torch.autograd.Function):  # the launchers with a fixed seed
         @staticmethod
@@ -428,10 +410,10 @@ def test_attention_dropout_gradients(causal, dtype):
             return K.attention_backward(g, *ctx.saved_tensors, causal, scale, p, seed)
 
     ours = _run_attn(Fn.apply, q, k, v, do, dtype)
-    same = _run_attn(lambda a, b, c: _attn_ref(a, b, c, causal, scale, keep, p), q, k, v, do, dtype)
+    same = _run_attn(lambda a, b, c: attention_reference(a, b, c, causal, scale, keep, p), q, k, v, do, dtype)
     for name, o, s, r in zip(("out", "dq", "dk", "dv"), ours, same, ref):
         assert o.dtype == dtype, name
-        _assert_rule(f"dropout attention {name}", o, s, r.to(o.device), dtype)
+        assert_parity(f"dropout attention {name}", o, s, r.to(o.device), SLACK)
 
 
 def test_dropout_p_one_gives_zeros():
