@@ -1,23 +1,14 @@
-"""The implementations the kernel benchmarks compare, and the float64 references they are checked against.
+"""The implementations the kernel benchmarks compare.
 
 A provider is a function with the signature of torch's op. `naive` is the textbook formulation
-(matmul, mask, softmax, matmul); `compile` is torch.compile of torch's own op.
+(matmul, mask, softmax, matmul: for attention, the same function that is the float64 reference);
+`compile` is torch.compile of torch's own op.
 """
-import math
-
 import torch
 import torch.nn.functional as F
 
 import nanofast
-
-
-def naive_attention(q, k, v, is_causal=False, scale=None):
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = (q @ k.transpose(-2, -1)) * scale
-    if is_causal:
-        T, S = s.shape[-2:]
-        s = s.masked_fill(~torch.ones(T, S, dtype=torch.bool, device=q.device).tril(), float("-inf"))
-    return torch.softmax(s, dim=-1) @ v
+from nanofast.testing import attention_reference
 
 
 def naive_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -42,7 +33,7 @@ ATTENTION = {
     "nanofast": nanofast.ops.scaled_dot_product_attention,
     "torch": F.scaled_dot_product_attention,
     "compile": lambda *a, **k: _compiled_fn(F.scaled_dot_product_attention)(*a, **k),
-    "naive": naive_attention,
+    "naive": attention_reference,
 }
 
 LAYER_NORM = {
@@ -62,9 +53,3 @@ def attention_flops(B, H, T, D, causal, backward):
 def layer_norm_bytes(N, C, elem, backward):
     """Compulsory traffic: forward reads x, writes y; backward reads dy and x, writes dx."""
     return N * C * elem * (5 if backward else 2)
-
-
-def parity_error(ours, theirs, ref64):
-    """(max|ours - ref64|, max|torch - ref64|) over every tensor of the result."""
-    err = lambda a, r: max((x.double() - y).abs().max().item() for x, y in zip(a, r))
-    return err(ours, ref64), err(theirs, ref64)
