@@ -89,7 +89,7 @@ else
 fi
 
 # nanofast's CPU GEMM against MKL on this host's CPU (the GEMM policy: csrc/dispatch.cpp)
-SOFT=1 step "cpu_gemm_probe.py" 40 200 "$PY" bench/cpu_gemm_probe.py
+SOFT=1 step "cpu_gemm_probe.py" 40 200 "$PY" bench/probes/cpu_gemm_probe.py
 
 # The same training on both devices: same weights, batches and dropout masks (nanofast's masks are
 # identical on CPU and GPU), so per-step losses should agree within rounding noise.

@@ -9,7 +9,7 @@ is tens of microseconds, and part of it is not the kernel's. Each rung below add
 * an empty torch.autograd.Function forward+backward on the same inputs: the floor any Python-level
   autograd op pays, next to torch's own op (whose autograd node is C++).
 
-Usage: python bench/cpu_host_ladder.py   (2 threads, median of 9 rounds, microseconds per call)
+Usage: python bench/probes/cpu_host_ladder.py   (2 threads, median of 9 rounds, microseconds per call)
 """
 import time
 

@@ -6,7 +6,7 @@ Prints the CPU, whether nanofast.ops.linear uses the GEMMs here by default, and 
 nn.Linear's forward product at nanoGPT's shapes, at 2 threads and at all of them (the GEMMs forced on
 with NANOFAST_GEMM=1 for the timing): float32 (MKL), and where the CPU has AVX512-BF16 the bfloat16
 product of float32 operands, nanofast's rounding while packing against autocast's casts and oneDNN's
-bfloat16 matmul.  Usage: python bench/cpu_gemm_probe.py
+bfloat16 matmul.  Usage: python bench/probes/cpu_gemm_probe.py
 """
 import os
 import time
