@@ -3,21 +3,23 @@
 # root:   bash bench/gpu_check.sh
 # 1. installs nanofast (editable, no build isolation, no dependency downloads: the box may be offline),
 # 2. runs the CUDA tests: tests/test_triton_kernels.py and the ops tests,
-# 3. runs nanofast-compare cpu vs cuda on a small model (same weights, batches and dropout masks),
-# 4. runs the GPU micro-benchmark (bench/gpu_bench.py),
-# 5. profiles the kernels and the ops' host overhead, and sweeps attention's tiles while time is left
+# 3. probes the CPU GEMM policy on this host's CPU (bench/probes/cpu_gemm_probe.py),
+# 4. runs nanofast-compare cpu vs cuda on a small model (same weights, batches and dropout masks),
+# 5. runs the GPU micro-benchmark (bench/gpu_bench.py),
+# 6. profiles the kernels and the ops' host overhead, and sweeps attention's tiles while time is left
 #    (bench/gpu_profile.py).
-# Writes ${OUT:-bench/results}/gpu_table.md (short summary + benchmark tables), gpu_profile.md and the
-# full log gpu_check.log beside it. On the 2026-11-28 H200 the whole script took 6 to 8 minutes (the Triton tests
-# compile every kernel variant on a fresh machine: up to ~4 minutes). Every step has a timeout and the whole run
-# stays within GPU_CHECK_BUDGET_S (default 520 s); a failed
-# step is recorded and the script goes on, exiting non-zero at the end if anything failed.
+# Writes ${OUT:-bench/results}/gpu_last.md (machine, versions, command, step summary, benchmark
+# tables), gpu_profile.md and the full log gpu_check.log beside it. Copy gpu_last.md over
+# bench/gpu_last.md: the repository keeps the last run's tables only.
+# On a fresh machine the Triton tests compile every kernel variant, the longest step. Every step has a
+# timeout and the whole run stays within GPU_CHECK_BUDGET_S (default 520 s); a failed step is
+# recorded and the script goes on, exiting non-zero at the end if anything failed.
 set -uo pipefail
 
 OUT_DIR="${OUT:-bench/results}"
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/gpu_check.log"
-TABLE="$OUT_DIR/gpu_table.md"
+TABLE="$OUT_DIR/gpu_last.md"
 BENCH_MD="$OUT_DIR/gpu_bench.md"
 : >"$LOG"
 BUDGET_S=${GPU_CHECK_BUDGET_S:-520}  # whole-script deadline, under the 10-minute limit per call
@@ -77,7 +79,7 @@ if ! SOFT=1 step "pip install -e ." 150 330 "$PY" -m pip install --no-build-isol
 fi
 step "import nanofast" 60 320 "$PY" -c "import nanofast, nanofast.kernels as k; print(nanofast.__file__, k.__file__, 'HAS_TRITON', k.HAS_TRITON)"
 
-# The CUDA tests. The first run of each kernel variant compiles it (a few seconds each).
+# The CUDA tests. The first run of each kernel variant compiles it.
 step "pytest tests/test_triton_kernels.py" 300 200 \
     "$PY" -m pytest tests/test_triton_kernels.py -q -rs --maxfail=10 -p no:cacheprovider --durations=10
 OPS_TESTS=$(ls tests/test_ops*.py 2>/dev/null | tr '\n' ' ')
@@ -103,10 +105,23 @@ PROFILE_LEFT=$((BUDGET_S - SECONDS - 5))
 step "gpu_profile.py" 200 5 "$PY" bench/gpu_profile.py --out "$OUT_DIR/gpu_profile.md" \
     --budget $((PROFILE_LEFT > 200 ? 170 : PROFILE_LEFT - 30))
 
+VERSIONS=$(timeout 30 "$PY" -c "
+import sys, torch, triton
+print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', torch.version.cuda, '| triton', triton.__version__)
+" 2>/dev/null || echo "unavailable (see gpu_check.log)")
 {
-    echo "## nanofast GPU check"
+    echo "# Last GPU check"
     echo
-    echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1), total ${SECONDS}s"
+    echo "The output of bench/gpu_check.sh (written to \$OUT/gpu_last.md, default bench/results/; the copy in"
+    echo "bench/gpu_last.md is the last run's). Profile and tile sweep: gpu_profile.md beside it."
+    echo
+    echo "- command: \`GPU_CHECK_BUDGET_S=$BUDGET_S bash bench/gpu_check.sh\`"
+    echo "- finished: $(date -u '+%Y-%m-%d %H:%M UTC'), total ${SECONDS}s"
+    echo "- GPU, driver: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
+    echo "- CPU: $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//'), $(nproc) cores"
+    echo "- versions: $VERSIONS"
+    echo
+    echo "## Steps"
     echo
     echo "| step | result | seconds |"
     echo "|---|---|---|"
@@ -115,9 +130,9 @@ step "gpu_profile.py" 200 5 "$PY" bench/gpu_profile.py --out "$OUT_DIR/gpu_profi
     # pytest's one-line results, so the table says how many passed without opening the log
     grep -E '^(FAILED|ERROR) |[0-9]+ (passed|failed)' "$LOG" | sed 's/^/    /' | tail -n 20
     echo
-    if [[ -s "$BENCH_MD" ]]; then cat "$BENCH_MD"; else echo "(no benchmark table: see gpu_check.log)"; fi
+    echo "## Benchmarks (bench/gpu_bench.py)"
     echo
-    echo "(profile, host overhead ladder and tile sweep: gpu_profile.md)"
+    if [[ -s "$BENCH_MD" ]]; then cat "$BENCH_MD"; else echo "(no benchmark table: see gpu_check.log)"; fi
 } >"$TABLE"
 log "wrote $TABLE and $LOG"
 cat "$TABLE"
