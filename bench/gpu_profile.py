@@ -239,8 +239,8 @@ KERNEL_NAMES = {"fwd": "_attn_fwd_kernel", "dkdv": "_attn_bwd_dkdv_kernel", "dq"
 
 
 def sweep_rows(lines, quick, deadline):
-    """Per kernel, the GPU time of each candidate tile, fastest first. The untuned entries go first (bf16
-    with dropout, float32), then bf16 without dropout, whose tiles came from the 2026-11-28 sweep.
+    """Per kernel, the GPU time of each candidate tile, fastest first: bf16 with dropout and float32
+    first, then bf16 without dropout.
     Errors are against the current configuration's results (same dropout mask), and for bf16 without
     dropout against torch's flash attention."""
     import nanofast.kernels.attention as A
