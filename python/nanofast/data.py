@@ -442,6 +442,14 @@ def _open_bin(path: Path) -> np.memmap:
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A batch tensor on `device`, contiguous: to a GPU through pinned memory, without waiting."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device) if device.type != "cpu" else t.contiguous()
+
+
 class BatchSampler:
     """Random training windows, drawn from a dedicated, seeded torch.Generator.
 
@@ -470,15 +478,7 @@ class BatchSampler:
         data = _open_bin(self.bin_path)  # re-opened per batch, as nanoGPT does, to avoid a memory leak
         idx = offsets.numpy()[:, None] + np.arange(self.block_size + 1)
         buf = torch.from_numpy(data[idx].astype(np.int64))
-        x, y = buf[:, :-1], buf[:, 1:]
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-            y = y.pin_memory().to(self.device, non_blocking=True)
-        elif self.device.type != "cpu":
-            x, y = x.to(self.device), y.to(self.device)
-        else:
-            x, y = x.contiguous(), y.contiguous()
-        return x, y
+        return to_device(buf[:, :-1], self.device), to_device(buf[:, 1:], self.device)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
