@@ -180,7 +180,7 @@ class _FakeResponse(io.BytesIO):
 
 def _isolate_from_local_copies(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(data, "_candidate_tinyshakespeare_paths", lambda: [])
+    monkeypatch.delenv(data.TINY_SHAKESPEARE_ENV, raising=False)
 
 
 @needs_tiny

@@ -384,6 +384,16 @@ def test_peak_flops_probe_is_cached(tmp_path, monkeypatch):
     assert metrics.measure_matmul_flops("cpu", torch.float32, budget_s=0.05) > 1e8  # the real probe runs
 
 
+def test_peak_flops_probe_leaves_torch_random_state_alone():
+    """A run's dropout masks must not depend on whether the peak was cached or measured."""
+    from nanofast import metrics
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    metrics.measure_matmul_flops("cpu", torch.float32, budget_s=0.01)
+    assert torch.equal(torch.rand(4), expected)
+
+
 # ----------------------------------------------------------------------------------------------
 # nanofast-sample
 

@@ -21,11 +21,9 @@ Datasets
                             rewritten offline into tiny-shakespeare's format ("SPEAKER:" line, the
                             speech, a blank line between speeches); deterministic.
     shakespeare_char        nanoGPT's tiny shakespeare, input.txt (1,115,394 bytes, sha256 below),
-                            taken from --data_path, $NANOFAST_TINYSHAKESPEARE, a local copy found
-                            in data/shakespeare_char/, data/tinyshakespeare/ or
-                            shared/data/tinyshakespeare/ below the current directory or one of
-                            its parents, or else downloaded from its canonical address. The
-                            checksum is always verified.
+                            taken from --data_path, $NANOFAST_TINYSHAKESPEARE or the copy kept in
+                            the dataset's folder by an earlier run, or else downloaded from its
+                            canonical address. The checksum is always verified.
     any other name          any UTF-8 text file given with --data_path (or --dataset=path/to/file.txt);
                             or a folder <data root>/<name>/ holding an input.txt, or already
                             prepared train.bin/val.bin (e.g. by one of nanoGPT's prepare.py).
@@ -291,18 +289,6 @@ def shakespeare_plays_text() -> str:
 # ----------------------------------------------------------------------------------------------
 # nanoGPT's tiny shakespeare
 
-def _candidate_tinyshakespeare_paths() -> list[Path]:
-    out = []
-    if os.environ.get(TINY_SHAKESPEARE_ENV):
-        out.append(Path(os.environ[TINY_SHAKESPEARE_ENV]).expanduser())
-    here = Path.cwd()
-    for d in [here, *here.parents]:
-        for rel in ("data/shakespeare_char/input.txt", "data/tinyshakespeare/input.txt",
-                    "shared/data/tinyshakespeare/input.txt"):
-            out.append(d / rel)
-    return out
-
-
 def _verify_tinyshakespeare(raw: bytes, what: str) -> None:
     digest = sha256_bytes(raw)
     if digest != TINY_SHAKESPEARE_SHA256:
@@ -316,7 +302,7 @@ def tinyshakespeare_bytes(data_path: str = "", cached: Path | None = None, verbo
     """The verified bytes of tiny shakespeare and where they came from.
 
     Order: `data_path` (must match the checksum), `cached` (an input.txt from an earlier run),
-    $NANOFAST_TINYSHAKESPEARE and known local copies, then a download from the canonical URL.
+    $NANOFAST_TINYSHAKESPEARE, then a download from the canonical URL.
     """
     if data_path:
         p = Path(data_path).expanduser()
@@ -325,7 +311,9 @@ def tinyshakespeare_bytes(data_path: str = "", cached: Path | None = None, verbo
         raw = p.read_bytes()
         _verify_tinyshakespeare(raw, str(p))
         return raw, str(p)
-    candidates = ([cached] if cached is not None else []) + _candidate_tinyshakespeare_paths()
+    candidates = [cached] if cached is not None else []
+    if os.environ.get(TINY_SHAKESPEARE_ENV):
+        candidates.append(Path(os.environ[TINY_SHAKESPEARE_ENV]).expanduser())
     for p in candidates:
         try:
             if p.is_file() and p.stat().st_size == TINY_SHAKESPEARE_BYTES:
@@ -340,7 +328,7 @@ def tinyshakespeare_bytes(data_path: str = "", cached: Path | None = None, verbo
             raw = r.read()
     except Exception as e:
         raise DataError(
-            f"dataset shakespeare_char: no local copy of tiny shakespeare found and the download from "
+            f"dataset shakespeare_char: no copy of tiny shakespeare given and the download from "
             f"{TINY_SHAKESPEARE_URL} failed ({type(e).__name__}: {e}). Give the file with "
             f"--data_path=/path/to/input.txt or ${TINY_SHAKESPEARE_ENV}, or use the offline default "
             f"corpus (--dataset={DEFAULT_DATASET})") from None
@@ -442,6 +430,14 @@ def _open_bin(path: Path) -> np.memmap:
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A batch tensor on `device`, contiguous: to a GPU through pinned memory, without waiting."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device) if device.type != "cpu" else t.contiguous()
+
+
 class BatchSampler:
     """Random training windows, drawn from a dedicated, seeded torch.Generator.
 
@@ -470,15 +466,7 @@ class BatchSampler:
         data = _open_bin(self.bin_path)  # re-opened per batch, as nanoGPT does, to avoid a memory leak
         idx = offsets.numpy()[:, None] + np.arange(self.block_size + 1)
         buf = torch.from_numpy(data[idx].astype(np.int64))
-        x, y = buf[:, :-1], buf[:, 1:]
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-            y = y.pin_memory().to(self.device, non_blocking=True)
-        elif self.device.type != "cpu":
-            x, y = x.to(self.device), y.to(self.device)
-        else:
-            x, y = x.contiguous(), y.contiguous()
-        return x, y
+        return to_device(buf[:, :-1], self.device), to_device(buf[:, 1:], self.device)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

@@ -46,7 +46,9 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device) -> None:
+    """Wait for the work queued on `device` (a GPU's kernels run asynchronously)."""
+    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
@@ -62,24 +64,25 @@ def _nanofast_gemm(device, dtype):
 
 def measure_matmul_flops(device, dtype=torch.float32, budget_s: float = 0.5) -> float:
     """Best FLOP/s of square matmuls on `device` in `dtype` within about `budget_s` seconds, with
-    torch's matmul or, where the run uses it, nanofast's GEMM (twice torch's float32 rate on AMD)."""
+    torch's matmul or, where the run uses it, nanofast's GEMM. The operands come from a generator of
+    their own, so a run's random numbers do not depend on whether the peak was cached."""
     device = torch.device(device)
     matmul = _nanofast_gemm(device, dtype) or torch.mm
     n = 1024 if device.type == "cpu" else 4096
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(device=device, dtype=dtype) for _ in range(2))
     flop = 2.0 * n ** 3
     reps = 1 if device.type == "cpu" else 10
     for _ in range(2):  # warm up
         matmul(a, b)
-    _sync(device)
+    synchronize(device)
     best = 0.0
     deadline = time.perf_counter() + budget_s
     for i in range(50):
         t0 = time.perf_counter()
         for _ in range(reps):
             matmul(a, b)
-        _sync(device)
+        synchronize(device)
         dt = time.perf_counter() - t0
         best = max(best, flop * reps / dt)
         if time.perf_counter() > deadline and i >= 2:

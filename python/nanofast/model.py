@@ -389,27 +389,21 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on the matrices (Linear weights, embeddings) and none on the vectors
-        (biases, LayerNorm scales). With kernels='nanofast' on the CPU, nanofast.optim.AdamW (one C++
-        call per step, gradient clipping fused in); otherwise torch's fused implementation where it
-        accepts the parameters (CUDA; the CPU since torch 2.4), the default one elsewhere."""
+        (biases, LayerNorm scales): param_groups[0] decays, param_groups[1] does not. With
+        kernels='nanofast' on the CPU, nanofast.optim.AdamW (one C++ call per step, gradient clipping
+        fused in); otherwise torch's fused implementation where it accepts the parameters (CUDA; the CPU
+        since torch 2.4), the default one elsewhere. Prints nothing: nanofast.training.describe_optimizer
+        gives what nanoGPT's version prints."""
         params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        print(f"num decayed parameter tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
-        print(f"num non-decayed parameter tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         if self.config.kernels == "nanofast" and device_type == "cpu" and nanofast_optim.AdamW.supports(params):
-            print("using fused AdamW: nanofast (C++, with the gradient clip)")
             return nanofast_optim.AdamW(groups, lr=learning_rate, betas=betas)
         if "fused" in inspect.signature(torch.optim.AdamW).parameters:
             try:
-                optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
-                print("using fused AdamW: True")
-                return optimizer
+                return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
             except (RuntimeError, ValueError):
                 pass  # e.g. a device torch has no fused kernel for
-        print("using fused AdamW: False")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
 
     def flops_per_token(self):

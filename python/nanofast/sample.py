@@ -11,13 +11,13 @@ to 'auto'. Works with nanofast checkpoints (which carry their vocabulary) and na
 import os
 import pickle
 import sys
-from contextlib import nullcontext
 
 import torch
 
 from nanofast.checkpoint import CheckpointError, load_checkpoint
 from nanofast.configurator import ConfigError, configure, run_cli
 from nanofast.model import GPT, KERNELS
+from nanofast.training import DTYPES, device_type_of, precision, precision_error, resolve_device, resolve_dtype
 
 # -----------------------------------------------------------------------------
 DEFAULTS = dict(
@@ -92,7 +92,6 @@ def find_codec(checkpoint, data_dir=''):
 
 def sample(config, out=None):
     """Generate config['num_samples'] samples; print them to `out` (stdout) and return them."""
-    from nanofast.train import resolve_device, resolve_dtype
     c = dict(DEFAULTS)
     c.update(config)
     if c['kernels'] not in KERNELS:
@@ -103,20 +102,18 @@ def sample(config, out=None):
         raise ConfigError("temperature must be >= 0")
     out = sys.stdout if out is None else out
     device = resolve_device(c['device'])
-    device_type = 'cuda' if 'cuda' in device else ('mps' if 'mps' in device else 'cpu')
+    device_type = device_type_of(device)
     dtype = resolve_dtype(c['dtype'], device_type)
-    if dtype not in ('float32', 'bfloat16', 'float16'):
+    if dtype not in DTYPES:
         raise ConfigError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
-    if dtype == 'float16' and device_type == 'cpu' and c['kernels'] == 'nanofast':
-        raise ConfigError("dtype=float16 on the CPU: nanofast's CPU kernels take float32 and bfloat16")
+    unsupported = precision_error(dtype, device_type, c['kernels'])
+    if unsupported:
+        raise ConfigError(f"dtype={unsupported}")
 
     torch.manual_seed(c['seed'])
     if torch.cuda.is_available():
         torch.cuda.manual_seed(c['seed'])
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-    ctx = nullcontext() if ptdtype == torch.float32 else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+    ctx = precision(dtype, device_type).ctx
 
     checkpoint = None
     if c['init_from'] == 'resume':

@@ -20,7 +20,7 @@ Beyond nanoGPT:
 - kernels='nanofast' | 'torch' selects who runs LayerNorm (with the residual adds), attention, GELU and,
   on the CPU, the AdamW step
 - retain_memory=True: CPU runs keep freed memory in the process instead of page-faulting every
-  step's tensors back in (nanofast/allocator.py; 10-25% of a CPU step on the dev machine)
+  step's tensors back in (nanofast/allocator.py)
 - datasets are prepared on first use (nanofast/data.py; keys data_dir and data_path)
 - batches come from a seeded generator of their own; every process draws the same offsets and takes
   its share, so a run's data do not depend on the number of processes
@@ -36,23 +36,26 @@ Beyond nanoGPT:
   last micro-batch's
 """
 
-import math
+from __future__ import annotations
+
 import os
-import signal
 import sys
-import threading
 import time
-from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
-from nanofast import optim as nanofast_optim
 from nanofast.allocator import retain_freed_memory
-from nanofast.checkpoint import (FORMAT, VERSION, CheckpointError, capture_rng_state, load_checkpoint,
-                                 restore_rng_state, rng_state_for_checkpoint, save_checkpoint)
+from nanofast.checkpoint import (FORMAT, VERSION, CheckpointError, capture_rng_state, restore_rng_state,
+                                 rng_state_for_checkpoint, save_checkpoint)
 from nanofast.configurator import ConfigError, configure, run_cli
 from nanofast.data import BatchSampler, DataError, load_meta, prepare_dataset
-from nanofast.model import GPT, KERNELS, NANOGPT_MODEL_ARGS, GPTConfig
+from nanofast.interrupts import Interrupts
+from nanofast.model import KERNELS, NANOGPT_MODEL_ARGS
+from nanofast.training import (Precision, build_optimizer, describe_optimizer, device_type_of, estimate_loss, get_lr,
+                               init_model, precision, precision_error, resolve_device, resolve_dtype, train_step)
+from nanofast.training import optimizer_step  # noqa: F401  (bench/bench_train.py imports it from here)
 
 # -----------------------------------------------------------------------------
 # The keys of nanoGPT's train.py with its defaults (which describe GPT-2 124M on OpenWebText over
@@ -157,118 +160,99 @@ def validate_config(c):
         bad(f"lr_decay_iters ({c['lr_decay_iters']}) must be larger than warmup_iters ({c['warmup_iters']})")
 
 
-def resolve_device(device):
-    """'auto' -> cuda, then mps, then cpu; a device that is not there is a ConfigError."""
-    if device != 'auto':
-        if device.startswith('cuda') and not torch.cuda.is_available():
-            raise ConfigError(f"device={device!r}, but CUDA is not available here; use --device=cpu (or auto)")
-        if device.startswith('mps') and not (getattr(torch.backends, 'mps', None) is not None
-                                             and torch.backends.mps.is_available()):
-            raise ConfigError(f"device={device!r}, but MPS is not available here; use --device=cpu (or auto)")
-        return device
-    if torch.cuda.is_available():
-        return 'cuda'
-    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
-        return 'mps'
-    return 'cpu'
+# -----------------------------------------------------------------------------
+# DDP setup
 
 
-def resolve_dtype(dtype, device_type):
-    """'auto' -> bfloat16 on GPUs that support it, float16 on other GPUs, float32 on cpu and mps."""
-    if dtype != 'auto':
-        return dtype
-    if device_type == 'cuda':
-        return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-    return 'float32'
+@dataclass
+class Processes:
+    """This process among the training processes: the only one, or one of those torchrun started."""
+    device: str
+    ddp: bool = False
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def master(self):
+        return self.rank == 0  # the master prints, logs and writes checkpoints
+
+    @classmethod
+    def start(cls, c):
+        device = resolve_device(c['device'])
+        if int(os.environ.get('RANK', -1)) == -1:  # not launched by torchrun
+            return cls(device)
+        rank = int(os.environ['RANK'])
+        local_rank = int(os.environ.get('LOCAL_RANK', rank))
+        if device.startswith('cuda'):
+            device = f'cuda:{local_rank}'
+            torch.cuda.set_device(device)
+            backend = c['backend']
+        else:
+            backend = 'gloo' if c['backend'] == 'nccl' else c['backend']
+        dist.init_process_group(backend=backend)
+        procs = cls(device, True, rank, local_rank, int(os.environ['WORLD_SIZE']))
+        # gradient_accumulation_steps counts micro-batches over all processes: each does its share
+        if c['gradient_accumulation_steps'] % procs.world_size != 0:
+            procs.stop()
+            raise ConfigError(f"gradient_accumulation_steps ({c['gradient_accumulation_steps']}) must be a "
+                              f"multiple of the number of processes ({procs.world_size})")
+        return procs
+
+    def stop(self):
+        if self.ddp and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def mean(self, t):
+        """The mean of tensor `t` over the processes (in place)."""
+        if self.ddp:
+            dist.all_reduce(t)
+            t /= self.world_size
+        return t
+
+    def anyone(self, flag):
+        """Whether `flag` is true in any process (every process must ask)."""
+        t = torch.tensor(1.0 if flag else 0.0, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item() > 0
+
+    def gather(self, obj):
+        """[obj of rank 0, obj of rank 1, ...] in every process."""
+        if not self.ddp:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
 
-def get_lr(it, c):
-    """The learning rate at iteration `it`: a linear ramp over warmup_iters (starting above zero), then
-    half a cosine from learning_rate down to min_lr at lr_decay_iters, then min_lr (nanoGPT's schedule)."""
-    if it < c['warmup_iters']:
-        return c['learning_rate'] * (it + 1) / (c['warmup_iters'] + 1)
-    if it > c['lr_decay_iters']:
-        return c['min_lr']
-    progress = (it - c['warmup_iters']) / (c['lr_decay_iters'] - c['warmup_iters'])  # 0 -> 1
-    assert 0.0 <= progress <= 1.0
-    return c['min_lr'] + 0.5 * (1.0 + math.cos(math.pi * progress)) * (c['learning_rate'] - c['min_lr'])
+class Console:
+    """print() on the master process, through the progress bar while one is shown."""
+
+    def __init__(self, master):
+        self.master = master
+        self.bar = None
+
+    def __call__(self, *args):
+        if not self.master:
+            return
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(' '.join(str(x) for x in args))
+        else:
+            print(*args, flush=True)
+
+    def open_bar(self, total, initial):
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=total, initial=initial, unit='it', dynamic_ncols=True, disable=None, leave=False,
+                        file=sys.stderr)
+
+    def close_bar(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
-def _fmt_secs(s):
-    s = int(round(s))
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
-
-
-
-def optimizer_step(model, optimizer, scaler, grad_clip):
-    """The end of a training step, after the micro-batches' backward passes: unscale (float16), clip
-    the gradient norm, step AdamW, clear the gradients. Returns the norm before clipping (or None).
-    nanofast.optim.AdamW clips and steps in one call."""
-    norm = None
-    if isinstance(optimizer, nanofast_optim.AdamW) and not scaler.is_enabled():
-        norm = optimizer.step(max_grad_norm=grad_clip if grad_clip != 0.0 else None)
-        optimizer.zero_grad(set_to_none=True)
-        return norm
-    if grad_clip != 0.0:
-        scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return norm
-
-
-class _Interrupts:
-    """Ctrl-C and SIGTERM.
-
-    During the training loop (`deferring`), the first signal only records the request; the loop calls
-    check() at safe points (each iteration's start, each micro-step, each evaluation batch), which
-    raises KeyboardInterrupt there. So a checkpoint never sees a half-updated model, and the request
-    cannot get lost (Python drops an exception raised by a signal handler that happens to run inside a
-    weakref callback or __del__). A second signal more than 2 seconds after the first raises at once
-    (one sooner is taken for the same request delivered twice, as torchrun forwards the terminal's
-    Ctrl-C to workers that got it already); so does any signal during setup.
-    """
-
-    def __init__(self):
-        self.deferring = False
-        self.requested = None
-        self.requested_at = 0.0
-        self.in_step = False  # inside the optimizer step: the model may be half-updated
-        self._old = {}
-
-    def _handler(self, signum, frame):
-        if self.deferring:
-            if self.requested is None:
-                self.requested, self.requested_at = signum, time.monotonic()
-                return
-            if time.monotonic() - self.requested_at < 2.0:
-                return
-        raise KeyboardInterrupt
-
-    def check(self):
-        if self.requested is not None:
-            raise KeyboardInterrupt
-
-    def install(self):
-        if threading.current_thread() is not threading.main_thread():
-            return self
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handler)
-            except (ValueError, OSError):
-                pass
-        return self
-
-    def uninstall(self):
-        for sig, old in self._old.items():
-            try:
-                signal.signal(sig, old)
-            except (ValueError, OSError):
-                pass
-        self._old = {}
+# -----------------------------------------------------------------------------
+# the run: setup in nanoGPT's order, then the training loop
 
 
 def run(config):
@@ -278,215 +262,148 @@ def run(config):
     c = dict(DEFAULTS)
     c.update(config)
     validate_config(c)
-    interrupts = _Interrupts().install()
+    interrupts = Interrupts().install()
     try:
-        return _Trainer(c, interrupts).train()
+        procs = Processes.start(c)
+        try:
+            log = Console(procs.master)
+            try:
+                return TrainingLoop(c, procs, interrupts, log, setup(c, procs, log)).run()
+            finally:
+                log.close_bar()
+        finally:
+            procs.stop()
     finally:
         interrupts.uninstall()
 
 
-class _Trainer:
+@dataclass
+class Setup:
+    """What the training loop runs: built by setup()."""
+    prec: Precision
+    sampler: BatchSampler  # the training batches (every rank draws the same offsets and takes its share)
+    bins: dict  # 'train', 'val': the paths of the token files
+    meta: dict | None  # the dataset's vocabulary
+    raw_model: torch.nn.Module  # the plain module: its state_dict has nanoGPT's keys
+    model: torch.nn.Module  # compiled and/or wrapped in DDP
+    eval_model: torch.nn.Module  # compiled, not wrapped
+    model_args: dict
+    optimizer: torch.optim.Optimizer
+    iter_num: int
+    best_val_loss: float
+    ckpt_reason: str | None  # why out_dir/ckpt.pt was written ('eval', 'end', 'interrupt'; None: unknown)
+    resume_rng: dict | None  # the random states to continue from
 
-    def __init__(self, c, interrupts):
-        self.c = c
-        self.interrupts = interrupts
+
+def setup(c, procs, log):
+    """Device and precision, data, model, optimizer, compile and DDP, as nanoGPT's train.py sets them up."""
+    # the system: device, precision, seeds
+    device_type = device_type_of(procs.device)
+    dtype = resolve_dtype(c['dtype'], device_type)
+    unsupported = precision_error(dtype, device_type, c['kernels'])
+    if unsupported:
+        raise ConfigError(f"dtype={unsupported}; use --dtype=bfloat16 (or --kernels=torch)")
+    log(f"device: {procs.device}, dtype: {dtype}, kernels: {c['kernels']}"
+        + (f", DDP world size {procs.world_size}" if procs.ddp else ""))
+    log(f"tokens per iteration will be: {c['gradient_accumulation_steps'] * c['batch_size'] * c['block_size']:,}")
+    if procs.master:
+        os.makedirs(c['out_dir'], exist_ok=True)
+    if device_type == 'cpu' and c['retain_memory']:
+        retain_freed_memory()
+    torch.manual_seed(c['seed'] + procs.rank)  # different dropout on each rank
+    prec = precision(dtype, device_type)
+
+    # data: prepared once (by one process per node), then memmapped
+    data_dir = None
+    if procs.local_rank == 0:
+        data_dir = prepare_dataset(c['dataset'], c['data_dir'], c['data_path'], verbose=procs.master)
+    if procs.ddp:
+        dist.barrier()
+        if procs.local_rank != 0:
+            data_dir = prepare_dataset(c['dataset'], c['data_dir'], c['data_path'], verbose=False)
+    log(f"data: {data_dir}")
+    bins = {s: os.path.join(data_dir, f'{s}.bin') for s in ('train', 'val')}
+    sampler = BatchSampler(bins['train'], c['block_size'], seed=c['seed'], device=procs.device)
+    BatchSampler(bins['val'], c['block_size'], seed=0)  # fails clearly if val is shorter than a block
+    meta = load_meta(data_dir)
+    meta_vocab_size = meta['vocab_size'] if meta is not None else None
+    if meta_vocab_size is not None:
+        log(f"found vocab_size = {meta_vocab_size} (inside {os.path.join(data_dir, 'meta.pkl')})")
+
+    # the model
+    start = init_model(c, meta_vocab_size, log=log)
+    model = start.model
+    log("number of parameters: %.2fM" % (model.get_num_params() / 1e6,))
+    model.to(procs.device)
+
+    # the optimizer, and what a resumed run continues from
+    optimizer = build_optimizer(model, c, device_type)
+    for line in describe_optimizer(optimizer):
+        log(line)
+    resume_rng = None
+    if start.checkpoint is not None:
+        resume_rng = resume_states(start.checkpoint, optimizer, prec.scaler, sampler, c, procs, log)
+
+    # compile, DDP
+    compiled = model
+    if c['compile']:
+        log("compiling the model... (takes a ~minute)")
+        compiled = torch.compile(model)
+    wrapped = compiled
+    if procs.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        wrapped = DDP(compiled, device_ids=[procs.local_rank] if device_type == 'cuda' else None)
+    return Setup(prec, sampler, bins, meta, model, wrapped, compiled,
+                 {k: start.model_args[k] for k in NANOGPT_MODEL_ARGS}, optimizer, start.iter_num, start.best_val_loss,
+                 start.checkpoint.get('reason') if start.checkpoint is not None else None, resume_rng)
+
+
+def resume_states(checkpoint, optimizer, scaler, sampler, c, procs, log):
+    """Load the optimizer's and the scaler's states from `checkpoint`; return this rank's random states
+    (or, where the checkpoint has none for it, reseed dropout and return None)."""
+    flags = [{k: g[k] for k in ('fused', 'foreach', 'capturable') if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    for g, f in zip(optimizer.param_groups, flags):
+        g.update(f)  # keep this device's implementation choice
+    if checkpoint.get('scaler') and scaler.is_enabled():
+        scaler.load_state_dict(checkpoint['scaler'])
+    per_rank = checkpoint.get('rng_per_rank') or [checkpoint.get('rng')]
+    if procs.rank < len(per_rank) and per_rank[procs.rank] is not None:
+        return per_rank[procs.rank]
+    # no state recorded for this rank: the data order still continues (the sampler's state is the
+    # same on every rank); dropout gets a fresh seed
+    log("note: the checkpoint has no random states for this process (a nanoGPT checkpoint, or a "
+        "different number of processes); dropout is reseeded")
+    torch.manual_seed(c['seed'] + procs.rank + 7919 * int(checkpoint['iter_num']))
+    if per_rank and per_rank[0] is not None and per_rank[0].get('sampler') is not None:
+        sampler.load_state_dict(per_rank[0]['sampler'])
+    return None
+
+
+# -----------------------------------------------------------------------------
+# the training loop
+
+
+class TrainingLoop:
+    """nanoGPT's loop: at every eval_interval-th iteration evaluate (and checkpoint), then one
+    optimizer step over gradient_accumulation_steps micro-batches, then log; stop after max_iters.
+    Ctrl-C and SIGTERM are taken at safe points and save a checkpoint (see Interrupts)."""
+
+    def __init__(self, c, procs, interrupts, log, s: Setup):
+        self.c, self.procs, self.interrupts, self.log, self.s = c, procs, interrupts, log, s
+        self.iter_num, self.best_val_loss = s.iter_num, s.best_val_loss
+        self.start_iter = s.iter_num
+        self.ckpt_reason = s.ckpt_reason
+        self.grad_accum = c['gradient_accumulation_steps'] // procs.world_size  # micro-batches of this process
         self.result = dict(iter_num=0, best_val_loss=None, losses=[], evals=[], step_ms=[], interrupted=False,
                            out_dir=c['out_dir'], ckpt_path=os.path.join(c['out_dir'], 'ckpt.pt'))
-        self._setup_distributed()
-        try:
-            self._setup()
-        except BaseException:
-            self._teardown_distributed()
-            raise
-
-    # -------------------------------------------------------------------------------------------
-    # setup
-
-    def _setup_distributed(self):
-        c = self.c
-        import torch.distributed as dist
-        self.dist = dist
-        self.ddp = int(os.environ.get('RANK', -1)) != -1  # launched by torchrun
-        device = resolve_device(c['device'])
-        if self.ddp:
-            self.ddp_rank = int(os.environ['RANK'])
-            self.ddp_local_rank = int(os.environ.get('LOCAL_RANK', self.ddp_rank))
-            self.ddp_world_size = int(os.environ['WORLD_SIZE'])
-            if device.startswith('cuda'):
-                device = f'cuda:{self.ddp_local_rank}'
-                torch.cuda.set_device(device)
-                backend = c['backend']
-            else:
-                backend = 'gloo' if c['backend'] == 'nccl' else c['backend']
-            dist.init_process_group(backend=backend)
-            self.master_process = self.ddp_rank == 0  # rank 0 prints, logs and writes checkpoints
-            seed_offset = self.ddp_rank  # different dropout on each rank
-            # gradient_accumulation_steps counts micro-batches over all processes: each does its share
-            if c['gradient_accumulation_steps'] % self.ddp_world_size != 0:
-                dist.destroy_process_group()
-                raise ConfigError(f"gradient_accumulation_steps ({c['gradient_accumulation_steps']}) must be a "
-                                  f"multiple of the number of processes ({self.ddp_world_size})")
-        else:
-            self.ddp_rank, self.ddp_local_rank, self.ddp_world_size = 0, 0, 1
-            self.master_process = True
-            seed_offset = 0
-        self.device = device
-        self.seed_offset = seed_offset
-        self.grad_accum = c['gradient_accumulation_steps'] // self.ddp_world_size  # micro-batches of this process
-
-    def _teardown_distributed(self):
-        if self.ddp and self.dist.is_initialized():
-            self.dist.destroy_process_group()
-
-    def print(self, *a, **k):
-        if self.master_process:
-            if getattr(self, 'bar', None) is not None and not self.bar.disable:
-                self.bar.write(' '.join(str(x) for x in a))
-            else:
-                print(*a, flush=True, **k)
-
-    def _setup(self):
-        c = self.c
-        device = self.device
-        self.device_type = 'cuda' if 'cuda' in device else ('mps' if 'mps' in device else 'cpu')
-        self.dtype = resolve_dtype(c['dtype'], self.device_type)
-        if self.dtype == 'float16' and self.device_type == 'cpu' and c['kernels'] == 'nanofast':
-            raise ConfigError("dtype=float16 on the CPU: nanofast's CPU kernels take float32 and bfloat16; "
-                              "use --dtype=bfloat16 (or --kernels=torch)")
-        tokens_per_iter = self.grad_accum * self.ddp_world_size * c['batch_size'] * c['block_size']
-        self.tokens_per_iter = tokens_per_iter
-        self.print(f"device: {device}, dtype: {self.dtype}, kernels: {c['kernels']}"
-                   + (f", DDP world size {self.ddp_world_size}" if self.ddp else ""))
-        self.print(f"tokens per iteration will be: {tokens_per_iter:,}")
-
-        if self.master_process:
-            os.makedirs(c['out_dir'], exist_ok=True)
-        if self.device_type == 'cpu' and c['retain_memory']:
-            retain_freed_memory()
-        torch.manual_seed(c['seed'] + self.seed_offset)
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convolutions on Ampere and later
-        torch.backends.cudnn.allow_tf32 = True
-        ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[self.dtype]
-        self.ptdtype = ptdtype
-        self.ctx = nullcontext() if ptdtype == torch.float32 else torch.amp.autocast(device_type=self.device_type, dtype=ptdtype)
-
-        # data: prepared once (by one process per node), then memmapped
-        if self.ddp_local_rank == 0:
-            self.data_dir = prepare_dataset(c['dataset'], c['data_dir'], c['data_path'], verbose=self.master_process)
-        if self.ddp:
-            self.dist.barrier()
-            if self.ddp_local_rank != 0:
-                self.data_dir = prepare_dataset(c['dataset'], c['data_dir'], c['data_path'], verbose=False)
-        self.print(f"data: {self.data_dir}")
-        self.bins = {s: os.path.join(self.data_dir, f'{s}.bin') for s in ('train', 'val')}
-        # every rank draws the same offsets from the same generator and takes its share of them
-        self.sampler = BatchSampler(self.bins['train'], c['block_size'], seed=c['seed'], device=device)
-        BatchSampler(self.bins['val'], c['block_size'], seed=0)  # fails clearly if val is shorter than a block
-        meta = load_meta(self.data_dir)
-        self.meta = meta
-        meta_vocab_size = meta['vocab_size'] if meta is not None else None
-        if meta_vocab_size is not None:
-            self.print(f"found vocab_size = {meta_vocab_size} (inside {os.path.join(self.data_dir, 'meta.pkl')})")
-
-        # the model
-        model_args = dict(n_layer=c['n_layer'], n_head=c['n_head'], n_embd=c['n_embd'], block_size=c['block_size'],
-                          bias=c['bias'], vocab_size=None, dropout=c['dropout'])
-        checkpoint = None
-        if c['init_from'] == 'scratch':
-            self.print("Initializing a new model from scratch")
-            if meta_vocab_size is None:
-                self.print("defaulting to vocab_size of GPT-2 to 50304 (50257 rounded up for efficiency)")
-            model_args['vocab_size'] = meta_vocab_size if meta_vocab_size is not None else 50304
-            model = GPT(GPTConfig(**model_args, kernels=c['kernels']))
-            self.iter_num = 0
-            self.best_val_loss = 1e9
-        elif c['init_from'] == 'resume':
-            ckpt_path = os.path.join(c['out_dir'], 'ckpt.pt')
-            self.print(f"Resuming training from {ckpt_path}")
-            try:
-                checkpoint = load_checkpoint(ckpt_path, map_location='cpu')
-            except CheckpointError as e:
-                if not os.path.exists(ckpt_path):
-                    raise CheckpointError(f"{e}: --init_from=resume continues the run saved in out_dir "
-                                          f"(--out_dir={c['out_dir']}); start one with --init_from=scratch") from None
-                raise
-            checkpoint_model_args = checkpoint['model_args']
-            # the shape of the network comes from the checkpoint; dropout from the command line
-            for k in ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size']:
-                model_args[k] = checkpoint_model_args[k]
-            model = GPT(GPTConfig(**model_args, kernels=c['kernels']))
-            model.load_nanogpt_state_dict(checkpoint['model'])
-            self.iter_num = int(checkpoint['iter_num'])
-            self.best_val_loss = float(checkpoint['best_val_loss'])
-        else:
-            self.print(f"Initializing from OpenAI GPT-2 weights: {c['init_from']}")
-            model = GPT.from_pretrained(c['init_from'], dict(dropout=c['dropout']), kernels=c['kernels'])
-            for k in ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size']:
-                model_args[k] = getattr(model.config, k)
-            self.iter_num = 0
-            self.best_val_loss = 1e9
-        # a smaller block_size than the loaded model's: drop the extra position embeddings
-        if c['block_size'] < model.config.block_size:
-            model.crop_block_size(c['block_size'])
-            model_args['block_size'] = c['block_size']
-        if meta_vocab_size is not None and model.config.vocab_size < meta_vocab_size:
-            raise DataError(f"the model's vocab_size ({model.config.vocab_size}) is smaller than the dataset's "
-                            f"({meta_vocab_size})")
-        self.model_args = {k: model_args[k] for k in NANOGPT_MODEL_ARGS}
-        self.print("number of parameters: %.2fM" % (model.get_num_params() / 1e6,))
-        model.to(device)
-        self.raw_model = model  # the plain module: its state_dict has nanoGPT's keys
-
-        # float16 needs loss scaling; for other dtypes the scaler does nothing
-        self.scaler = torch.amp.GradScaler(self.device_type, enabled=(self.dtype == 'float16'))
-        if self.master_process:
-            self.optimizer = model.configure_optimizers(c['weight_decay'], c['learning_rate'],
-                                                        (c['beta1'], c['beta2']), self.device_type)
-        else:
-            import contextlib
-            import io
-            with contextlib.redirect_stdout(io.StringIO()):
-                self.optimizer = model.configure_optimizers(c['weight_decay'], c['learning_rate'],
-                                                            (c['beta1'], c['beta2']), self.device_type)
-        self.start_iter = self.iter_num
-        # why the file now at out_dir/ckpt.pt was written: 'eval' (nanoGPT's save at an evaluation),
-        # 'end' or 'interrupt'; None if unknown
-        self.ckpt_reason = checkpoint.get('reason') if checkpoint is not None else None
-        self.resume_rng = None
-        if checkpoint is not None:
-            flags = [{k: g[k] for k in ('fused', 'foreach', 'capturable') if k in g} for g in self.optimizer.param_groups]
-            self.optimizer.load_state_dict(checkpoint['optimizer'])
-            for g, f in zip(self.optimizer.param_groups, flags):
-                g.update(f)  # keep this device's implementation choice
-            if checkpoint.get('scaler') and self.scaler.is_enabled():
-                self.scaler.load_state_dict(checkpoint['scaler'])
-            per_rank = checkpoint.get('rng_per_rank') or [checkpoint.get('rng')]
-            if self.ddp_rank < len(per_rank) and per_rank[self.ddp_rank] is not None:
-                self.resume_rng = per_rank[self.ddp_rank]
-            else:
-                # no state recorded for this rank: the data order still continues (the sampler's state
-                # is the same on every rank); dropout gets a fresh seed
-                self.print("note: the checkpoint has no random states for this process (a nanoGPT checkpoint, or a "
-                           "different number of processes); dropout is reseeded")
-                torch.manual_seed(c['seed'] + self.seed_offset + 7919 * self.iter_num)
-                if per_rank and per_rank[0] is not None and per_rank[0].get('sampler') is not None:
-                    self.sampler.load_state_dict(per_rank[0]['sampler'])
-        checkpoint = None  # release its tensors
-
-        self.model = model
-        if c['compile']:
-            self.print("compiling the model... (takes a ~minute)")
-            self.model = torch.compile(model)
-        if self.ddp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            self.model = DDP(self.model, device_ids=[self.ddp_local_rank] if self.device_type == 'cuda' else None)
-        self.eval_model = self.model.module if self.ddp else self.model
-
-        # logging
-        self.peak = None
-        if self.master_process:
-            self.peak = c['peak_flops'] if c['peak_flops'] > 0 else None
+        self.stop_agreed = False  # DDP: all ranks agreed to stop at an iteration boundary
+        self.metrics = self.peak = None
+        self.running_mfu = -1.0
+        self.step_times = []  # seconds of each training step this run
+        if procs.master:
             from nanofast.metrics import MetricsLog
+            self.peak = c['peak_flops'] if c['peak_flops'] > 0 else None
             self.metrics = MetricsLog(os.path.join(c['out_dir'], 'metrics.jsonl'), truncate_from_iter=self.iter_num)
             if c['wandb_log']:
                 try:
@@ -494,268 +411,214 @@ class _Trainer:
                 except ImportError:
                     raise ConfigError("wandb_log=True needs the wandb package (pip install wandb)") from None
                 wandb.init(project=c['wandb_project'], name=c['wandb_run_name'], config=c)
-        self.bar = None
-        self.stop_agreed = False  # DDP: all ranks agreed to stop at an iteration boundary
+
+    def run(self):
+        c, s = self.c, self.s
+        if self.iter_num > c['max_iters'] and not c['eval_only']:
+            self.log(f"nothing to do: the checkpoint is at iteration {self.iter_num}, past max_iters={c['max_iters']}")
+            return self.finish()
+        if s.resume_rng is not None:
+            for note in restore_rng_state(s.resume_rng, s.sampler):
+                self.log("note: " + note)
+        if self.procs.master:
+            if self.peak is None:
+                from nanofast.metrics import peak_flops
+                self.peak = peak_flops(self.procs.device, s.prec.ptdtype, fallback_dir=c['out_dir'])
+            self.log.open_bar(c['max_iters'] + 1, self.iter_num)
+        snapshot = capture_rng_state(s.sampler, raw=True)  # the random states at the start of this iteration
+        saved_at = None  # the iteration of this run's last checkpoint
+        t_start = time.time()
+        try:
+            self.interrupts.deferring = True
+            while True:
+                self.check_interrupt(boundary=True)
+                t0 = time.perf_counter()
+                lr = get_lr(self.iter_num, c)
+                if self.iter_num % c['eval_interval'] == 0 and self.evaluate(lr):
+                    self.save(snapshot, 'eval')
+                    saved_at = self.iter_num
+                if c['eval_only']:
+                    break
+                self.step(lr, t0)
+                snapshot = capture_rng_state(s.sampler, raw=True)
+                self.interrupts.in_step = False
+                if self.iter_num > c['max_iters']:
+                    # keep the final state too where every evaluation saves, or where nothing was saved
+                    if c['always_save_checkpoint'] or saved_at is None:
+                        self.save(snapshot, 'end')
+                    break
+        except KeyboardInterrupt:
+            self.interrupted(snapshot)
+        self.interrupts.deferring = False
+        if self.step_times and self.procs.master:
+            ms = sorted(self.step_times)[len(self.step_times) // 2] * 1000
+            self.log(f"trained {len(self.step_times)} iterations in {time.time() - t_start:.1f}s; "
+                     f"median {ms:.2f} ms/iteration (training step, evaluation excluded)")
+        return self.finish()
+
+    def evaluate(self, lr):
+        """estimate_loss, logged; True where nanoGPT saves a checkpoint now (val loss improved, or
+        always_save_checkpoint), past the iteration the run started from."""
+        c, s = self.c, self.s
+        losses = estimate_loss(s.eval_model, s.bins, c, s.prec.ctx, self.procs.device, self.procs.rank,
+                               self.procs.world_size, check=self.check_interrupt)
+        self.result['evals'].append((self.iter_num, losses['train'], losses['val']))
+        self.log(f"step {self.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        if self.procs.master:
+            self.metrics.log({'kind': 'eval', 'iter': self.iter_num, 'train_loss': losses['train'],
+                              'val_loss': losses['val'], 'lr': lr, 'time': time.time()})
+            self.plot()
+            if c['wandb_log']:
+                import wandb
+                wandb.log({"iter": self.iter_num, "train/loss": losses['train'], "val/loss": losses['val'],
+                           "lr": lr, "mfu": self.running_mfu * 100})
+        if losses['val'] < self.best_val_loss or c['always_save_checkpoint']:
+            self.best_val_loss = losses['val']
+            return self.iter_num > 0 and self.iter_num > self.start_iter
+        return False
+
+    def step(self, lr, t0):
+        """One training iteration: this iteration's offsets are drawn at once and each rank takes its
+        slice (so the data do not depend on the number of processes), then train_step; then the log."""
+        c, s, G, B = self.c, self.s, self.grad_accum, self.c['batch_size']
+        t1 = time.perf_counter()
+        rank = self.procs.rank
+        offsets = s.sampler.draw(G * self.procs.world_size * B).view(-1, B)[rank * G:(rank + 1) * G]
+        # from before_update to the next snapshot the model changes: Ctrl-C waits (see Interrupts)
+        loss, _ = train_step(s.model, s.optimizer, s.prec, lambda i: s.sampler.batch(offsets[i]), G, c['grad_clip'],
+                             lr, check=self.check_interrupt,
+                             before_update=lambda: setattr(self.interrupts, 'in_step', True))
+        it = self.iter_num
+        log_now = it % c['log_interval'] == 0
+        if log_now:
+            lossf = self.procs.mean(loss).item()  # mean loss over this iteration's micro-batches (and ranks)
+        t2 = time.perf_counter()
+        self.step_times.append(t2 - t1)
+        self.result['step_ms'].append((it, (t2 - t1) * 1000))
+        if log_now:
+            self.result['losses'].append((it, lossf))
+            if self.procs.master:
+                self.log_step(it, lossf, lr, t2 - t1, t2 - t0)
+        if self.log.bar is not None:
+            self.log.bar.update(1)
+            if log_now:
+                self.log.bar.set_postfix(loss=f"{lossf:.4f}", refresh=False)
+        self.iter_num += 1
+
+    def log_step(self, it, lossf, lr, step_s, dt):
+        """Print and record an iteration: loss, time, tokens/s, MFU (and, without a progress bar, ETA)."""
+        c = self.c
+        tok_s = c['gradient_accumulation_steps'] * c['batch_size'] * c['block_size'] / step_s
+        if len(self.step_times) > 5:  # skip the warm-up iterations
+            mfu = self.s.raw_model.estimate_mfu(c['batch_size'] * self.grad_accum, step_s, self.peak)
+            self.running_mfu = mfu if self.running_mfu == -1.0 else 0.9 * self.running_mfu + 0.1 * mfu
+        msg = (f"iter {it}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tok_s:,.0f} tok/s, "
+               f"mfu {self.running_mfu * 100:.2f}%")
+        if self.log.bar is None or self.log.bar.disable:
+            recent = sorted(self.step_times[-50:])[len(self.step_times[-50:]) // 2]
+            msg += f", eta {_fmt_secs(recent * (c['max_iters'] - it))}"
+        self.log(msg)
+        self.metrics.log({'kind': 'train', 'iter': it, 'loss': lossf, 'lr': lr, 'dt_ms': dt * 1000,
+                          'step_ms': step_s * 1000, 'tok_per_s': tok_s,
+                          'mfu': self.running_mfu if self.running_mfu >= 0 else None, 'time': time.time()})
+
+    def check_interrupt(self, boundary=False):
+        """Raise KeyboardInterrupt here if Ctrl-C/SIGTERM was received. In DDP the ranks agree first, at
+        iteration boundaries only, so that all of them stop at the same iteration."""
+        if not self.procs.ddp:
+            self.interrupts.check()
+        elif boundary and self.procs.anyone(self.interrupts.requested is not None):
+            self.stop_agreed = True
+            raise KeyboardInterrupt
+
+    def interrupted(self, snapshot):
+        """After Ctrl-C: save the state at the start of iteration iter_num (signals wait out the
+        optimizer step, and `snapshot` holds that moment's random states)."""
+        c = self.c
+        self.result['interrupted'] = True
+        self.log.close_bar()
+        if self.interrupts.in_step:
+            self.log("forced exit during the optimizer step: no checkpoint written "
+                     f"(the last one, if any, is kept in {c['out_dir']})")
+        elif self.iter_num > self.start_iter or c['init_from'] != 'resume':
+            if self.procs.ddp and self.stop_agreed:  # all ranks are here: gather their random states
+                self.save(snapshot, 'interrupt', gather=True)
+            elif self.procs.master:
+                self.save(snapshot, 'interrupt', gather=False)
+            self.log(f"interrupted at iteration {self.iter_num}: checkpoint saved to "
+                     f"{self.result['ckpt_path']}; continue with --init_from=resume")
+        else:
+            self.log("interrupted before the first iteration finished; no checkpoint written")
+
+    def plot(self):
+        try:
+            from nanofast.metrics import plot_losses
+            plot_losses(self.metrics.path, os.path.join(self.c['out_dir'], 'loss.png'),
+                        title=f"{self.c['dataset']} ({self.c['n_layer']}L {self.c['n_head']}H {self.c['n_embd']}d)")
+        except Exception as e:  # a plot must never stop training
+            self.log(f"warning: could not draw loss.png ({type(e).__name__}: {e})")
+
+    def finish(self):
+        self.result['iter_num'] = self.iter_num
+        self.result['best_val_loss'] = self.best_val_loss
+        if self.procs.master and self.c['wandb_log']:
+            import wandb
+            wandb.finish()
+        return self.result
 
     # -------------------------------------------------------------------------------------------
-    # evaluation, checkpoints
+    # checkpointing
 
-    @torch.no_grad()
-    def estimate_loss(self):
-        """Mean loss over eval_iters batches per split. The batches are the same at every evaluation
-        (a generator seeded for each split) and are shared out among the DDP ranks."""
-        c = self.c
-        out = {}
-        self.eval_model.eval()
-        for i, split in enumerate(['train', 'val']):
-            sampler = BatchSampler(self.bins[split], c['block_size'], seed=c['seed'] + 1_000_003 * (i + 1), device=self.device)
-            offsets = sampler.draw(c['eval_iters'] * c['batch_size']).view(c['eval_iters'], c['batch_size'])
-            total = torch.zeros((), device=self.device, dtype=torch.float32)
-            for k in range(self.ddp_rank, c['eval_iters'], self.ddp_world_size):
-                self._check_interrupt()
-                X, Y = sampler.batch(offsets[k])
-                with self.ctx:
-                    logits, loss = self.eval_model(X, Y)
-                total += loss.float()
-            if self.ddp:
-                self.dist.all_reduce(total)
-            out[split] = total.item() / c['eval_iters']
-        self.eval_model.train()
-        return out
+    def save(self, rng, reason, gather=True):
+        """Write out_dir/ckpt.pt atomically (master); with gather, all ranks send their random states."""
+        rng = rng_state_for_checkpoint(rng)
+        per_rank = self.procs.gather(rng) if gather else [rng] + [None] * (self.procs.world_size - 1)
+        if not self.procs.master:
+            return
+        c, path = self.c, self.result['ckpt_path']
+        self.log(f"saving checkpoint to {c['out_dir']}")
+        if reason == 'interrupt' and self.ckpt_reason == 'eval' and not c['always_save_checkpoint'] \
+                and os.path.exists(path):
+            # ckpt.pt holds the best model so far (saved because val loss improved): keep it
+            best = os.path.join(c['out_dir'], 'ckpt_best.pt')
+            os.replace(path, best)
+            self.log(f"kept the best checkpoint (val loss {self.best_val_loss:.4f}) as {best}")
+        save_checkpoint(self.checkpoint(per_rank[0], per_rank, reason), path)
+        self.ckpt_reason = reason
 
-    def checkpoint_dict(self, rng, rng_per_rank, reason):
-        meta = None
-        if self.meta is not None and 'itos' in self.meta:
-            meta = {'vocab_size': int(self.meta['vocab_size']), 'itos': {int(k): str(v) for k, v in self.meta['itos'].items()}}
+    def checkpoint(self, rng, rng_per_rank, reason):
+        """nanoGPT's checkpoint dict, plus what resuming exactly needs (see nanofast.checkpoint)."""
+        s, meta = self.s, None
+        if s.meta is not None and 'itos' in s.meta:
+            meta = {'vocab_size': int(s.meta['vocab_size']), 'itos': {int(k): str(v) for k, v in s.meta['itos'].items()}}
         return {
-            'model': self.raw_model.state_dict(),
-            'optimizer': self.optimizer.state_dict(),
-            'model_args': dict(self.model_args),
+            'model': s.raw_model.state_dict(),
+            'optimizer': s.optimizer.state_dict(),
+            'model_args': dict(s.model_args),
             'iter_num': self.iter_num,
             'best_val_loss': float(self.best_val_loss),
             'config': dict(self.c),
             'rng': rng,
             'rng_per_rank': rng_per_rank,
-            'scaler': self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            'scaler': s.prec.scaler.state_dict() if s.prec.scaler.is_enabled() else None,
             'meta': meta,
             'format': FORMAT,
             'version': VERSION,
             'reason': reason,
         }
 
-    def save(self, rng, reason, gather=True):
-        """Write out_dir/ckpt.pt atomically (master); with gather, all ranks send their random states."""
-        rng = rng_state_for_checkpoint(rng)
-        per_rank = [rng]
-        if self.ddp:
-            if gather:
-                per_rank = [None] * self.ddp_world_size
-                self.dist.all_gather_object(per_rank, rng)
-            else:
-                per_rank = [rng] + [None] * (self.ddp_world_size - 1)
-        if self.master_process:
-            path = self.result['ckpt_path']
-            self.print(f"saving checkpoint to {self.c['out_dir']}")
-            if reason == 'interrupt' and self.ckpt_reason == 'eval' and not self.c['always_save_checkpoint'] \
-                    and os.path.exists(path):
-                # ckpt.pt holds the best model so far (saved because val loss improved): keep it
-                best = os.path.join(self.c['out_dir'], 'ckpt_best.pt')
-                os.replace(path, best)
-                self.print(f"kept the best checkpoint (val loss {self.best_val_loss:.4f}) as {best}")
-            save_checkpoint(self.checkpoint_dict(per_rank[0], per_rank, reason), path)
-            self.ckpt_reason = reason
 
-    # -------------------------------------------------------------------------------------------
-    # the training loop
-
-    def train(self):
-        try:
-            return self._train()
-        finally:
-            if self.bar is not None:
-                self.bar.close()
-            self._teardown_distributed()
-
-    def _train(self):
-        c = self.c
-        G, B = self.grad_accum, c['batch_size']
-        G_all = G * self.ddp_world_size
-        if self.iter_num > c['max_iters'] and not c['eval_only']:
-            self.print(f"nothing to do: the checkpoint is at iteration {self.iter_num}, past max_iters={c['max_iters']}")
-            return self._finish()
-        if self.resume_rng is not None:
-            for note in restore_rng_state(self.resume_rng, self.sampler):
-                self.print("note: " + note)
-        if self.master_process and self.peak is None:
-            from nanofast.metrics import peak_flops
-            self.peak = peak_flops(self.device, self.ptdtype, fallback_dir=c['out_dir'])
-        if self.master_process:
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=c['max_iters'] + 1, initial=self.iter_num, unit='it', dynamic_ncols=True,
-                            disable=None, leave=False, file=sys.stderr)
-        local_iter_num = 0  # iterations run by this process
-        running_mfu = -1.0
-        step_times = []
-        snapshot = capture_rng_state(self.sampler, raw=True)  # the random states at the start of this iteration
-        saved_at = None  # the iteration of this run's last checkpoint
-        t_start = time.time()
-        try:
-            self.interrupts.deferring = True
-            while True:
-                self._check_interrupt(boundary=True)
-                t0 = time.perf_counter()
-                lr = get_lr(self.iter_num, c) if c['decay_lr'] else c['learning_rate']
-                for param_group in self.optimizer.param_groups:
-                    param_group['lr'] = lr
-
-                # evaluation, and the checkpoint that goes with it
-                if self.iter_num % c['eval_interval'] == 0:
-                    losses = self.estimate_loss()
-                    self.result['evals'].append((self.iter_num, losses['train'], losses['val']))
-                    self.print(f"step {self.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                    if self.master_process:
-                        self.metrics.log({'kind': 'eval', 'iter': self.iter_num, 'train_loss': losses['train'],
-                                          'val_loss': losses['val'], 'lr': lr, 'time': time.time()})
-                        self._plot()
-                        if c['wandb_log']:
-                            import wandb
-                            wandb.log({"iter": self.iter_num, "train/loss": losses['train'], "val/loss": losses['val'],
-                                       "lr": lr, "mfu": running_mfu * 100})
-                    if losses['val'] < self.best_val_loss or c['always_save_checkpoint']:
-                        self.best_val_loss = losses['val']
-                        if self.iter_num > 0 and self.iter_num > self.start_iter:
-                            self.save(snapshot, 'eval')
-                            saved_at = self.iter_num
-                if c['eval_only']:
-                    break
-                t1 = time.perf_counter()
-
-                # one optimizer step over G micro-batches: this iteration's offsets are drawn at once and
-                # each rank takes its slice, so the data do not depend on the number of processes
-                offsets = self.sampler.draw(G_all * B).view(G_all, B)[self.ddp_rank * G:(self.ddp_rank + 1) * G]
-                X, Y = self.sampler.batch(offsets[0])
-                loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
-                for micro_step in range(G):
-                    self._check_interrupt()
-                    if self.ddp:
-                        # all-reduce the gradients only once, after the last micro-batch
-                        self.model.require_backward_grad_sync = (micro_step == G - 1)
-                    with self.ctx:
-                        logits, loss = self.model(X, Y)
-                        loss = loss / G  # the accumulated gradient is the mean over micro-batches
-                    # fetch the next micro-batch while the GPU (if any) is still busy
-                    if micro_step + 1 < G:
-                        X, Y = self.sampler.batch(offsets[micro_step + 1])
-                    self.scaler.scale(loss).backward()
-                    loss_sum += loss.detach().float()
-
-                self.interrupts.in_step = True
-                # from here to the snapshot the model changes: Ctrl-C waits (see _Interrupts)
-                optimizer_step(self.model, self.optimizer, self.scaler, c['grad_clip'])
-
-                it = self.iter_num
-                log_now = it % c['log_interval'] == 0
-                if log_now:
-                    if self.ddp:
-                        self.dist.all_reduce(loss_sum)
-                        loss_sum /= self.ddp_world_size
-                    lossf = loss_sum.item()  # mean loss over this iteration's micro-batches (and ranks)
-                t2 = time.perf_counter()
-                step_s, dt = t2 - t1, t2 - t0
-                step_times.append(step_s)
-                self.result['step_ms'].append((it, step_s * 1000))
-                if log_now:
-                    self.result['losses'].append((it, lossf))
-                if log_now and self.master_process:
-                    tok_s = self.tokens_per_iter / step_s
-                    if local_iter_num >= 5:  # skip the warm-up iterations
-                        mfu = self.raw_model.estimate_mfu(B * G, step_s, self.peak)
-                        running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
-                    msg = (f"iter {it}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tok_s:,.0f} tok/s, "
-                           f"mfu {running_mfu * 100:.2f}%")
-                    if self.bar is None or self.bar.disable:
-                        recent = sorted(step_times[-50:])[len(step_times[-50:]) // 2]
-                        msg += f", eta {_fmt_secs(recent * (c['max_iters'] - it))}"
-                    self.print(msg)
-                    self.metrics.log({'kind': 'train', 'iter': it, 'loss': lossf, 'lr': lr, 'dt_ms': dt * 1000,
-                                      'step_ms': step_s * 1000, 'tok_per_s': tok_s,
-                                      'mfu': running_mfu if running_mfu >= 0 else None, 'time': time.time()})
-                if self.bar is not None:
-                    self.bar.update(1)
-                    if log_now:
-                        self.bar.set_postfix(loss=f"{lossf:.4f}", refresh=False)
-                self.iter_num += 1
-                local_iter_num += 1
-                snapshot = capture_rng_state(self.sampler, raw=True)
-                self.interrupts.in_step = False
-
-                if self.iter_num > c['max_iters']:
-                    # keep the final state too where every evaluation saves, or where nothing was saved
-                    if c['always_save_checkpoint'] or saved_at is None:
-                        self.save(snapshot, 'end')
-                        saved_at = self.iter_num
-                    break
-        except KeyboardInterrupt:
-            self.result['interrupted'] = True
-            if self.bar is not None:
-                self.bar.close()
-                self.bar = None
-            if self.interrupts.in_step:
-                self.print("forced exit during the optimizer step: no checkpoint written "
-                           f"(the last one, if any, is kept in {c['out_dir']})")
-            elif self.iter_num > self.start_iter or c['init_from'] != 'resume':
-                # the model and optimizer are as at the start of iteration iter_num (signals wait out the
-                # optimizer step), and `snapshot` holds that moment's random states
-                if self.ddp and self.stop_agreed:  # all ranks are here: gather their random states
-                    self.save(snapshot, 'interrupt', gather=True)
-                elif self.master_process:
-                    self.save(snapshot, 'interrupt', gather=False)
-                if self.master_process:
-                    self.print(f"interrupted at iteration {self.iter_num}: checkpoint saved to "
-                               f"{self.result['ckpt_path']}; continue with --init_from=resume")
-            else:
-                self.print("interrupted before the first iteration finished; no checkpoint written")
-        self.interrupts.deferring = False
-        if step_times and self.master_process:
-            ms = sorted(step_times)[len(step_times) // 2] * 1000
-            self.print(f"trained {local_iter_num} iterations in {time.time() - t_start:.1f}s; "
-                       f"median {ms:.2f} ms/iteration (training step, evaluation excluded)")
-        return self._finish()
-
-    def _check_interrupt(self, boundary=False):
-        """Raise KeyboardInterrupt here if Ctrl-C/SIGTERM was received. In DDP the ranks agree first, at
-        iteration boundaries only, so that all of them stop at the same iteration."""
-        if not self.ddp:
-            self.interrupts.check()
-            return
-        if not boundary:
-            return
-        flag = torch.tensor(0.0 if self.interrupts.requested is None else 1.0, device=self.device)
-        self.dist.all_reduce(flag, op=self.dist.ReduceOp.MAX)
-        if flag.item() > 0:
-            self.stop_agreed = True
-            raise KeyboardInterrupt
-
-    def _plot(self):
-        try:
-            from nanofast.metrics import plot_losses
-            plot_losses(self.metrics.path, os.path.join(self.c['out_dir'], 'loss.png'),
-                        title=f"{self.c['dataset']} ({self.c['n_layer']}L {self.c['n_head']}H {self.c['n_embd']}d)")
-        except Exception as e:  # a plot must never stop training
-            self.print(f"warning: could not draw loss.png ({type(e).__name__}: {e})")
-
-    def _finish(self):
-        self.result['iter_num'] = self.iter_num
-        self.result['best_val_loss'] = self.best_val_loss
-        if self.master_process and self.c['wandb_log']:
-            import wandb
-            wandb.finish()
-        return self.result
+def _fmt_secs(s):
+    s = int(round(s))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
 def main(argv=None):
     """Entry point of `nanofast-train`: returns the exit status (0 done, 130 interrupted)."""
     argv = sys.argv[1:] if argv is None else argv
+
     def body():
         return 130 if run(get_config(argv))['interrupted'] else 0
 
