@@ -6,7 +6,7 @@ CUDA. Run with `pytest --benchmark -k train`.
 
 The step is nanofast-train's: the model in training mode (dropout on), AdamW from
 GPT.configure_optimizers (nanofast.optim.AdamW for kernels=nanofast on the CPU, torch's fused AdamW
-otherwise), the gradient norm clipped at 1.0 (train.optimizer_step), zero_grad(set_to_none).
+otherwise), the gradient norm clipped at 1.0 (training.optimizer_step), zero_grad(set_to_none).
 Before timing, each case checks that kernels=nanofast and kernels=torch give the same loss on the
 same batch and weights (dropout off for the check: the two kernel sets draw different masks).
 
@@ -14,7 +14,6 @@ The report's rate is thousands of tokens per second (batch * block per step): `w
 * 1e6 because the report divides by 1e9. Its time column is milliseconds per step.
 """
 import contextlib
-import io
 import json
 import platform
 import statistics
@@ -30,7 +29,7 @@ from conftest import timed
 
 from nanofast.model import GPT, GPTConfig
 from nanofast.testing import assert_parity
-from nanofast.train import optimizer_step
+from nanofast.training import optimizer_step
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 VOCAB = 65
@@ -96,8 +95,7 @@ def _step_fn(cfg, device, dtype, provider, X, Y, fused_blocks=True):
         del ref
         assert abs(ours - theirs) <= LOSS_RTOL[dtype] * abs(theirs), \
             f"loss with kernels={provider}, {dtype}: {ours:.7f}, with torch's: {theirs:.7f}"
-    with contextlib.redirect_stdout(io.StringIO()):
-        optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device)
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device)
     model.train()
     ctx = _autocast(device, dtype)
     scaler = torch.amp.GradScaler(device, enabled=False)
@@ -173,12 +171,12 @@ def test_fused_block_lever(record, dtype):
 # The allocator lever (nanofast.allocator.retain_freed_memory) is process-wide and permanent, so each
 # side runs in a fresh interpreter: warm-up steps, then the best of a few rounds, in seconds per step.
 _STEP_IN_A_FRESH_PROCESS = r"""
-import contextlib, io, json, sys, time
+import contextlib, json, sys, time
 import torch
 import nanofast.allocator
 from nanofast.model import GPT, GPTConfig
 from nanofast.testing import assert_parity
-from nanofast.train import optimizer_step
+from nanofast.training import optimizer_step
 retain, dtype, kernels = sys.argv[1] == "with", getattr(torch, sys.argv[2]), sys.argv[3]
 cfg, warmup, rounds, per_round = json.loads(sys.argv[4]), *map(int, sys.argv[5:8])
 if retain:
@@ -186,8 +184,7 @@ if retain:
 torch.manual_seed(1337)
 B = cfg.pop("batch_size")
 model = GPT(GPTConfig(**cfg, vocab_size=65, bias=False, kernels=kernels))
-with contextlib.redirect_stdout(io.StringIO()):
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
 g = torch.Generator().manual_seed(0)
 X, Y = (torch.randint(65, (B, cfg["block_size"]), generator=g) for _ in range(2))
 ctx = contextlib.nullcontext() if dtype == torch.float32 else torch.amp.autocast("cpu", dtype=dtype)
@@ -252,13 +249,11 @@ def _check_optimizer_parity(cfg, model, optimizer):
                 opt.step(max_grad_norm=1.0)
         return params
 
-    quiet = contextlib.redirect_stdout(io.StringIO())
-    with quiet:
-        ours = two_steps(torch.float32, lambda m: type(optimizer)(
-            [{"params": [p for p in m.parameters() if p.dim() >= 2], "weight_decay": 0.1},
-             {"params": [p for p in m.parameters() if p.dim() < 2], "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.99)))
-        theirs = two_steps(torch.float32, lambda m: m.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu"))
-        ref = two_steps(torch.float64, lambda m: m.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu"))
+    ours = two_steps(torch.float32, lambda m: type(optimizer)(
+        [{"params": [p for p in m.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+         {"params": [p for p in m.parameters() if p.dim() < 2], "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.99)))
+    theirs = two_steps(torch.float32, lambda m: m.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu"))
+    ref = two_steps(torch.float64, lambda m: m.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu"))
     for i, (o, t, r) in enumerate(zip(ours, theirs, ref)):
         # a slack tighter than the float32 default: AdamW is elementwise arithmetic (plus one norm),
         # so ours rounds almost as torch does
@@ -274,8 +269,7 @@ def test_optimizer_step(benchmark, record, config, provider):
     cfg = CONFIGS[config]
     model = _model(cfg, provider, "cpu")
     params = [p for p in model.parameters() if p.requires_grad]
-    with contextlib.redirect_stdout(io.StringIO()):
-        optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
     g = torch.Generator().manual_seed(0)
     for p in params:
         p.grad = torch.randn(p.shape, generator=g)

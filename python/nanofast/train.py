@@ -55,7 +55,6 @@ from nanofast.interrupts import Interrupts
 from nanofast.model import KERNELS, NANOGPT_MODEL_ARGS
 from nanofast.training import (Precision, build_optimizer, describe_optimizer, device_type_of, estimate_loss, get_lr,
                                init_model, precision, precision_error, resolve_device, resolve_dtype, train_step)
-from nanofast.training import optimizer_step  # noqa: F401  (bench/bench_train.py imports it from here)
 
 # -----------------------------------------------------------------------------
 # The keys of nanoGPT's train.py with its defaults (which describe GPT-2 124M on OpenWebText over
