@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from nanofast import ops
-from nanofast.ops.attention import draw_seed
+from nanofast.ops.seed import draw_seed
 from attention_ref import attention_ref
 from parity import assert_parity
 from philox_ref import dropout_mask_ref, uniform
