@@ -487,11 +487,11 @@ def _seed_arg(seed):
 # GPU tile configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, keyed by
 # (16-bit inputs?, BLOCK_D <= 64?, dropout?). BLOCK_M is the query tile and BLOCK_N the key tile in
 # every kernel. The 16-bit entries without dropout are the fastest of bench/gpu_profile.py's sweep on
-# an H200 (bf16, causal, T = 1024 and 4096 at nanoGPT's B*H*T; every kernel within 2% of the best
-# at both lengths, or the best at T = 4096). The bf16 entries with dropout and the float32 entries at
-# head dims up to 64 are the fastest of the second sweep (T = 1024; dropout's Philox rounds raise
-# register pressure and favour smaller tiles). The rest (dropout or float32 at head dims over 64) were
-# chosen by compiling for sm_90 and keeping the largest tiles that do not spill registers; untimed.
+# an H200 (bf16, causal, two sequence lengths at nanoGPT's B*H*T; each kernel's choice close to the best
+# at both). The bf16 entries with dropout and the float32 entries at head dims up to 64 are the fastest
+# of a second sweep (dropout's Philox rounds raise register pressure and favour smaller tiles). The rest
+# (dropout or float32 at head dims over 64) were chosen by compiling for sm_90 and keeping the largest
+# tiles that do not spill registers; untimed.
 _GPU_CONFIGS = {
     # 16-bit inputs: tensor-core dots, software-pipelined loads.
     (True, True, False): dict(fwd=(64, 64, 4, 3), dkdv=(32, 64, 4, 3), dq=(64, 64, 4, 3)),
