@@ -51,8 +51,6 @@ Capabilities (data, read by checks.py and the ops):
 """
 from . import cpu, cuda
 
-BACKENDS = {"cpu": cpu, "cuda": cuda}
-
 
 def backend_for(t):
     """The backend that serves tensor t: CUDA tensors the CUDA backend, others the CPU one (the
@@ -61,5 +59,6 @@ def backend_for(t):
 
 
 def backend_of_device(t):
-    """The backend of t's device, or None when nanofast has none for it."""
-    return BACKENDS.get(t.device.type)
+    """The backend of t's device, or None when nanofast has none for it (is_cuda and is_cpu, not
+    t.device: this runs on every call, and building a device object costs more than the two reads)."""
+    return cuda if t.is_cuda else cpu if t.is_cpu else None

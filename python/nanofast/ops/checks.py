@@ -143,11 +143,11 @@ def add_layer_norm_args(input, residual, normalized_shape, weight, bias, eps, ou
         raise TypeError(f"{fn}: residual has dtype {residual.dtype}, which would promote input's {input.dtype}; "
                         "the sum keeps input's dtype, so the residual must have it or a lower precision")
     normalized_shape, eps = layer_norm_args(input, normalized_shape, weight, bias, eps)
-    supported = backend_of_device(input).DTYPES
     if out_dtype is None:
         out_dtype = input.dtype
-    elif not isinstance(out_dtype, torch.dtype) or out_dtype not in supported:
-        raise TypeError(f"{fn}: out_dtype must be one of {supported} on {input.device.type}, got {out_dtype!r}")
+    elif not isinstance(out_dtype, torch.dtype) or out_dtype not in backend_of_device(input).DTYPES:
+        raise TypeError(f"{fn}: out_dtype must be one of {backend_of_device(input).DTYPES} on {input.device.type}, "
+                        f"got {out_dtype!r}")
     return normalized_shape, eps, out_dtype
 
 
