@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import nanofast
-from nanofast.ops import _cpu
+from nanofast.ops import cpu
 from nanofast.testing import ATOL_TRITON_GPU, assert_parity, attention_reference
 
 from conftest import timed
@@ -120,8 +120,8 @@ def test_layer_norm(benchmark, record, device, case, shape, mode, dtype, provide
 
 
 def _ln_kernels_nanofast(x, w, b, dy):
-    y, mean, rstd = _cpu.layer_norm_forward(x, w, b, 1e-5)
-    return (y,) + _cpu.layer_norm_backward(dy, x, w, mean, rstd, True, True)
+    y, mean, rstd = cpu.layer_norm_forward(x, w, b, 1e-5)
+    return (y,) + cpu.layer_norm_backward(dy, x, w, mean, rstd, True, True)
 
 
 def _ln_kernels_torch(x, w, b, dy):
@@ -137,7 +137,7 @@ LN_KERNELS = {"nanofast": _ln_kernels_nanofast, "torch": _ln_kernels_torch}
 @pytest.mark.parametrize("provider", list(LN_KERNELS))
 def test_layer_norm_kernels(benchmark, record, case, provider):
     """LayerNorm's forward and backward kernels called directly, float32 on the CPU, without autograd:
-    nanofast's launchers (nanofast.ops._cpu) against the ATen ops behind F.layer_norm
+    nanofast's launchers (nanofast.ops.cpu) against the ATen ops behind F.layer_norm
     (native_layer_norm and its backward). Each side allocates its outputs, as in the op. Without a
     Python autograd.Function and its node in the backward graph, this row shows what the kernels
     themselves gain at small shapes."""

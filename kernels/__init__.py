@@ -2,11 +2,12 @@
 
 Two layers:
 
-* Launchers, no autograd, plain tensors in and out; nanofast.ops registers them for CUDA tensors:
-  ``layer_norm_forward``, ``layer_norm_backward``, ``attention_forward``, ``attention_backward``,
-  and ``dropout_mask`` (the attention-dropout mask, from the attention kernels' own helper).
+* Launchers, no autograd, plain tensors in and out: ``layer_norm_forward``, ``layer_norm_backward``,
+  ``attention_forward``, ``attention_backward``, and ``dropout_mask`` (the attention-dropout mask,
+  from the attention kernels' own helper). Each checks its arguments (nanofast.ops.checks) and runs
+  the submodule's launcher, which nanofast.ops' CUDA backend calls directly, its arguments checked.
 * Autograd-capable functions with torch's signatures: ``layer_norm`` and
-  ``scaled_dot_product_attention``.
+  ``scaled_dot_product_attention``: nanofast.ops' autograd formulas with the Triton launchers.
 
 Importing this package needs neither triton nor a GPU: triton is imported by the submodules, which
 load on first use. Without triton, ``HAS_TRITON`` is False and every function raises RuntimeError.
@@ -14,11 +15,7 @@ Set TRITON_INTERPRET=1 before the first use to run the kernels on CPU tensors.
 """
 import importlib
 import importlib.util
-import math
-import numbers
-import sys
 
-import torch
 
 def _has_triton():
     try:
@@ -37,8 +34,9 @@ __all__ = [
 ]
 
 
-def _load(name):
-    """The submodule ``name``, imported on first use (it imports triton)."""
+def submodule(name):
+    """The submodule ``name`` (``layernorm`` or ``attention``: the launchers without argument
+    checks, which nanofast.ops' CUDA backend calls), imported on first use (it imports triton)."""
     if not HAS_TRITON:
         raise RuntimeError(
             "nanofast.kernels needs triton, which is not installed (pip install 'nanofast[triton]' or "
@@ -47,21 +45,37 @@ def _load(name):
 
 
 # --------------------------------------------------------------------------------------------------
-# Launchers (no autograd)
+# Launchers (no autograd): the checks, then the submodules' launchers
 # --------------------------------------------------------------------------------------------------
+
+def _triton_backend():
+    """nanofast.ops' CUDA backend (the Triton launchers); imported here, not at the top, so that this
+    package imports on its own."""
+    submodule("layernorm")  # the clear error without triton, before any argument check
+    from nanofast.ops import cuda
+    return cuda
+
+
+def _checks():
+    from nanofast.ops import checks
+    return checks
+
 
 def layer_norm_forward(x2d, weight, bias, eps, **kwargs):
     """(y, mean, rstd) for x2d (N, C) with unit column stride; weight/bias (C,) or None.
 
     y: (N, C) contiguous, x2d's dtype; mean, rstd: (N,) float32 contiguous.
     """
-    return _load("layernorm").layer_norm_forward(x2d, weight, bias, eps, **kwargs)
+    _checks().layer_norm_forward_args("nanofast.kernels.layer_norm_forward", x2d, weight, bias, _triton_backend())
+    return submodule("layernorm").layer_norm_forward(x2d, weight, bias, eps, **kwargs)
 
 
 def layer_norm_backward(dy2d, x2d, weight, mean, rstd, need_weight_grad, need_bias_grad, **kwargs):
     """(dx, dw or None, db or None). dx: (N, C) contiguous, x2d's dtype; dw, db: (C,), the weight's
     dtype (x2d's dtype without a weight). Deterministic (no atomics)."""
-    return _load("layernorm").layer_norm_backward(
+    _checks().layer_norm_backward_args("nanofast.kernels.layer_norm_backward", dy2d, x2d, weight, mean, rstd,
+                                       _triton_backend())
+    return submodule("layernorm").layer_norm_backward(
         dy2d, x2d, weight, mean, rstd, need_weight_grad, need_bias_grad, **kwargs)
 
 
@@ -72,60 +86,34 @@ def attention_forward(q, k, v, is_causal, scale, dropout_p=0.0, seed=0, **kwargs
     lse: (B, H, Tq) float32 contiguous, natural log. Keyword ``tf32=True`` allows TF32 dots for
     float32 inputs (default: the NANOFAST_TF32=1 environment variable, else IEEE float32).
     """
-    return _load("attention").attention_forward(q, k, v, is_causal, scale, dropout_p, seed, **kwargs)
+    _checks().attention_forward_args("nanofast.kernels.attention_forward", q, k, v, dropout_p, seed,
+                                     _triton_backend())
+    return submodule("attention").attention_forward(q, k, v, is_causal, scale, dropout_p, seed, **kwargs)
 
 
 def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p=0.0, seed=0, **kwargs):
     """(dq, dk, dv), each with its input's shape and dtype, in its input's layout where that is dense with a
     unit last stride, else laid out as (B, T, H, D). Deterministic."""
-    return _load("attention").attention_backward(
+    _checks().attention_backward_args("nanofast.kernels.attention_backward", dout, q, k, v, out, lse, dropout_p,
+                                      seed, _triton_backend())
+    return submodule("attention").attention_backward(
         dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed, **kwargs)
 
 
 def dropout_mask(seed, batch, heads, q_len, k_len, p, **kwargs):
     """bool (batch, heads, q_len, k_len), True where attention dropout keeps the element."""
-    return _load("attention").dropout_mask(seed, batch, heads, q_len, k_len, p, **kwargs)
+    args = _checks().dropout_mask_args("nanofast.kernels.dropout_mask", seed, batch, heads, q_len, k_len, p)
+    return submodule("attention").dropout_mask(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
-# User-facing functions (argument checks for the Triton path; the autograd path is nanofast.ops')
+# User-facing functions: nanofast.ops' checks and autograd formulas, with the Triton launchers
 # --------------------------------------------------------------------------------------------------
-
-def _check_param(name, p, shape, x):
-    if p is None:
-        return
-    if not isinstance(p, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor or None, got {type(p).__name__}")
-    if tuple(p.shape) != shape:
-        raise ValueError(f"{name} has shape {tuple(p.shape)}, expected normalized_shape {shape}")
-    if p.device != x.device:
-        raise ValueError(f"{name} is on {p.device} but input is on {x.device}")
-
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """torch.nn.functional.layer_norm on the Triton kernels (autograd-capable)."""
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"input must be a tensor, got {type(input).__name__}")
-    if isinstance(normalized_shape, numbers.Integral):
-        normalized_shape = (int(normalized_shape),)
-    normalized_shape = tuple(int(s) for s in normalized_shape)
-    n = len(normalized_shape)
-    if n == 0 or input.dim() < n or tuple(input.shape[input.dim() - n:]) != normalized_shape:
-        raise ValueError(f"normalized_shape {normalized_shape} does not match the trailing dimensions of "
-                         f"input of shape {tuple(input.shape)}")
-    if input.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"input must be float32, float16 or bfloat16, got {input.dtype}")
-    _check_param("weight", weight, normalized_shape, input)
-    _check_param("bias", bias, normalized_shape, input)
-    from nanofast.ops.layer_norm import _EagerLayerNorm  # the one autograd path, here with these launchers
-
-    C = math.prod(normalized_shape)
-    x2d = input.reshape(-1, C)
-    if C > 1 and x2d.stride(1) != 1:
-        x2d = x2d.contiguous()
-    w = weight.reshape(-1) if weight is not None else None
-    b = bias.reshape(-1) if bias is not None else None
-    return _EagerLayerNorm.apply(x2d, w, b, float(eps), sys.modules[__name__]).view(input.shape)
+    from nanofast.ops.layer_norm import layer_norm_on
+    return layer_norm_on(_triton_backend(), "nanofast.kernels.layer_norm", input, normalized_shape, weight, bias, eps)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -137,22 +125,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     reproducible and the mask equals nanofast.ops.dropout_mask for that seed. The result is a
     (B, H, Tq, D) view of a (B, Tq, H, D) buffer.
     """
-    if attn_mask is not None:
-        raise ValueError("nanofast scaled_dot_product_attention does not support attn_mask; pass "
-                         "attn_mask=None (use is_causal=True for a causal mask)")
-    if enable_gqa:
-        raise ValueError("nanofast scaled_dot_product_attention does not support enable_gqa=True")
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, heads, seq_len, head_dim), got shape {tuple(t.shape)}")
-    dropout_p = float(dropout_p)
-    if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
-    D = query.shape[-1]
-    scale = float(scale) if scale is not None else 1.0 / math.sqrt(max(D, 1))  # D == 0 is rejected later
-    from nanofast.ops.attention import _EagerAttention, draw_seed  # the one autograd path, with these launchers
-
-    seed = draw_seed() if dropout_p > 0.0 else None
-    return _EagerAttention.apply(query, key, value, bool(is_causal), scale, dropout_p, seed, sys.modules[__name__])
+    from nanofast.ops.attention import attention_on
+    return attention_on(_triton_backend(), "nanofast.kernels.scaled_dot_product_attention", query, key, value,
+                        attn_mask, dropout_p, is_causal, scale, enable_gqa)

@@ -53,7 +53,7 @@ def num_programs_hint(t: torch.Tensor) -> int:
 
 
 # Plain Python rather than triton.cdiv and triton.next_power_of_2: those are constexpr functions
-# whose call wrapper costs about 3 µs here (15 on a GPU box's slower host), several times per launch.
+# whose call wrapper costs microseconds, and a launch calls them several times.
 def cdiv(a: int, b: int) -> int:
     return -(-int(a) // int(b))
 

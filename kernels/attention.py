@@ -30,9 +30,7 @@ from nanofast._layout import empty_bthd, empty_grad_like
 
 from ._common import cdiv, check_device, device_guard, is_interpreted, next_pow2
 
-_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
-_MAX_HEAD_DIM = 128
 # Triton compiles a variant per "is this int divisible by 16 / equal to 1" pattern of its arguments.
 # The seed and the sizes gain nothing from that (addresses come from the strides), so they are left
 # unspecialised: fewer compilations when sequence lengths vary. Strides stay specialised (a unit
@@ -448,7 +446,7 @@ def dropout_mask(seed, batch, heads, q_len, k_len, p, *, device=None, window=Non
     returns just that (n_bh, n_rows, n_cols) window of the (batch*heads, q_len, k_len) mask, so tests
     can reach offsets past 2**32 without allocating the whole matrix.
     """
-    seed = _check_seed(seed)
+    seed = _seed_arg(seed)
     if device is None:
         device = "cuda" if torch.cuda.is_available() and not is_interpreted(_dropout_mask_kernel) else "cpu"
     device = torch.device(device)
@@ -479,51 +477,21 @@ def _use_tf32(tf32):
     return bool(tf32)
 
 
-def _check_seed(seed):
-    """The seed as the kernels' int64 argument: 0 <= seed < 2**64, passed bit-for-bit (Philox reads
-    it as unsigned), so seeds from 2**63 on travel as negative int64 values."""
+def _seed_arg(seed):
+    """The seed (0 <= seed < 2**64, checked by the callers) as the kernels' int64 argument, passed
+    bit-for-bit (Philox reads it as unsigned): seeds from 2**63 on travel as negative int64 values."""
     seed = int(seed)
-    if not 0 <= seed < 2 ** 64:
-        raise ValueError(f"dropout seed must satisfy 0 <= seed < 2**64, got {seed}")
     return seed - 2 ** 64 if seed >= 2 ** 63 else seed
-
-
-def _check_qkv(q, k, v, interpreted):
-    for name, t in (("query", q), ("key", k), ("value", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, heads, seq_len, head_dim), got shape {tuple(t.shape)}")
-        if t.dtype not in _SUPPORTED:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"query, key and value must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"query, key and value must be on one device, got {q.device}, {k.device}, {v.device}")
-    B, H, Tq, D = q.shape
-    if k.shape[:2] != (B, H) or v.shape[:2] != (B, H) or k.shape[2] != v.shape[2]:
-        raise ValueError(f"query {tuple(q.shape)}, key {tuple(k.shape)} and value {tuple(v.shape)} must share "
-                         "batch and heads, and key and value must share seq_len")
-    if k.shape[3] != D or v.shape[3] != D:
-        raise ValueError(f"query {tuple(q.shape)}, key {tuple(k.shape)} and value {tuple(v.shape)} must share "
-                         "head_dim")
-    if D < 1 or D > _MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be between 1 and {_MAX_HEAD_DIM}, got {D} (query shape {tuple(q.shape)})")
-    if k.shape[2] == 0 and Tq > 0:
-        raise ValueError(f"key and value have no positions (key shape {tuple(k.shape)}): softmax over nothing")
-    if B * H > 65535:
-        raise ValueError(f"batch * heads must be at most 65535, got {B} * {H}")
-    check_device("query", q, interpreted)
 
 
 # GPU tile configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, keyed by
 # (16-bit inputs?, BLOCK_D <= 64?, dropout?). BLOCK_M is the query tile and BLOCK_N the key tile in
 # every kernel. The 16-bit entries without dropout are the fastest of bench/gpu_profile.py's sweep on
-# an H200 (bf16, causal, T = 1024 and 4096 at nanoGPT's B*H*T; every kernel within 2% of the best
-# at both lengths, or the best at T = 4096). The bf16 entries with dropout and the float32 entries at
-# head dims up to 64 are the fastest of the second sweep (T = 1024; dropout's Philox rounds raise
-# register pressure and favour smaller tiles). The rest (dropout or float32 at head dims over 64) were
-# chosen by compiling for sm_90 and keeping the largest tiles that do not spill registers; untimed.
+# an H200 (bf16, causal, two sequence lengths at nanoGPT's B*H*T; each kernel's choice close to the best
+# at both). The bf16 entries with dropout and the float32 entries at head dims up to 64 are the fastest
+# of a second sweep (dropout's Philox rounds raise register pressure and favour smaller tiles). The rest
+# (dropout or float32 at head dims over 64) were chosen by compiling for sm_90 and keeping the largest
+# tiles that do not spill registers; untimed.
 _GPU_CONFIGS = {
     # 16-bit inputs: tensor-core dots, software-pipelined loads.
     (True, True, False): dict(fwd=(64, 64, 4, 3), dkdv=(32, 64, 4, 3), dq=(64, 64, 4, 3)),
@@ -561,12 +529,10 @@ def _dot_args(dtype, interpreted, tf32):
 
 def _dropout_args(dropout_p, seed):
     p = float(dropout_p)
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
     has = p > 0.0
     # p == 1 drops everything: scale 0 (instead of inf) gives zeros rather than NaN.
     drop_scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
-    return has, p, drop_scale, (_check_seed(seed) if has else 0)
+    return has, p, drop_scale, (_seed_arg(seed) if has else 0)
 
 
 def attention_forward(q, k, v, is_causal, scale, dropout_p=0.0, seed=0, *, tf32=None):
@@ -574,15 +540,19 @@ def attention_forward(q, k, v, is_causal, scale, dropout_p=0.0, seed=0, *, tf32=
 
     out: (B, H, Tq, D) in q's dtype, laid out as (B, Tq, H, D) in memory (a transpose(1, 2) view);
     lse: (B, H, Tq) float32 contiguous, natural log of each row's softmax normaliser (with the scale).
+    The arguments are checked by the callers (nanofast.ops.checks).
     """
     interpreted = is_interpreted(_attn_fwd_kernel)
-    _check_qkv(q, k, v, interpreted)
+    check_device("query", q, interpreted)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     has_dropout, p, drop_scale, seed = _dropout_args(dropout_p, seed)
     out = empty_bthd(B, H, Tq, D, q)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
+    if out.numel() and Tk == 0:  # softmax over no keys: torch returns zeros
+        out.zero_()
+        lse.fill_(float("-inf"))
+    if out.numel() == 0 or Tk == 0:
         return out, lse
     BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages = _config(q, D, "fwd", has_dropout)
     prec, upcast = _dot_args(q.dtype, interpreted, tf32)
@@ -604,19 +574,13 @@ def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p=0.0,
     """Flash attention backward. Returns (dq, dk, dv) (dq is None when ``need_dq`` is False).
 
     Each gradient has its input's shape, dtype and (where the input is dense) memory layout. ``out``
-    and ``lse`` are the forward's results; ``seed``/``dropout_p`` must be the forward's.
+    and ``lse`` are the forward's results; ``seed``/``dropout_p`` must be the forward's. The arguments
+    are checked by the callers (nanofast.ops.checks).
     """
     interpreted = is_interpreted(_attn_bwd_dq_kernel)
-    _check_qkv(q, k, v, interpreted)
+    check_device("query", q, interpreted)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    if dout.shape != q.shape or out.shape != q.shape:
-        raise ValueError(f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must have the query's shape "
-                         f"{tuple(q.shape)}")
-    if lse.shape != (B, H, Tq) or lse.dtype != torch.float32:
-        raise ValueError(f"lse must be float32 of shape {(B, H, Tq)}, got {lse.dtype} {tuple(lse.shape)}")
-    if dout.device != q.device or out.device != q.device or lse.device != q.device:
-        raise ValueError("dout, out and lse must be on the query's device")
     has_dropout, p, drop_scale, seed = _dropout_args(dropout_p, seed)
     lse = lse.contiguous()
     if dout.dtype != q.dtype:
@@ -624,7 +588,7 @@ def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p=0.0,
     dq = empty_grad_like(q) if need_dq else None
     dk = empty_grad_like(k)
     dv = empty_grad_like(v)
-    if Tq == 0 or Tk == 0 or B * H == 0:
+    if Tq == 0 or Tk == 0 or B * H == 0 or D == 0:
         for g in (dq, dk, dv):
             if g is not None:
                 g.zero_()

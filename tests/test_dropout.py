@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from nanofast import ops
-from nanofast.ops.attention import draw_seed
+from nanofast.ops.seed import draw_seed
 from nanofast.testing import assert_parity, attention_reference
 from philox_ref import dropout_mask_ref, uniform
 

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from nanofast import fused_block
-from nanofast.ops import _cpu
-from nanofast.model import GPT, GPTConfig
+from nanofast.model import GPT, Block, GPTConfig
+from nanofast.ops import cpu
 
 
 def _model(n_embd=48, n_head=4, n_layer=2, block_size=32, dropout=0.0, bias=False, kernels="nanofast",
@@ -65,8 +65,8 @@ def test_same_loss_and_gradients_as_the_per_op_block(monkeypatch, amp_dtype, bia
     """gemm-always: nanofast's GEMMs (float32, or bfloat16 under autocast) take every product, however
     small, where the CPU has them; else these sizes are torch's."""
     if gemm:
-        monkeypatch.setattr(_cpu, "GEMM_MIN_MACS", 0)
-        monkeypatch.setattr(_cpu, "GEMM_MIN_ROWS", 1)
+        monkeypatch.setattr(cpu, "GEMM_MIN_MACS", 0)
+        monkeypatch.setattr(cpu, "GEMM_MIN_ROWS", 1)
     model = _model(bias=bias, dropout=dropout)
     X, Y = _batch(32)
     loss_f, grads_f = _loss_and_grads(model, X, Y, True, amp_dtype)
@@ -123,7 +123,7 @@ def test_float64_gradcheck():
     x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
     pending = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
     params = [p.detach().clone().requires_grad_(True) for p in
-              (block.get_parameter(n) for n in fused_block.PARAMETERS)]
+              (block.get_parameter(n) for n in Block.FUSED_PARAMETERS)]
 
     def f(x, pending, *params):
         return fused_block._Block.apply(x, pending, 2, 0.0, torch.float64, *params)
@@ -178,7 +178,7 @@ def test_a_replaced_module_sends_the_block_through_its_modules():
     block.mlp.c_proj = Scaled(old.in_features, old.out_features, bias=False)
     block.mlp.c_proj.weight = old.weight
     x = torch.randn(2, 8, 48)
-    assert not fused_block.supported(block, x, None)
+    assert not block.can_run_fused(x, None)
     expected = 2 * old(block.mlp.gelu(block.mlp.c_fc(model.transformer.h[0].ln_2(
         x + block.attn(block.ln_1(x))))))
     torch.testing.assert_close(block(x)[1], expected)
@@ -187,12 +187,12 @@ def test_a_replaced_module_sends_the_block_through_its_modules():
 def test_falls_back_where_it_does_not_apply():
     x = torch.randn(2, 8, 48)
     block = _model(kernels="torch").transformer.h[0]
-    assert not fused_block.supported(block, x, None)  # torch's kernels
+    assert not block.can_run_fused(x, None)  # torch's kernels
     block = _model().transformer.h[0]
-    assert fused_block.supported(block, x, None)
-    assert not fused_block.supported(block, x.double(), None)  # the stream's dtype is not the weights'
-    assert not fused_block.supported(block, x, torch.randn(2, 7, 48))  # a pending update of another shape
+    assert block.can_run_fused(x, None)
+    assert not block.can_run_fused(x.double(), None)  # the stream's dtype is not the weights'
+    assert not block.can_run_fused(x, torch.randn(2, 7, 48))  # a pending update of another shape
     with torch.autocast("cpu", dtype=torch.float16):
-        assert not fused_block.supported(block, x, None)  # float16: not a CPU kernel dtype
+        assert not block.can_run_fused(x, None)  # float16: not a CPU kernel dtype
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert fused_block.supported(block, x, None)
+        assert block.can_run_fused(x, None)

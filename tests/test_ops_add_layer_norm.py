@@ -181,11 +181,11 @@ def test_triton_launchers_compose_the_same_op():
     # CUDA tensors run the composed path on Triton's LayerNorm: on the GPU where there is one, else
     # through Triton's interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1 without CUDA)
     pytest.importorskip("triton", reason="triton is not installed (pip install 'nanofast[test]')")
-    import nanofast.kernels as K
+    from nanofast.ops import cuda
     from nanofast.ops.add_layer_norm import _EagerAddLayerNorm
 
     def through_triton(x, r, shape, w, b, eps, out_dtype):
-        return _EagerAddLayerNorm.apply(x, r, w, b, eps, out_dtype, K)
+        return _EagerAddLayerNorm.apply(x, r, w, b, eps, out_dtype, cuda)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x, r, w, b, dh, dy = (t.to(device) for t in _inputs((6, 40), (F32, BF16, BF16)))

@@ -167,6 +167,18 @@ def test_no_keys_gives_zeros_like_torch():
     assert torch.equal(ops.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
 
 
+def test_dropout_p_one_gives_zeros_like_torch():
+    # dropout_p = 1 drops every score: torch returns zeros and zero gradients, and so do both backends
+    # (the Triton one: tests/test_triton_kernels.py::test_dropout_p_one_gives_zeros)
+    q, k, v = (torch.randn(2, 3, 9, 8, requires_grad=True) for _ in range(3))
+    out = ops.scaled_dot_product_attention(q, k, v, dropout_p=1.0, is_causal=True)
+    out.backward(torch.randn_like(out))
+    ref = F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), dropout_p=1.0, is_causal=True)
+    assert torch.equal(out, ref) and not out.any()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all() and not t.grad.any()
+
+
 def test_nan_propagates_like_torch():
     q, k, v, _ = _qkv(1, 1, 9, 9, 8, torch.float32, layout="bhtd")
     q[0, 0, 2, 1] = float("nan")
@@ -196,9 +208,9 @@ def _t(*shape, dtype=torch.float32):
     (lambda: ops.scaled_dot_product_attention(_t(2, 3, 4), _t(2, 3, 4), _t(2, 3, 4)),
      ValueError, r"query must be 4-D .* got shape \(2, 3, 4\)"),
     (lambda: ops.scaled_dot_product_attention(_t(1, 1, 2, 300), _t(1, 1, 2, 300), _t(1, 1, 2, 300)),
-     ValueError, r"head_dim up to 256"),
-    (lambda: ops.scaled_dot_product_attention(_t(1, 1, 2, 4), _t(1, 1, 2, 4), _t(1, 1, 2, 4), dropout_p=1.0),
-     ValueError, r"dropout_p must be in \[0, 1\)"),
+     ValueError, r"head_dim must be between 0 and 256"),
+    (lambda: ops.scaled_dot_product_attention(_t(1, 1, 2, 4), _t(1, 1, 2, 4), _t(1, 1, 2, 4), dropout_p=1.5),
+     ValueError, r"dropout_p must be in \[0, 1\], got 1.5"),
     (lambda: ops.scaled_dot_product_attention(_t(1, 1, 2, 4), _t(1, 1, 2, 4, dtype=torch.float64), _t(1, 1, 2, 4)),
      TypeError, r"key has dtype torch.float64 but query has dtype torch.float32"),
     (lambda: ops.scaled_dot_product_attention(torch.ones(1, 1, 2, 4, dtype=torch.int64), _t(1, 1, 2, 4),

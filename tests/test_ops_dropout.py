@@ -4,13 +4,13 @@ import torch
 
 import nanofast
 from nanofast import ops
-from nanofast.ops import _cpu
+from nanofast.ops import cpu
 from nanofast.ops.dropout import dropout_fwd
 
 
 def _expected(x, p, seed):
     """x * keep / (1 - p) in the accumulation dtype, keep from the generator at each element's offset."""
-    keep = _cpu.dropout_mask(seed, 1, 1, 1, x.numel(), p).view(x.shape)
+    keep = cpu.dropout_mask(seed, 1, 1, 1, x.numel(), p).view(x.shape)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     one = torch.tensor(1.0, dtype=acc)
     scale = one / (one - torch.tensor(p, dtype=acc))

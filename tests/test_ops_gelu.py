@@ -30,7 +30,7 @@ def test_parity(n, dtype, isa):
 def test_saved_derivative_gives_the_backward_bit_for_bit(n, dtype, isa):
     """The forward that keeps gelu'(x) (nanofast.fused_block's) returns gelu(x) as the plain forward does,
     and dy * (kept gelu') equals the backward computed from x, NaN and infinities included."""
-    from nanofast.ops import _cpu
+    from nanofast.ops import cpu
 
     g = torch.Generator().manual_seed(n + 1)
     x = (torch.randn(n, generator=g, dtype=torch.float64) * 3).to(dtype)
@@ -38,11 +38,11 @@ def test_saved_derivative_gives_the_backward_bit_for_bit(n, dtype, isa):
     x[0] = float("nan")
     if n > 2:
         x[1], dy[2] = float("inf"), float("-inf")
-    y, grad = _cpu.gelu_saving_grad(x)
+    y, grad = cpu.gelu_forward_saving_grad(x)
     assert grad.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert torch.equal(y.view(-1).view(torch.uint8), _cpu.gelu(x, None).view(-1).view(torch.uint8))
-    dx = _cpu.gelu_backward_from_grad(dy, grad)
-    assert torch.equal(dx.view(-1).view(torch.uint8), _cpu.gelu(x, dy).view(-1).view(torch.uint8))
+    assert torch.equal(y.view(-1).view(torch.uint8), cpu.gelu_forward(x).view(-1).view(torch.uint8))
+    dx = cpu.gelu_backward_from_grad(dy, grad)
+    assert torch.equal(dx.view(-1).view(torch.uint8), cpu.gelu_backward(dy, x).view(-1).view(torch.uint8))
     # and the kept derivative is gelu'(x): Phi(x) + x phi(x), in float64
     x64 = x.double()[3:]
     exact = 0.5 * (1 + torch.erf(x64 / 2 ** 0.5)) + x64 * torch.exp(-x64 * x64 / 2) / (2 * torch.pi) ** 0.5
@@ -54,7 +54,7 @@ def test_streamed_outputs():
     """4M + 37 float32 elements (16 MiB and more: the outputs and the kept derivative are written with
     streaming stores): parity with float64, and every element's bits as in a small tensor (plain stores),
     forward, backward and the saved-derivative pair."""
-    from nanofast.ops import _cpu
+    from nanofast.ops import cpu
 
     n = (4 << 20) + 37
     g = torch.Generator().manual_seed(3)
@@ -64,13 +64,13 @@ def test_streamed_outputs():
     ref = _run(F.gelu, x.double(), dy.double())
     for name, o, t, r in zip(["y", "dx"], ours, theirs, ref):
         assert_parity(name, o, t, r)
-    y, grad = _cpu.gelu_saving_grad(x)
-    dx = _cpu.gelu_backward_from_grad(dy, grad)
+    y, grad = cpu.gelu_forward_saving_grad(x)
+    dx = cpu.gelu_backward_from_grad(dy, grad)
     assert torch.equal(y, ours[0]) and torch.equal(dx, ours[1])
     for part in (slice(0, 5000), slice(n - 5037, n)):  # the tail: a part chunk, a part vector
-        y_s, grad_s = _cpu.gelu_saving_grad(x[part])
+        y_s, grad_s = cpu.gelu_forward_saving_grad(x[part])
         assert torch.equal(y[part], y_s) and torch.equal(grad[part], grad_s)
-        assert torch.equal(dx[part], _cpu.gelu(x[part], dy[part]))
+        assert torch.equal(dx[part], cpu.gelu_backward(dy[part], x[part]))
 
 
 def test_extremes_and_nan():

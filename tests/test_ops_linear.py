@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from nanofast import _C, nn, ops
-from nanofast.ops import _cpu
+from nanofast.ops import cpu
 from nanofast.testing import assert_parity
 
 needs_gemm = pytest.mark.skipif(not _C.has_gemm(), reason="nanofast's GEMM needs a CPU with AVX-512")
@@ -79,7 +79,7 @@ def test_non_contiguous_inputs_give_the_same_bits(layout):
     """The operands are packed before the products, so a view's strides change nothing."""
     g = torch.Generator().manual_seed(3)
     x, w, b = torch.randn(4, 48, 96, generator=g), torch.randn(160, 96, generator=g), torch.randn(160, generator=g)
-    assert _cpu.uses_gemm(4 * 48, 160, 96, torch.float32)
+    assert cpu.uses_gemm(4 * 48, 160, 96, torch.float32)
     dense = ops.linear(x, w, b)
     if layout == "x transposed":
         got = ops.linear(x.transpose(-1, -2).contiguous().transpose(-1, -2), w, b)
@@ -140,7 +140,7 @@ def test_accumulate_adds_to_c():
 @needs_gemm
 def test_nan_and_inf_reach_only_their_rows_and_columns():
     x, w = torch.ones(200, 160), torch.ones(70, 160)
-    assert _cpu.uses_gemm(200, 70, 160, torch.float32)
+    assert cpu.uses_gemm(200, 70, 160, torch.float32)
     x[3, 7], w[30, 2] = float("nan"), float("inf")
     y = ops.linear(x, w)
     assert y[3].isnan().all() and y[:, 30].isinf().sum() == 199 and y[3, 30].isnan()
@@ -151,7 +151,7 @@ def test_nan_and_inf_reach_only_their_rows_and_columns():
 
 def test_small_products_use_torchs_matmul():
     """A matrix-vector product (sampling one token) would spend more on packing than MKL on the whole call."""
-    assert not _cpu.uses_gemm(1, 1536, 384, torch.float32) and not _cpu.uses_gemm(24, 384, 128, torch.float32)
+    assert not cpu.uses_gemm(1, 1536, 384, torch.float32) and not cpu.uses_gemm(24, 384, 128, torch.float32)
     x, w = torch.randn(1, 384), torch.randn(1536, 384)
     assert torch.equal(ops.linear(x, w), F.linear(x, w))
 
@@ -247,7 +247,7 @@ def test_compile_fullgraph():
 
 def test_mm_launcher_result_is_contiguous_for_any_operand_layout():
     a, b = torch.randn(40, 17).t(), torch.randn(40, 23)  # (17, 40) column-major @ (40, 23)
-    out = _cpu.mm(a, b)
+    out = cpu.mm(a, b)
     assert out.is_contiguous() and out.shape == (17, 23)
     torch.testing.assert_close(out, a @ b, rtol=1e-5, atol=1e-5)
 

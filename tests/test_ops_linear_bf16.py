@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from nanofast import _C, ops
-from nanofast.ops import _cpu
+from nanofast.ops import cpu
 from nanofast.testing import assert_parity
 
 needs_gemm_bf16 = pytest.mark.skipif(not _C.has_gemm_bf16(),
@@ -151,7 +151,7 @@ def test_autocast_linear_parity_with_float64(N, K, M, bias):
     x, w = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g) / K ** 0.5
     b = torch.randn(M, generator=g) if bias else None
     dy = torch.randn(N, M, generator=g).bfloat16()
-    assert _cpu.uses_gemm(N, M, K, torch.bfloat16)
+    assert cpu.uses_gemm(N, M, K, torch.bfloat16)
     ours, theirs = _run(ops.linear, x, w, b, dy), _run(F.linear, x, w, b, dy)
     # the float64 reference of each output and gradient
     xd, wd = x.double().requires_grad_(), w.double().requires_grad_()

@@ -471,6 +471,31 @@ def test_attention_bad_inputs():
         K.attention_backward(q, q, q, q, q, torch.zeros(1, 2, 7, device=DEVICE), False, 1.0)
 
 
+def test_attention_checks_are_the_ops_checks():
+    """nanofast.kernels and nanofast.ops share their checks (nanofast.ops.checks): one exception type for
+    what is not supported yet, and the backend's own limits with one message."""
+    from nanofast import ops
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    mask = torch.ones(8, 8, dtype=torch.bool, device=DEVICE)
+    for sdpa in (K.scaled_dot_product_attention, ops.scaled_dot_product_attention):
+        for kwargs in (dict(attn_mask=mask), dict(enable_gqa=True)):
+            with pytest.raises(NotImplementedError) as e:
+                sdpa(q, q, q, **kwargs)
+            assert isinstance(e.value, ValueError)
+    # a value head size other than the query's: the CPU kernels take it, the Triton ones do not
+    v = torch.randn(1, 2, 8, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="value head_dim 8 must equal query head_dim 16 on nanofast's CUDA backend"):
+        K.scaled_dot_product_attention(q, q, v)
+
+
+def test_attention_without_keys_gives_zeros_like_torch():
+    q, k = torch.randn(1, 2, 5, 16, device=DEVICE, requires_grad=True), torch.randn(1, 2, 0, 16, device=DEVICE)
+    out = K.scaled_dot_product_attention(q, k, k)
+    assert torch.equal(out, F.scaled_dot_product_attention(q.detach(), k, k))
+    out.sum().backward()
+    assert not q.grad.any()
+
+
 def test_import_without_triton():
     """Importing the kernels package must not need triton; using it then fails clearly."""
     code = (

@@ -14,7 +14,7 @@ import time
 import torch
 
 from nanofast import _C, allocator
-from nanofast.ops import _cpu
+from nanofast.ops import cpu
 
 
 def vendor():
@@ -49,12 +49,12 @@ def main():
         for N, K, M in ((768, 128, 512), (16384, 384, 1536)):
             x, w = torch.randn(N, K), torch.randn(M, K)
             flop = 2 * N * K * M
-            ours, theirs = gflops(lambda: _cpu.mm(x, w.t()), flop), gflops(lambda: torch.mm(x, w.t()), flop)
+            ours, theirs = gflops(lambda: cpu.mm(x, w.t()), flop), gflops(lambda: torch.mm(x, w.t()), flop)
             print(f"threads {threads:3d}  x {N}x{K} @ W^T {K}x{M}: nanofast {ours:7.1f} GFLOP/s, torch {theirs:7.1f} "
                   f"GFLOP/s ({ours / theirs:.2f}x)")
             if _C.has_gemm_bf16():
                 bf16 = torch.bfloat16
-                ours = gflops(lambda: _cpu.mm(x, w.t(), dtype=bf16), flop)
+                ours = gflops(lambda: cpu.mm(x, w.t(), dtype=bf16), flop)
                 theirs = gflops(lambda: torch.mm(x.to(bf16), w.t().to(bf16)), flop)
                 print(f"{'':13s}bfloat16 products: nanofast {ours:7.1f} GFLOP/s, torch (casts + oneDNN) "
                       f"{theirs:7.1f} GFLOP/s ({ours / theirs:.2f}x)")

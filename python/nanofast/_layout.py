@@ -1,5 +1,5 @@
-"""Memory layouts of the attention ops' results, shared by the CPU and CUDA launchers and the fake
-(torch.compile) implementations, which must agree on them stride for stride."""
+"""Memory layouts shared by the CPU and CUDA launchers and the fake (torch.compile) implementations,
+which must agree on them stride for stride."""
 import torch
 
 
@@ -29,3 +29,9 @@ def _dense(t):
                 return False
             expected *= size
     return True
+
+
+def unit_last_stride(t):
+    """t, or a packed copy where its last dimension is strided: the kernels need that one packed, the
+    other strides are free."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()

@@ -3,9 +3,9 @@
 Autograd records about thirty nodes for a block of model.py's GPT (views, casts, the four linears,
 the kernels, the residual adds, dropout), and on the CPU each costs microseconds of bookkeeping. Here
 `_Block.forward` runs the block's matmuls (nanofast.nn.Linear's) and nanofast's C++ kernels in a row
-and keeps what the backward needs; `_Block.backward` walks the same steps back. At nanoGPT's CPU
-config that makes a step 1.05-1.14x faster (`pytest --benchmark -k fused_block`, 2026-11-28). The
-arithmetic is the per-op block's:
+(the CPU backend's launchers, nanofast/ops/cpu.py) and keeps what the backward needs;
+`_Block.backward` walks the same steps back (`pytest --benchmark -k fused_block` measures the gain).
+The arithmetic is the per-op block's:
 
 * the same kernels and matmuls (nanofast.ops.linear's), and under bfloat16 autocast the same roundings
   (the matmuls' operands and outputs in bfloat16, the residual stream and the LayerNorm statistics in
@@ -15,9 +15,9 @@ arithmetic is the per-op block's:
 * the gradient of the qkv matmul's output is written by the attention kernel straight into one
   (N, 3C) buffer, where autograd would concatenate three.
 
-tests/test_fused_block.py checks the loss and every gradient against the per-op block. model.py's
-Block uses this path on CPU tensors in eager mode when nothing needs the per-op graph (no hooks on
-the block's modules); GPT.use_fused_blocks(False) turns it off.
+tests/test_fused_block.py checks the loss and every gradient against the per-op block. The model
+decides when a block runs here (model.Block.can_run_fused) and hands over its parameters in the order
+of model.Block.FUSED_PARAMETERS; this file knows nothing of the model's modules.
 
 Dimensions: B batch, T time, C channels (n_embd), NH heads, HS head size, N = B*T rows.
 """
@@ -25,90 +25,26 @@ import math
 
 import torch
 
-from .ops import _cpu
-from .ops.add_layer_norm import _backward as add_layer_norm_backward
-from .ops.add_layer_norm import _forward as add_layer_norm_forward
-from .ops.attention import _seed_value, draw_seed
+from .ops import cpu
+from .ops.seed import draw_seed
 
 EPS = 1e-5  # model.py's LayerNorm epsilon
 # GELU's derivative is kept from the forward (float32, one erf for both) up to this many elements, where
-# it stays in the last-level cache: at 768 x 512 that saves a fifth of GELU's forward + backward; at the
-# GPU config's 16384 x 1536 writing and reading it back costs more than computing it again.
+# it stays in the last-level cache; past it, writing and reading it back costs more than computing it
+# again.
 _KEEP_GELU_GRAD_MAX = 1 << 22
-# the block's parameters, in the order _Block takes them (a None where a bias is off)
-PARAMETERS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
-              "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
-              "mlp.c_proj.weight", "mlp.c_proj.bias")
 
 
-def _compute_dtype(x):
+def compute_dtype(x):
     """The matmuls' dtype: autocast's where it is on (as for nn.Linear), else the stream's."""
     return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
 
 
-def _expected_classes():
-    """(path, class) for the modules whose forward block() replaces: the model's own classes, not a
-    replacement such as a patched or adapter-wrapped layer. (Imported late: model.py imports this file.)"""
-    from . import model
-    from . import nn as nanofast_nn
-    return (((), model.Block), (("ln_1",), model.LayerNorm), (("attn",), model.CausalSelfAttention),
-            (("attn", "c_attn"), nanofast_nn.Linear), (("attn", "c_proj"), nanofast_nn.Linear),
-            (("attn", "attn_dropout"), nanofast_nn.Dropout), (("attn", "resid_dropout"), nanofast_nn.Dropout),
-            (("ln_2",), model.LayerNorm), (("mlp",), model.MLP), (("mlp", "c_fc"), nanofast_nn.Linear),
-            (("mlp", "gelu"), model.GELU), (("mlp", "c_proj"), nanofast_nn.Linear),
-            (("mlp", "dropout"), nanofast_nn.Dropout))
-
-
-_EXPECTED = None
-
-
-def _modules(block):
-    """(module, the class it must have) for each module block() replaces. Children are read from
-    `_modules` directly: nn.Module.__getattr__ costs about half a microsecond a lookup, and this runs
-    on every block's forward."""
-    global _EXPECTED
-    if _EXPECTED is None:
-        _EXPECTED = _expected_classes()
-    found = []
-    for path, cls in _EXPECTED:
-        m = block
-        for name in path:
-            m = m._modules.get(name)
-            if m is None:
-                return None
-        found.append((m, cls))
-    return found
-
-
-def supported(block, x, pending):
-    """True when block_forward computes what block.forward would: the model's own modules with the
-    nanofast kernels and no hooks, CPU tensors, eager mode, and dtypes the C++ kernels take."""
-    if not block.ln_1.fused_add or x.device.type != "cpu" or torch.compiler.is_compiling():
-        return False
-    dtype = block.ln_1.weight.dtype
-    if x.dtype != dtype or dtype not in (torch.float32, torch.float64):
-        return False
-    if _compute_dtype(x) not in (dtype, torch.bfloat16) or x.dim() != 3 or x.shape[-1] % block.attn.n_head:
-        return False
-    if pending is not None and (pending.shape != x.shape or pending.device != x.device):
-        return False
-    from torch.nn.modules import module as nn_module
-    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks or nn_module._global_backward_hooks:
-        return False
-    modules = _modules(block)
-    return modules is not None and all(
-        type(m) is cls and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
-        for m, cls in modules)
-
-
-def block(block, x, pending):
-    """(x + pending + attn(ln_1(x + pending)), mlp(ln_2(...))): model.Block.forward's result."""
-    attn, mlp = block.attn, block.mlp
-    params = (block.ln_1.weight, block.ln_1.bias, attn.c_attn.weight, attn.c_attn.bias, attn.c_proj.weight,
-              attn.c_proj.bias, block.ln_2.weight, block.ln_2.bias, mlp.c_fc.weight, mlp.c_fc.bias,
-              mlp.c_proj.weight, mlp.c_proj.bias)  # PARAMETERS' order
-    p = attn.dropout if block.training else 0.0
-    return _Block.apply(x, pending, attn.n_head, p, _compute_dtype(x), *params)
+def forward(x, pending, n_head, dropout_p, *parameters):
+    """(x + pending + attn(ln_1(x + pending)), mlp(ln_2(...))): model.Block.forward's result, for CPU
+    tensors in eager mode. parameters: ln_1's weight and bias, attn.c_attn's, attn.c_proj's, ln_2's,
+    mlp.c_fc's and mlp.c_proj's (each a weight, then a bias or None)."""
+    return _Block.apply(x, pending, n_head, dropout_p, compute_dtype(x), *parameters)
 
 
 def _dropout(x, p):
@@ -117,18 +53,18 @@ def _dropout(x, p):
     if p == 0.0:
         return x, None
     seed = draw_seed()
-    return _cpu.dropout(x, p, _seed_value(seed)), seed
+    return cpu.dropout(x, p, seed), seed
 
 
 def _dropout_backward(d, p, seed):
-    return d if seed is None else _cpu.dropout(d, p, _seed_value(seed))
+    return d if seed is None else cpu.dropout(d, p, seed)
 
 
 def _matmul_weights(cd, weights):
     """The linears' weights and biases as the block's matmuls take them: as they are where the products
     are the stream's dtype, or bfloat16 ones that nanofast's bfloat16 GEMM rounds while packing; else
     cast to bfloat16 once, autocast's casts."""
-    if cd is not torch.bfloat16 or _cpu.has_gemm_bf16():
+    if cd is not torch.bfloat16 or cpu.has_gemm_bf16():
         return weights
     return [None if t is None else t.to(cd) for t in weights]
 
@@ -156,32 +92,32 @@ class _Block(torch.autograd.Function):
             # 1. x1 = x + pending (the previous block's MLP update) and h1 = ln_1(x1), in one pass
             if pending is None:
                 x1 = x
-                h1, mean1, rstd1 = _cpu.layer_norm_forward(x.view(N, C), ln1_w, ln1_b, EPS)
+                h1, mean1, rstd1 = cpu.layer_norm_forward(x.view(N, C), ln1_w, ln1_b, EPS)
                 h1 = h1.to(cd)
             else:
-                x1, h1, mean1, rstd1 = add_layer_norm_forward(_cpu, x, pending.contiguous(), ln1_w, ln1_b, EPS, cd)
+                x1, h1, mean1, rstd1 = cpu.add_layer_norm_forward(x, pending.contiguous(), ln1_w, ln1_b, EPS, cd)
             h1 = h1.view(N, C)
             # 2. queries, keys and values of every head: one (N, 3C) matmul; q, k, v are views of it
-            qkv = _cpu.linear(h1, attn_wc, attn_bc, cd)
+            qkv = cpu.linear(h1, attn_wc, attn_bc, cd)
             q, k, v = _heads(qkv, B, T, NH, HS)
             # 3. causal attention; the output is (B, T, NH, HS) in memory, i.e. already (N, C) rows
             seed = draw_seed() if p > 0 else None
             scale = 1.0 / math.sqrt(HS)
-            y, lse = _cpu.attention_forward(q, k, v, True, scale, p, _seed_value(seed))
+            y, lse = cpu.attention_forward(q, k, v, True, scale, p, seed)
             yc = y.transpose(1, 2).reshape(N, C)
             # 4. the heads mixed back into the stream: a = dropout(y @ Wproj^T)
-            a, seed_a = _dropout(_cpu.linear(yc, proj_wc, proj_bc, cd), p)
+            a, seed_a = _dropout(cpu.linear(yc, proj_wc, proj_bc, cd), p)
             # 5. x2 = x1 + a and h2 = ln_2(x2), in one pass
-            x2, h2, mean2, rstd2 = add_layer_norm_forward(_cpu, x1, a.view(B, T, C), ln2_w, ln2_b, EPS, cd)
+            x2, h2, mean2, rstd2 = cpu.add_layer_norm_forward(x1, a.view(B, T, C), ln2_w, ln2_b, EPS, cd)
             h2 = h2.view(N, C)
             # 6. the MLP: f = h2 @ Wfc^T, g = gelu(f), m = dropout(g @ Wmp^T); m is the next norm's residual
-            f = _cpu.linear(h2, fc_wc, fc_bc, cd)
+            f = cpu.linear(h2, fc_wc, fc_bc, cd)
             keep_gelu_grad = f.numel() <= _KEEP_GELU_GRAD_MAX
             if keep_gelu_grad:  # gelu'(f) kept instead of f: the backward is one multiply
-                g, gelu_in = _cpu.gelu_saving_grad(f)
+                g, gelu_in = cpu.gelu_forward_saving_grad(f)
             else:
-                g, gelu_in = _cpu.gelu(f, None), f
-            m, seed_m = _dropout(_cpu.linear(g, mp_wc, mp_bc, cd), p)
+                g, gelu_in = cpu.gelu_forward(f), f
+            m, seed_m = _dropout(cpu.linear(g, mp_wc, mp_bc, cd), p)
         ctx.save_for_backward(x, x1, h1, mean1, rstd1, qkv, y, lse, seed, seed_a, x2, h2, mean2, rstd2, gelu_in, g,
                               seed_m, ln1_w, ln2_w, *W)
         ctx.first = pending is None
@@ -201,40 +137,40 @@ class _Block(torch.autograd.Function):
         with torch.autocast("cpu", enabled=False):
             # 6. MLP: through m's dropout and the projection, GELU, then the widening matmul
             dm = _dropout_backward(dm.reshape(N, C), p, seed_m)
-            d_mp_w = _cpu.mm(dm.t(), g, dtype=cd, out_dtype=x.dtype) if need[15] else None
+            d_mp_w = cpu.mm(dm.t(), g, dtype=cd, out_dtype=x.dtype) if need[15] else None
             d_mp_b = _bias_grad(dm, mp_bc) if need[16] else None
-            dg = _cpu.mm(dm, mp_wc, dtype=cd)
+            dg = cpu.mm(dm, mp_wc, dtype=cd)
             if ctx.kept_gelu_grad:  # the derivative the forward kept (float32, or float64)
-                df = _cpu.gelu_backward_from_grad(dg, gelu_in)
+                df = cpu.gelu_backward_from_grad(dg, gelu_in)
             else:  # f itself: the derivative is computed again
-                df = _cpu.gelu(gelu_in, dg)
-            d_fc_w = _cpu.mm(df.t(), h2, dtype=cd, out_dtype=x.dtype) if need[13] else None
+                df = cpu.gelu_backward(dg, gelu_in)
+            d_fc_w = cpu.mm(df.t(), h2, dtype=cd, out_dtype=x.dtype) if need[13] else None
             d_fc_b = _bias_grad(df, fc_bc) if need[14] else None
-            dh2 = _cpu.mm(df, fc_wc, dtype=cd)
+            dh2 = cpu.mm(df, fc_wc, dtype=cd)
             # 5. ln_2 and the residual add: x1's gradient is dx2 plus the norm's, a's the same in a's dtype
-            dx1, da, d_ln2_w, d_ln2_b = add_layer_norm_backward(
-                _cpu, dh2.view(B, T, C), dx2, x2, ln2_w, mean2, rstd2, dh2.dtype, need[11], ctx.biases[1] and need[12])
+            dx1, da, d_ln2_w, d_ln2_b = cpu.add_layer_norm_backward(
+                dh2.view(B, T, C), dx2, x2, ln2_w, mean2, rstd2, dh2.dtype, need[11], ctx.biases[1] and need[12])
             # 4. the attention projection (and its dropout)
             da = _dropout_backward(da.reshape(N, C), p, seed_a)
-            d_proj_w = _cpu.mm(da.t(), y.transpose(1, 2).reshape(N, C), dtype=cd, out_dtype=x.dtype) if need[9] else None
+            d_proj_w = cpu.mm(da.t(), y.transpose(1, 2).reshape(N, C), dtype=cd, out_dtype=x.dtype) if need[9] else None
             d_proj_b = _bias_grad(da, proj_bc) if need[10] else None
-            dy = _cpu.mm(da, proj_wc, dtype=cd).view(B, T, NH, HS).transpose(1, 2)
+            dy = cpu.mm(da, proj_wc, dtype=cd).view(B, T, NH, HS).transpose(1, 2)
             # 3. attention: dq, dk and dv land in their columns of the qkv gradient
             dqkv = torch.empty(N, 3 * C, dtype=qkv.dtype)
-            _cpu.attention_backward(dy, *_heads(qkv, B, T, NH, HS), y, lse, True, scale, p, _seed_value(seed),
-                                    grads=_heads(dqkv, B, T, NH, HS))
+            cpu.attention_backward(dy, *_heads(qkv, B, T, NH, HS), y, lse, True, scale, p, seed,
+                                   grads=_heads(dqkv, B, T, NH, HS))
             # 2. the qkv matmul
-            d_attn_w = _cpu.mm(dqkv.t(), h1, dtype=cd, out_dtype=x.dtype) if need[7] else None
+            d_attn_w = cpu.mm(dqkv.t(), h1, dtype=cd, out_dtype=x.dtype) if need[7] else None
             d_attn_b = _bias_grad(dqkv, attn_bc) if need[8] else None
-            dh1 = _cpu.mm(dqkv, attn_wc, dtype=cd)
+            dh1 = cpu.mm(dqkv, attn_wc, dtype=cd)
             # 1. ln_1 and the residual add that fed it
             if ctx.first:
-                dxn, d_ln1_w, d_ln1_b = _cpu.layer_norm_backward(dh1.to(x.dtype), x.view(N, C), ln1_w, mean1, rstd1,
-                                                                 need[5], ctx.biases[0] and need[6])
+                dxn, d_ln1_w, d_ln1_b = cpu.layer_norm_backward(dh1.to(x.dtype), x.view(N, C), ln1_w, mean1, rstd1,
+                                                                need[5], ctx.biases[0] and need[6])
                 dx, dpending = dx1 + dxn.view(B, T, C), None
             else:
-                dx, dpending, d_ln1_w, d_ln1_b = add_layer_norm_backward(
-                    _cpu, dh1.view(B, T, C), dx1, x1, ln1_w, mean1, rstd1, ctx.pending_dtype, need[5],
+                dx, dpending, d_ln1_w, d_ln1_b = cpu.add_layer_norm_backward(
+                    dh1.view(B, T, C), dx1, x1, ln1_w, mean1, rstd1, ctx.pending_dtype, need[5],
                     ctx.biases[0] and need[6])
         weights = (d_attn_w, d_attn_b, d_proj_w, d_proj_b, d_fc_w, d_fc_b, d_mp_w, d_mp_b)
         # the bias gradients come out in the matmuls' dtype; the parameters keep the stream's

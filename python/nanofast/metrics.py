@@ -58,8 +58,8 @@ def synchronize(device) -> None:
 def _nanofast_gemm(device, dtype):
     """nanofast's GEMM (float32, or bfloat16 on AVX512-BF16) where a CPU run uses it for the probe's
     1024^3 product, else None."""
-    from .ops import _cpu
-    return _cpu.mm if torch.device(device).type == "cpu" and _cpu.uses_gemm(1024, 1024, 1024, dtype) else None
+    from .ops import cpu
+    return cpu.mm if torch.device(device).type == "cpu" and cpu.uses_gemm(1024, 1024, 1024, dtype) else None
 
 
 def measure_matmul_flops(device, dtype=torch.float32, budget_s: float = 0.5) -> float:

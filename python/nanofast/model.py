@@ -22,6 +22,7 @@ linear layers, dropout and the optimizer step), chosen by GPTConfig.kernels:
 
 import inspect
 import math
+import operator
 from dataclasses import dataclass, fields
 
 import torch
@@ -157,7 +158,19 @@ class Block(nn.Module):
     Each residual add is followed by a norm (this block's second, or the next block's first), and
     LayerNorm.add_norm does the two at once. So a block takes the MLP update of the block before it as
     `pending`, and hands its own MLP update on the same way: x_out + pending_out is what nanoGPT's
-    block returns."""
+    block returns.
+
+    Where it can (can_run_fused), the block runs as one hand-written autograd node
+    (nanofast/fused_block.py) instead of calling its modules. Hooks on the block's modules send it
+    through them; global module hooks (torch.nn.modules.module.register_module_forward_hook and
+    kin) see the block's own call but not its modules' while it runs fused: torch offers no public
+    way to ask whether any are registered. GPT.use_fused_blocks(False) calls every module."""
+
+    # the parameters fused_block.forward takes, in its order (a None where a bias is off)
+    FUSED_PARAMETERS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+                        "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                        "mlp.c_proj.weight", "mlp.c_proj.bias")
+    _fused_parameters = operator.attrgetter(*FUSED_PARAMETERS)
 
     def __init__(self, config):
         super().__init__()
@@ -168,12 +181,52 @@ class Block(nn.Module):
         self.fused = True  # may run as one hand-written autograd node (see forward); GPT.use_fused_blocks
 
     def forward(self, x, pending=None):
-        if self.fused and fused_block.supported(self, x, pending):
+        if self.fused and self.can_run_fused(x, pending):
             # the same computation as the lines below, as one autograd node (nanofast/fused_block.py)
-            return fused_block.block(self, x, pending)
+            p = self.attn.dropout if self.training else 0.0
+            return fused_block.forward(x, pending, self.attn.n_head, p, *self._fused_parameters(self))
         x, h = self.ln_1.add_norm(x, pending)  # x = x + pending; h = ln_1(x)
         x, h = self.ln_2.add_norm(x, self.attn(h))  # x = x + attn(h); h = ln_2(x)
         return x, self.mlp(h)
+
+    def can_run_fused(self, x, pending):
+        """True when fused_block.forward computes what the modules would: the model's own modules with
+        the nanofast kernels and no hooks, CPU tensors, eager mode, and dtypes the C++ kernels take."""
+        if not self.ln_1.fused_add or x.device.type != "cpu" or torch.compiler.is_compiling():
+            return False
+        dtype = self.ln_1.weight.dtype
+        if x.dtype != dtype or dtype not in (torch.float32, torch.float64):
+            return False
+        if fused_block.compute_dtype(x) not in (dtype, torch.bfloat16) or x.dim() != 3 or x.shape[-1] % self.attn.n_head:
+            return False
+        if pending is not None and (pending.shape != x.shape or pending.device != x.device):
+            return False
+        for path, cls in _FUSED_MODULES:
+            m = self
+            for name in path:  # children read from _modules: nn.Module.__getattr__ is slower, on every forward
+                m = m._modules.get(name)
+                if m is None:
+                    return False
+            if type(m) is not cls or _has_hooks(m):
+                return False
+        return True
+
+
+def _has_hooks(module):
+    """Whether a hook is registered on this module itself. torch has no public query for this; these
+    are the dictionaries nn.Module keeps a module's hooks in."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+# (path, class) of the modules whose forward fused_block replaces: the model's own classes, not a
+# replacement such as a patched or adapter-wrapped layer
+_FUSED_MODULES = (((), Block), (("ln_1",), LayerNorm), (("attn",), CausalSelfAttention),
+                  (("attn", "c_attn"), nanofast_nn.Linear), (("attn", "c_proj"), nanofast_nn.Linear),
+                  (("attn", "attn_dropout"), nanofast_nn.Dropout), (("attn", "resid_dropout"), nanofast_nn.Dropout),
+                  (("ln_2",), LayerNorm), (("mlp",), MLP), (("mlp", "c_fc"), nanofast_nn.Linear),
+                  (("mlp", "gelu"), GELU), (("mlp", "c_proj"), nanofast_nn.Linear),
+                  (("mlp", "dropout"), nanofast_nn.Dropout))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 import torch
 
 from . import ops
-from .ops._validate import served
+from .ops.checks import served
 
 
 class LayerNorm(torch.nn.LayerNorm):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from . import nn as nf_nn
 from . import ops
-from .ops import _validate
+from .ops import checks
 
 _torch_sdpa = F.scaled_dot_product_attention
 _route_lock = threading.Lock()
@@ -23,7 +23,7 @@ def _unsupported_reason(query, key, value, attn_mask=None, dropout_p=0.0, is_cau
     if enable_gqa:
         return "enable_gqa"
     try:
-        _validate.attention_args(query, key, value, None, dropout_p, scale)
+        checks.attention_args(query, key, value, None, dropout_p, scale)
     except (TypeError, ValueError) as e:
         return str(e).split(": ", 1)[-1]
     return None

@@ -1,7 +1,10 @@
 """Fused kernels as torch ops: CPU tensors run C++/OpenMP, CUDA tensors run Triton.
 
 Each op is a torch.library custom op (namespace ``nanofast``) with autograd and a fake
-implementation, so it works in eager mode, under autograd and inside torch.compile.
+implementation, so it works in eager mode, under autograd and inside torch.compile. How the pieces
+fit: backend.py (what a backend provides, and cpu.py / cuda.py, the two backends), checks.py (the
+argument checks), seed.py (dropout seeds), and one module per op with its custom ops and its one
+autograd formula.
 """
 from .add_layer_norm import add_layer_norm
 from .attention import dropout_mask, scaled_dot_product_attention

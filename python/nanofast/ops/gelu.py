@@ -1,24 +1,19 @@
-"""nanofast::gelu_fwd / gelu_bwd — exact GELU (the erf form, torch's default) as custom ops, plus the
-user-facing `gelu`. CPU tensors run the C++ kernels; CUDA tensors use torch's own GELU kernels, which
-are already memory-bound there."""
+"""nanofast::gelu_fwd / gelu_bwd — exact GELU (the erf form, torch's default) as raw custom ops with
+fakes, one autograd formula for them, and the user-facing `gelu`. The backend runs them: the C++
+kernels for CPU tensors, torch's own GELU kernels for CUDA tensors (already memory-bound there). The
+formula is used as in layer_norm.py: the custom ops' autograd under torch.compile, _EagerGelu around
+the launchers in eager mode."""
 import torch
 from torch import Tensor
 
-from . import _cpu
-from ._validate import check_tensor
-
-
-def _dispatch_fwd(x):
-    return _cpu.gelu(x, None) if x.device.type == "cpu" else torch.ops.aten.gelu(x)
-
-
-def _dispatch_bwd(dy, x):
-    return _cpu.gelu(x, dy) if x.device.type == "cpu" else torch.ops.aten.gelu_backward(dy, x)
+from .backend import backend_for
+from .checks import check_tensor
+from .formula import register_formula
 
 
 @torch.library.custom_op("nanofast::gelu_fwd", mutates_args=())
 def gelu_fwd(x: Tensor) -> Tensor:
-    return _dispatch_fwd(x)
+    return backend_for(x).gelu_forward(x)
 
 
 @gelu_fwd.register_fake
@@ -28,7 +23,7 @@ def _(x):
 
 @torch.library.custom_op("nanofast::gelu_bwd", mutates_args=())
 def gelu_bwd(dy: Tensor, x: Tensor) -> Tensor:
-    return _dispatch_bwd(dy, x)
+    return backend_for(x).gelu_backward(dy, x)
 
 
 @gelu_bwd.register_fake
@@ -36,30 +31,35 @@ def _(dy, x):
     return torch.empty_like(x)
 
 
+# ---- the autograd formula ----
+
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(inputs[0])
 
 
 def _backward(ctx, dy):
+    """x's gradient; ctx.raw_backward is the raw backward (the custom op, or in eager mode the
+    backend's launcher)."""
     (x,) = ctx.saved_tensors
-    return gelu_bwd(dy.contiguous(), x)
+    return ctx.raw_backward(dy.contiguous(), x)
 
 
-gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_formula(gelu_fwd, gelu_bwd, _setup_context, _backward)
 
 
 class _EagerGelu(torch.autograd.Function):
-    """The eager-mode path: the custom op's autograd formula, minus the op dispatch (see layer_norm.py)."""
+    """Eager mode: the formula above around the backend's launchers, without the op dispatch."""
 
     @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return _dispatch_fwd(x)
+    def forward(ctx, x, backend):
+        y = backend.gelu_forward(x)
+        _setup_context(ctx, (x,), y)
+        ctx.raw_backward = backend.gelu_backward
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        (x,) = ctx.saved_tensors
-        return _dispatch_bwd(dy.contiguous(), x)
+        return _backward(ctx, dy), None
 
 
 def gelu(input: Tensor, approximate: str = "none") -> Tensor:
@@ -70,4 +70,4 @@ def gelu(input: Tensor, approximate: str = "none") -> Tensor:
     x = input.contiguous()
     if torch.compiler.is_compiling():
         return gelu_fwd(x)
-    return _EagerGelu.apply(x)
+    return _EagerGelu.apply(x, backend_for(x))

@@ -1,13 +1,16 @@
-"""nanofast::linear_fwd / linear_bwd — nn.Linear's product, y = x @ W^T + b, as torch.library custom
-ops with autograd and fake implementations, plus the user-facing `linear` (F.linear's signature).
+"""nanofast::linear_fwd / linear_bwd — nn.Linear's product, y = x @ W^T + b, as raw custom ops with
+fakes, one autograd formula for them, and the user-facing `linear` (F.linear's signature). The formula
+is used as in layer_norm.py: the custom ops' autograd under torch.compile, _EagerLinear around the
+launchers in eager mode.
 
 On the CPU the products run nanofast's float32 GEMM (csrc/gemm.h) where the CPU has AVX-512: torch's
-float32 matmul there is MKL's AVX2 code on AMD CPUs, at half the rate the FMA units allow, and the
+float32 matmul there is MKL's AVX2 code on AMD CPUs, well below what the FMA units allow, and the
 matmuls are most of a float32 training step. Under bfloat16 autocast on CPUs with AVX512-BF16 they run
 nanofast's bfloat16 GEMM (csrc/gemm_bf16.h) on the float32 weights, rounded while packed instead of
 cast copies; the weight gradient comes out as float32 sums, not rounded to bfloat16 first. float64,
-bfloat16 and other CPUs use torch's matmul through the same autograd formula; CUDA and other devices,
-float16, and other autocast regions use torch.nn.functional.linear.
+bfloat16 and other CPUs use torch's matmul through the same autograd formula; backends without a
+linear of their own (RUNS_LINEAR False: CUDA), other devices, float16, and other autocast regions use
+torch.nn.functional.linear.
 
 Backward: dx = dy @ W, dW = dy^T @ x, db = dy summed over the rows.
 """
@@ -17,68 +20,75 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _cpu
-from ._validate import linear_args, served
+from . import cpu
+from .backend import backend_for
+from .checks import linear_args, served
+from .formula import register_formula
 
 
 @torch.library.custom_op("nanofast::linear_fwd", mutates_args=())
-def linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return _cpu.linear(x, weight, bias)
+def linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], dtype: Optional[torch.dtype] = None) -> Tensor:
+    return backend_for(x).linear(x, weight, bias, dtype)
 
 
 @linear_fwd.register_fake
-def _(x, weight, bias):
-    return x.new_empty((x.shape[0], weight.shape[0]))
+def _(x, weight, bias, dtype=None):
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=dtype or x.dtype)
 
 
 @torch.library.custom_op("nanofast::linear_bwd", mutates_args=())
-def linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, need_input_grad: bool,
-               need_weight_grad: bool) -> Tuple[Tensor, Tensor]:
-    dx, dw, _ = _cpu.linear_backward(dy, x, weight, need_input_grad, need_weight_grad, False)
+def linear_bwd(dy: Tensor, x: Tensor, weight: Tensor, need_input_grad: bool, need_weight_grad: bool,
+               need_bias_grad: bool = False, dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    dx, dw, db = backend_for(x).linear_backward(dy, x, weight, need_input_grad, need_weight_grad, need_bias_grad,
+                                                dtype)
     # Custom ops cannot return None: a gradient that was not asked for comes back empty.
-    return x.new_empty((0,)) if dx is None else dx, x.new_empty((0,)) if dw is None else dw
+    empty = lambda: x.new_empty((0,))  # noqa: E731
+    return empty() if dx is None else dx, empty() if dw is None else dw, empty() if db is None else db
 
 
 @linear_bwd.register_fake
-def _(dy, x, weight, need_input_grad, need_weight_grad):
-    return (x.new_empty(x.shape if need_input_grad else (0,)),
-            x.new_empty(weight.shape if need_weight_grad else (0,)))
+def _(dy, x, weight, need_input_grad, need_weight_grad, need_bias_grad=False, dtype=None):
+    return (x.new_empty(x.shape if need_input_grad else (0,), dtype=dtype or x.dtype),
+            weight.new_empty(weight.shape if need_weight_grad else (0,)),
+            dy.new_empty((weight.shape[0],) if need_bias_grad else (0,)))
 
+
+# ---- the autograd formula ----
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias = inputs
+    x, weight, bias, dtype = inputs
     ctx.save_for_backward(x, weight)
     ctx.has_bias = bias is not None
+    ctx.dtype = dtype
 
 
 def _backward(ctx, dy):
+    """The inputs' gradients; ctx.raw_backward is the raw backward (the custom op, or in eager mode
+    the backend's launcher)."""
     x, weight = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad
-    dx, dw = linear_bwd(dy, x, weight, need_x, need_w)
-    db = dy.sum(0) if ctx.has_bias and need_b else None
-    return dx if need_x else None, dw if need_w else None, db
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_b = ctx.has_bias and need_b
+    dx, dw, db = ctx.raw_backward(dy, x, weight, need_x, need_w, need_b, ctx.dtype)
+    return dx if need_x else None, dw if need_w else None, db if need_b else None, None
 
 
-linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_formula(linear_fwd, linear_bwd, _setup_context, _backward)
 
 
 class _EagerLinear(torch.autograd.Function):
-    """The eager-mode path: the custom op's autograd formula, minus the op dispatch (see layer_norm.py).
+    """Eager mode: the formula above around the backend's launchers, without the op dispatch.
     dtype: the products' dtype (bfloat16 under autocast), else None for the input's."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, dtype=None):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        ctx.dtype = dtype
-        return _cpu.linear(x, weight, bias, dtype)
+    def forward(ctx, x, weight, bias, dtype, backend):
+        y = backend.linear(x, weight, bias, dtype)
+        _setup_context(ctx, (x, weight, bias, dtype), y)
+        ctx.raw_backward = backend.linear_backward
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx, dw, db = _cpu.linear_backward(dy, x, weight, need_x, need_w, ctx.has_bias and need_b, ctx.dtype)
-        return dx, dw, db, None
+        return *_backward(ctx, dy), None
 
 
 _BF16_OPERANDS = (torch.float32, torch.bfloat16)
@@ -101,23 +111,26 @@ def _bfloat16_autocast(input, weight, bias):
     if input.dim() == 0 or input.shape[-1] != in_features or (bias is not None and tuple(bias.shape) != (out_features,)):
         return True  # nanofast's checks, which name the shapes
     rows = input.numel() // in_features if in_features else 0
-    return _cpu.uses_gemm(rows, out_features, in_features, torch.bfloat16)
+    return cpu.uses_gemm(rows, out_features, in_features, torch.bfloat16)
 
 
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """torch.nn.functional.linear: input (..., in) @ weight (out, in)^T + bias (out,)."""
-    dtype = None
-    if isinstance(input, Tensor) and input.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        if not (isinstance(weight, Tensor) and _bfloat16_autocast(input, weight, bias)):
-            return F.linear(input, weight, bias)  # autocast picks the dtype and casts the weights itself
-        dtype = torch.bfloat16
-    elif isinstance(input, Tensor) and (input.device.type != "cpu" or (input.is_floating_point() and not served(input))):
-        # torch's: other devices, and float16 (nothing to gain here, and patch() must not break such models)
-        return F.linear(input, weight, bias)
+    dtype = backend = None
+    if isinstance(input, Tensor):
+        backend = backend_for(input)
+        if not backend.RUNS_LINEAR or (input.is_floating_point() and not served(input)):
+            # torch's: backends without a linear of their own, float16 and other devices (nothing to gain
+            # there, and patch() must not break such models)
+            return F.linear(input, weight, bias)
+        if input.is_cpu and torch.is_autocast_enabled("cpu"):
+            if not (isinstance(weight, Tensor) and _bfloat16_autocast(input, weight, bias)):
+                return F.linear(input, weight, bias)  # autocast picks the dtype and casts the weights itself
+            dtype = torch.bfloat16
     linear_args(input, weight, bias, mixed=dtype is not None)
     x = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
     if torch.compiler.is_compiling():  # (never under autocast: see _bfloat16_autocast)
         y = linear_fwd(x, weight, bias)
     else:
-        y = _EagerLinear.apply(x, weight, bias, dtype)
+        y = _EagerLinear.apply(x, weight, bias, dtype, backend)
     return y if input.dim() == 2 else y.view(*input.shape[:-1], weight.shape[0])

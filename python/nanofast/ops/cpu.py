@@ -1,18 +1,34 @@
-"""Calls into the C++/OpenMP kernels (nanofast._C): tensors in, raw pointers, sizes and strides out.
+"""The CPU backend: launchers of the C++/OpenMP kernels (nanofast._C), as backend.py describes them.
 
-Shapes and dtypes are checked by the callers (_validate.py); this layer only allocates outputs and
-translates tensors into the pointer-and-stride form the C++ side takes.
+Tensors in, raw pointers, sizes and strides out: this layer allocates the outputs and translates
+tensors into the pointer-and-stride form the C++ side takes. Arguments are checked by the callers
+(checks.py), against the capabilities written here.
 """
 import torch
 
 from .. import _C
 from .._layout import empty_bthd, empty_grad_like
+from .compose import composed_add_layer_norm_backward, composed_add_layer_norm_forward
+from .seed import seed_value
 
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
-CPU_DTYPES = tuple(_DTYPE_CODE)
+
+# ---- capabilities (read by checks.py and the ops; see backend.py) ----
+NAME = "nanofast's CPU backend"
+DTYPES = tuple(_DTYPE_CODE)
+MAX_HEAD_DIM = 256
+VALUE_HEAD_DIM_MAY_DIFFER = True
+LAYER_NORM_PARAMS_ANY_DTYPE = False
+MAX_BATCH_HEADS = None
+RUNS_DROPOUT = True
+RUNS_LINEAR = True
+# (x, residual, y) dtypes the fused add + LayerNorm kernel takes; add_layer_norm_* compose the others
+ADD_LAYER_NORM_DTYPES = frozenset({(torch.float64,) * 3, (torch.bfloat16,) * 3} | {
+    (torch.float32, r, y) for r in (torch.float32, torch.bfloat16) for y in (torch.float32, torch.bfloat16)})
 
 
-def _acc_dtype(dtype):
+def stats_dtype(dtype):
+    """The dtype of LayerNorm's saved mean and rstd, and of attention's log-sum-exp, for inputs of dtype."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -33,8 +49,8 @@ def _threads():
     return torch.get_num_threads()
 
 
-# The two LayerNorm launchers are written out call by call: at nanoGPT's CPU shapes (768 x 128) each
-# kernel takes 6-9 µs, and every Python call around it (a helper, a second dtype lookup) is 0.1 µs more.
+# The two LayerNorm launchers are written out call by call: at nanoGPT's CPU shapes the kernels are
+# short enough that every Python call around them (a helper, a second dtype lookup) shows.
 
 def layer_norm_forward(x, weight, bias, eps):
     N, C = x.shape
@@ -72,11 +88,6 @@ def layer_norm_backward(dy, x, weight, mean, rstd, need_weight_grad, need_bias_g
     return dx, dw, db
 
 
-# (x, residual, y) dtypes the fused add + LayerNorm kernel takes; other combinations are composed
-ADD_LAYER_NORM_DTYPES = {(torch.float64,) * 3, (torch.bfloat16,) * 3} | {
-    (torch.float32, r, y) for r in (torch.float32, torch.bfloat16) for y in (torch.float32, torch.bfloat16)}
-
-
 def _rows(t):
     """t as rows of its last dimension, without a copy where its strides allow: (t or a packed copy,
     the number of rows, the row stride). The last dimension has unit stride (the callers see to it)."""
@@ -98,14 +109,16 @@ def _rows(t):
 def add_layer_norm_forward(x, residual, weight, bias, eps, out_dtype):
     """(h, y, mean, rstd) over the last dimension of x and residual (same shape, any leading
     dimensions); h and y come out contiguous, in x's shape."""
+    if (x.dtype, residual.dtype, out_dtype) not in ADD_LAYER_NORM_DTYPES:
+        return composed_add_layer_norm_forward(layer_norm_forward, x, residual, weight, bias, eps, out_dtype)
     C = x.shape[-1]
     x, N, x_stride = _rows(x)
     residual, _, r_stride = _rows(residual)
     weight, bias = _packed(weight), _packed(bias)
     h = torch.empty(x.shape, dtype=x.dtype)
     y = torch.empty(x.shape, dtype=out_dtype)
-    mean = torch.empty(N, dtype=_acc_dtype(x.dtype))
-    rstd = torch.empty(N, dtype=_acc_dtype(x.dtype))
+    mean = torch.empty(N, dtype=stats_dtype(x.dtype))
+    rstd = torch.empty(N, dtype=stats_dtype(x.dtype))
     if x.numel():
         _C.add_layer_norm_forward(_DTYPE_CODE[x.dtype], _DTYPE_CODE[residual.dtype], _DTYPE_CODE[out_dtype], N, C,
                                   x.data_ptr(), x_stride, residual.data_ptr(), r_stride, _ptr(weight), _ptr(bias),
@@ -115,6 +128,9 @@ def add_layer_norm_forward(x, residual, weight, bias, eps, out_dtype):
 
 def add_layer_norm_backward(dy, dh, h, weight, mean, rstd, residual_dtype, need_weight_grad, need_bias_grad):
     """(dx, dresidual, dw, db) in h's shape; dresidual is dx itself when the residual has h's dtype."""
+    if (h.dtype, residual_dtype, dy.dtype) not in ADD_LAYER_NORM_DTYPES:
+        return composed_add_layer_norm_backward(layer_norm_backward, dy, dh, h, weight, mean, rstd, residual_dtype,
+                                                need_weight_grad, need_bias_grad)
     C = h.shape[-1]
     dy, N, dy_stride = _rows(dy)
     weight, mean, rstd, dh = _packed(weight), _packed(mean), _packed(rstd), _packed(dh)
@@ -135,19 +151,19 @@ def attention_forward(q, k, v, is_causal, scale, dropout_p, seed):
     B, NH, TQ, HS = q.shape
     TK, HSV = k.shape[2], v.shape[3]
     out = empty_bthd(B, NH, TQ, HSV, q)
-    lse = torch.empty(B, NH, TQ, dtype=_acc_dtype(q.dtype))
+    lse = torch.empty(B, NH, TQ, dtype=stats_dtype(q.dtype))
     if out.numel() and TK == 0:  # softmax over no keys: torch returns zeros
         out.zero_()
         lse.fill_(float("-inf"))
     elif out.numel():
         _C.attention_forward(_DTYPE_CODE[q.dtype], B, NH, TQ, TK, HS, HSV, q.data_ptr(), _strides3(q),
                              k.data_ptr(), _strides3(k), v.data_ptr(), _strides3(v), out.data_ptr(), _strides3(out),
-                             lse.data_ptr(), float(scale), bool(is_causal), float(dropout_p), int(seed), _threads())
+                             lse.data_ptr(), float(scale), bool(is_causal), float(dropout_p), seed_value(seed), _threads())
     return out, lse
 
 
 def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed, grads=None):
-    """(dq, dk, dv). `grads` may name three tensors of q's, k's and v's shapes and dtype, any strides
+    """(dq, dk, dv). `grads` (this backend only) may name three tensors of q's, k's and v's shapes and dtype, any strides
     with a unit last one, for the kernel to write into (nanofast.fused_block passes views of one
     (B, T, 3C) buffer, so the gradient of the qkv matmul's output needs no concatenation)."""
     B, NH, TQ, HS = q.shape
@@ -159,12 +175,12 @@ def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, see
     _C.attention_backward(_DTYPE_CODE[q.dtype], B, NH, TQ, TK, HS, HSV, q.data_ptr(), _strides3(q), k.data_ptr(),
                           _strides3(k), v.data_ptr(), _strides3(v), out.data_ptr(), _strides3(out), dout.data_ptr(),
                           _strides3(dout), lse.data_ptr(), dq.data_ptr(), _strides3(dq), dk.data_ptr(), _strides3(dk),
-                          dv.data_ptr(), _strides3(dv), float(scale), bool(is_causal), float(dropout_p), int(seed),
-                          _threads())
+                          dv.data_ptr(), _strides3(dv), float(scale), bool(is_causal), float(dropout_p),
+                          seed_value(seed), _threads())
     return dq, dk, dv
 
 
-def gelu(x, dy):
+def _gelu(x, dy):
     """gelu(x), or dy * gelu'(x) when dy is given."""
     x, dy = _packed(x), _packed(dy)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -173,20 +189,29 @@ def gelu(x, dy):
     return out
 
 
-def gelu_saving_grad(x):
+def gelu_forward(x):
+    return _gelu(x, None)
+
+
+def gelu_backward(dy, x):
+    """dy * gelu'(x)."""
+    return _gelu(x, dy)
+
+
+def gelu_forward_saving_grad(x):
     """(gelu(x), gelu'(x)): the derivative in the accumulation dtype (float32 for bfloat16), for
-    gelu_backward_from_grad."""
+    gelu_backward_from_grad (this backend only: nanofast.fused_block keeps the derivative)."""
     x = _packed(x)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    grad = torch.empty(x.shape, dtype=_acc_dtype(x.dtype))
+    grad = torch.empty(x.shape, dtype=stats_dtype(x.dtype))
     if x.numel():
         _C.gelu(_DTYPE_CODE[x.dtype], x.numel(), x.data_ptr(), 0, out.data_ptr(), _threads(), grad.data_ptr())
     return out, grad
 
 
 def gelu_backward_from_grad(dy, grad):
-    """dy * gelu'(x) from the derivative gelu_saving_grad kept: the bits of gelu(x, dy), without
-    the erf and exp."""
+    """dy * gelu'(x) from the derivative gelu_forward_saving_grad kept: the bits of gelu_backward(dy, x),
+    without the erf and exp."""
     dy = _packed(dy)
     out = torch.empty_like(dy, memory_format=torch.contiguous_format)
     if dy.numel():
@@ -273,7 +298,8 @@ def dropout(x, p, seed):
     x = _packed(x)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.numel():
-        _C.dropout(_DTYPE_CODE[x.dtype], x.numel(), x.data_ptr(), out.data_ptr(), int(seed), float(p), _threads())
+        _C.dropout(_DTYPE_CODE[x.dtype], x.numel(), x.data_ptr(), out.data_ptr(), seed_value(seed), float(p),
+                   _threads())
     return out
 
 

@@ -1,0 +1,64 @@
+"""What a backend provides, and which backend serves a tensor.
+
+A backend is a module of launchers: plain functions, no autograd, tensors in and out, arguments
+already checked (checks.py). nanofast.ops' autograd formulas call them directly in eager mode and
+through the raw custom ops (nanofast::*_fwd / *_bwd) under torch.compile. Two backends exist:
+
+    cpu.py    the C++/OpenMP kernels (nanofast._C)
+    cuda.py   nanofast.kernels' Triton kernels, and torch's own where nanofast has no CUDA kernel
+
+Launchers (every shape below is a tensor's; "stats" means backend.stats_dtype(x.dtype)):
+
+    layer_norm_forward(x, weight, bias, eps) -> (y, mean, rstd)
+        x (N, C) with a unit last stride; weight, bias (C,) or None; y (N, C) contiguous in x's
+        dtype; mean, rstd (N,) stats.
+    layer_norm_backward(dy, x, weight, mean, rstd, need_weight_grad, need_bias_grad) -> (dx, dw, db)
+        dx (N, C) contiguous; dw, db (C,) in the weight's dtype, or None where not needed.
+    add_layer_norm_forward(x, residual, weight, bias, eps, out_dtype) -> (h, y, mean, rstd)
+        h = x + residual in x's dtype, y its LayerNorm in out_dtype, over the last dimension of any
+        leading dimensions; fused for the (x, residual, y) dtypes in ADD_LAYER_NORM_DTYPES, composed
+        from the LayerNorm launchers (compose.py) for the others.
+    add_layer_norm_backward(dy, dh, h, weight, mean, rstd, residual_dtype, need_weight_grad,
+                            need_bias_grad) -> (dx, dresidual, dw, db)
+        dh (h's gradient) may be None; dresidual may be dx itself when the residual has h's dtype.
+    attention_forward(q, k, v, is_causal, scale, dropout_p, seed) -> (out, lse)
+        q (B, H, Tq, D), k (B, H, Tk, D), v (B, H, Tk, Dv), any strides with a unit last one; out
+        (B, H, Tq, Dv) laid out as (B, Tq, H, Dv) (_layout.empty_bthd); lse (B, H, Tq) stats.
+        seed: an int, a one-element int64 tensor (seed.py), or None without dropout.
+    attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed) -> (dq, dk, dv)
+        each in its input's layout where that is dense (_layout.empty_grad_like).
+    gelu_forward(x) -> y,  gelu_backward(dy, x) -> dx       (exact erf GELU)
+    dropout_mask(seed, batch, heads, q_len, k_len, p) -> bool (batch, heads, q_len, k_len)
+        the keep mask the attention kernels apply for that seed.
+    dropout(x, p, seed) -> y                                 (only where RUNS_DROPOUT)
+        keyed by seed; the same call on the gradient is the backward.
+    linear(x, weight, bias, dtype) -> y                      (only where RUNS_LINEAR)
+    linear_backward(dy, x, weight, need_input_grad, need_weight_grad, need_bias_grad, dtype)
+        -> (dx, dw, db), None where not needed; dtype: the products' (autocast's), None for x's.
+
+Capabilities (data, read by checks.py and the ops):
+
+    NAME                       for error messages
+    DTYPES                     the floating-point dtypes the kernels take
+    MAX_HEAD_DIM               attention's largest head size
+    VALUE_HEAD_DIM_MAY_DIFFER  whether v's head size may differ from q's and k's
+    LAYER_NORM_PARAMS_ANY_DTYPE  whether LayerNorm's weight and bias may have another of DTYPES than
+                               the input (the gradients then come in the parameters' dtype)
+    MAX_BATCH_HEADS            attention's largest batch * heads (None: no limit)
+    ADD_LAYER_NORM_DTYPES      the (x, residual, y) dtypes the fused add + LayerNorm kernel takes
+    RUNS_DROPOUT, RUNS_LINEAR  False: nanofast.ops hands those ops to torch.nn.functional
+    stats_dtype(dtype)         the dtype of the saved LayerNorm statistics and attention's lse
+"""
+from . import cpu, cuda
+
+
+def backend_for(t):
+    """The backend that serves tensor t: CUDA tensors the CUDA backend, others the CPU one (the
+    checks have turned away devices that no backend serves)."""
+    return cuda if t.is_cuda else cpu
+
+
+def backend_of_device(t):
+    """The backend of t's device, or None when nanofast has none for it (is_cuda and is_cpu, not
+    t.device: this runs on every call, and building a device object costs more than the two reads)."""
+    return cuda if t.is_cuda else cpu if t.is_cpu else None
