@@ -106,6 +106,9 @@ bool gemm_preferred() {
   return !cpu_is_intel();
 }
 
+bool use_gemm_f32() { return kernels().has_gemm_f32 && gemm_preferred(); }
+bool use_gemm_bf16() { return kernels().has_gemm_bf16 && gemm_preferred(); }
+
 const char* available_isas() {
   static std::string list;
   list.clear();

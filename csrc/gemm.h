@@ -24,7 +24,9 @@
 namespace nanofast {
 namespace NF_ISA {
 
+// Only AVX-512 has a GEMM here (kernels_isa.cpp puts it in the table): below it, torch's is as fast.
 #if defined(__AVX512F__)
+#define NF_HAS_GEMM_F32 1
 
 constexpr int kGemmMR = 12;         // rows of the C tile held in registers
 constexpr int kGemmNR = 32;         // its columns: two zmm vectors (12 x 2 = 24 accumulators of 32)
@@ -218,23 +220,20 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, int num_threads, Block&& blo
   }
 }
 
-inline bool gemm_f32(const GemmArgs& g) {
-  if (g.M <= 0 || g.N <= 0) return true;
+inline void gemm_f32(const GemmArgs& g) {
+  if (g.M <= 0 || g.N <= 0) return;
   if (g.K == 0) {  // an empty sum: C = bias or 0 (or unchanged when accumulating)
     for (int64_t i = 0; i < g.M && !g.accumulate; ++i)
       for (int64_t j = 0; j < g.N; ++j) g.c[i * g.ldc + j] = g.bias ? g.bias[j] : 0.0f;
-    return true;
+    return;
   }
   const GemmF32Kernel kern{g};
   gemm_parallel(g.M, g.N, g.K, g.num_threads,
                 [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { gemm_blocked(kern, g.K, m0, m1, n0, n1); });
-  return true;
 }
 
 #else
-
-inline bool gemm_f32(const GemmArgs&) { return false; }  // no AVX-512: the caller uses torch's matmul
-
+#define NF_HAS_GEMM_F32 0
 #endif
 
 }  // namespace NF_ISA

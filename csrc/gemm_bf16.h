@@ -28,7 +28,9 @@
 namespace nanofast {
 namespace NF_ISA {
 
+// Only AVX512-BF16 has this GEMM (kernels_isa.cpp puts it in the table): below it, no bfloat16 dot product.
 #if defined(__AVX512BF16__)
+#define NF_HAS_GEMM_BF16 1
 
 constexpr int64_t kGemmKP = 1024;  // k pairs per slice: K up to 2048 in one (B's micro-panel, KP x NR words, 128 KB in L2)
 
@@ -184,8 +186,8 @@ void gemm_bf16_run(const GemmBf16Args& g, const float* bias) {
   });
 }
 
-inline bool gemm_bf16(const GemmBf16Args& g) {
-  if (g.M <= 0 || g.N <= 0) return true;
+inline void gemm_bf16(const GemmBf16Args& g) {
+  if (g.M <= 0 || g.N <= 0) return;
   std::vector<float> bias;  // widened once
   if (g.bias && !g.accumulate) {
     bias.resize(g.N);
@@ -200,7 +202,7 @@ inline bool gemm_bf16(const GemmBf16Args& g) {
         if (g.c_dtype == kBFloat16) static_cast<bf16*>(g.c)[i * g.ldc + j] = bf16{uint16_t(bf16_bits(v))};
         else static_cast<float*>(g.c)[i * g.ldc + j] = v;
       }
-    return true;
+    return;
   }
   const float* b = bias.empty() ? nullptr : bias.data();
   const bool a16 = g.a_dtype == kBFloat16, b16 = g.b_dtype == kBFloat16;
@@ -208,13 +210,10 @@ inline bool gemm_bf16(const GemmBf16Args& g) {
   else if (a16) gemm_bf16_run<bf16, float>(g, b);
   else if (b16) gemm_bf16_run<float, bf16>(g, b);
   else gemm_bf16_run<float, float>(g, b);
-  return true;
 }
 
 #else
-
-inline bool gemm_bf16(const GemmBf16Args&) { return false; }  // no AVX512-BF16: the caller uses torch's matmul
-
+#define NF_HAS_GEMM_BF16 0
 #endif
 
 }  // namespace NF_ISA

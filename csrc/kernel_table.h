@@ -175,27 +175,30 @@ struct GemmBf16Args {
   int num_threads;
 };
 
+// One instruction set's kernels, filled member by member in kernels_isa.cpp. The GEMMs exist only on
+// some instruction sets: has_gemm_f32 and has_gemm_bf16 say whether this table has them (their
+// pointers are null otherwise).
 struct KernelTable {
-  const char* isa;
-  void (*layer_norm_forward)(const LayerNormForwardArgs&);
-  void (*layer_norm_backward)(const LayerNormBackwardArgs&);
-  void (*attention_forward)(const AttentionForwardArgs&);
-  void (*attention_backward)(const AttentionBackwardArgs&);
-  // Writes the (B, NH, TQ, TK) keep-mask (1 = kept) the attention kernels apply for this seed.
-  void (*gelu_forward)(const GeluArgs&);
-  void (*gelu_backward)(const GeluArgs&);
-  void (*dropout_mask)(uint64_t seed, int64_t B, int64_t NH, int64_t TQ, int64_t TK, float p,
-                       uint8_t* out, int num_threads);
+  const char* isa = nullptr;
+  bool has_gemm_f32 = false;   // AVX-512 (below it, torch's float32 matmul is as fast)
+  bool has_gemm_bf16 = false;  // AVX512-BF16 (below it, no bfloat16 dot product)
+  void (*layer_norm_forward)(const LayerNormForwardArgs&) = nullptr;
+  void (*layer_norm_backward)(const LayerNormBackwardArgs&) = nullptr;
   // false if the dtype combination is not one of the fused kernel's (the caller falls back).
-  bool (*add_layer_norm_forward)(const AddLayerNormForwardArgs&);
-  bool (*add_layer_norm_backward)(const AddLayerNormBackwardArgs&);
+  bool (*add_layer_norm_forward)(const AddLayerNormForwardArgs&) = nullptr;
+  bool (*add_layer_norm_backward)(const AddLayerNormBackwardArgs&) = nullptr;
+  void (*attention_forward)(const AttentionForwardArgs&) = nullptr;
+  void (*attention_backward)(const AttentionBackwardArgs&) = nullptr;
+  // Writes the (B, NH, TQ, TK) keep-mask (1 = kept) the attention kernels apply for this seed.
+  void (*dropout_mask)(uint64_t seed, int64_t B, int64_t NH, int64_t TQ, int64_t TK, float p, uint8_t* out,
+                       int num_threads) = nullptr;
+  void (*dropout)(const DropoutArgs&) = nullptr;
+  void (*gelu_forward)(const GeluArgs&) = nullptr;
+  void (*gelu_backward)(const GeluArgs&) = nullptr;
   // Returns the gradient norm before clipping, or -1 when max_grad_norm <= 0.
-  double (*adamw_step)(const AdamWArgs&);
-  void (*dropout)(const DropoutArgs&);
-  // false where this instruction set has no GEMM of its own (below AVX-512 torch's is as fast)
-  bool (*gemm_f32)(const GemmArgs&);
-  // false where the instruction set has no bfloat16 dot product (below AVX512-BF16)
-  bool (*gemm_bf16)(const GemmBf16Args&);
+  double (*adamw_step)(const AdamWArgs&) = nullptr;
+  void (*gemm_f32)(const GemmArgs&) = nullptr;      // only where has_gemm_f32
+  void (*gemm_bf16)(const GemmBf16Args&) = nullptr;  // only where has_gemm_bf16
 };
 
 // The best table this CPU supports, or the one named by NANOFAST_ISA / select_isa().
@@ -205,5 +208,8 @@ const char* available_isas();       // comma-separated, best last
 // Whether float32 matmuls should use nanofast's GEMM where the instruction set has one: NANOFAST_GEMM=0|1
 // decides, else every CPU but Intel's (where torch's MKL has AVX-512 code of its own).
 bool gemm_preferred();
+// Whether matmuls use nanofast's GEMMs: the selected table has one and gemm_preferred().
+bool use_gemm_f32();
+bool use_gemm_bf16();
 
 }  // namespace nanofast

@@ -107,7 +107,9 @@ bool gemm(int64_t M, int64_t N, int64_t K, uintptr_t a, int64_t a_rs, int64_t a_
           int64_t b_cs, uintptr_t c, int64_t ldc, uintptr_t bias, bool accumulate, int num_threads) {
   nanofast::GemmArgs g{M, N, K, ptr<const float>(a), a_rs, a_cs, ptr<const float>(b), b_rs, b_cs, ptr<float>(c),
                        ldc, ptr<const float>(bias), accumulate, num_threads};
-  return kernels().gemm_f32(g);
+  if (!kernels().has_gemm_f32) return false;
+  kernels().gemm_f32(g);
+  return true;
 }
 
 bool gemm_bf16(int64_t M, int64_t N, int64_t K, uintptr_t a, int64_t a_rs, int64_t a_cs, int a_dtype, uintptr_t b,
@@ -126,7 +128,9 @@ bool gemm_bf16(int64_t M, int64_t N, int64_t K, uintptr_t a, int64_t a_rs, int64
     throw std::invalid_argument("gemm_bf16: accumulate (C += A @ B) needs a float32 C");
   nanofast::GemmBf16Args g{M, N, K, ptr<const void>(a), a_rs, a_cs, a_dtype, ptr<const void>(b), b_rs, b_cs, b_dtype,
                            ptr<void>(c), ldc, c_dtype, ptr<const void>(bias), bias_dtype, accumulate, num_threads};
-  return kernels().gemm_bf16(g);
+  if (!kernels().has_gemm_bf16) return false;
+  kernels().gemm_bf16(g);
+  return true;
 }
 
 // ptrs: (param, grad, exp_avg, exp_avg_sq, step) per tensor; settings: (lr, weight_decay, beta1, beta2,
@@ -183,14 +187,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("grad") = 0);
   m.def("gemm", &gemm, release(),
         "float32 C = A @ B (+ bias) through strides; false (nothing done) where the ISA has no GEMM");
-  m.def("has_gemm", [] { return kernels().gemm_f32(nanofast::GemmArgs{}) && nanofast::gemm_preferred(); },
+  m.def("has_gemm", &nanofast::use_gemm_f32,
         "whether float32 matmuls use nanofast's GEMM: the selected instruction set has one (AVX-512) and "
         "the CPU is not Intel's, or NANOFAST_GEMM=1");
   m.def("gemm_bf16", &gemm_bf16, release(),
         "C = A @ B (+ bias) with bfloat16 products and float32 sums; A, B, bias float32 or bfloat16 (rounded on "
         "the way in), C float32 or bfloat16; false (nothing done) where the ISA has no bfloat16 dot product");
-  m.def("has_gemm_bf16",
-        [] { return kernels().gemm_bf16(nanofast::GemmBf16Args{}) && nanofast::gemm_preferred(); },
+  m.def("has_gemm_bf16", &nanofast::use_gemm_bf16,
         "whether bfloat16 matmuls use nanofast's GEMM: the selected instruction set has AVX512-BF16 and the "
         "CPU is not Intel's, or NANOFAST_GEMM=1");
   m.def("adamw_step", &adamw_step, release(), "clip (max_grad_norm > 0) and AdamW-step float32 tensors");
