@@ -217,7 +217,7 @@ inline void pack_row_pairs(const T* src, int64_t row_stride, int64_t rows, int64
   auto load16 = [&](int64_t r, int64_t n) -> __m256i {
     const int64_t m = std::min<int64_t>(16, cols - n);
     if (r >= rows || m <= 0) return _mm256_setzero_si256();
-    const __mmask16 mask = m >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << m) - 1);
+    const __mmask16 mask = lanes_mask(m);
     if constexpr (std::is_same<T, float>::value)
       return (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, src + r * row_stride + n));
     else

@@ -20,6 +20,8 @@
 #include <vector>
 
 #include "kernel_table.h"
+#include "simd.h"
+#include "transpose.h"
 
 namespace nanofast {
 namespace NF_ISA {
@@ -33,34 +35,6 @@ constexpr int kGemmNR = 32;         // its columns: two zmm vectors (12 x 2 = 24
 constexpr int64_t kGemmKC = 512;    // depth of a slice: B's micro-panel (KC x NR) is up to 64 KB, from L1/L2
 constexpr int64_t kGemmMC = 192;    // rows of A packed at a time: MC x KC = up to 384 KB, in L2
 constexpr int64_t kGemmNC = 2048;   // columns of B packed at a time
-
-// out[j][i] = r[i][j] for a 16 x 16 block of floats held in 16 registers (in place).
-inline void transpose16(__m512 r[16]) {
-  __m512 t[16], u[16];
-  for (int i = 0; i < 8; ++i) {  // pairs of rows interleaved within each 128-bit lane
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int g = 0; g < 4; ++g) {  // quads of rows: lane l of u[4g + c] holds column 4l + c of rows 4g..4g+3
-    const __m512d t0 = _mm512_castps_pd(t[4 * g]), t1 = _mm512_castps_pd(t[4 * g + 1]);
-    const __m512d t2 = _mm512_castps_pd(t[4 * g + 2]), t3 = _mm512_castps_pd(t[4 * g + 3]);
-    u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
-    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
-    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
-    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
-  }
-  for (int c = 0; c < 4; ++c) {  // gather lane l of the four quads: column 4l + c of all 16 rows
-    const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
-    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
-    const __m512 v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
-    r[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
-    r[4 + c] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
-    r[8 + c] = _mm512_shuffle_f32x4(v1, v3, 0x88);
-    r[12 + c] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
-  }
-}
-
-inline __mmask16 lanes_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 
 // Packs the W x kc block src[w * ws + k * ks] (w < W <= WIDTH, k < kc) as dst[k * WIDTH + w], zero
 // beyond W: a panel of A (WIDTH = MR, w the row) or of B (WIDTH = NR, w the column).
@@ -78,12 +52,11 @@ void gemm_pack_panel(const float* src, int64_t ws, int64_t ks, int64_t W, int64_
     int64_t k0 = 0;
     for (; k0 + 16 <= kc; k0 += 16)
       for (int w0 = 0; w0 < WIDTH; w0 += 16) {
-        __m512 r[16];
-        for (int i = 0; i < 16; ++i)
-          r[i] = w0 + i < W ? _mm512_loadu_ps(src + (w0 + i) * ws + k0) : _mm512_setzero_ps();
-        transpose16(r);
+        vec<float> r[16];
+        for (int i = 0; i < 16; ++i) r[i] = w0 + i < W ? vload(src + (w0 + i) * ws + k0) : vec<float>{};
+        transpose_registers(r);
         const __mmask16 m = lanes_mask(WIDTH - w0);  // WIDTH = 12: a panel row is 12 wide
-        for (int t = 0; t < 16; ++t) _mm512_mask_storeu_ps(dst + (k0 + t) * WIDTH + w0, m, r[t]);
+        for (int t = 0; t < 16; ++t) _mm512_mask_storeu_ps(dst + (k0 + t) * WIDTH + w0, m, (__m512)r[t]);
       }
     for (int64_t k = k0; k < kc; ++k)
       for (int w = 0; w < WIDTH; ++w) dst[k * WIDTH + w] = w < W ? src[w * ws + k] : 0.0f;

@@ -1,6 +1,6 @@
 // bfloat16 matrix multiply with float32 accumulation, C (M, N) = A (M, K) @ B (K, N) (+ bias), for the
 // CPUs with AVX512-BF16. Included by kernels_isa.cpp once per instruction set, inside namespace
-// nanofast::NF_ISA, after gemm.h (whose blocking, transpose and thread split it reuses).
+// nanofast::NF_ISA, after gemm.h (whose blocking and thread split it reuses).
 //
 // Why: under bfloat16 autocast a training step casts every weight to bfloat16 before its matmul and
 // every weight gradient back to float32 after it, and torch's bfloat16 matmul (oneDNN) packs its
@@ -24,6 +24,7 @@
 #include "gemm.h"
 #include "kernel_table.h"
 #include "scalar_types.h"
+#include "transpose.h"
 
 namespace nanofast {
 namespace NF_ISA {
@@ -62,13 +63,13 @@ void gemm_pack_pairs(const T* src, int64_t ws, int64_t ks, int64_t W, int64_t kc
     for (int64_t k0 = 0; k0 < kc; k0 += 32) {  // 16 pairs at a time
       const int64_t kn = std::min<int64_t>(32, kc - k0), pairs = (kn + 1) / 2;
       for (int w0 = 0; w0 < WIDTH; w0 += 16) {
-        __m512 r[16];
+        vec<float> r[16];
         for (int i = 0; i < 16; ++i)
-          r[i] = w0 + i < W ? _mm512_castsi512_ps(bf16x32(src + (w0 + i) * ws + k0, kn)) : _mm512_setzero_ps();
-        transpose16(r);
+          r[i] = w0 + i < W ? (vec<float>)_mm512_castsi512_ps(bf16x32(src + (w0 + i) * ws + k0, kn)) : vec<float>{};
+        transpose_registers(r);
         const __mmask16 m = lanes_mask(WIDTH - w0);
         for (int t = 0; t < pairs; ++t)
-          _mm512_mask_storeu_ps(reinterpret_cast<float*>(dst + (k0 / 2 + t) * WIDTH + w0), m, r[t]);
+          _mm512_mask_storeu_ps(reinterpret_cast<float*>(dst + (k0 / 2 + t) * WIDTH + w0), m, (__m512)r[t]);
       }
     }
     return;

@@ -78,6 +78,11 @@ inline double vmax(vec<double> v) { return v[0] > v[1] ? v[0] : v[1]; }
 #endif
 template <class A> inline vec<A> vmaxv(vec<A> a, vec<A> b) { return a > b ? a : b; }
 
+#if defined(__AVX512F__)
+// The AVX-512 mask of the first n (clamped to 0..16) lanes: masked loads and stores of a row's tail.
+inline __mmask16 lanes_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+#endif
+
 // Streaming (non-temporal) stores, for outputs too large to stay in the last-level cache anyway: a
 // plain store first reads the line it writes, so a kernel that reads one array and writes another
 // moves a third more bytes than it needs. p must be aligned to the vector; stream_fence() orders the
