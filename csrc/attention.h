@@ -4,7 +4,7 @@
 // The T x T score matrix is never materialised: queries are processed in blocks of BR rows against
 // keys in blocks of BC columns, with an online softmax. Operands are first packed into zero-padded,
 // row-major buffers in the accumulation type (float for float32/bfloat16, double for float64), so
-// every product below is one small register-blocked GEMM (gemm_tile) whatever the input strides.
+// every product below is one small register-blocked GEMM (small_gemm) whatever the input strides.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -29,21 +29,39 @@ inline int64_t attention_block(int64_t T) { return T >= 64 ? 64 : 32; }
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// The products below are small GEMMs on operands already packed row-major in the accumulation type,
+// a block of 32 or 64 rows at a time. Not gemm.h's GEMM: that one packs its operands into panels
+// first (which would cost more than these products), runs on AVX-512 float32 only, and adds C after
+// summing a tile from zero, where these tiles sum onto C's old value (other bits).
+//
+// How a tile multiplies: FmaDot, one multiply-add per element of A's vectors; PairDot (below), two
+// bfloat16 products per lane. Elem is the type of the a, b and c buffers, kWidth C's columns per vector.
+template <class A> struct FmaDot {
+  using Elem = A;
+  using Acc = vec<A>;
+  using Operand = vec<A>;
+  static constexpr int kWidth = lanes<A>();
+  static constexpr int kMaxPanel = NF_VBYTES == 64 ? 4 : 2;  // widest column panel, in vectors
+  static Operand load(const A* p) { return vload(p); }
+  static Operand broadcast(A s) { return vbroadcast<A>(s); }
+  static void madd(Acc& acc, Operand a, Operand b) { acc += a * b; }
+};
+
 // C[MR x NV*W] (+)= op(A)[MR x K] * B[K x NV*W], accumulating in registers.
 // op(A) is A (a[m*lda + k]) or, with TRANS_A, A transposed (a[k*lda + m]).
-template <class A, int MR, int NV, bool TRANS_A>
-inline void gemm_tile(int64_t K, const A* a, int64_t lda, const A* b, int64_t ldb, A* c, int64_t ldc,
-                      bool accumulate) {
-  constexpr int W = lanes<A>();
-  vec<A> acc[MR][NV];
+template <class Dot, int MR, int NV, bool TRANS_A, class E = typename Dot::Elem>
+inline void small_gemm_tile(int64_t K, const E* a, int64_t lda, const E* b, int64_t ldb, E* c, int64_t ldc,
+                            bool accumulate) {
+  constexpr int W = Dot::kWidth;
+  typename Dot::Acc acc[MR][NV];
   for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) acc[m][v] = accumulate ? vload(c + m * ldc + v * W) : vec<A>{};
+    for (int v = 0; v < NV; ++v) acc[m][v] = accumulate ? vload(c + m * ldc + v * W) : typename Dot::Acc{};
   for (int64_t k = 0; k < K; ++k) {
-    vec<A> bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = vload(b + k * ldb + v * W);
+    typename Dot::Operand bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = Dot::load(b + k * ldb + v * W);
     for (int m = 0; m < MR; ++m) {
-      const vec<A> av = vbroadcast<A>(TRANS_A ? a[k * lda + m] : a[m * lda + k]);
-      for (int v = 0; v < NV; ++v) acc[m][v] += av * bv[v];
+      const typename Dot::Operand av = Dot::broadcast(TRANS_A ? a[k * lda + m] : a[m * lda + k]);
+      for (int v = 0; v < NV; ++v) Dot::madd(acc[m][v], av, bv[v]);
     }
   }
   for (int m = 0; m < MR; ++m)
@@ -57,42 +75,43 @@ template <int NV> constexpr int tile_rows() {
 }
 
 // The last M % MR rows, as one shorter tile rather than row by row.
-template <class A, int NV, bool TRANS_A, int R = tile_rows<NV>() - 1>
-inline void gemm_tail_rows(int64_t rem, int64_t K, const A* a, int64_t lda, const A* b, int64_t ldb, A* c,
-                           int64_t ldc, bool accumulate) {
+template <class Dot, int NV, bool TRANS_A, int R = tile_rows<NV>() - 1, class E = typename Dot::Elem>
+inline void small_gemm_tail_rows(int64_t rem, int64_t K, const E* a, int64_t lda, const E* b, int64_t ldb, E* c,
+                                 int64_t ldc, bool accumulate) {
   if constexpr (R > 0) {
-    if (rem == R) return gemm_tile<A, R, NV, TRANS_A>(K, a, lda, b, ldb, c, ldc, accumulate);
-    gemm_tail_rows<A, NV, TRANS_A, R - 1>(rem, K, a, lda, b, ldb, c, ldc, accumulate);
+    if (rem == R) return small_gemm_tile<Dot, R, NV, TRANS_A>(K, a, lda, b, ldb, c, ldc, accumulate);
+    small_gemm_tail_rows<Dot, NV, TRANS_A, R - 1>(rem, K, a, lda, b, ldb, c, ldc, accumulate);
   }
 }
 
-template <class A, int NV, bool TRANS_A>
-inline void gemm_columns(int64_t M, int64_t K, const A* a, int64_t lda, const A* b, int64_t ldb, A* c,
-                         int64_t ldc, bool accumulate) {
+template <class Dot, int NV, bool TRANS_A, class E = typename Dot::Elem>
+inline void small_gemm_columns(int64_t M, int64_t K, const E* a, int64_t lda, const E* b, int64_t ldb, E* c,
+                               int64_t ldc, bool accumulate) {
   constexpr int MR = tile_rows<NV>();
   int64_t m = 0;
   for (; m + MR <= M; m += MR)
-    gemm_tile<A, MR, NV, TRANS_A>(K, TRANS_A ? a + m : a + m * lda, lda, b, ldb, c + m * ldc, ldc, accumulate);
+    small_gemm_tile<Dot, MR, NV, TRANS_A>(K, TRANS_A ? a + m : a + m * lda, lda, b, ldb, c + m * ldc, ldc,
+                                          accumulate);
   if (m < M)
-    gemm_tail_rows<A, NV, TRANS_A>(M - m, K, TRANS_A ? a + m : a + m * lda, lda, b, ldb, c + m * ldc, ldc,
-                                   accumulate);
+    small_gemm_tail_rows<Dot, NV, TRANS_A>(M - m, K, TRANS_A ? a + m : a + m * lda, lda, b, ldb, c + m * ldc, ldc,
+                                           accumulate);
 }
 
 // C[M x N] (+)= op(A)[M x K] * B[K x N]; N must be a multiple of the vector width. Column panels are
-// as wide as the register file allows (4 vectors with AVX-512, 2 otherwise), then narrower.
-template <class A, bool TRANS_A>
-void gemm(int64_t M, int64_t N, int64_t K, const A* a, int64_t lda, const A* b, int64_t ldb, A* c,
-          int64_t ldc, bool accumulate) {
-  constexpr int W = lanes<A>();
-  constexpr int NV_MAX = NF_VBYTES == 64 ? 4 : 2;
+// as wide as the register file allows (Dot::kMaxPanel vectors), then narrower. For PairDot, K counts
+// pairs and a, b hold a pair per word.
+template <class Dot, bool TRANS_A, class E = typename Dot::Elem>
+void small_gemm(int64_t M, int64_t N, int64_t K, const E* a, int64_t lda, const E* b, int64_t ldb, E* c,
+                int64_t ldc, bool accumulate) {
+  constexpr int W = Dot::kWidth, NV_MAX = Dot::kMaxPanel;
   int64_t n = 0;
   for (; n + NV_MAX * W <= N; n += NV_MAX * W)
-    gemm_columns<A, NV_MAX, TRANS_A>(M, K, a, lda, b + n, ldb, c + n, ldc, accumulate);
+    small_gemm_columns<Dot, NV_MAX, TRANS_A>(M, K, a, lda, b + n, ldb, c + n, ldc, accumulate);
   if (NV_MAX == 4 && n + 2 * W <= N) {
-    gemm_columns<A, 2, TRANS_A>(M, K, a, lda, b + n, ldb, c + n, ldc, accumulate);
+    small_gemm_columns<Dot, 2, TRANS_A>(M, K, a, lda, b + n, ldb, c + n, ldc, accumulate);
     n += 2 * W;
   }
-  for (; n < N; n += W) gemm_columns<A, 1, TRANS_A>(M, K, a, lda, b + n, ldb, c + n, ldc, accumulate);
+  for (; n < N; n += W) small_gemm_columns<Dot, 1, TRANS_A>(M, K, a, lda, b + n, ldb, c + n, ldc, accumulate);
 }
 
 // dst[r][c] = src[r][c] for r < rows, c < cols, zero elsewhere in the (rows_p x ld) buffer.
@@ -147,59 +166,21 @@ void pack_transposed(const T* src, int64_t row_stride, int64_t rows, int64_t col
 
 #if defined(__AVX512BF16__) && NF_VBYTES == 64
 #define NF_BF16_DOT 1
-// bfloat16 pairs: C[MR x 16 NV] = A B with A's rows and B's columns in pairs of bfloat16 (element 2k in
-// the low half of a 32-bit word, 2k + 1 in the high half), float32 sums. vdpbf16ps multiplies two pairs
-// per lane, exactly (bf16 x bf16 fits float32), and adds them into the float32 sum (round to nearest
-// even; bf16 denormals read as zero). The words travel in float-typed buffers, bit patterns only.
-// A: MR rows of KP words, lda apart; B: KP rows of 16 NV words, ldb apart.
-template <int MR, int NV, bool TRANS_A>
-inline void pair_gemm_tile(int64_t KP, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-                           int64_t ldc, bool accumulate) {
-  __m512 acc[MR][NV];
-  for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) acc[m][v] = accumulate ? _mm512_loadu_ps(c + m * ldc + v * 16) : _mm512_setzero_ps();
-  for (int64_t kp = 0; kp < KP; ++kp) {
-    __m512bh bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_ps(b + kp * ldb + v * 16);
-    for (int m = 0; m < MR; ++m) {
-      const __m512bh av = (__m512bh)_mm512_set1_ps(TRANS_A ? a[kp * lda + m] : a[m * lda + kp]);
-      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], av, bv[v]);
-    }
-  }
-  for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + m * ldc + v * 16, acc[m][v]);
-}
-
-template <int NV, bool TRANS_A, int R = 7>
-inline void pair_gemm_tail_rows(int64_t rem, int64_t KP, const float* a, int64_t lda, const float* b,
-                                int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  if constexpr (R > 0) {
-    if (rem == R) return pair_gemm_tile<R, NV, TRANS_A>(KP, a, lda, b, ldb, c, ldc, accumulate);
-    pair_gemm_tail_rows<NV, TRANS_A, R - 1>(rem, KP, a, lda, b, ldb, c, ldc, accumulate);
-  }
-}
-
-// C[M x N] (+)= op(A) B, N a multiple of 16: panels of 32 columns (8 x 2 accumulators), then 16.
-// op(A)'s row m, pair kp is a[m * lda + kp], or with TRANS_A a[kp * lda + m].
-template <bool TRANS_A = false>
-inline void pair_gemm(int64_t M, int64_t N, int64_t KP, const float* a, int64_t lda, const float* b,
-                      int64_t ldb, float* c, int64_t ldc, bool accumulate = false) {
-  for (int64_t n = 0; n < N;) {
-    const bool two = n + 32 <= N;
-    int64_t m = 0;
-    for (; m + 8 <= M; m += 8) {
-      const float* am = TRANS_A ? a + m : a + m * lda;
-      if (two) pair_gemm_tile<8, 2, TRANS_A>(KP, am, lda, b + n, ldb, c + m * ldc + n, ldc, accumulate);
-      else pair_gemm_tile<8, 1, TRANS_A>(KP, am, lda, b + n, ldb, c + m * ldc + n, ldc, accumulate);
-    }
-    if (m < M) {
-      const float* am = TRANS_A ? a + m : a + m * lda;
-      if (two) pair_gemm_tail_rows<2, TRANS_A>(M - m, KP, am, lda, b + n, ldb, c + m * ldc + n, ldc, accumulate);
-      else pair_gemm_tail_rows<1, TRANS_A>(M - m, KP, am, lda, b + n, ldb, c + m * ldc + n, ldc, accumulate);
-    }
-    n += two ? 32 : 16;
-  }
-}
+// bfloat16 pairs: A's rows and B's columns in pairs of bfloat16 (element 2k in the low half of a
+// 32-bit word, 2k + 1 in the high half), float32 sums. vdpbf16ps multiplies two pairs per lane,
+// exactly (bf16 x bf16 fits float32), and adds them into the float32 sum (round to nearest even; bf16
+// denormals read as zero). The words travel in float-typed buffers, bit patterns only. Panels of at
+// most 2 vectors (8 x 2 accumulators).
+struct PairDot {
+  using Elem = float;
+  using Acc = vec<float>;
+  using Operand = __m512bh;
+  static constexpr int kWidth = 16;
+  static constexpr int kMaxPanel = 2;
+  static Operand load(const float* p) { return (__m512bh)_mm512_loadu_ps(p); }
+  static Operand broadcast(float s) { return (__m512bh)_mm512_set1_ps(s); }
+  static void madd(Acc& acc, Operand a, Operand b) { acc = (Acc)_mm512_dpbf16_ps((__m512)acc, a, b); }
+};
 
 // 16 bf16 of row a and 16 of row b as 16 words: pair n = (a[n], b[n]).
 inline __m512i interleave_rows(__m256i a, __m256i b) {
@@ -297,9 +278,10 @@ template <class T> struct ScoreOperands {
   void product(int64_t M, int64_t N, int64_t x_row0, int64_t y_col0, A* out, int64_t ldo) const {
 #if NF_BF16_DOT
     if constexpr (kPairs)
-      return pair_gemm(M, N, depth, xp.data() + x_row0 * depth, depth, ytp.data() + y_col0, ld, out, ldo);
+      return small_gemm<PairDot, false>(M, N, depth, xp.data() + x_row0 * depth, depth, ytp.data() + y_col0, ld,
+                                          out, ldo, false);
 #endif
-    gemm<A, false>(M, N, depth, x.data() + x_row0 * depth, depth, yt.data() + y_col0, ld, out, ldo, false);
+    small_gemm<FmaDot<A>, false>(M, N, depth, x.data() + x_row0 * depth, depth, yt.data() + y_col0, ld, out, ldo, false);
   }
 };
 
@@ -466,17 +448,17 @@ void attention_forward_impl(const AttentionForwardArgs& a) {
           for (int64_t r0 = 0; r0 < rows; r0 += diagonal ? W : rows) {
             const int64_t nr = diagonal ? std::min<int64_t>(W, rows - r0) : rows;
             const int64_t nc = diagonal ? causal_cols(i0 + r0 + nr, j0, BK, TK, W) : BK;
-            pair_gemm(nr, HSVp, std::min<int64_t>(nc, kv_len_p - j0) / 2, P_pairs.data() + r0 * (BK / 2), BK / 2,
+            small_gemm<PairDot, false>(nr, HSVp, std::min<int64_t>(nc, kv_len_p - j0) / 2, P_pairs.data() + r0 * (BK / 2), BK / 2,
                       V_pairs.data() + (j0 / 2) * HSVp, HSVp, O.data() + r0 * HSVp, HSVp, true);
           }
 #endif
         } else if (!diagonal) {
-          gemm<A, false>(rows, HSVp, std::min<int64_t>(BK, kv_len_p - j0), S.data(), BK,
+          small_gemm<FmaDot<A>, false>(rows, HSVp, std::min<int64_t>(BK, kv_len_p - j0), S.data(), BK,
                          V.data() + j0 * HSVp, HSVp, O.data(), HSVp, true);
         } else {
           for (int64_t r0 = 0; r0 < rows; r0 += W) {
             const int64_t nr = std::min<int64_t>(W, rows - r0), nc = causal_cols(i0 + r0 + nr, j0, BK, TK, W);
-            gemm<A, false>(nr, HSVp, std::min<int64_t>(nc, kv_len_p - j0), S.data() + r0 * BK, BK,
+            small_gemm<FmaDot<A>, false>(nr, HSVp, std::min<int64_t>(nc, kv_len_p - j0), S.data() + r0 * BK, BK,
                            V.data() + j0 * HSVp, HSVp, O.data() + r0 * HSVp, HSVp, true);
           }
         }
@@ -629,37 +611,37 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
               const int64_t r_lo = diagonal ? std::min(rows, std::max<int64_t>(0, j0 + c0 - i0)) : 0;
               if (r_lo == rows) continue;
               const int64_t kp = (rows_p - r_lo) / 2, p0 = r_lo / 2;
-              pair_gemm<true>(mc, HSVp, kp, Pt_pairs.data() + p0 * BK + c0, BK,
+              small_gemm<PairDot, true>(mc, HSVp, kp, Pt_pairs.data() + p0 * BK + c0, BK,
                               dO_pairs.data() + (i0 / 2 + p0) * HSVp, HSVp, dV.data() + c0 * HSVp, HSVp, true);
-              pair_gemm<true>(mc, HSp, kp, dSt_pairs.data() + p0 * BK + c0, BK,
+              small_gemm<PairDot, true>(mc, HSp, kp, dSt_pairs.data() + p0 * BK + c0, BK,
                               Q_pairs.data() + (i0 / 2 + p0) * HSp, HSp, dK.data() + c0 * HSp, HSp, true);
             }
             for (int64_t r0 = 0; r0 < rows; r0 += diagonal ? W : rows) {
               const int64_t nr = diagonal ? std::min<int64_t>(W, rows - r0) : rows;
               const int64_t nc = diagonal ? causal_cols(i0 + r0 + nr, j0, BK, TK, W) : BK;
-              pair_gemm(nr, HSp, nc / 2, dS_pairs.data() + r0 * (BK / 2), BK / 2, K_pairs.data() + (j0 / 2) * HSp,
+              small_gemm<PairDot, false>(nr, HSp, nc / 2, dS_pairs.data() + r0 * (BK / 2), BK / 2, K_pairs.data() + (j0 / 2) * HSp,
                         HSp, dQ.data() + (i0 + r0) * HSp, HSp, true);
             }
 #endif
           } else if (!diagonal) {
-            gemm<A, true>(BK, HSVp, rows, P.data(), BK, dO + i0 * HSVp, HSVp, dV.data(), HSVp, true);
-            gemm<A, true>(BK, HSp, rows, dP.data(), BK, Q + i0 * HSp, HSp, dK.data(), HSp, true);
-            gemm<A, false>(rows, HSp, BK, dP.data(), BK, K.data() + j0 * HSp, HSp, dQ.data() + i0 * HSp,
+            small_gemm<FmaDot<A>, true>(BK, HSVp, rows, P.data(), BK, dO + i0 * HSVp, HSVp, dV.data(), HSVp, true);
+            small_gemm<FmaDot<A>, true>(BK, HSp, rows, dP.data(), BK, Q + i0 * HSp, HSp, dK.data(), HSp, true);
+            small_gemm<FmaDot<A>, false>(rows, HSp, BK, dP.data(), BK, K.data() + j0 * HSp, HSp, dQ.data() + i0 * HSp,
                            HSp, true);
           } else {
             // dV, dK: W keys at a time, over the query rows that see them (rows before r_lo see none).
             for (int64_t c0 = 0; c0 < BK; c0 += W) {
               const int64_t r_lo = std::min(rows, std::max<int64_t>(0, j0 + c0 - i0));
               if (r_lo == rows) continue;
-              gemm<A, true>(W, HSVp, rows - r_lo, P.data() + r_lo * BK + c0, BK, dO + (i0 + r_lo) * HSVp,
+              small_gemm<FmaDot<A>, true>(W, HSVp, rows - r_lo, P.data() + r_lo * BK + c0, BK, dO + (i0 + r_lo) * HSVp,
                             HSVp, dV.data() + c0 * HSVp, HSVp, true);
-              gemm<A, true>(W, HSp, rows - r_lo, dP.data() + r_lo * BK + c0, BK, Q + (i0 + r_lo) * HSp,
+              small_gemm<FmaDot<A>, true>(W, HSp, rows - r_lo, dP.data() + r_lo * BK + c0, BK, Q + (i0 + r_lo) * HSp,
                             HSp, dK.data() + c0 * HSp, HSp, true);
             }
             // dQ: W rows at a time, over the keys they see.
             for (int64_t r0 = 0; r0 < rows; r0 += W) {
               const int64_t nr = std::min<int64_t>(W, rows - r0), nc = causal_cols(i0 + r0 + nr, j0, BK, TK, W);
-              gemm<A, false>(nr, HSp, nc, dP.data() + r0 * BK, BK, K.data() + j0 * HSp, HSp,
+              small_gemm<FmaDot<A>, false>(nr, HSp, nc, dP.data() + r0 * BK, BK, K.data() + j0 * HSp, HSp,
                              dQ.data() + (i0 + r0) * HSp, HSp, true);
             }
           }
