@@ -164,8 +164,7 @@ void pack_transposed(const T* src, int64_t row_stride, int64_t rows, int64_t col
   }
 }
 
-#if defined(__AVX512BF16__) && NF_VBYTES == 64
-#define NF_BF16_DOT 1
+#if NF_BF16_DOT
 // bfloat16 pairs: A's rows and B's columns in pairs of bfloat16 (element 2k in the low half of a
 // 32-bit word, 2k + 1 in the high half), float32 sums. vdpbf16ps multiplies two pairs per lane,
 // exactly (bf16 x bf16 fits float32), and adds them into the float32 sum (round to nearest even; bf16
@@ -229,8 +228,6 @@ inline void pack_pairs(const bf16* src, int64_t row_stride, int64_t rows, int64_
   }
   std::memset(static_cast<void*>(dst + rows * ld), 0, (rows_p - rows) * ld * sizeof(float));
 }
-#else
-#define NF_BF16_DOT 0
 #endif
 
 // The score products of one head, S = X Y^T (Q K^T; in the backward also dO V^T), on operands packed

@@ -80,8 +80,8 @@ bool select_isa(const char* name) {
   return true;
 }
 
-// CPUID traps to the hypervisor in a VM (about 9 us on the dev machine), and this runs on every
-// matmul: the vendor is read once.
+// CPUID traps to the hypervisor in a VM, which is slow, and this runs on every matmul: the vendor is
+// read once.
 static bool cpu_is_intel() {
 #ifdef NF_HAVE_X86
   static const bool intel = [] {

@@ -1,9 +1,9 @@
 // float32 matrix multiply, C (M, N) = A (M, K) @ B (K, N) (+ bias), for the CPUs with AVX-512.
 // Included by kernels_isa.cpp once per instruction set, inside namespace nanofast::NF_ISA.
 //
-// Why: torch's float32 matmul (MKL) runs its AVX2 code on AMD CPUs, about 200 GFLOP/s on the 2-core
-// Zen dev machine, where AVX-512 FMAs reach 2x that. The matmuls are 70% of a float32 training step of
-// nanoGPT's CPU config, so they bound every other lever.
+// Why: torch's float32 matmul (MKL) runs its AVX2 code on AMD CPUs, where AVX-512 FMAs do twice the
+// work per instruction. The matmuls are most of a float32 training step of nanoGPT's CPU config, so
+// they bound every other lever.
 //
 // The blocking is BLIS's (Goto's): for each KC-deep slice of K, B's slice is packed into NR-wide
 // column panels (one panel is reused across all of A's panels before the next), A's rows are packed

@@ -24,13 +24,14 @@
 #include "gemm.h"
 #include "kernel_table.h"
 #include "scalar_types.h"
+#include "simd.h"
 #include "transpose.h"
 
 namespace nanofast {
 namespace NF_ISA {
 
 // Only AVX512-BF16 has this GEMM (kernels_isa.cpp puts it in the table): below it, no bfloat16 dot product.
-#if defined(__AVX512BF16__)
+#if NF_BF16_DOT
 #define NF_HAS_GEMM_BF16 1
 
 constexpr int64_t kGemmKP = 1024;  // k pairs per slice: K up to 2048 in one (B's micro-panel, KP x NR words, 128 KB in L2)
