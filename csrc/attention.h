@@ -657,19 +657,11 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
 }
 
 inline void attention_forward(const AttentionForwardArgs& a) {
-  switch (a.dtype) {
-    case kFloat32: return attention_forward_impl<float>(a);
-    case kFloat64: return attention_forward_impl<double>(a);
-    case kBFloat16: return attention_forward_impl<bf16>(a);
-  }
+  with_storage_type(a.dtype, [&](auto t) { attention_forward_impl<decltype(t)>(a); });
 }
 
 inline void attention_backward(const AttentionBackwardArgs& a) {
-  switch (a.dtype) {
-    case kFloat32: return attention_backward_impl<float>(a);
-    case kFloat64: return attention_backward_impl<double>(a);
-    case kBFloat16: return attention_backward_impl<bf16>(a);
-  }
+  with_storage_type(a.dtype, [&](auto t) { attention_backward_impl<decltype(t)>(a); });
 }
 
 inline void dropout_mask(uint64_t seed, int64_t B, int64_t NH, int64_t TQ, int64_t TK, float p, uint8_t* out,

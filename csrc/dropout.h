@@ -41,11 +41,7 @@ void dropout_apply(const DropoutArgs& a) {
 }
 
 inline void dropout(const DropoutArgs& a) {
-  switch (a.dtype) {
-    case kFloat32: return dropout_apply<float>(a);
-    case kFloat64: return dropout_apply<double>(a);
-    case kBFloat16: return dropout_apply<bf16>(a);
-  }
+  with_storage_type(a.dtype, [&](auto t) { dropout_apply<decltype(t)>(a); });
 }
 
 }  // namespace NF_ISA

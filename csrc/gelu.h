@@ -114,11 +114,7 @@ void gelu_apply(const GeluArgs& a) {
 }
 
 template <GeluMode MODE> inline void gelu_dispatch(const GeluArgs& a) {
-  switch (a.dtype) {
-    case kFloat32: return gelu_apply<float, MODE>(a);
-    case kFloat64: return gelu_apply<double, MODE>(a);
-    case kBFloat16: return gelu_apply<bf16, MODE>(a);
-  }
+  with_storage_type(a.dtype, [&](auto t) { gelu_apply<decltype(t), MODE>(a); });
 }
 
 inline void gelu_forward(const GeluArgs& a) {

@@ -352,19 +352,11 @@ void layer_norm_backward_impl(const LayerNormBackwardArgs& a) {
 }
 
 inline void layer_norm_forward(const LayerNormForwardArgs& a) {
-  switch (a.dtype) {
-    case kFloat32: return layer_norm_forward_impl<float>(a);
-    case kFloat64: return layer_norm_forward_impl<double>(a);
-    case kBFloat16: return layer_norm_forward_impl<bf16>(a);
-  }
+  with_storage_type(a.dtype, [&](auto t) { layer_norm_forward_impl<decltype(t)>(a); });
 }
 
 inline void layer_norm_backward(const LayerNormBackwardArgs& a) {
-  switch (a.dtype) {
-    case kFloat32: return layer_norm_backward_impl<float>(a);
-    case kFloat64: return layer_norm_backward_impl<double>(a);
-    case kBFloat16: return layer_norm_backward_impl<bf16>(a);
-  }
+  with_storage_type(a.dtype, [&](auto t) { layer_norm_backward_impl<decltype(t)>(a); });
 }
 
 }  // namespace NF_ISA
