@@ -85,7 +85,7 @@ void gelu_apply(const GeluArgs& a) {
   // (chunks start 4096 elements apart, so a 64-byte aligned array keeps every vector store aligned)
   const bool stream_out = stream_output(out, a.n * int64_t(sizeof(T)), 64);
   const bool stream_grad = MODE == kForwardSavingGrad && stream_output(grad, a.n * int64_t(sizeof(A)), 64);
-  for_each_chunk(a.n, a.num_threads, [&](int64_t c0, int64_t c1) {
+  auto chunk = [&](int64_t c0, int64_t c1) {
     int64_t i = c0;
     vec<A> g{};
     for (; i + W <= c1; i += W) {  // whole vectors straight from memory
@@ -110,7 +110,8 @@ void gelu_apply(const GeluArgs& a) {
         if constexpr (MODE == kForwardSavingGrad) grad[i + j] = gb[j];
       }
     }
-  }, stream_out || stream_grad);
+  };
+  for_each_chunk(a.n, a.num_threads, chunk, stream_out || stream_grad);
 }
 
 template <GeluMode MODE> inline void gelu_dispatch(const GeluArgs& a) {

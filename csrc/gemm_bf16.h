@@ -34,7 +34,8 @@ namespace NF_ISA {
 #if NF_BF16_DOT
 #define NF_HAS_GEMM_BF16 1
 
-constexpr int64_t kGemmKP = 1024;  // k pairs per slice: K up to 2048 in one (B's micro-panel, KP x NR words, 128 KB in L2)
+// k pairs per slice: K up to 2048 in one (B's micro-panel, KP x NR words, 128 KB in L2)
+constexpr int64_t kGemmKP = 1024;
 
 inline __mmask32 lanes_mask32(int64_t n) { return n >= 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1); }
 

@@ -170,7 +170,8 @@ struct GemmBf16Args {
   const void* a; int64_t a_rs, a_cs; int a_dtype;
   const void* b; int64_t b_rs, b_cs; int b_dtype;
   void* c; int64_t ldc; int c_dtype;
-  const void* bias; int bias_dtype;  // (N,), may be null
+  const void* bias;  // (N,), may be null
+  int bias_dtype;
   bool accumulate;
   int num_threads;
 };
