@@ -17,16 +17,13 @@
 namespace nanofast {
 namespace NF_ISA {
 
-struct AdamWChunk {
-  int64_t tensor, begin, end;
-};
+struct AdamWChunk { int64_t tensor, begin, end; };
 
 inline std::vector<AdamWChunk> adamw_chunks(const AdamWArgs& a) {
   constexpr int64_t kChunk = 8192;
   std::vector<AdamWChunk> chunks;
   for (int64_t t = 0; t < a.count; ++t)
-    for (int64_t b = 0; b < a.tensors[t].n; b += kChunk)
-      chunks.push_back({t, b, std::min(a.tensors[t].n, b + kChunk)});
+    for (int64_t b = 0; b < a.tensors[t].n; b += kChunk) chunks.push_back({t, b, std::min(a.tensors[t].n, b + kChunk)});
   return chunks;
 }
 

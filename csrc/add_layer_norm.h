@@ -193,7 +193,10 @@ void add_layer_norm_backward_impl(const AddLayerNormBackwardArgs& a) {
           if (dhr) v += to_acc(dhr[c]);
           dxr[c] = from_acc<TX>(v);
           if (drr) drr[c] = from_acc<TR>(v);
-          if (pdw) { pdw[c] += d * xh; pdb[c] += d; }
+          if (pdw) {
+            pdw[c] += d * xh;
+            pdb[c] += d;
+          }
         }
       }
     }

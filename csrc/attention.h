@@ -70,9 +70,7 @@ inline void small_gemm_tile(int64_t K, const E* a, int64_t lda, const E* b, int6
 
 // Rows of C computed at once for a tile NV vectors wide: as many accumulators as the register file
 // holds beside the NV vectors of B and one broadcast of A (32 registers with AVX-512, else 16).
-template <int NV> constexpr int tile_rows() {
-  return NF_VBYTES == 64 ? (NV == 4 ? 6 : 8) : (NV == 2 ? 4 : 8);
-}
+template <int NV> constexpr int tile_rows() { return NF_VBYTES == 64 ? (NV == 4 ? 6 : 8) : (NV == 2 ? 4 : 8); }
 
 // The last M % MR rows, as one shorter tile rather than row by row.
 template <class Dot, int NV, bool TRANS_A, int R = tile_rows<NV>() - 1, class E = typename Dot::Elem>
@@ -90,8 +88,7 @@ inline void small_gemm_columns(int64_t M, int64_t K, const E* a, int64_t lda, co
   constexpr int MR = tile_rows<NV>();
   int64_t m = 0;
   for (; m + MR <= M; m += MR)
-    small_gemm_tile<Dot, MR, NV, TRANS_A>(K, TRANS_A ? a + m : a + m * lda, lda, b, ldb, c + m * ldc, ldc,
-                                          accumulate);
+    small_gemm_tile<Dot, MR, NV, TRANS_A>(K, TRANS_A ? a + m : a + m * lda, lda, b, ldb, c + m * ldc, ldc, accumulate);
   if (m < M)
     small_gemm_tail_rows<Dot, NV, TRANS_A>(M - m, K, TRANS_A ? a + m : a + m * lda, lda, b, ldb, c + m * ldc, ldc,
                                            accumulate);
@@ -101,8 +98,8 @@ inline void small_gemm_columns(int64_t M, int64_t K, const E* a, int64_t lda, co
 // as wide as the register file allows (Dot::kMaxPanel vectors), then narrower. For PairDot, K counts
 // pairs and a, b hold a pair per word.
 template <class Dot, bool TRANS_A, class E = typename Dot::Elem>
-void small_gemm(int64_t M, int64_t N, int64_t K, const E* a, int64_t lda, const E* b, int64_t ldb, E* c,
-                int64_t ldc, bool accumulate) {
+void small_gemm(int64_t M, int64_t N, int64_t K, const E* a, int64_t lda, const E* b, int64_t ldb, E* c, int64_t ldc,
+                bool accumulate) {
   constexpr int W = Dot::kWidth, NV_MAX = Dot::kMaxPanel;
   int64_t n = 0;
   for (; n + NV_MAX * W <= N; n += NV_MAX * W)
@@ -116,8 +113,7 @@ void small_gemm(int64_t M, int64_t N, int64_t K, const E* a, int64_t lda, const 
 
 // dst[r][c] = src[r][c] for r < rows, c < cols, zero elsewhere in the (rows_p x ld) buffer.
 template <class T, class A>
-void pack_rows(const T* src, int64_t row_stride, int64_t rows, int64_t cols, A* dst, int64_t rows_p,
-               int64_t ld) {
+void pack_rows(const T* src, int64_t row_stride, int64_t rows, int64_t cols, A* dst, int64_t rows_p, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) {
     A* d = dst + r * ld;
     convert_row(src + r * row_stride, d, cols);
@@ -130,8 +126,7 @@ void pack_rows(const T* src, int64_t row_stride, int64_t rows, int64_t cols, A* 
 // sources go through 16x16 (AVX-512) or 8x8 (AVX2) register transposes, bfloat16 rows widened TB at a
 // time into a per-thread float buffer first; the rest element by element.
 template <class T, class A>
-void pack_transposed(const T* src, int64_t row_stride, int64_t rows, int64_t cols, A* dst,
-                     int64_t cols_p, int64_t ld) {
+void pack_transposed(const T* src, int64_t row_stride, int64_t rows, int64_t cols, A* dst, int64_t cols_p, int64_t ld) {
   // zero only the padding: columns rows..ld of the first cols rows, and rows cols..cols_p
   for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * ld + rows, dst + (c + 1) * ld, A(0));
   std::fill(dst + cols * ld, dst + cols_p * ld, A(0));
@@ -183,7 +178,7 @@ struct PairDot {
 
 // 16 bf16 of row a and 16 of row b as 16 words: pair n = (a[n], b[n]).
 inline __m512i interleave_rows(__m256i a, __m256i b) {
-  alignas(64) static const uint16_t kIdx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+  alignas(64) static const uint16_t kIdx[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
                                                 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   return _mm512_permutexvar_epi16(_mm512_load_si512(kIdx), _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
 }
@@ -192,16 +187,15 @@ inline __m512i interleave_rows(__m256i a, __m256i b) {
 // as words, kp < rows_p / 2, n < ld (a multiple of 16), zero-padded. The B operand of a product that
 // sums over those rows (P V, P^T dO, dS^T Q, dS K). float rows are rounded to bf16 first.
 template <class T>
-inline void pack_row_pairs(const T* src, int64_t row_stride, int64_t rows, int64_t cols, float* dst,
-                           int64_t rows_p, int64_t ld) {
+inline void pack_row_pairs(const T* src, int64_t row_stride, int64_t rows, int64_t cols, float* dst, int64_t rows_p,
+                           int64_t ld) {
   auto load16 = [&](int64_t r, int64_t n) -> __m256i {
     const int64_t m = std::min<int64_t>(16, cols - n);
     if (r >= rows || m <= 0) return _mm256_setzero_si256();
     const __mmask16 mask = lanes_mask(m);
     if constexpr (std::is_same<T, float>::value)
       return (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, src + r * row_stride + n));
-    else
-      return _mm256_maskz_loadu_epi16(mask, src + r * row_stride + n);
+    else return _mm256_maskz_loadu_epi16(mask, src + r * row_stride + n);
   };
   for (int64_t kp = 0; kp < rows_p / 2; ++kp)
     for (int64_t n = 0; n < ld; n += 16)
@@ -219,8 +213,8 @@ inline void pack_rounded_rows(const float* src, int64_t row_stride, int64_t rows
 }
 
 // rows of bf16 (row_stride apart) as rows of ld words: pairs, zero-padded to rows_p rows.
-inline void pack_pairs(const bf16* src, int64_t row_stride, int64_t rows, int64_t cols, float* dst,
-                       int64_t rows_p, int64_t ld) {
+inline void pack_pairs(const bf16* src, int64_t row_stride, int64_t rows, int64_t cols, float* dst, int64_t rows_p,
+                       int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) {
     char* d = reinterpret_cast<char*>(dst + r * ld);
     std::memcpy(d, src + r * row_stride, cols * sizeof(bf16));
@@ -244,8 +238,8 @@ template <class T> struct ScoreOperands {
 
   // X: rows (of cols elements, row_stride apart) padded to rows_p; Y: keys rows, transposed to ld columns.
   // With `need_x` false, X's rows in the accumulation type (x) are packed only when the products use them.
-  void pack(const T* xs, int64_t x_stride, int64_t rows, int64_t rows_p, const T* ys, int64_t y_stride,
-            int64_t keys, int64_t ld_p, int64_t cols, bool need_x = false) {
+  void pack(const T* xs, int64_t x_stride, int64_t rows, int64_t rows_p, const T* ys, int64_t y_stride, int64_t keys,
+            int64_t ld_p, int64_t cols, bool need_x = false) {
     constexpr int W = lanes<A>();
     const int64_t cols_p = round_up(cols, W);
     ld = ld_p;
@@ -275,10 +269,11 @@ template <class T> struct ScoreOperands {
   void product(int64_t M, int64_t N, int64_t x_row0, int64_t y_col0, A* out, int64_t ldo) const {
 #if NF_BF16_DOT
     if constexpr (kPairs)
-      return small_gemm<PairDot, false>(M, N, depth, xp.data() + x_row0 * depth, depth, ytp.data() + y_col0, ld,
-                                          out, ldo, false);
+      return small_gemm<PairDot, false>(M, N, depth, xp.data() + x_row0 * depth, depth, ytp.data() + y_col0, ld, out,
+                                        ldo, false);
 #endif
-    small_gemm<FmaDot<A>, false>(M, N, depth, x.data() + x_row0 * depth, depth, yt.data() + y_col0, ld, out, ldo, false);
+    small_gemm<FmaDot<A>, false>(M, N, depth, x.data() + x_row0 * depth, depth, yt.data() + y_col0, ld, out, ldo,
+                                 false);
   }
 };
 
@@ -324,7 +319,10 @@ inline A scale_mask_rowmax(A* s, int64_t ncols, int64_t valid, A scale) {
     c += W;
   }
   A m = vmax(mv);
-  for (; c < valid; ++c) { s[c] *= scale; m = std::max(m, s[c]); }
+  for (; c < valid; ++c) {
+    s[c] *= scale;
+    m = std::max(m, s[c]);
+  }
   for (; c < ncols; ++c) s[c] = -std::numeric_limits<A>::infinity();
   return m;
 }
@@ -354,8 +352,7 @@ inline void dropout_row(A* p, int64_t ncols, uint64_t seed, uint64_t row_offset,
       vstore(p + c, (vec<float>)_mm512_maskz_mov_ps(keep, (__m512)(vload(p + c) * keep_scale)));
     }
 #endif
-  for (; c < ncols; ++c)
-    p[c] = dropout_keep(seed, row_offset + uint64_t(j0 + c), p_drop) ? p[c] * keep_scale : A(0);
+  for (; c < ncols; ++c) p[c] = dropout_keep(seed, row_offset + uint64_t(j0 + c), p_drop) ? p[c] * keep_scale : A(0);
 }
 
 template <class T>
@@ -386,8 +383,8 @@ void attention_forward_impl(const AttentionForwardArgs& a) {
       const int64_t kv_len = visible_keys(a.causal, i0 + rows, TK);
       const int64_t kv_len_p = round_up(kv_len, BK);
       // Pack: Q block (rows x HSp), K transposed (HSp x kv_len_p), V (kv_len_p x HSVp).
-      QK.pack(head_ptr<T>(a.q, b, h) + i0 * a.q.st, a.q.st, rows, BQ, head_ptr<T>(a.k, b, h), a.k.st, kv_len,
-              kv_len_p, HS);
+      QK.pack(head_ptr<T>(a.q, b, h) + i0 * a.q.st, a.q.st, rows, BQ, head_ptr<T>(a.k, b, h), a.k.st, kv_len, kv_len_p,
+              HS);
       if constexpr (kPairs) {
 #if NF_BF16_DOT
         V_pairs.resize(kv_len_p / 2 * HSVp);
@@ -433,8 +430,8 @@ void attention_forward_impl(const AttentionForwardArgs& a) {
           A* o = O.data() + r * HSVp;
           for (int64_t c = 0; c < HSVp; c += W) vstore(o + c, vload(o + c) * alpha);
           if (a.dropout_p > 0)
-            dropout_row(s, std::min<int64_t>(BK, TK - j0), a.seed, uint64_t((bh * TQ + i) * TK), j0,
-                        float(a.dropout_p), keep_scale);
+            dropout_row(s, std::min<int64_t>(BK, TK - j0), a.seed, uint64_t((bh * TQ + i) * TK), j0, float(a.dropout_p),
+                        keep_scale);
         }
         // O += P V (on the diagonal, each row slice over the keys it can see: P is 0 beyond them).
         if constexpr (kPairs) {
@@ -445,18 +442,19 @@ void attention_forward_impl(const AttentionForwardArgs& a) {
           for (int64_t r0 = 0; r0 < rows; r0 += diagonal ? W : rows) {
             const int64_t nr = diagonal ? std::min<int64_t>(W, rows - r0) : rows;
             const int64_t nc = diagonal ? causal_cols(i0 + r0 + nr, j0, BK, TK, W) : BK;
-            small_gemm<PairDot, false>(nr, HSVp, std::min<int64_t>(nc, kv_len_p - j0) / 2, P_pairs.data() + r0 * (BK / 2), BK / 2,
-                      V_pairs.data() + (j0 / 2) * HSVp, HSVp, O.data() + r0 * HSVp, HSVp, true);
+            small_gemm<PairDot, false>(nr, HSVp, std::min<int64_t>(nc, kv_len_p - j0) / 2,
+                                       P_pairs.data() + r0 * (BK / 2), BK / 2, V_pairs.data() + (j0 / 2) * HSVp, HSVp,
+                                       O.data() + r0 * HSVp, HSVp, true);
           }
 #endif
         } else if (!diagonal) {
           small_gemm<FmaDot<A>, false>(rows, HSVp, std::min<int64_t>(BK, kv_len_p - j0), S.data(), BK,
-                         V.data() + j0 * HSVp, HSVp, O.data(), HSVp, true);
+                                       V.data() + j0 * HSVp, HSVp, O.data(), HSVp, true);
         } else {
           for (int64_t r0 = 0; r0 < rows; r0 += W) {
             const int64_t nr = std::min<int64_t>(W, rows - r0), nc = causal_cols(i0 + r0 + nr, j0, BK, TK, W);
             small_gemm<FmaDot<A>, false>(nr, HSVp, std::min<int64_t>(nc, kv_len_p - j0), S.data() + r0 * BK, BK,
-                           V.data() + j0 * HSVp, HSVp, O.data() + r0 * HSVp, HSVp, true);
+                                         V.data() + j0 * HSVp, HSVp, O.data() + r0 * HSVp, HSVp, true);
           }
         }
       }
@@ -487,8 +485,8 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
 #pragma omp parallel num_threads(a.num_threads)
   {
     ScoreOperands<T> QK, dOV;  // for P = exp(Q K^T - lse) and dP = dO V^T; QK.x is Q (without pairs), dOV.x dO
-    std::vector<A> K(TKp * HSp), delta(TQp), dQ(TQp * HSp), P(BQ * BK), dP(BQ * BK), dK(BK * HSp),
-        dV(BK * HSVp), row_buf(TQp * HSVp);
+    std::vector<A> K(TKp * HSp), delta(TQp), dQ(TQp * HSp), P(BQ * BK), dP(BQ * BK), dK(BK * HSp), dV(BK * HSVp),
+        row_buf(TQp * HSVp);
     // bf16 on AVX512-BF16: Q, dO and K paired along their rows, and per block P^T, dS^T and dS rounded
     // to bfloat16 (as the GPU kernel rounds them for its dV, dK and dQ dots)
     std::vector<float> Q_pairs, dO_pairs, K_pairs, Pt_pairs, dSt_pairs, dS_pairs;
@@ -576,8 +574,8 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
 #if defined(__AVX512F__)
             if constexpr (std::is_same<A, float>::value)  // the same, 16 at a time without branches
               for (; c + 16 <= kcols; c += 16) {
-                const __mmask16 keep = __mmask16(dropout_keep16(a.seed, row_offset + uint64_t(j0 + c),
-                                                                float(a.dropout_p)));
+                const __mmask16 keep =
+                    __mmask16(dropout_keep16(a.seed, row_offset + uint64_t(j0 + c), float(a.dropout_p)));
                 const vec<float> pc = vload(p + c);
                 // kept: dp * keep_scale - delta as one FMA (as the compiler contracts the scalar loop below);
                 // dropped: -delta
@@ -609,37 +607,38 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
               if (r_lo == rows) continue;
               const int64_t kp = (rows_p - r_lo) / 2, p0 = r_lo / 2;
               small_gemm<PairDot, true>(mc, HSVp, kp, Pt_pairs.data() + p0 * BK + c0, BK,
-                              dO_pairs.data() + (i0 / 2 + p0) * HSVp, HSVp, dV.data() + c0 * HSVp, HSVp, true);
+                                        dO_pairs.data() + (i0 / 2 + p0) * HSVp, HSVp, dV.data() + c0 * HSVp, HSVp,
+                                        true);
               small_gemm<PairDot, true>(mc, HSp, kp, dSt_pairs.data() + p0 * BK + c0, BK,
-                              Q_pairs.data() + (i0 / 2 + p0) * HSp, HSp, dK.data() + c0 * HSp, HSp, true);
+                                        Q_pairs.data() + (i0 / 2 + p0) * HSp, HSp, dK.data() + c0 * HSp, HSp, true);
             }
             for (int64_t r0 = 0; r0 < rows; r0 += diagonal ? W : rows) {
               const int64_t nr = diagonal ? std::min<int64_t>(W, rows - r0) : rows;
               const int64_t nc = diagonal ? causal_cols(i0 + r0 + nr, j0, BK, TK, W) : BK;
-              small_gemm<PairDot, false>(nr, HSp, nc / 2, dS_pairs.data() + r0 * (BK / 2), BK / 2, K_pairs.data() + (j0 / 2) * HSp,
-                        HSp, dQ.data() + (i0 + r0) * HSp, HSp, true);
+              small_gemm<PairDot, false>(nr, HSp, nc / 2, dS_pairs.data() + r0 * (BK / 2), BK / 2,
+                                         K_pairs.data() + (j0 / 2) * HSp, HSp, dQ.data() + (i0 + r0) * HSp, HSp, true);
             }
 #endif
           } else if (!diagonal) {
             small_gemm<FmaDot<A>, true>(BK, HSVp, rows, P.data(), BK, dO + i0 * HSVp, HSVp, dV.data(), HSVp, true);
             small_gemm<FmaDot<A>, true>(BK, HSp, rows, dP.data(), BK, Q + i0 * HSp, HSp, dK.data(), HSp, true);
             small_gemm<FmaDot<A>, false>(rows, HSp, BK, dP.data(), BK, K.data() + j0 * HSp, HSp, dQ.data() + i0 * HSp,
-                           HSp, true);
+                                         HSp, true);
           } else {
             // dV, dK: W keys at a time, over the query rows that see them (rows before r_lo see none).
             for (int64_t c0 = 0; c0 < BK; c0 += W) {
               const int64_t r_lo = std::min(rows, std::max<int64_t>(0, j0 + c0 - i0));
               if (r_lo == rows) continue;
               small_gemm<FmaDot<A>, true>(W, HSVp, rows - r_lo, P.data() + r_lo * BK + c0, BK, dO + (i0 + r_lo) * HSVp,
-                            HSVp, dV.data() + c0 * HSVp, HSVp, true);
+                                          HSVp, dV.data() + c0 * HSVp, HSVp, true);
               small_gemm<FmaDot<A>, true>(W, HSp, rows - r_lo, dP.data() + r_lo * BK + c0, BK, Q + (i0 + r_lo) * HSp,
-                            HSp, dK.data() + c0 * HSp, HSp, true);
+                                          HSp, dK.data() + c0 * HSp, HSp, true);
             }
             // dQ: W rows at a time, over the keys they see.
             for (int64_t r0 = 0; r0 < rows; r0 += W) {
               const int64_t nr = std::min<int64_t>(W, rows - r0), nc = causal_cols(i0 + r0 + nr, j0, BK, TK, W);
               small_gemm<FmaDot<A>, false>(nr, HSp, nc, dP.data() + r0 * BK, BK, K.data() + j0 * HSp, HSp,
-                             dQ.data() + (i0 + r0) * HSp, HSp, true);
+                                           dQ.data() + (i0 + r0) * HSp, HSp, true);
             }
           }
         }
@@ -669,8 +668,7 @@ inline void dropout_mask(uint64_t seed, int64_t B, int64_t NH, int64_t TQ, int64
   const int64_t rows = B * NH * TQ;
 #pragma omp parallel for num_threads(num_threads) schedule(static)
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < TK; ++j)
-      out[r * TK + j] = dropout_keep(seed, uint64_t(r * TK + j), p) ? 1 : 0;
+    for (int64_t j = 0; j < TK; ++j) out[r * TK + j] = dropout_keep(seed, uint64_t(r * TK + j), p) ? 1 : 0;
 }
 
 }  // namespace NF_ISA

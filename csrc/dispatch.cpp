@@ -33,8 +33,7 @@ bool cpu_has(const char* isa) {
   }
   if (!std::strcmp(isa, "avx512"))
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("fma");
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
   if (!std::strcmp(isa, "avx2")) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
   return !std::strcmp(isa, "generic");
@@ -73,7 +72,10 @@ const KernelTable* g_table = initial_table();
 const KernelTable& kernels() { return *g_table; }
 
 bool select_isa(const char* name) {
-  if (!std::strcmp(name, "auto")) { g_table = best_table(); return true; }
+  if (!std::strcmp(name, "auto")) {
+    g_table = best_table();
+    return true;
+  }
   const KernelTable* t = table_for(name);
   if (!t) return false;
   g_table = t;

@@ -45,9 +45,7 @@ template <class A> struct GeluConst {
 };
 
 // One vector of x (and dy) in, one vector of y (or dx) out.
-template <class A> inline vec<A> gelu_vec(vec<A> x) {
-  return x * A(0.5) * (verf(x * GeluConst<A>::inv_sqrt2) + A(1));
-}
+template <class A> inline vec<A> gelu_vec(vec<A> x) { return x * A(0.5) * (verf(x * GeluConst<A>::inv_sqrt2) + A(1)); }
 // gelu'(x) = Phi(x) + x phi(x): one function for the backward and for the forward that saves it, so
 // that dy * (saved gelu') has the bits of the backward computed from x.
 template <class A> inline vec<A> gelu_deriv_vec(vec<A> x) {

@@ -30,11 +30,11 @@ namespace NF_ISA {
 #if defined(__AVX512F__)
 #define NF_HAS_GEMM_F32 1
 
-constexpr int kGemmMR = 12;         // rows of the C tile held in registers
-constexpr int kGemmNR = 32;         // its columns: two zmm vectors (12 x 2 = 24 accumulators of 32)
-constexpr int64_t kGemmKC = 512;    // depth of a slice: B's micro-panel (KC x NR) is up to 64 KB, from L1/L2
-constexpr int64_t kGemmMC = 192;    // rows of A packed at a time: MC x KC = up to 384 KB, in L2
-constexpr int64_t kGemmNC = 2048;   // columns of B packed at a time
+constexpr int kGemmMR = 12;        // rows of the C tile held in registers
+constexpr int kGemmNR = 32;        // its columns: two zmm vectors (12 x 2 = 24 accumulators of 32)
+constexpr int64_t kGemmKC = 512;   // depth of a slice: B's micro-panel (KC x NR) is up to 64 KB, from L1/L2
+constexpr int64_t kGemmMC = 192;   // rows of A packed at a time: MC x KC = up to 384 KB, in L2
+constexpr int64_t kGemmNC = 2048;  // columns of B packed at a time
 
 // Packs the W x kc block src[w * ws + k * ks] (w < W <= WIDTH, k < kc) as dst[k * WIDTH + w], zero
 // beyond W: a panel of A (WIDTH = MR, w the row) or of B (WIDTH = NR, w the column).
@@ -44,7 +44,8 @@ void gemm_pack_panel(const float* src, int64_t ws, int64_t ks, int64_t W, int64_
     for (int64_t k = 0; k < kc; ++k)
       for (int w0 = 0; w0 < WIDTH; w0 += 16) {
         const __mmask16 m = lanes_mask(std::max<int64_t>(0, W - w0));
-        _mm512_mask_storeu_ps(dst + k * WIDTH + w0, lanes_mask(WIDTH - w0), _mm512_maskz_loadu_ps(m, src + k * ks + w0));
+        _mm512_mask_storeu_ps(dst + k * WIDTH + w0, lanes_mask(WIDTH - w0),
+                              _mm512_maskz_loadu_ps(m, src + k * ks + w0));
       }
     return;
   }
@@ -84,7 +85,10 @@ inline void gemm_micro(int64_t kc, const float* ap, const float* bp, float* c, i
   }
   const __mmask16 m0 = lanes_mask(n), m1 = lanes_mask(std::max<int64_t>(0, n - 16));
   __m512 bias0 = _mm512_setzero_ps(), bias1 = _mm512_setzero_ps();
-  if (first && bias) { bias0 = _mm512_maskz_loadu_ps(m0, bias); bias1 = _mm512_maskz_loadu_ps(m1, bias + 16); }
+  if (first && bias) {
+    bias0 = _mm512_maskz_loadu_ps(m0, bias);
+    bias1 = _mm512_maskz_loadu_ps(m1, bias + 16);
+  }
   for (int i = 0; i < m; ++i) {
     float* ci = c + i * ldc;
     const __m512 base0 = first ? bias0 : _mm512_maskz_loadu_ps(m0, ci);
@@ -180,8 +184,8 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, int num_threads, Block&& blo
   const int64_t units = (extent + unit - 1) / unit;
   // below ~2 MFLOP a second thread costs more to wake than it saves
   const double mmacs = double(M) * double(N) * double(K) / double(1 << 20);  // (no int64 overflow)
-  const int threads = int(std::max<int64_t>(1, std::min<int64_t>({int64_t(num_threads), units,
-                                                                   int64_t(std::min(mmacs, 1e6))})));
+  const int threads =
+      int(std::max<int64_t>(1, std::min<int64_t>({int64_t(num_threads), units, int64_t(std::min(mmacs, 1e6))})));
 #pragma omp parallel for num_threads(threads) schedule(static, 1) if (threads > 1)
   for (int t = 0; t < threads; ++t) {
     const int64_t lo = std::min(extent, units * t / threads * unit);

@@ -48,9 +48,7 @@ inline __m512i bf16x32(const float* p, int64_t n) {
 inline __m512i bf16x32(const bf16* p, int64_t n) { return _mm512_maskz_loadu_epi16(lanes_mask32(n), p); }
 
 // One element's bfloat16 bits, rounded by the same instruction as the vector paths.
-inline uint32_t bf16_bits(float v) {
-  return uint16_t(_mm_extract_epi16((__m128i)_mm_cvtneps_pbh(_mm_set_ss(v)), 0));
-}
+inline uint32_t bf16_bits(float v) { return uint16_t(_mm_extract_epi16((__m128i)_mm_cvtneps_pbh(_mm_set_ss(v)), 0)); }
 inline uint32_t bf16_bits(bf16 v) { return v.bits; }
 
 // Packs the W x kc block src[w * ws + k * ks] (w < W <= WIDTH) as words dst[kp * WIDTH + w] holding the
@@ -79,10 +77,10 @@ void gemm_pack_pairs(const T* src, int64_t ws, int64_t ks, int64_t W, int64_t kc
   if (ws == 1) {
     // 16-bit lane e of the result: element e / 2 of the first row (e even) or of the second (e odd)
     alignas(64) static const uint16_t interleave[2][32] = {
-        {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46,
-         15, 47},
-        {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29,
-         61, 30, 62, 31, 63}};
+        {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+         8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47},
+        {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+         24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63}};
     const __m512i lo_idx = _mm512_load_si512(interleave[0]), hi_idx = _mm512_load_si512(interleave[1]);
     for (int64_t kp = 0; kp < kpairs; ++kp) {
       const __m512i r0 = bf16x32(src + 2 * kp * ks, W);
@@ -106,8 +104,8 @@ void gemm_pack_pairs(const T* src, int64_t ws, int64_t ks, int64_t W, int64_t kc
 // The microkernel: an MR x NR tile of A_panel @ B_panel over kpairs pairs of k, written to C's first m
 // rows and n columns: float32 C (c32) = tile (+ bias) on the first slice, += tile on later ones;
 // bfloat16 C (c16, a single slice) = tile (+ bias), rounded.
-inline void gemm_bf16_micro(int64_t kpairs, const uint32_t* ap, const uint32_t* bp, float* c32, bf16* c16,
-                            int64_t ldc, int64_t m, int64_t n, bool first, const float* bias) {
+inline void gemm_bf16_micro(int64_t kpairs, const uint32_t* ap, const uint32_t* bp, float* c32, bf16* c16, int64_t ldc,
+                            int64_t m, int64_t n, bool first, const float* bias) {
   __m512 acc[kGemmMR][2];
   for (int i = 0; i < kGemmMR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   for (int64_t kp = 0; kp < kpairs; ++kp) {
@@ -123,7 +121,10 @@ inline void gemm_bf16_micro(int64_t kpairs, const uint32_t* ap, const uint32_t* 
   }
   const __mmask16 m0 = lanes_mask(n), m1 = lanes_mask(std::max<int64_t>(0, n - 16));
   __m512 bias0 = _mm512_setzero_ps(), bias1 = _mm512_setzero_ps();
-  if (first && bias) { bias0 = _mm512_maskz_loadu_ps(m0, bias); bias1 = _mm512_maskz_loadu_ps(m1, bias + 16); }
+  if (first && bias) {
+    bias0 = _mm512_maskz_loadu_ps(m0, bias);
+    bias1 = _mm512_maskz_loadu_ps(m1, bias + 16);
+  }
   for (int i = 0; i < m; ++i) {
     if (c16) {
       bf16* ci = c16 + i * ldc;
@@ -163,8 +164,8 @@ struct GemmBf16Kernel {
   }
   void tile(int64_t kpairs, const uint32_t* ap, const uint32_t* bp, int64_t i, int64_t j, int64_t m, int64_t n,
             bool first) const {
-    gemm_bf16_micro(kpairs, ap, bp, c32 ? c32 + i * ldc + j : nullptr, c16 ? c16 + i * ldc + j : nullptr, ldc, m,
-                    n, first, bias ? bias + j : nullptr);
+    gemm_bf16_micro(kpairs, ap, bp, c32 ? c32 + i * ldc + j : nullptr, c16 ? c16 + i * ldc + j : nullptr, ldc, m, n,
+                    first, bias ? bias + j : nullptr);
   }
 };
 

@@ -13,7 +13,8 @@ enum DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2 };
 struct LayerNormForwardArgs {
   int dtype;
   int64_t N, C;
-  const void* x; int64_t x_row_stride;
+  const void* x;
+  int64_t x_row_stride;
   const void* weight;  // may be null
   const void* bias;    // may be null
   void* y;             // contiguous (N, C)
@@ -26,14 +27,16 @@ struct LayerNormForwardArgs {
 struct LayerNormBackwardArgs {
   int dtype;
   int64_t N, C;
-  const void* dy; int64_t dy_row_stride;
-  const void* x; int64_t x_row_stride;
+  const void* dy;
+  int64_t dy_row_stride;
+  const void* x;
+  int64_t x_row_stride;
   const void* weight;  // may be null
   const void* mean;
   const void* rstd;
-  void* dx;            // contiguous (N, C)
-  void* dweight;       // may be null: not needed
-  void* dbias;         // may be null: not needed
+  void* dx;       // contiguous (N, C)
+  void* dweight;  // may be null: not needed
+  void* dbias;    // may be null: not needed
   int num_threads;
 };
 
@@ -44,8 +47,10 @@ struct LayerNormBackwardArgs {
 struct AddLayerNormForwardArgs {
   int dtype, residual_dtype, y_dtype;
   int64_t N, C;
-  const void* x; int64_t x_row_stride;
-  const void* residual; int64_t residual_row_stride;
+  const void* x;
+  int64_t x_row_stride;
+  const void* residual;
+  int64_t residual_row_stride;
   const void* weight;  // may be null
   const void* bias;    // may be null
   void* h;             // contiguous (N, C)
@@ -60,16 +65,17 @@ struct AddLayerNormForwardArgs {
 struct AddLayerNormBackwardArgs {
   int dtype, residual_dtype, y_dtype;
   int64_t N, C;
-  const void* dy; int64_t dy_row_stride;
+  const void* dy;
+  int64_t dy_row_stride;
   const void* dh;      // may be null (h not used further); contiguous (N, C) otherwise
   const void* h;       // contiguous (N, C)
   const void* weight;  // may be null
   const void* mean;
   const void* rstd;
-  void* dx;            // contiguous (N, C)
-  void* dresidual;     // may be null: not needed, or the caller reuses dx (same dtype)
-  void* dweight;       // may be null
-  void* dbias;         // may be null
+  void* dx;         // contiguous (N, C)
+  void* dresidual;  // may be null: not needed, or the caller reuses dx (same dtype)
+  void* dweight;    // may be null
+  void* dbias;      // may be null
   int num_threads;
 };
 
@@ -86,7 +92,7 @@ struct AttentionForwardArgs {
   Strided4 q, k, v, out;  // out.ptr is written
   void* lse;              // (B, NH, TQ) contiguous, accumulation type; natural-log logsumexp
   double scale;
-  bool causal;            // key j is visible to query i iff j <= i (torch's is_causal)
+  bool causal;       // key j is visible to query i iff j <= i (torch's is_causal)
   double dropout_p;  // the keep test compares in float32 (as Triton does); the rescale uses it in full
   uint64_t seed;
   int num_threads;
@@ -97,7 +103,7 @@ struct AttentionBackwardArgs {
   int64_t B, NH, TQ, TK, HS, HSV;
   Strided4 q, k, v, out, dout;
   const void* lse;
-  Strided4 dq, dk, dv;    // written
+  Strided4 dq, dk, dv;  // written
   double scale;
   bool causal;
   double dropout_p;  // the keep test compares in float32 (as Triton does); the rescale uses it in full
@@ -154,9 +160,12 @@ struct AdamWArgs {
 // accumulate: C += A @ B instead (bias ignored).
 struct GemmArgs {
   int64_t M, N, K;
-  const float* a; int64_t a_rs, a_cs;
-  const float* b; int64_t b_rs, b_cs;
-  float* c; int64_t ldc;
+  const float* a;
+  int64_t a_rs, a_cs;
+  const float* b;
+  int64_t b_rs, b_cs;
+  float* c;
+  int64_t ldc;
   const float* bias;  // (N,), may be null
   bool accumulate;
   int num_threads;
@@ -167,9 +176,15 @@ struct GemmArgs {
 // rounded to bfloat16 on the way in; C is float32 (accumulate: C += A @ B, bias ignored) or bfloat16.
 struct GemmBf16Args {
   int64_t M, N, K;
-  const void* a; int64_t a_rs, a_cs; int a_dtype;
-  const void* b; int64_t b_rs, b_cs; int b_dtype;
-  void* c; int64_t ldc; int c_dtype;
+  const void* a;
+  int64_t a_rs, a_cs;
+  int a_dtype;
+  const void* b;
+  int64_t b_rs, b_cs;
+  int b_dtype;
+  void* c;
+  int64_t ldc;
+  int c_dtype;
   const void* bias;  // (N,), may be null
   int bias_dtype;
   bool accumulate;
@@ -198,7 +213,7 @@ struct KernelTable {
   void (*gelu_backward)(const GeluArgs&) = nullptr;
   // Returns the gradient norm before clipping, or -1 when max_grad_norm <= 0.
   double (*adamw_step)(const AdamWArgs&) = nullptr;
-  void (*gemm_f32)(const GemmArgs&) = nullptr;      // only where has_gemm_f32
+  void (*gemm_f32)(const GemmArgs&) = nullptr;       // only where has_gemm_f32
   void (*gemm_bf16)(const GemmBf16Args&) = nullptr;  // only where has_gemm_bf16
 };
 

@@ -1,14 +1,14 @@
 // Compiled once per instruction set; CMake defines NF_ISA (isa_generic, isa_avx2, isa_avx512) and the
 // matching -m flags. Each copy exports its own kernel table.
-#include "kernel_table.h"
-#include "layer_norm.h"
+#include "adamw.h"
 #include "add_layer_norm.h"
 #include "attention.h"
-#include "gelu.h"
-#include "adamw.h"
 #include "dropout.h"
+#include "gelu.h"
 #include "gemm.h"
 #include "gemm_bf16.h"
+#include "kernel_table.h"
+#include "layer_norm.h"
 
 #define NF_STR2(x) #x
 #define NF_STR(x) NF_STR2(x)

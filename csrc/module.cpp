@@ -121,10 +121,9 @@ bool add_layer_norm_backward(int dtype, int residual_dtype, int y_dtype, int64_t
   return kernels().add_layer_norm_backward(a);
 }
 
-void attention_forward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK, int64_t HS, int64_t HSV,
-                       uintptr_t q, Strides3 qs, uintptr_t k, Strides3 ks, uintptr_t v, Strides3 vs, uintptr_t out,
-                       Strides3 os, uintptr_t lse, double scale, bool causal, double dropout_p, uint64_t seed,
-                       int num_threads) {
+void attention_forward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK, int64_t HS, int64_t HSV, uintptr_t q,
+                       Strides3 qs, uintptr_t k, Strides3 ks, uintptr_t v, Strides3 vs, uintptr_t out, Strides3 os,
+                       uintptr_t lse, double scale, bool causal, double dropout_p, uint64_t seed, int num_threads) {
   nanofast::AttentionForwardArgs a{};
   a.dtype = dtype;
   a.B = B;
@@ -146,11 +145,11 @@ void attention_forward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK,
   kernels().attention_forward(a);
 }
 
-void attention_backward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK, int64_t HS, int64_t HSV,
-                        uintptr_t q, Strides3 qs, uintptr_t k, Strides3 ks, uintptr_t v, Strides3 vs,
-                        uintptr_t out, Strides3 os, uintptr_t dout, Strides3 dos, uintptr_t lse, uintptr_t dq,
-                        Strides3 dqs, uintptr_t dk, Strides3 dks, uintptr_t dv, Strides3 dvs, double scale,
-                        bool causal, double dropout_p, uint64_t seed, int num_threads) {
+void attention_backward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK, int64_t HS, int64_t HSV, uintptr_t q,
+                        Strides3 qs, uintptr_t k, Strides3 ks, uintptr_t v, Strides3 vs, uintptr_t out, Strides3 os,
+                        uintptr_t dout, Strides3 dos, uintptr_t lse, uintptr_t dq, Strides3 dqs, uintptr_t dk,
+                        Strides3 dks, uintptr_t dv, Strides3 dvs, double scale, bool causal, double dropout_p,
+                        uint64_t seed, int num_threads) {
   nanofast::AttentionBackwardArgs a{};
   a.dtype = dtype;
   a.B = B;
@@ -228,8 +227,8 @@ bool gemm_bf16(int64_t M, int64_t N, int64_t K, uintptr_t a, int64_t a_rs, int64
                int bias_dtype, bool accumulate, int num_threads) {
   auto check = [](const char* name, int dtype) {
     if (dtype != nanofast::kFloat32 && dtype != nanofast::kBFloat16)
-      throw std::invalid_argument(std::string("gemm_bf16: ") + name + " must be float32 (0) or bfloat16 (2), got dtype code " +
-                                  std::to_string(dtype));
+      throw std::invalid_argument(std::string("gemm_bf16: ") + name +
+                                  " must be float32 (0) or bfloat16 (2), got dtype code " + std::to_string(dtype));
   };
   check("a", a_dtype);
   check("b", b_dtype);
@@ -345,8 +344,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("available_isas", [] { return std::string(nanofast::available_isas()); });
   m.def("select_isa", [](const std::string& name) {
     if (!nanofast::select_isa(name.c_str()))
-      throw std::invalid_argument("nanofast: instruction set '" + name + "' is not available on this CPU (available: " +
-                                  nanofast::available_isas() + ")");
+      throw std::invalid_argument("nanofast: instruction set '" + name +
+                                  "' is not available on this CPU (available: " + nanofast::available_isas() + ")");
   });
   m.def("has_openmp", [] {
 #ifdef NF_HAVE_OPENMP

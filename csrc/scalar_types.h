@@ -8,9 +8,7 @@
 
 namespace nanofast {
 
-struct bf16 {
-  uint16_t bits;
-};
+struct bf16 { uint16_t bits; };
 
 template <class T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };

@@ -2,9 +2,9 @@
 // code depending on the flags the including translation unit is compiled with (see CMakeLists.txt).
 #pragma once
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <cmath>
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
@@ -40,7 +40,11 @@ template <> struct VecOf<double> {
 template <class A> using vec = typename VecOf<A>::type;
 template <class A> constexpr int lanes() { return NF_VBYTES / sizeof(A); }
 
-template <class A> inline vec<A> vload(const A* p) { vec<A> v; std::memcpy(&v, p, sizeof v); return v; }
+template <class A> inline vec<A> vload(const A* p) {
+  vec<A> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
 template <class A> inline void vstore(A* p, vec<A> v) { std::memcpy(p, &v, sizeof v); }
 // Every lane = s. Written as s - 0, which is s exactly (also for -0), so the compiler folds it to a
 // plain splat, and on AVX-512 into the instruction that uses it (an embedded {1to16} broadcast).
