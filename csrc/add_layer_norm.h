@@ -39,7 +39,7 @@ void add_layer_norm_forward_impl(const AddLayerNormForwardArgs& a) {
   const bool stream_y = stream_output(y, N * C * int64_t(sizeof(TY)), C * int64_t(sizeof(TY)));
   // R rows at a time, their passes interleaved: a row of a few hundred columns is a chain of
   // dependent sums, a horizontal reduction, a division and a square root, and on its own it leaves
-  // the core waiting on latency (about 160 cycles a row at C = 128). Each row's arithmetic, and so
+  // the core waiting on latency. Each row's arithmetic, and so
   // its result, is the same whatever R.
   auto rows = [&](auto R_, int64_t n0) {
     constexpr int R = decltype(R_)::value;
@@ -193,7 +193,10 @@ void add_layer_norm_backward_impl(const AddLayerNormBackwardArgs& a) {
           if (dhr) v += to_acc(dhr[c]);
           dxr[c] = from_acc<TX>(v);
           if (drr) drr[c] = from_acc<TR>(v);
-          if (pdw) { pdw[c] += d * xh; pdb[c] += d; }
+          if (pdw) {
+            pdw[c] += d * xh;
+            pdb[c] += d;
+          }
         }
       }
     }

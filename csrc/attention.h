@@ -4,7 +4,7 @@
 // The T x T score matrix is never materialised: queries are processed in blocks of BR rows against
 // keys in blocks of BC columns, with an online softmax. Operands are first packed into zero-padded,
 // row-major buffers in the accumulation type (float for float32/bfloat16, double for float64), so
-// every product below is one small register-blocked GEMM (gemm_tile) whatever the input strides.
+// every product below is one small register-blocked GEMM (small_gemm) whatever the input strides.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -29,21 +29,39 @@ inline int64_t attention_block(int64_t T) { return T >= 64 ? 64 : 32; }
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// The products below are small GEMMs on operands already packed row-major in the accumulation type,
+// a block of 32 or 64 rows at a time. Not gemm.h's GEMM: that one packs its operands into panels
+// first (which would cost more than these products), runs on AVX-512 float32 only, and adds C after
+// summing a tile from zero, where these tiles sum onto C's old value (other bits).
+//
+// How a tile multiplies: FmaDot, one multiply-add per element of A's vectors; PairDot (below), two
+// bfloat16 products per lane. Elem is the type of the a, b and c buffers, kWidth C's columns per vector.
+template <class A> struct FmaDot {
+  using Elem = A;
+  using Acc = vec<A>;
+  using Operand = vec<A>;
+  static constexpr int kWidth = lanes<A>();
+  static constexpr int kMaxPanel = NF_VBYTES == 64 ? 4 : 2;  // widest column panel, in vectors
+  static Operand load(const A* p) { return vload(p); }
+  static Operand broadcast(A s) { return vbroadcast<A>(s); }
+  static void madd(Acc& acc, Operand a, Operand b) { acc += a * b; }
+};
+
 // C[MR x NV*W] (+)= op(A)[MR x K] * B[K x NV*W], accumulating in registers.
 // op(A) is A (a[m*lda + k]) or, with TRANS_A, A transposed (a[k*lda + m]).
-template <class A, int MR, int NV, bool TRANS_A>
-inline void gemm_tile(int64_t K, const A* a, int64_t lda, const A* b, int64_t ldb, A* c, int64_t ldc,
-                      bool accumulate) {
-  constexpr int W = lanes<A>();
-  vec<A> acc[MR][NV];
+template <class Dot, int MR, int NV, bool TRANS_A, class E = typename Dot::Elem>
+inline void small_gemm_tile(int64_t K, const E* a, int64_t lda, const E* b, int64_t ldb, E* c, int64_t ldc,
+                            bool accumulate) {
+  constexpr int W = Dot::kWidth;
+  typename Dot::Acc acc[MR][NV];
   for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) acc[m][v] = accumulate ? vload(c + m * ldc + v * W) : vec<A>{};
+    for (int v = 0; v < NV; ++v) acc[m][v] = accumulate ? vload(c + m * ldc + v * W) : typename Dot::Acc{};
   for (int64_t k = 0; k < K; ++k) {
-    vec<A> bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = vload(b + k * ldb + v * W);
+    typename Dot::Operand bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = Dot::load(b + k * ldb + v * W);
     for (int m = 0; m < MR; ++m) {
-      const vec<A> av = vbroadcast<A>(TRANS_A ? a[k * lda + m] : a[m * lda + k]);
-      for (int v = 0; v < NV; ++v) acc[m][v] += av * bv[v];
+      const typename Dot::Operand av = Dot::broadcast(TRANS_A ? a[k * lda + m] : a[m * lda + k]);
+      for (int v = 0; v < NV; ++v) Dot::madd(acc[m][v], av, bv[v]);
     }
   }
   for (int m = 0; m < MR; ++m)
@@ -52,53 +70,50 @@ inline void gemm_tile(int64_t K, const A* a, int64_t lda, const A* b, int64_t ld
 
 // Rows of C computed at once for a tile NV vectors wide: as many accumulators as the register file
 // holds beside the NV vectors of B and one broadcast of A (32 registers with AVX-512, else 16).
-template <int NV> constexpr int tile_rows() {
-  return NF_VBYTES == 64 ? (NV == 4 ? 6 : 8) : (NV == 2 ? 4 : 8);
-}
+template <int NV> constexpr int tile_rows() { return NF_VBYTES == 64 ? (NV == 4 ? 6 : 8) : (NV == 2 ? 4 : 8); }
 
 // The last M % MR rows, as one shorter tile rather than row by row.
-template <class A, int NV, bool TRANS_A, int R = tile_rows<NV>() - 1>
-inline void gemm_tail_rows(int64_t rem, int64_t K, const A* a, int64_t lda, const A* b, int64_t ldb, A* c,
-                           int64_t ldc, bool accumulate) {
+template <class Dot, int NV, bool TRANS_A, int R = tile_rows<NV>() - 1, class E = typename Dot::Elem>
+inline void small_gemm_tail_rows(int64_t rem, int64_t K, const E* a, int64_t lda, const E* b, int64_t ldb, E* c,
+                                 int64_t ldc, bool accumulate) {
   if constexpr (R > 0) {
-    if (rem == R) return gemm_tile<A, R, NV, TRANS_A>(K, a, lda, b, ldb, c, ldc, accumulate);
-    gemm_tail_rows<A, NV, TRANS_A, R - 1>(rem, K, a, lda, b, ldb, c, ldc, accumulate);
+    if (rem == R) return small_gemm_tile<Dot, R, NV, TRANS_A>(K, a, lda, b, ldb, c, ldc, accumulate);
+    small_gemm_tail_rows<Dot, NV, TRANS_A, R - 1>(rem, K, a, lda, b, ldb, c, ldc, accumulate);
   }
 }
 
-template <class A, int NV, bool TRANS_A>
-inline void gemm_columns(int64_t M, int64_t K, const A* a, int64_t lda, const A* b, int64_t ldb, A* c,
-                         int64_t ldc, bool accumulate) {
+template <class Dot, int NV, bool TRANS_A, class E = typename Dot::Elem>
+inline void small_gemm_columns(int64_t M, int64_t K, const E* a, int64_t lda, const E* b, int64_t ldb, E* c,
+                               int64_t ldc, bool accumulate) {
   constexpr int MR = tile_rows<NV>();
   int64_t m = 0;
   for (; m + MR <= M; m += MR)
-    gemm_tile<A, MR, NV, TRANS_A>(K, TRANS_A ? a + m : a + m * lda, lda, b, ldb, c + m * ldc, ldc, accumulate);
+    small_gemm_tile<Dot, MR, NV, TRANS_A>(K, TRANS_A ? a + m : a + m * lda, lda, b, ldb, c + m * ldc, ldc, accumulate);
   if (m < M)
-    gemm_tail_rows<A, NV, TRANS_A>(M - m, K, TRANS_A ? a + m : a + m * lda, lda, b, ldb, c + m * ldc, ldc,
-                                   accumulate);
+    small_gemm_tail_rows<Dot, NV, TRANS_A>(M - m, K, TRANS_A ? a + m : a + m * lda, lda, b, ldb, c + m * ldc, ldc,
+                                           accumulate);
 }
 
 // C[M x N] (+)= op(A)[M x K] * B[K x N]; N must be a multiple of the vector width. Column panels are
-// as wide as the register file allows (4 vectors with AVX-512, 2 otherwise), then narrower.
-template <class A, bool TRANS_A>
-void gemm(int64_t M, int64_t N, int64_t K, const A* a, int64_t lda, const A* b, int64_t ldb, A* c,
-          int64_t ldc, bool accumulate) {
-  constexpr int W = lanes<A>();
-  constexpr int NV_MAX = NF_VBYTES == 64 ? 4 : 2;
+// as wide as the register file allows (Dot::kMaxPanel vectors), then narrower. For PairDot, K counts
+// pairs and a, b hold a pair per word.
+template <class Dot, bool TRANS_A, class E = typename Dot::Elem>
+void small_gemm(int64_t M, int64_t N, int64_t K, const E* a, int64_t lda, const E* b, int64_t ldb, E* c, int64_t ldc,
+                bool accumulate) {
+  constexpr int W = Dot::kWidth, NV_MAX = Dot::kMaxPanel;
   int64_t n = 0;
   for (; n + NV_MAX * W <= N; n += NV_MAX * W)
-    gemm_columns<A, NV_MAX, TRANS_A>(M, K, a, lda, b + n, ldb, c + n, ldc, accumulate);
+    small_gemm_columns<Dot, NV_MAX, TRANS_A>(M, K, a, lda, b + n, ldb, c + n, ldc, accumulate);
   if (NV_MAX == 4 && n + 2 * W <= N) {
-    gemm_columns<A, 2, TRANS_A>(M, K, a, lda, b + n, ldb, c + n, ldc, accumulate);
+    small_gemm_columns<Dot, 2, TRANS_A>(M, K, a, lda, b + n, ldb, c + n, ldc, accumulate);
     n += 2 * W;
   }
-  for (; n < N; n += W) gemm_columns<A, 1, TRANS_A>(M, K, a, lda, b + n, ldb, c + n, ldc, accumulate);
+  for (; n < N; n += W) small_gemm_columns<Dot, 1, TRANS_A>(M, K, a, lda, b + n, ldb, c + n, ldc, accumulate);
 }
 
 // dst[r][c] = src[r][c] for r < rows, c < cols, zero elsewhere in the (rows_p x ld) buffer.
 template <class T, class A>
-void pack_rows(const T* src, int64_t row_stride, int64_t rows, int64_t cols, A* dst, int64_t rows_p,
-               int64_t ld) {
+void pack_rows(const T* src, int64_t row_stride, int64_t rows, int64_t cols, A* dst, int64_t rows_p, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) {
     A* d = dst + r * ld;
     convert_row(src + r * row_stride, d, cols);
@@ -111,8 +126,7 @@ void pack_rows(const T* src, int64_t row_stride, int64_t rows, int64_t cols, A* 
 // sources go through 16x16 (AVX-512) or 8x8 (AVX2) register transposes, bfloat16 rows widened TB at a
 // time into a per-thread float buffer first; the rest element by element.
 template <class T, class A>
-void pack_transposed(const T* src, int64_t row_stride, int64_t rows, int64_t cols, A* dst,
-                     int64_t cols_p, int64_t ld) {
+void pack_transposed(const T* src, int64_t row_stride, int64_t rows, int64_t cols, A* dst, int64_t cols_p, int64_t ld) {
   // zero only the padding: columns rows..ld of the first cols rows, and rows cols..cols_p
   for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * ld + rows, dst + (c + 1) * ld, A(0));
   std::fill(dst + cols * ld, dst + cols_p * ld, A(0));
@@ -145,65 +159,26 @@ void pack_transposed(const T* src, int64_t row_stride, int64_t rows, int64_t col
   }
 }
 
-#if defined(__AVX512BF16__) && NF_VBYTES == 64
-#define NF_BF16_DOT 1
-// bfloat16 pairs: C[MR x 16 NV] = A B with A's rows and B's columns in pairs of bfloat16 (element 2k in
-// the low half of a 32-bit word, 2k + 1 in the high half), float32 sums. vdpbf16ps multiplies two pairs
-// per lane, exactly (bf16 x bf16 fits float32), and adds them into the float32 sum (round to nearest
-// even; bf16 denormals read as zero). The words travel in float-typed buffers, bit patterns only.
-// A: MR rows of KP words, lda apart; B: KP rows of 16 NV words, ldb apart.
-template <int MR, int NV, bool TRANS_A>
-inline void pair_gemm_tile(int64_t KP, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-                           int64_t ldc, bool accumulate) {
-  __m512 acc[MR][NV];
-  for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) acc[m][v] = accumulate ? _mm512_loadu_ps(c + m * ldc + v * 16) : _mm512_setzero_ps();
-  for (int64_t kp = 0; kp < KP; ++kp) {
-    __m512bh bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_ps(b + kp * ldb + v * 16);
-    for (int m = 0; m < MR; ++m) {
-      const __m512bh av = (__m512bh)_mm512_set1_ps(TRANS_A ? a[kp * lda + m] : a[m * lda + kp]);
-      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], av, bv[v]);
-    }
-  }
-  for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + m * ldc + v * 16, acc[m][v]);
-}
-
-template <int NV, bool TRANS_A, int R = 7>
-inline void pair_gemm_tail_rows(int64_t rem, int64_t KP, const float* a, int64_t lda, const float* b,
-                                int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  if constexpr (R > 0) {
-    if (rem == R) return pair_gemm_tile<R, NV, TRANS_A>(KP, a, lda, b, ldb, c, ldc, accumulate);
-    pair_gemm_tail_rows<NV, TRANS_A, R - 1>(rem, KP, a, lda, b, ldb, c, ldc, accumulate);
-  }
-}
-
-// C[M x N] (+)= op(A) B, N a multiple of 16: panels of 32 columns (8 x 2 accumulators), then 16.
-// op(A)'s row m, pair kp is a[m * lda + kp], or with TRANS_A a[kp * lda + m].
-template <bool TRANS_A = false>
-inline void pair_gemm(int64_t M, int64_t N, int64_t KP, const float* a, int64_t lda, const float* b,
-                      int64_t ldb, float* c, int64_t ldc, bool accumulate = false) {
-  for (int64_t n = 0; n < N;) {
-    const bool two = n + 32 <= N;
-    int64_t m = 0;
-    for (; m + 8 <= M; m += 8) {
-      const float* am = TRANS_A ? a + m : a + m * lda;
-      if (two) pair_gemm_tile<8, 2, TRANS_A>(KP, am, lda, b + n, ldb, c + m * ldc + n, ldc, accumulate);
-      else pair_gemm_tile<8, 1, TRANS_A>(KP, am, lda, b + n, ldb, c + m * ldc + n, ldc, accumulate);
-    }
-    if (m < M) {
-      const float* am = TRANS_A ? a + m : a + m * lda;
-      if (two) pair_gemm_tail_rows<2, TRANS_A>(M - m, KP, am, lda, b + n, ldb, c + m * ldc + n, ldc, accumulate);
-      else pair_gemm_tail_rows<1, TRANS_A>(M - m, KP, am, lda, b + n, ldb, c + m * ldc + n, ldc, accumulate);
-    }
-    n += two ? 32 : 16;
-  }
-}
+#if NF_BF16_DOT
+// bfloat16 pairs: A's rows and B's columns in pairs of bfloat16 (element 2k in the low half of a
+// 32-bit word, 2k + 1 in the high half), float32 sums. vdpbf16ps multiplies two pairs per lane,
+// exactly (bf16 x bf16 fits float32), and adds them into the float32 sum (round to nearest even; bf16
+// denormals read as zero). The words travel in float-typed buffers, bit patterns only. Panels of at
+// most 2 vectors (8 x 2 accumulators).
+struct PairDot {
+  using Elem = float;
+  using Acc = vec<float>;
+  using Operand = __m512bh;
+  static constexpr int kWidth = 16;
+  static constexpr int kMaxPanel = 2;
+  static Operand load(const float* p) { return (__m512bh)_mm512_loadu_ps(p); }
+  static Operand broadcast(float s) { return (__m512bh)_mm512_set1_ps(s); }
+  static void madd(Acc& acc, Operand a, Operand b) { acc = (Acc)_mm512_dpbf16_ps((__m512)acc, a, b); }
+};
 
 // 16 bf16 of row a and 16 of row b as 16 words: pair n = (a[n], b[n]).
 inline __m512i interleave_rows(__m256i a, __m256i b) {
-  alignas(64) static const uint16_t kIdx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+  alignas(64) static const uint16_t kIdx[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
                                                 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   return _mm512_permutexvar_epi16(_mm512_load_si512(kIdx), _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
 }
@@ -212,16 +187,15 @@ inline __m512i interleave_rows(__m256i a, __m256i b) {
 // as words, kp < rows_p / 2, n < ld (a multiple of 16), zero-padded. The B operand of a product that
 // sums over those rows (P V, P^T dO, dS^T Q, dS K). float rows are rounded to bf16 first.
 template <class T>
-inline void pack_row_pairs(const T* src, int64_t row_stride, int64_t rows, int64_t cols, float* dst,
-                           int64_t rows_p, int64_t ld) {
+inline void pack_row_pairs(const T* src, int64_t row_stride, int64_t rows, int64_t cols, float* dst, int64_t rows_p,
+                           int64_t ld) {
   auto load16 = [&](int64_t r, int64_t n) -> __m256i {
     const int64_t m = std::min<int64_t>(16, cols - n);
     if (r >= rows || m <= 0) return _mm256_setzero_si256();
-    const __mmask16 mask = m >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << m) - 1);
+    const __mmask16 mask = lanes_mask(m);
     if constexpr (std::is_same<T, float>::value)
       return (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, src + r * row_stride + n));
-    else
-      return _mm256_maskz_loadu_epi16(mask, src + r * row_stride + n);
+    else return _mm256_maskz_loadu_epi16(mask, src + r * row_stride + n);
   };
   for (int64_t kp = 0; kp < rows_p / 2; ++kp)
     for (int64_t n = 0; n < ld; n += 16)
@@ -239,8 +213,8 @@ inline void pack_rounded_rows(const float* src, int64_t row_stride, int64_t rows
 }
 
 // rows of bf16 (row_stride apart) as rows of ld words: pairs, zero-padded to rows_p rows.
-inline void pack_pairs(const bf16* src, int64_t row_stride, int64_t rows, int64_t cols, float* dst,
-                       int64_t rows_p, int64_t ld) {
+inline void pack_pairs(const bf16* src, int64_t row_stride, int64_t rows, int64_t cols, float* dst, int64_t rows_p,
+                       int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) {
     char* d = reinterpret_cast<char*>(dst + r * ld);
     std::memcpy(d, src + r * row_stride, cols * sizeof(bf16));
@@ -248,8 +222,6 @@ inline void pack_pairs(const bf16* src, int64_t row_stride, int64_t rows, int64_
   }
   std::memset(static_cast<void*>(dst + rows * ld), 0, (rows_p - rows) * ld * sizeof(float));
 }
-#else
-#define NF_BF16_DOT 0
 #endif
 
 // The score products of one head, S = X Y^T (Q K^T; in the backward also dO V^T), on operands packed
@@ -266,8 +238,8 @@ template <class T> struct ScoreOperands {
 
   // X: rows (of cols elements, row_stride apart) padded to rows_p; Y: keys rows, transposed to ld columns.
   // With `need_x` false, X's rows in the accumulation type (x) are packed only when the products use them.
-  void pack(const T* xs, int64_t x_stride, int64_t rows, int64_t rows_p, const T* ys, int64_t y_stride,
-            int64_t keys, int64_t ld_p, int64_t cols, bool need_x = false) {
+  void pack(const T* xs, int64_t x_stride, int64_t rows, int64_t rows_p, const T* ys, int64_t y_stride, int64_t keys,
+            int64_t ld_p, int64_t cols, bool need_x = false) {
     constexpr int W = lanes<A>();
     const int64_t cols_p = round_up(cols, W);
     ld = ld_p;
@@ -297,9 +269,11 @@ template <class T> struct ScoreOperands {
   void product(int64_t M, int64_t N, int64_t x_row0, int64_t y_col0, A* out, int64_t ldo) const {
 #if NF_BF16_DOT
     if constexpr (kPairs)
-      return pair_gemm(M, N, depth, xp.data() + x_row0 * depth, depth, ytp.data() + y_col0, ld, out, ldo);
+      return small_gemm<PairDot, false>(M, N, depth, xp.data() + x_row0 * depth, depth, ytp.data() + y_col0, ld, out,
+                                        ldo, false);
 #endif
-    gemm<A, false>(M, N, depth, x.data() + x_row0 * depth, depth, yt.data() + y_col0, ld, out, ldo, false);
+    small_gemm<FmaDot<A>, false>(M, N, depth, x.data() + x_row0 * depth, depth, yt.data() + y_col0, ld, out, ldo,
+                                 false);
   }
 };
 
@@ -345,7 +319,10 @@ inline A scale_mask_rowmax(A* s, int64_t ncols, int64_t valid, A scale) {
     c += W;
   }
   A m = vmax(mv);
-  for (; c < valid; ++c) { s[c] *= scale; m = std::max(m, s[c]); }
+  for (; c < valid; ++c) {
+    s[c] *= scale;
+    m = std::max(m, s[c]);
+  }
   for (; c < ncols; ++c) s[c] = -std::numeric_limits<A>::infinity();
   return m;
 }
@@ -375,8 +352,7 @@ inline void dropout_row(A* p, int64_t ncols, uint64_t seed, uint64_t row_offset,
       vstore(p + c, (vec<float>)_mm512_maskz_mov_ps(keep, (__m512)(vload(p + c) * keep_scale)));
     }
 #endif
-  for (; c < ncols; ++c)
-    p[c] = dropout_keep(seed, row_offset + uint64_t(j0 + c), p_drop) ? p[c] * keep_scale : A(0);
+  for (; c < ncols; ++c) p[c] = dropout_keep(seed, row_offset + uint64_t(j0 + c), p_drop) ? p[c] * keep_scale : A(0);
 }
 
 template <class T>
@@ -407,8 +383,8 @@ void attention_forward_impl(const AttentionForwardArgs& a) {
       const int64_t kv_len = visible_keys(a.causal, i0 + rows, TK);
       const int64_t kv_len_p = round_up(kv_len, BK);
       // Pack: Q block (rows x HSp), K transposed (HSp x kv_len_p), V (kv_len_p x HSVp).
-      QK.pack(head_ptr<T>(a.q, b, h) + i0 * a.q.st, a.q.st, rows, BQ, head_ptr<T>(a.k, b, h), a.k.st, kv_len,
-              kv_len_p, HS);
+      QK.pack(head_ptr<T>(a.q, b, h) + i0 * a.q.st, a.q.st, rows, BQ, head_ptr<T>(a.k, b, h), a.k.st, kv_len, kv_len_p,
+              HS);
       if constexpr (kPairs) {
 #if NF_BF16_DOT
         V_pairs.resize(kv_len_p / 2 * HSVp);
@@ -454,8 +430,8 @@ void attention_forward_impl(const AttentionForwardArgs& a) {
           A* o = O.data() + r * HSVp;
           for (int64_t c = 0; c < HSVp; c += W) vstore(o + c, vload(o + c) * alpha);
           if (a.dropout_p > 0)
-            dropout_row(s, std::min<int64_t>(BK, TK - j0), a.seed, uint64_t((bh * TQ + i) * TK), j0,
-                        float(a.dropout_p), keep_scale);
+            dropout_row(s, std::min<int64_t>(BK, TK - j0), a.seed, uint64_t((bh * TQ + i) * TK), j0, float(a.dropout_p),
+                        keep_scale);
         }
         // O += P V (on the diagonal, each row slice over the keys it can see: P is 0 beyond them).
         if constexpr (kPairs) {
@@ -466,18 +442,19 @@ void attention_forward_impl(const AttentionForwardArgs& a) {
           for (int64_t r0 = 0; r0 < rows; r0 += diagonal ? W : rows) {
             const int64_t nr = diagonal ? std::min<int64_t>(W, rows - r0) : rows;
             const int64_t nc = diagonal ? causal_cols(i0 + r0 + nr, j0, BK, TK, W) : BK;
-            pair_gemm(nr, HSVp, std::min<int64_t>(nc, kv_len_p - j0) / 2, P_pairs.data() + r0 * (BK / 2), BK / 2,
-                      V_pairs.data() + (j0 / 2) * HSVp, HSVp, O.data() + r0 * HSVp, HSVp, true);
+            small_gemm<PairDot, false>(nr, HSVp, std::min<int64_t>(nc, kv_len_p - j0) / 2,
+                                       P_pairs.data() + r0 * (BK / 2), BK / 2, V_pairs.data() + (j0 / 2) * HSVp, HSVp,
+                                       O.data() + r0 * HSVp, HSVp, true);
           }
 #endif
         } else if (!diagonal) {
-          gemm<A, false>(rows, HSVp, std::min<int64_t>(BK, kv_len_p - j0), S.data(), BK,
-                         V.data() + j0 * HSVp, HSVp, O.data(), HSVp, true);
+          small_gemm<FmaDot<A>, false>(rows, HSVp, std::min<int64_t>(BK, kv_len_p - j0), S.data(), BK,
+                                       V.data() + j0 * HSVp, HSVp, O.data(), HSVp, true);
         } else {
           for (int64_t r0 = 0; r0 < rows; r0 += W) {
             const int64_t nr = std::min<int64_t>(W, rows - r0), nc = causal_cols(i0 + r0 + nr, j0, BK, TK, W);
-            gemm<A, false>(nr, HSVp, std::min<int64_t>(nc, kv_len_p - j0), S.data() + r0 * BK, BK,
-                           V.data() + j0 * HSVp, HSVp, O.data() + r0 * HSVp, HSVp, true);
+            small_gemm<FmaDot<A>, false>(nr, HSVp, std::min<int64_t>(nc, kv_len_p - j0), S.data() + r0 * BK, BK,
+                                         V.data() + j0 * HSVp, HSVp, O.data() + r0 * HSVp, HSVp, true);
           }
         }
       }
@@ -508,8 +485,8 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
 #pragma omp parallel num_threads(a.num_threads)
   {
     ScoreOperands<T> QK, dOV;  // for P = exp(Q K^T - lse) and dP = dO V^T; QK.x is Q (without pairs), dOV.x dO
-    std::vector<A> K(TKp * HSp), delta(TQp), dQ(TQp * HSp), P(BQ * BK), dP(BQ * BK), dK(BK * HSp),
-        dV(BK * HSVp), row_buf(TQp * HSVp);
+    std::vector<A> K(TKp * HSp), delta(TQp), dQ(TQp * HSp), P(BQ * BK), dP(BQ * BK), dK(BK * HSp), dV(BK * HSVp),
+        row_buf(TQp * HSVp);
     // bf16 on AVX512-BF16: Q, dO and K paired along their rows, and per block P^T, dS^T and dS rounded
     // to bfloat16 (as the GPU kernel rounds them for its dV, dK and dQ dots)
     std::vector<float> Q_pairs, dO_pairs, K_pairs, Pt_pairs, dSt_pairs, dS_pairs;
@@ -597,8 +574,8 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
 #if defined(__AVX512F__)
             if constexpr (std::is_same<A, float>::value)  // the same, 16 at a time without branches
               for (; c + 16 <= kcols; c += 16) {
-                const __mmask16 keep = __mmask16(dropout_keep16(a.seed, row_offset + uint64_t(j0 + c),
-                                                                float(a.dropout_p)));
+                const __mmask16 keep =
+                    __mmask16(dropout_keep16(a.seed, row_offset + uint64_t(j0 + c), float(a.dropout_p)));
                 const vec<float> pc = vload(p + c);
                 // kept: dp * keep_scale - delta as one FMA (as the compiler contracts the scalar loop below);
                 // dropped: -delta
@@ -629,38 +606,39 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
               const int64_t r_lo = diagonal ? std::min(rows, std::max<int64_t>(0, j0 + c0 - i0)) : 0;
               if (r_lo == rows) continue;
               const int64_t kp = (rows_p - r_lo) / 2, p0 = r_lo / 2;
-              pair_gemm<true>(mc, HSVp, kp, Pt_pairs.data() + p0 * BK + c0, BK,
-                              dO_pairs.data() + (i0 / 2 + p0) * HSVp, HSVp, dV.data() + c0 * HSVp, HSVp, true);
-              pair_gemm<true>(mc, HSp, kp, dSt_pairs.data() + p0 * BK + c0, BK,
-                              Q_pairs.data() + (i0 / 2 + p0) * HSp, HSp, dK.data() + c0 * HSp, HSp, true);
+              small_gemm<PairDot, true>(mc, HSVp, kp, Pt_pairs.data() + p0 * BK + c0, BK,
+                                        dO_pairs.data() + (i0 / 2 + p0) * HSVp, HSVp, dV.data() + c0 * HSVp, HSVp,
+                                        true);
+              small_gemm<PairDot, true>(mc, HSp, kp, dSt_pairs.data() + p0 * BK + c0, BK,
+                                        Q_pairs.data() + (i0 / 2 + p0) * HSp, HSp, dK.data() + c0 * HSp, HSp, true);
             }
             for (int64_t r0 = 0; r0 < rows; r0 += diagonal ? W : rows) {
               const int64_t nr = diagonal ? std::min<int64_t>(W, rows - r0) : rows;
               const int64_t nc = diagonal ? causal_cols(i0 + r0 + nr, j0, BK, TK, W) : BK;
-              pair_gemm(nr, HSp, nc / 2, dS_pairs.data() + r0 * (BK / 2), BK / 2, K_pairs.data() + (j0 / 2) * HSp,
-                        HSp, dQ.data() + (i0 + r0) * HSp, HSp, true);
+              small_gemm<PairDot, false>(nr, HSp, nc / 2, dS_pairs.data() + r0 * (BK / 2), BK / 2,
+                                         K_pairs.data() + (j0 / 2) * HSp, HSp, dQ.data() + (i0 + r0) * HSp, HSp, true);
             }
 #endif
           } else if (!diagonal) {
-            gemm<A, true>(BK, HSVp, rows, P.data(), BK, dO + i0 * HSVp, HSVp, dV.data(), HSVp, true);
-            gemm<A, true>(BK, HSp, rows, dP.data(), BK, Q + i0 * HSp, HSp, dK.data(), HSp, true);
-            gemm<A, false>(rows, HSp, BK, dP.data(), BK, K.data() + j0 * HSp, HSp, dQ.data() + i0 * HSp,
-                           HSp, true);
+            small_gemm<FmaDot<A>, true>(BK, HSVp, rows, P.data(), BK, dO + i0 * HSVp, HSVp, dV.data(), HSVp, true);
+            small_gemm<FmaDot<A>, true>(BK, HSp, rows, dP.data(), BK, Q + i0 * HSp, HSp, dK.data(), HSp, true);
+            small_gemm<FmaDot<A>, false>(rows, HSp, BK, dP.data(), BK, K.data() + j0 * HSp, HSp, dQ.data() + i0 * HSp,
+                                         HSp, true);
           } else {
             // dV, dK: W keys at a time, over the query rows that see them (rows before r_lo see none).
             for (int64_t c0 = 0; c0 < BK; c0 += W) {
               const int64_t r_lo = std::min(rows, std::max<int64_t>(0, j0 + c0 - i0));
               if (r_lo == rows) continue;
-              gemm<A, true>(W, HSVp, rows - r_lo, P.data() + r_lo * BK + c0, BK, dO + (i0 + r_lo) * HSVp,
-                            HSVp, dV.data() + c0 * HSVp, HSVp, true);
-              gemm<A, true>(W, HSp, rows - r_lo, dP.data() + r_lo * BK + c0, BK, Q + (i0 + r_lo) * HSp,
-                            HSp, dK.data() + c0 * HSp, HSp, true);
+              small_gemm<FmaDot<A>, true>(W, HSVp, rows - r_lo, P.data() + r_lo * BK + c0, BK, dO + (i0 + r_lo) * HSVp,
+                                          HSVp, dV.data() + c0 * HSVp, HSVp, true);
+              small_gemm<FmaDot<A>, true>(W, HSp, rows - r_lo, dP.data() + r_lo * BK + c0, BK, Q + (i0 + r_lo) * HSp,
+                                          HSp, dK.data() + c0 * HSp, HSp, true);
             }
             // dQ: W rows at a time, over the keys they see.
             for (int64_t r0 = 0; r0 < rows; r0 += W) {
               const int64_t nr = std::min<int64_t>(W, rows - r0), nc = causal_cols(i0 + r0 + nr, j0, BK, TK, W);
-              gemm<A, false>(nr, HSp, nc, dP.data() + r0 * BK, BK, K.data() + j0 * HSp, HSp,
-                             dQ.data() + (i0 + r0) * HSp, HSp, true);
+              small_gemm<FmaDot<A>, false>(nr, HSp, nc, dP.data() + r0 * BK, BK, K.data() + j0 * HSp, HSp,
+                                           dQ.data() + (i0 + r0) * HSp, HSp, true);
             }
           }
         }
@@ -678,19 +656,11 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
 }
 
 inline void attention_forward(const AttentionForwardArgs& a) {
-  switch (a.dtype) {
-    case kFloat32: return attention_forward_impl<float>(a);
-    case kFloat64: return attention_forward_impl<double>(a);
-    case kBFloat16: return attention_forward_impl<bf16>(a);
-  }
+  with_storage_type(a.dtype, [&](auto t) { attention_forward_impl<decltype(t)>(a); });
 }
 
 inline void attention_backward(const AttentionBackwardArgs& a) {
-  switch (a.dtype) {
-    case kFloat32: return attention_backward_impl<float>(a);
-    case kFloat64: return attention_backward_impl<double>(a);
-    case kBFloat16: return attention_backward_impl<bf16>(a);
-  }
+  with_storage_type(a.dtype, [&](auto t) { attention_backward_impl<decltype(t)>(a); });
 }
 
 inline void dropout_mask(uint64_t seed, int64_t B, int64_t NH, int64_t TQ, int64_t TK, float p, uint8_t* out,
@@ -698,8 +668,7 @@ inline void dropout_mask(uint64_t seed, int64_t B, int64_t NH, int64_t TQ, int64
   const int64_t rows = B * NH * TQ;
 #pragma omp parallel for num_threads(num_threads) schedule(static)
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < TK; ++j)
-      out[r * TK + j] = dropout_keep(seed, uint64_t(r * TK + j), p) ? 1 : 0;
+    for (int64_t j = 0; j < TK; ++j) out[r * TK + j] = dropout_keep(seed, uint64_t(r * TK + j), p) ? 1 : 0;
 }
 
 }  // namespace NF_ISA

@@ -33,8 +33,7 @@ bool cpu_has(const char* isa) {
   }
   if (!std::strcmp(isa, "avx512"))
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("fma");
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
   if (!std::strcmp(isa, "avx2")) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
   return !std::strcmp(isa, "generic");
@@ -73,15 +72,18 @@ const KernelTable* g_table = initial_table();
 const KernelTable& kernels() { return *g_table; }
 
 bool select_isa(const char* name) {
-  if (!std::strcmp(name, "auto")) { g_table = best_table(); return true; }
+  if (!std::strcmp(name, "auto")) {
+    g_table = best_table();
+    return true;
+  }
   const KernelTable* t = table_for(name);
   if (!t) return false;
   g_table = t;
   return true;
 }
 
-// CPUID traps to the hypervisor in a VM (about 9 us on the dev machine), and this runs on every
-// matmul: the vendor is read once.
+// CPUID traps to the hypervisor in a VM, which is slow, and this runs on every matmul: the vendor is
+// read once.
 static bool cpu_is_intel() {
 #ifdef NF_HAVE_X86
   static const bool intel = [] {
@@ -105,6 +107,9 @@ bool gemm_preferred() {
   // MKL, torch's float32 matmul, has AVX-512 code paths for Intel CPUs only: there it is as fast as ours
   return !cpu_is_intel();
 }
+
+bool use_gemm_f32() { return kernels().has_gemm_f32 && gemm_preferred(); }
+bool use_gemm_bf16() { return kernels().has_gemm_bf16 && gemm_preferred(); }
 
 const char* available_isas() {
   static std::string list;

@@ -10,8 +10,8 @@
 #include "kernel_table.h"
 #include "philox.h"
 #include "philox_vec.h"
-#include "simd.h"
 #include "scalar_types.h"
+#include "simd.h"
 
 namespace nanofast {
 namespace NF_ISA {
@@ -35,17 +35,12 @@ void dropout_apply(const DropoutArgs& a) {
       }
     }
 #endif
-    for (; i < c1; ++i)
-      out[i] = from_acc<T>(dropout_keep(a.seed, uint64_t(i), p) ? to_acc(x[i]) * scale : A(0));
+    for (; i < c1; ++i) out[i] = from_acc<T>(dropout_keep(a.seed, uint64_t(i), p) ? to_acc(x[i]) * scale : A(0));
   });
 }
 
 inline void dropout(const DropoutArgs& a) {
-  switch (a.dtype) {
-    case kFloat32: return dropout_apply<float>(a);
-    case kFloat64: return dropout_apply<double>(a);
-    case kBFloat16: return dropout_apply<bf16>(a);
-  }
+  with_storage_type(a.dtype, [&](auto t) { dropout_apply<decltype(t)>(a); });
 }
 
 }  // namespace NF_ISA

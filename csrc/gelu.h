@@ -45,9 +45,7 @@ template <class A> struct GeluConst {
 };
 
 // One vector of x (and dy) in, one vector of y (or dx) out.
-template <class A> inline vec<A> gelu_vec(vec<A> x) {
-  return x * A(0.5) * (verf(x * GeluConst<A>::inv_sqrt2) + A(1));
-}
+template <class A> inline vec<A> gelu_vec(vec<A> x) { return x * A(0.5) * (verf(x * GeluConst<A>::inv_sqrt2) + A(1)); }
 // gelu'(x) = Phi(x) + x phi(x): one function for the backward and for the forward that saves it, so
 // that dy * (saved gelu') has the bits of the backward computed from x.
 template <class A> inline vec<A> gelu_deriv_vec(vec<A> x) {
@@ -85,7 +83,7 @@ void gelu_apply(const GeluArgs& a) {
   // (chunks start 4096 elements apart, so a 64-byte aligned array keeps every vector store aligned)
   const bool stream_out = stream_output(out, a.n * int64_t(sizeof(T)), 64);
   const bool stream_grad = MODE == kForwardSavingGrad && stream_output(grad, a.n * int64_t(sizeof(A)), 64);
-  for_each_chunk(a.n, a.num_threads, [&](int64_t c0, int64_t c1) {
+  auto chunk = [&](int64_t c0, int64_t c1) {
     int64_t i = c0;
     vec<A> g{};
     for (; i + W <= c1; i += W) {  // whole vectors straight from memory
@@ -110,15 +108,12 @@ void gelu_apply(const GeluArgs& a) {
         if constexpr (MODE == kForwardSavingGrad) grad[i + j] = gb[j];
       }
     }
-  }, stream_out || stream_grad);
+  };
+  for_each_chunk(a.n, a.num_threads, chunk, stream_out || stream_grad);
 }
 
 template <GeluMode MODE> inline void gelu_dispatch(const GeluArgs& a) {
-  switch (a.dtype) {
-    case kFloat32: return gelu_apply<float, MODE>(a);
-    case kFloat64: return gelu_apply<double, MODE>(a);
-    case kBFloat16: return gelu_apply<bf16, MODE>(a);
-  }
+  with_storage_type(a.dtype, [&](auto t) { gelu_apply<decltype(t), MODE>(a); });
 }
 
 inline void gelu_forward(const GeluArgs& a) {

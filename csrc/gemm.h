@@ -1,9 +1,9 @@
 // float32 matrix multiply, C (M, N) = A (M, K) @ B (K, N) (+ bias), for the CPUs with AVX-512.
 // Included by kernels_isa.cpp once per instruction set, inside namespace nanofast::NF_ISA.
 //
-// Why: torch's float32 matmul (MKL) runs its AVX2 code on AMD CPUs, about 200 GFLOP/s on the 2-core
-// Zen dev machine, where AVX-512 FMAs reach 2x that. The matmuls are 70% of a float32 training step of
-// nanoGPT's CPU config, so they bound every other lever.
+// Why: torch's float32 matmul (MKL) runs its AVX2 code on AMD CPUs, where AVX-512 FMAs do twice the
+// work per instruction. The matmuls are most of a float32 training step of nanoGPT's CPU config, so
+// they bound every other lever.
 //
 // The blocking is BLIS's (Goto's): for each KC-deep slice of K, B's slice is packed into NR-wide
 // column panels (one panel is reused across all of A's panels before the next), A's rows are packed
@@ -20,45 +20,21 @@
 #include <vector>
 
 #include "kernel_table.h"
+#include "simd.h"
+#include "transpose.h"
 
 namespace nanofast {
 namespace NF_ISA {
 
+// Only AVX-512 has a GEMM here (kernels_isa.cpp puts it in the table): below it, torch's is as fast.
 #if defined(__AVX512F__)
+#define NF_HAS_GEMM_F32 1
 
-constexpr int kGemmMR = 12;         // rows of the C tile held in registers
-constexpr int kGemmNR = 32;         // its columns: two zmm vectors (12 x 2 = 24 accumulators of 32)
-constexpr int64_t kGemmKC = 512;    // depth of a slice: B's micro-panel (KC x NR) is up to 64 KB, from L1/L2
-constexpr int64_t kGemmMC = 192;    // rows of A packed at a time: MC x KC = up to 384 KB, in L2
-constexpr int64_t kGemmNC = 2048;   // columns of B packed at a time
-
-// out[j][i] = r[i][j] for a 16 x 16 block of floats held in 16 registers (in place).
-inline void transpose16(__m512 r[16]) {
-  __m512 t[16], u[16];
-  for (int i = 0; i < 8; ++i) {  // pairs of rows interleaved within each 128-bit lane
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int g = 0; g < 4; ++g) {  // quads of rows: lane l of u[4g + c] holds column 4l + c of rows 4g..4g+3
-    const __m512d t0 = _mm512_castps_pd(t[4 * g]), t1 = _mm512_castps_pd(t[4 * g + 1]);
-    const __m512d t2 = _mm512_castps_pd(t[4 * g + 2]), t3 = _mm512_castps_pd(t[4 * g + 3]);
-    u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
-    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
-    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
-    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
-  }
-  for (int c = 0; c < 4; ++c) {  // gather lane l of the four quads: column 4l + c of all 16 rows
-    const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
-    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
-    const __m512 v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
-    r[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
-    r[4 + c] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
-    r[8 + c] = _mm512_shuffle_f32x4(v1, v3, 0x88);
-    r[12 + c] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
-  }
-}
-
-inline __mmask16 lanes_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+constexpr int kGemmMR = 12;        // rows of the C tile held in registers
+constexpr int kGemmNR = 32;        // its columns: two zmm vectors (12 x 2 = 24 accumulators of 32)
+constexpr int64_t kGemmKC = 512;   // depth of a slice: B's micro-panel (KC x NR) is up to 64 KB, from L1/L2
+constexpr int64_t kGemmMC = 192;   // rows of A packed at a time: MC x KC = up to 384 KB, in L2
+constexpr int64_t kGemmNC = 2048;  // columns of B packed at a time
 
 // Packs the W x kc block src[w * ws + k * ks] (w < W <= WIDTH, k < kc) as dst[k * WIDTH + w], zero
 // beyond W: a panel of A (WIDTH = MR, w the row) or of B (WIDTH = NR, w the column).
@@ -68,7 +44,8 @@ void gemm_pack_panel(const float* src, int64_t ws, int64_t ks, int64_t W, int64_
     for (int64_t k = 0; k < kc; ++k)
       for (int w0 = 0; w0 < WIDTH; w0 += 16) {
         const __mmask16 m = lanes_mask(std::max<int64_t>(0, W - w0));
-        _mm512_mask_storeu_ps(dst + k * WIDTH + w0, lanes_mask(WIDTH - w0), _mm512_maskz_loadu_ps(m, src + k * ks + w0));
+        _mm512_mask_storeu_ps(dst + k * WIDTH + w0, lanes_mask(WIDTH - w0),
+                              _mm512_maskz_loadu_ps(m, src + k * ks + w0));
       }
     return;
   }
@@ -76,12 +53,11 @@ void gemm_pack_panel(const float* src, int64_t ws, int64_t ks, int64_t W, int64_
     int64_t k0 = 0;
     for (; k0 + 16 <= kc; k0 += 16)
       for (int w0 = 0; w0 < WIDTH; w0 += 16) {
-        __m512 r[16];
-        for (int i = 0; i < 16; ++i)
-          r[i] = w0 + i < W ? _mm512_loadu_ps(src + (w0 + i) * ws + k0) : _mm512_setzero_ps();
-        transpose16(r);
+        vec<float> r[16];
+        for (int i = 0; i < 16; ++i) r[i] = w0 + i < W ? vload(src + (w0 + i) * ws + k0) : vec<float>{};
+        transpose_registers(r);
         const __mmask16 m = lanes_mask(WIDTH - w0);  // WIDTH = 12: a panel row is 12 wide
-        for (int t = 0; t < 16; ++t) _mm512_mask_storeu_ps(dst + (k0 + t) * WIDTH + w0, m, r[t]);
+        for (int t = 0; t < 16; ++t) _mm512_mask_storeu_ps(dst + (k0 + t) * WIDTH + w0, m, (__m512)r[t]);
       }
     for (int64_t k = k0; k < kc; ++k)
       for (int w = 0; w < WIDTH; ++w) dst[k * WIDTH + w] = w < W ? src[w * ws + k] : 0.0f;
@@ -109,7 +85,10 @@ inline void gemm_micro(int64_t kc, const float* ap, const float* bp, float* c, i
   }
   const __mmask16 m0 = lanes_mask(n), m1 = lanes_mask(std::max<int64_t>(0, n - 16));
   __m512 bias0 = _mm512_setzero_ps(), bias1 = _mm512_setzero_ps();
-  if (first && bias) { bias0 = _mm512_maskz_loadu_ps(m0, bias); bias1 = _mm512_maskz_loadu_ps(m1, bias + 16); }
+  if (first && bias) {
+    bias0 = _mm512_maskz_loadu_ps(m0, bias);
+    bias1 = _mm512_maskz_loadu_ps(m1, bias + 16);
+  }
   for (int i = 0; i < m; ++i) {
     float* ci = c + i * ldc;
     const __m512 base0 = first ? bias0 : _mm512_maskz_loadu_ps(m0, ci);
@@ -205,8 +184,8 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, int num_threads, Block&& blo
   const int64_t units = (extent + unit - 1) / unit;
   // below ~2 MFLOP a second thread costs more to wake than it saves
   const double mmacs = double(M) * double(N) * double(K) / double(1 << 20);  // (no int64 overflow)
-  const int threads = int(std::max<int64_t>(1, std::min<int64_t>({int64_t(num_threads), units,
-                                                                   int64_t(std::min(mmacs, 1e6))})));
+  const int threads =
+      int(std::max<int64_t>(1, std::min<int64_t>({int64_t(num_threads), units, int64_t(std::min(mmacs, 1e6))})));
 #pragma omp parallel for num_threads(threads) schedule(static, 1) if (threads > 1)
   for (int t = 0; t < threads; ++t) {
     const int64_t lo = std::min(extent, units * t / threads * unit);
@@ -218,23 +197,20 @@ void gemm_parallel(int64_t M, int64_t N, int64_t K, int num_threads, Block&& blo
   }
 }
 
-inline bool gemm_f32(const GemmArgs& g) {
-  if (g.M <= 0 || g.N <= 0) return true;
+inline void gemm_f32(const GemmArgs& g) {
+  if (g.M <= 0 || g.N <= 0) return;
   if (g.K == 0) {  // an empty sum: C = bias or 0 (or unchanged when accumulating)
     for (int64_t i = 0; i < g.M && !g.accumulate; ++i)
       for (int64_t j = 0; j < g.N; ++j) g.c[i * g.ldc + j] = g.bias ? g.bias[j] : 0.0f;
-    return true;
+    return;
   }
   const GemmF32Kernel kern{g};
   gemm_parallel(g.M, g.N, g.K, g.num_threads,
                 [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { gemm_blocked(kern, g.K, m0, m1, n0, n1); });
-  return true;
 }
 
 #else
-
-inline bool gemm_f32(const GemmArgs&) { return false; }  // no AVX-512: the caller uses torch's matmul
-
+#define NF_HAS_GEMM_F32 0
 #endif
 
 }  // namespace NF_ISA

@@ -1,6 +1,6 @@
 // bfloat16 matrix multiply with float32 accumulation, C (M, N) = A (M, K) @ B (K, N) (+ bias), for the
 // CPUs with AVX512-BF16. Included by kernels_isa.cpp once per instruction set, inside namespace
-// nanofast::NF_ISA, after gemm.h (whose blocking, transpose and thread split it reuses).
+// nanofast::NF_ISA, after gemm.h (whose blocking and thread split it reuses).
 //
 // Why: under bfloat16 autocast a training step casts every weight to bfloat16 before its matmul and
 // every weight gradient back to float32 after it, and torch's bfloat16 matmul (oneDNN) packs its
@@ -24,13 +24,18 @@
 #include "gemm.h"
 #include "kernel_table.h"
 #include "scalar_types.h"
+#include "simd.h"
+#include "transpose.h"
 
 namespace nanofast {
 namespace NF_ISA {
 
-#if defined(__AVX512BF16__)
+// Only AVX512-BF16 has this GEMM (kernels_isa.cpp puts it in the table): below it, no bfloat16 dot product.
+#if NF_BF16_DOT
+#define NF_HAS_GEMM_BF16 1
 
-constexpr int64_t kGemmKP = 1024;  // k pairs per slice: K up to 2048 in one (B's micro-panel, KP x NR words, 128 KB in L2)
+// k pairs per slice: K up to 2048 in one (B's micro-panel, KP x NR words, 128 KB in L2)
+constexpr int64_t kGemmKP = 1024;
 
 inline __mmask32 lanes_mask32(int64_t n) { return n >= 32 ? ~__mmask32(0) : __mmask32((1u << n) - 1); }
 
@@ -43,9 +48,7 @@ inline __m512i bf16x32(const float* p, int64_t n) {
 inline __m512i bf16x32(const bf16* p, int64_t n) { return _mm512_maskz_loadu_epi16(lanes_mask32(n), p); }
 
 // One element's bfloat16 bits, rounded by the same instruction as the vector paths.
-inline uint32_t bf16_bits(float v) {
-  return uint16_t(_mm_extract_epi16((__m128i)_mm_cvtneps_pbh(_mm_set_ss(v)), 0));
-}
+inline uint32_t bf16_bits(float v) { return uint16_t(_mm_extract_epi16((__m128i)_mm_cvtneps_pbh(_mm_set_ss(v)), 0)); }
 inline uint32_t bf16_bits(bf16 v) { return v.bits; }
 
 // Packs the W x kc block src[w * ws + k * ks] (w < W <= WIDTH) as words dst[kp * WIDTH + w] holding the
@@ -60,13 +63,13 @@ void gemm_pack_pairs(const T* src, int64_t ws, int64_t ks, int64_t W, int64_t kc
     for (int64_t k0 = 0; k0 < kc; k0 += 32) {  // 16 pairs at a time
       const int64_t kn = std::min<int64_t>(32, kc - k0), pairs = (kn + 1) / 2;
       for (int w0 = 0; w0 < WIDTH; w0 += 16) {
-        __m512 r[16];
+        vec<float> r[16];
         for (int i = 0; i < 16; ++i)
-          r[i] = w0 + i < W ? _mm512_castsi512_ps(bf16x32(src + (w0 + i) * ws + k0, kn)) : _mm512_setzero_ps();
-        transpose16(r);
+          r[i] = w0 + i < W ? (vec<float>)_mm512_castsi512_ps(bf16x32(src + (w0 + i) * ws + k0, kn)) : vec<float>{};
+        transpose_registers(r);
         const __mmask16 m = lanes_mask(WIDTH - w0);
         for (int t = 0; t < pairs; ++t)
-          _mm512_mask_storeu_ps(reinterpret_cast<float*>(dst + (k0 / 2 + t) * WIDTH + w0), m, r[t]);
+          _mm512_mask_storeu_ps(reinterpret_cast<float*>(dst + (k0 / 2 + t) * WIDTH + w0), m, (__m512)r[t]);
       }
     }
     return;
@@ -74,10 +77,10 @@ void gemm_pack_pairs(const T* src, int64_t ws, int64_t ks, int64_t W, int64_t kc
   if (ws == 1) {
     // 16-bit lane e of the result: element e / 2 of the first row (e even) or of the second (e odd)
     alignas(64) static const uint16_t interleave[2][32] = {
-        {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46,
-         15, 47},
-        {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29,
-         61, 30, 62, 31, 63}};
+        {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+         8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47},
+        {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+         24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63}};
     const __m512i lo_idx = _mm512_load_si512(interleave[0]), hi_idx = _mm512_load_si512(interleave[1]);
     for (int64_t kp = 0; kp < kpairs; ++kp) {
       const __m512i r0 = bf16x32(src + 2 * kp * ks, W);
@@ -101,8 +104,8 @@ void gemm_pack_pairs(const T* src, int64_t ws, int64_t ks, int64_t W, int64_t kc
 // The microkernel: an MR x NR tile of A_panel @ B_panel over kpairs pairs of k, written to C's first m
 // rows and n columns: float32 C (c32) = tile (+ bias) on the first slice, += tile on later ones;
 // bfloat16 C (c16, a single slice) = tile (+ bias), rounded.
-inline void gemm_bf16_micro(int64_t kpairs, const uint32_t* ap, const uint32_t* bp, float* c32, bf16* c16,
-                            int64_t ldc, int64_t m, int64_t n, bool first, const float* bias) {
+inline void gemm_bf16_micro(int64_t kpairs, const uint32_t* ap, const uint32_t* bp, float* c32, bf16* c16, int64_t ldc,
+                            int64_t m, int64_t n, bool first, const float* bias) {
   __m512 acc[kGemmMR][2];
   for (int i = 0; i < kGemmMR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   for (int64_t kp = 0; kp < kpairs; ++kp) {
@@ -118,7 +121,10 @@ inline void gemm_bf16_micro(int64_t kpairs, const uint32_t* ap, const uint32_t* 
   }
   const __mmask16 m0 = lanes_mask(n), m1 = lanes_mask(std::max<int64_t>(0, n - 16));
   __m512 bias0 = _mm512_setzero_ps(), bias1 = _mm512_setzero_ps();
-  if (first && bias) { bias0 = _mm512_maskz_loadu_ps(m0, bias); bias1 = _mm512_maskz_loadu_ps(m1, bias + 16); }
+  if (first && bias) {
+    bias0 = _mm512_maskz_loadu_ps(m0, bias);
+    bias1 = _mm512_maskz_loadu_ps(m1, bias + 16);
+  }
   for (int i = 0; i < m; ++i) {
     if (c16) {
       bf16* ci = c16 + i * ldc;
@@ -158,8 +164,8 @@ struct GemmBf16Kernel {
   }
   void tile(int64_t kpairs, const uint32_t* ap, const uint32_t* bp, int64_t i, int64_t j, int64_t m, int64_t n,
             bool first) const {
-    gemm_bf16_micro(kpairs, ap, bp, c32 ? c32 + i * ldc + j : nullptr, c16 ? c16 + i * ldc + j : nullptr, ldc, m,
-                    n, first, bias ? bias + j : nullptr);
+    gemm_bf16_micro(kpairs, ap, bp, c32 ? c32 + i * ldc + j : nullptr, c16 ? c16 + i * ldc + j : nullptr, ldc, m, n,
+                    first, bias ? bias + j : nullptr);
   }
 };
 
@@ -184,8 +190,8 @@ void gemm_bf16_run(const GemmBf16Args& g, const float* bias) {
   });
 }
 
-inline bool gemm_bf16(const GemmBf16Args& g) {
-  if (g.M <= 0 || g.N <= 0) return true;
+inline void gemm_bf16(const GemmBf16Args& g) {
+  if (g.M <= 0 || g.N <= 0) return;
   std::vector<float> bias;  // widened once
   if (g.bias && !g.accumulate) {
     bias.resize(g.N);
@@ -200,7 +206,7 @@ inline bool gemm_bf16(const GemmBf16Args& g) {
         if (g.c_dtype == kBFloat16) static_cast<bf16*>(g.c)[i * g.ldc + j] = bf16{uint16_t(bf16_bits(v))};
         else static_cast<float*>(g.c)[i * g.ldc + j] = v;
       }
-    return true;
+    return;
   }
   const float* b = bias.empty() ? nullptr : bias.data();
   const bool a16 = g.a_dtype == kBFloat16, b16 = g.b_dtype == kBFloat16;
@@ -208,13 +214,10 @@ inline bool gemm_bf16(const GemmBf16Args& g) {
   else if (a16) gemm_bf16_run<bf16, float>(g, b);
   else if (b16) gemm_bf16_run<float, bf16>(g, b);
   else gemm_bf16_run<float, float>(g, b);
-  return true;
 }
 
 #else
-
-inline bool gemm_bf16(const GemmBf16Args&) { return false; }  // no AVX512-BF16: the caller uses torch's matmul
-
+#define NF_HAS_GEMM_BF16 0
 #endif
 
 }  // namespace NF_ISA

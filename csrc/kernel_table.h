@@ -13,7 +13,8 @@ enum DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2 };
 struct LayerNormForwardArgs {
   int dtype;
   int64_t N, C;
-  const void* x; int64_t x_row_stride;
+  const void* x;
+  int64_t x_row_stride;
   const void* weight;  // may be null
   const void* bias;    // may be null
   void* y;             // contiguous (N, C)
@@ -26,14 +27,16 @@ struct LayerNormForwardArgs {
 struct LayerNormBackwardArgs {
   int dtype;
   int64_t N, C;
-  const void* dy; int64_t dy_row_stride;
-  const void* x; int64_t x_row_stride;
+  const void* dy;
+  int64_t dy_row_stride;
+  const void* x;
+  int64_t x_row_stride;
   const void* weight;  // may be null
   const void* mean;
   const void* rstd;
-  void* dx;            // contiguous (N, C)
-  void* dweight;       // may be null: not needed
-  void* dbias;         // may be null: not needed
+  void* dx;       // contiguous (N, C)
+  void* dweight;  // may be null: not needed
+  void* dbias;    // may be null: not needed
   int num_threads;
 };
 
@@ -44,8 +47,10 @@ struct LayerNormBackwardArgs {
 struct AddLayerNormForwardArgs {
   int dtype, residual_dtype, y_dtype;
   int64_t N, C;
-  const void* x; int64_t x_row_stride;
-  const void* residual; int64_t residual_row_stride;
+  const void* x;
+  int64_t x_row_stride;
+  const void* residual;
+  int64_t residual_row_stride;
   const void* weight;  // may be null
   const void* bias;    // may be null
   void* h;             // contiguous (N, C)
@@ -60,16 +65,17 @@ struct AddLayerNormForwardArgs {
 struct AddLayerNormBackwardArgs {
   int dtype, residual_dtype, y_dtype;
   int64_t N, C;
-  const void* dy; int64_t dy_row_stride;
+  const void* dy;
+  int64_t dy_row_stride;
   const void* dh;      // may be null (h not used further); contiguous (N, C) otherwise
   const void* h;       // contiguous (N, C)
   const void* weight;  // may be null
   const void* mean;
   const void* rstd;
-  void* dx;            // contiguous (N, C)
-  void* dresidual;     // may be null: not needed, or the caller reuses dx (same dtype)
-  void* dweight;       // may be null
-  void* dbias;         // may be null
+  void* dx;         // contiguous (N, C)
+  void* dresidual;  // may be null: not needed, or the caller reuses dx (same dtype)
+  void* dweight;    // may be null
+  void* dbias;      // may be null
   int num_threads;
 };
 
@@ -86,7 +92,7 @@ struct AttentionForwardArgs {
   Strided4 q, k, v, out;  // out.ptr is written
   void* lse;              // (B, NH, TQ) contiguous, accumulation type; natural-log logsumexp
   double scale;
-  bool causal;            // key j is visible to query i iff j <= i (torch's is_causal)
+  bool causal;       // key j is visible to query i iff j <= i (torch's is_causal)
   double dropout_p;  // the keep test compares in float32 (as Triton does); the rescale uses it in full
   uint64_t seed;
   int num_threads;
@@ -97,7 +103,7 @@ struct AttentionBackwardArgs {
   int64_t B, NH, TQ, TK, HS, HSV;
   Strided4 q, k, v, out, dout;
   const void* lse;
-  Strided4 dq, dk, dv;    // written
+  Strided4 dq, dk, dv;  // written
   double scale;
   bool causal;
   double dropout_p;  // the keep test compares in float32 (as Triton does); the rescale uses it in full
@@ -154,9 +160,12 @@ struct AdamWArgs {
 // accumulate: C += A @ B instead (bias ignored).
 struct GemmArgs {
   int64_t M, N, K;
-  const float* a; int64_t a_rs, a_cs;
-  const float* b; int64_t b_rs, b_cs;
-  float* c; int64_t ldc;
+  const float* a;
+  int64_t a_rs, a_cs;
+  const float* b;
+  int64_t b_rs, b_cs;
+  float* c;
+  int64_t ldc;
   const float* bias;  // (N,), may be null
   bool accumulate;
   int num_threads;
@@ -167,35 +176,45 @@ struct GemmArgs {
 // rounded to bfloat16 on the way in; C is float32 (accumulate: C += A @ B, bias ignored) or bfloat16.
 struct GemmBf16Args {
   int64_t M, N, K;
-  const void* a; int64_t a_rs, a_cs; int a_dtype;
-  const void* b; int64_t b_rs, b_cs; int b_dtype;
-  void* c; int64_t ldc; int c_dtype;
-  const void* bias; int bias_dtype;  // (N,), may be null
+  const void* a;
+  int64_t a_rs, a_cs;
+  int a_dtype;
+  const void* b;
+  int64_t b_rs, b_cs;
+  int b_dtype;
+  void* c;
+  int64_t ldc;
+  int c_dtype;
+  const void* bias;  // (N,), may be null
+  int bias_dtype;
   bool accumulate;
   int num_threads;
 };
 
+// One instruction set's kernels, filled member by member in kernels_isa.cpp. The GEMMs exist only on
+// some instruction sets: has_gemm_f32 and has_gemm_bf16 say whether this table has them (their
+// pointers are null otherwise).
 struct KernelTable {
-  const char* isa;
-  void (*layer_norm_forward)(const LayerNormForwardArgs&);
-  void (*layer_norm_backward)(const LayerNormBackwardArgs&);
-  void (*attention_forward)(const AttentionForwardArgs&);
-  void (*attention_backward)(const AttentionBackwardArgs&);
-  // Writes the (B, NH, TQ, TK) keep-mask (1 = kept) the attention kernels apply for this seed.
-  void (*gelu_forward)(const GeluArgs&);
-  void (*gelu_backward)(const GeluArgs&);
-  void (*dropout_mask)(uint64_t seed, int64_t B, int64_t NH, int64_t TQ, int64_t TK, float p,
-                       uint8_t* out, int num_threads);
+  const char* isa = nullptr;
+  bool has_gemm_f32 = false;   // AVX-512 (below it, torch's float32 matmul is as fast)
+  bool has_gemm_bf16 = false;  // AVX512-BF16 (below it, no bfloat16 dot product)
+  void (*layer_norm_forward)(const LayerNormForwardArgs&) = nullptr;
+  void (*layer_norm_backward)(const LayerNormBackwardArgs&) = nullptr;
   // false if the dtype combination is not one of the fused kernel's (the caller falls back).
-  bool (*add_layer_norm_forward)(const AddLayerNormForwardArgs&);
-  bool (*add_layer_norm_backward)(const AddLayerNormBackwardArgs&);
+  bool (*add_layer_norm_forward)(const AddLayerNormForwardArgs&) = nullptr;
+  bool (*add_layer_norm_backward)(const AddLayerNormBackwardArgs&) = nullptr;
+  void (*attention_forward)(const AttentionForwardArgs&) = nullptr;
+  void (*attention_backward)(const AttentionBackwardArgs&) = nullptr;
+  // Writes the (B, NH, TQ, TK) keep-mask (1 = kept) the attention kernels apply for this seed.
+  void (*dropout_mask)(uint64_t seed, int64_t B, int64_t NH, int64_t TQ, int64_t TK, float p, uint8_t* out,
+                       int num_threads) = nullptr;
+  void (*dropout)(const DropoutArgs&) = nullptr;
+  void (*gelu_forward)(const GeluArgs&) = nullptr;
+  void (*gelu_backward)(const GeluArgs&) = nullptr;
   // Returns the gradient norm before clipping, or -1 when max_grad_norm <= 0.
-  double (*adamw_step)(const AdamWArgs&);
-  void (*dropout)(const DropoutArgs&);
-  // false where this instruction set has no GEMM of its own (below AVX-512 torch's is as fast)
-  bool (*gemm_f32)(const GemmArgs&);
-  // false where the instruction set has no bfloat16 dot product (below AVX512-BF16)
-  bool (*gemm_bf16)(const GemmBf16Args&);
+  double (*adamw_step)(const AdamWArgs&) = nullptr;
+  void (*gemm_f32)(const GemmArgs&) = nullptr;       // only where has_gemm_f32
+  void (*gemm_bf16)(const GemmBf16Args&) = nullptr;  // only where has_gemm_bf16
 };
 
 // The best table this CPU supports, or the one named by NANOFAST_ISA / select_isa().
@@ -205,5 +224,8 @@ const char* available_isas();       // comma-separated, best last
 // Whether float32 matmuls should use nanofast's GEMM where the instruction set has one: NANOFAST_GEMM=0|1
 // decides, else every CPU but Intel's (where torch's MKL has AVX-512 code of its own).
 bool gemm_preferred();
+// Whether matmuls use nanofast's GEMMs: the selected table has one and gemm_preferred().
+bool use_gemm_f32();
+bool use_gemm_bf16();
 
 }  // namespace nanofast

@@ -1,14 +1,14 @@
 // Compiled once per instruction set; CMake defines NF_ISA (isa_generic, isa_avx2, isa_avx512) and the
 // matching -m flags. Each copy exports its own kernel table.
-#include "kernel_table.h"
-#include "layer_norm.h"
+#include "adamw.h"
 #include "add_layer_norm.h"
 #include "attention.h"
-#include "gelu.h"
-#include "adamw.h"
 #include "dropout.h"
+#include "gelu.h"
 #include "gemm.h"
 #include "gemm_bf16.h"
+#include "kernel_table.h"
+#include "layer_norm.h"
 
 #define NF_STR2(x) #x
 #define NF_STR(x) NF_STR2(x)
@@ -16,12 +16,33 @@
 namespace nanofast {
 namespace NF_ISA {
 
+KernelTable make_table() {
+  KernelTable t;
+  t.isa = NF_STR(NF_ISA) + 4;  // drop the "isa_" prefix
+  t.layer_norm_forward = &layer_norm_forward;
+  t.layer_norm_backward = &layer_norm_backward;
+  t.add_layer_norm_forward = &add_layer_norm_forward;
+  t.add_layer_norm_backward = &add_layer_norm_backward;
+  t.attention_forward = &attention_forward;
+  t.attention_backward = &attention_backward;
+  t.dropout_mask = &dropout_mask;
+  t.dropout = &dropout;
+  t.gelu_forward = &gelu_forward;
+  t.gelu_backward = &gelu_backward;
+  t.adamw_step = &adamw_step;
+#if NF_HAS_GEMM_F32
+  t.has_gemm_f32 = true;
+  t.gemm_f32 = &gemm_f32;
+#endif
+#if NF_HAS_GEMM_BF16
+  t.has_gemm_bf16 = true;
+  t.gemm_bf16 = &gemm_bf16;
+#endif
+  return t;
+}
+
 const KernelTable* table() {
-  static const KernelTable t = {
-      NF_STR(NF_ISA) + 4,  // drop the "isa_" prefix
-      &layer_norm_forward, &layer_norm_backward, &attention_forward, &attention_backward, &gelu_forward, &gelu_backward,
-      &dropout_mask, &add_layer_norm_forward, &add_layer_norm_backward, &adamw_step, &dropout, &gemm_f32, &gemm_bf16,
-  };
+  static const KernelTable t = make_table();
   return &t;
 }
 

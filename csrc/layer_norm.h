@@ -34,7 +34,10 @@ template <class A> inline A row_sum(const A* x, int64_t C) {
   constexpr int W = lanes<A>();
   vec<A> s0{}, s1{};
   int64_t c = 0;
-  for (; c + 2 * W <= C; c += 2 * W) { s0 += vload(x + c); s1 += vload(x + c + W); }
+  for (; c + 2 * W <= C; c += 2 * W) {
+    s0 += vload(x + c);
+    s1 += vload(x + c + W);
+  }
   for (; c + W <= C; c += W) s0 += vload(x + c);
   A s = vsum(s0 + s1);
   for (; c < C; ++c) s += x[c];
@@ -45,9 +48,15 @@ template <class A> inline A row_centered_sq_sum(const A* x, A mean, int64_t C) {
   constexpr int W = lanes<A>();
   vec<A> s0{};
   int64_t c = 0;
-  for (; c + W <= C; c += W) { vec<A> d = vload(x + c) - mean; s0 += d * d; }
+  for (; c + W <= C; c += W) {
+    vec<A> d = vload(x + c) - mean;
+    s0 += d * d;
+  }
   A s = vsum(s0);
-  for (; c < C; ++c) { A d = x[c] - mean; s += d * d; }
+  for (; c < C; ++c) {
+    A d = x[c] - mean;
+    s += d * d;
+  }
   return s;
 }
 
@@ -55,7 +64,8 @@ template <class A> inline A row_centered_sq_sum(const A* x, A mean, int64_t C) {
 // (weight 1, bias 0), so the row loops have no branches.
 template <class T> std::vector<acc_t<T>> widened_param(const T* p, int64_t C, acc_t<T> identity) {
   std::vector<acc_t<T>> v(C, identity);
-  if (p) for (int64_t c = 0; c < C; ++c) v[c] = to_acc(p[c]);
+  if (p)
+    for (int64_t c = 0; c < C; ++c) v[c] = to_acc(p[c]);
   return v;
 }
 
@@ -63,8 +73,7 @@ template <class T> std::vector<acc_t<T>> widened_param(const T* p, int64_t C, ac
 // bfloat16 on the way), then the mean, the variance around it and the output all come from registers
 // (the common case: C = 128, 384, ...).
 template <class T, class A, int NV>
-inline void layer_norm_forward_row_regs(const T* xr, const A* w, const A* b, T* yr, A eps, A* mean_out,
-                                        A* rstd_out) {
+inline void layer_norm_forward_row_regs(const T* xr, const A* w, const A* b, T* yr, A eps, A* mean_out, A* rstd_out) {
   constexpr int W = lanes<A>();
   vec<A> r[NV], s0{}, s1{};
   for (int i = 0; i < NV; ++i) {
@@ -122,9 +131,8 @@ void layer_norm_forward_impl(const LayerNormForwardArgs& a) {
   A* rstd_out = static_cast<A*>(a.rstd);
   const std::vector<A> wv = widened_param(w, C, A(1)), bv = widened_param(b, C, A(0));
   if constexpr (std::is_same<A, float>::value) {  // float32 and bfloat16 rows
-    if (with_register_width<A>(C, [&](auto nv) {
-          layer_norm_forward_regs<T, A, decltype(nv)::value>(a, x, wv.data(), bv.data(), y);
-        }))
+    if (with_register_width<A>(
+            C, [&](auto nv) { layer_norm_forward_regs<T, A, decltype(nv)::value>(a, x, wv.data(), bv.data(), y); }))
       return;
   }
 
@@ -150,8 +158,7 @@ void layer_norm_forward_impl(const LayerNormForwardArgs& a) {
       for (; c + W <= C; c += W)
         vput(yr + c, (vload(xr + c) - mean) * rstd * vload(wv.data() + c) + vload(bv.data() + c), stream);
       for (; c < C; ++c) yr[c] = (xr[c] - mean) * rstd * wv[c] + bv[c];
-      if (!std::is_same<T, A>::value)
-        convert_row(yr, y + n * C, C);
+      if (!std::is_same<T, A>::value) convert_row(yr, y + n * C, C);
     }
     if (stream) stream_fence();
   }
@@ -161,7 +168,7 @@ void layer_norm_forward_impl(const LayerNormForwardArgs& a) {
 // chunk's partial sums go to its own buffer, then the buffers are added in a fixed pairwise order: the
 // result is bitwise the same whatever the number of threads. Chunks are at least 16 rows and at most
 // 64 in number: enough to share among threads, few enough that the partials stay small beside the
-// rows (1024 chunks of 16384 x 384 rows were 3 MB to zero, write and reduce: 8% of the backward).
+// rows (zeroing, writing and reducing them is not free).
 constexpr int64_t kLayerNormChunkRows = 16;
 constexpr int64_t kLayerNormMaxChunks = 64;
 
@@ -258,8 +265,8 @@ void layer_norm_backward_rows(const LayerNormBackwardArgs& a, const acc_t<T>* wv
       const int64_t n_end = std::min(N, (chunk + 1) * rows_per_chunk);
       if constexpr (NV > 0) {
         layer_norm_backward_chunk_regs<float, float, float, NV>(dy, a.dy_row_stride, x, a.x_row_stride, nullptr, wv,
-                                                                mean, rstd, dx, nullptr, chunk * rows_per_chunk,
-                                                                n_end, pdw, pdb);
+                                                                mean, rstd, dx, nullptr, chunk * rows_per_chunk, n_end,
+                                                                pdw, pdb);
         continue;
       }
       if (pdw) {
@@ -298,10 +305,12 @@ void layer_norm_backward_rows(const LayerNormBackwardArgs& a, const acc_t<T>* wv
         for (; c < C; ++c) {
           const A xh = (xr[c] - mu) * rs;
           dxr[c] = (dyr[c] * wv[c] - mean_g - xh * mean_gx) * rs;
-          if (pdw) { pdw[c] += dyr[c] * xh; pdb[c] += dyr[c]; }
+          if (pdw) {
+            pdw[c] += dyr[c] * xh;
+            pdb[c] += dyr[c];
+          }
         }
-        if (!std::is_same<T, A>::value)
-          convert_row(dxr, dx + n * C, C);
+        if (!std::is_same<T, A>::value) convert_row(dxr, dx + n * C, C);
       }
     }
     if (stream) stream_fence();
@@ -343,7 +352,8 @@ void layer_norm_backward_impl(const LayerNormBackwardArgs& a) {
   const LayerNormParamPartials<A> parts(a.dweight || a.dbias, a.N, C);
   bool done = false;
   if constexpr (std::is_same<T, float>::value)
-    done = with_register_width<A>(C, [&](auto nv) { layer_norm_backward_rows<T, decltype(nv)::value>(a, wv.data(), parts); });
+    done = with_register_width<A>(
+        C, [&](auto nv) { layer_norm_backward_rows<T, decltype(nv)::value>(a, wv.data(), parts); });
   if (!done) layer_norm_backward_rows<T, 0>(a, wv.data(), parts);
 
   if (parts.dw)
@@ -352,19 +362,11 @@ void layer_norm_backward_impl(const LayerNormBackwardArgs& a) {
 }
 
 inline void layer_norm_forward(const LayerNormForwardArgs& a) {
-  switch (a.dtype) {
-    case kFloat32: return layer_norm_forward_impl<float>(a);
-    case kFloat64: return layer_norm_forward_impl<double>(a);
-    case kBFloat16: return layer_norm_forward_impl<bf16>(a);
-  }
+  with_storage_type(a.dtype, [&](auto t) { layer_norm_forward_impl<decltype(t)>(a); });
 }
 
 inline void layer_norm_backward(const LayerNormBackwardArgs& a) {
-  switch (a.dtype) {
-    case kFloat32: return layer_norm_backward_impl<float>(a);
-    case kFloat64: return layer_norm_backward_impl<double>(a);
-    case kBFloat16: return layer_norm_backward_impl<bf16>(a);
-  }
+  with_storage_type(a.dtype, [&](auto t) { layer_norm_backward_impl<decltype(t)>(a); });
 }
 
 }  // namespace NF_ISA

@@ -29,21 +29,44 @@ nanofast::Strided4 strided(uintptr_t p, const Strides3& s) {
   return {ptr<const void>(p), std::get<0>(s), std::get<1>(s), std::get<2>(s)};
 }
 
+// Each binding fills its kernel's argument struct member by member (value-initialised first, so a
+// member added later starts at zero): a reordered struct cannot mix the arguments up.
 void layer_norm_forward(int dtype, int64_t N, int64_t C, uintptr_t x, int64_t x_row_stride, uintptr_t weight,
                         uintptr_t bias, uintptr_t y, uintptr_t mean, uintptr_t rstd, double eps, int num_threads) {
-  nanofast::LayerNormForwardArgs a{dtype, N, C, ptr<const void>(x), x_row_stride, ptr<const void>(weight),
-                                   ptr<const void>(bias), ptr<void>(y), ptr<void>(mean), ptr<void>(rstd),
-                                   eps, num_threads};
+  nanofast::LayerNormForwardArgs a{};
+  a.dtype = dtype;
+  a.N = N;
+  a.C = C;
+  a.x = ptr<const void>(x);
+  a.x_row_stride = x_row_stride;
+  a.weight = ptr<const void>(weight);
+  a.bias = ptr<const void>(bias);
+  a.y = ptr<void>(y);
+  a.mean = ptr<void>(mean);
+  a.rstd = ptr<void>(rstd);
+  a.eps = eps;
+  a.num_threads = num_threads;
   kernels().layer_norm_forward(a);
 }
 
 void layer_norm_backward(int dtype, int64_t N, int64_t C, uintptr_t dy, int64_t dy_row_stride, uintptr_t x,
                          int64_t x_row_stride, uintptr_t weight, uintptr_t mean, uintptr_t rstd, uintptr_t dx,
                          uintptr_t dweight, uintptr_t dbias, int num_threads) {
-  nanofast::LayerNormBackwardArgs a{dtype, N, C, ptr<const void>(dy), dy_row_stride, ptr<const void>(x),
-                                    x_row_stride, ptr<const void>(weight), ptr<const void>(mean),
-                                    ptr<const void>(rstd), ptr<void>(dx), ptr<void>(dweight), ptr<void>(dbias),
-                                    num_threads};
+  nanofast::LayerNormBackwardArgs a{};
+  a.dtype = dtype;
+  a.N = N;
+  a.C = C;
+  a.dy = ptr<const void>(dy);
+  a.dy_row_stride = dy_row_stride;
+  a.x = ptr<const void>(x);
+  a.x_row_stride = x_row_stride;
+  a.weight = ptr<const void>(weight);
+  a.mean = ptr<const void>(mean);
+  a.rstd = ptr<const void>(rstd);
+  a.dx = ptr<void>(dx);
+  a.dweight = ptr<void>(dweight);
+  a.dbias = ptr<void>(dbias);
+  a.num_threads = num_threads;
   kernels().layer_norm_backward(a);
 }
 
@@ -52,10 +75,24 @@ bool add_layer_norm_forward(int dtype, int residual_dtype, int y_dtype, int64_t 
                             int64_t x_row_stride, uintptr_t residual, int64_t residual_row_stride, uintptr_t weight,
                             uintptr_t bias, uintptr_t h, uintptr_t y, uintptr_t mean, uintptr_t rstd, double eps,
                             int num_threads) {
-  nanofast::AddLayerNormForwardArgs a{dtype, residual_dtype, y_dtype, N, C, ptr<const void>(x), x_row_stride,
-                                      ptr<const void>(residual), residual_row_stride, ptr<const void>(weight),
-                                      ptr<const void>(bias), ptr<void>(h), ptr<void>(y), ptr<void>(mean),
-                                      ptr<void>(rstd), eps, num_threads};
+  nanofast::AddLayerNormForwardArgs a{};
+  a.dtype = dtype;
+  a.residual_dtype = residual_dtype;
+  a.y_dtype = y_dtype;
+  a.N = N;
+  a.C = C;
+  a.x = ptr<const void>(x);
+  a.x_row_stride = x_row_stride;
+  a.residual = ptr<const void>(residual);
+  a.residual_row_stride = residual_row_stride;
+  a.weight = ptr<const void>(weight);
+  a.bias = ptr<const void>(bias);
+  a.h = ptr<void>(h);
+  a.y = ptr<void>(y);
+  a.mean = ptr<void>(mean);
+  a.rstd = ptr<void>(rstd);
+  a.eps = eps;
+  a.num_threads = num_threads;
   return kernels().add_layer_norm_forward(a);
 }
 
@@ -63,51 +100,126 @@ bool add_layer_norm_backward(int dtype, int residual_dtype, int y_dtype, int64_t
                              int64_t dy_row_stride, uintptr_t dh, uintptr_t h, uintptr_t weight, uintptr_t mean,
                              uintptr_t rstd, uintptr_t dx, uintptr_t dresidual, uintptr_t dweight, uintptr_t dbias,
                              int num_threads) {
-  nanofast::AddLayerNormBackwardArgs a{dtype, residual_dtype, y_dtype, N, C, ptr<const void>(dy), dy_row_stride,
-                                       ptr<const void>(dh), ptr<const void>(h), ptr<const void>(weight),
-                                       ptr<const void>(mean), ptr<const void>(rstd), ptr<void>(dx),
-                                       ptr<void>(dresidual), ptr<void>(dweight), ptr<void>(dbias), num_threads};
+  nanofast::AddLayerNormBackwardArgs a{};
+  a.dtype = dtype;
+  a.residual_dtype = residual_dtype;
+  a.y_dtype = y_dtype;
+  a.N = N;
+  a.C = C;
+  a.dy = ptr<const void>(dy);
+  a.dy_row_stride = dy_row_stride;
+  a.dh = ptr<const void>(dh);
+  a.h = ptr<const void>(h);
+  a.weight = ptr<const void>(weight);
+  a.mean = ptr<const void>(mean);
+  a.rstd = ptr<const void>(rstd);
+  a.dx = ptr<void>(dx);
+  a.dresidual = ptr<void>(dresidual);
+  a.dweight = ptr<void>(dweight);
+  a.dbias = ptr<void>(dbias);
+  a.num_threads = num_threads;
   return kernels().add_layer_norm_backward(a);
 }
 
-void attention_forward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK, int64_t HS, int64_t HSV,
-                       uintptr_t q, Strides3 qs, uintptr_t k, Strides3 ks, uintptr_t v, Strides3 vs, uintptr_t out,
-                       Strides3 os, uintptr_t lse, double scale, bool causal, double dropout_p, uint64_t seed,
-                       int num_threads) {
-  nanofast::AttentionForwardArgs a{dtype, B, NH, TQ, TK, HS, HSV, strided(q, qs), strided(k, ks), strided(v, vs),
-                                   strided(out, os), ptr<void>(lse), scale, causal, dropout_p, seed, num_threads};
+void attention_forward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK, int64_t HS, int64_t HSV, uintptr_t q,
+                       Strides3 qs, uintptr_t k, Strides3 ks, uintptr_t v, Strides3 vs, uintptr_t out, Strides3 os,
+                       uintptr_t lse, double scale, bool causal, double dropout_p, uint64_t seed, int num_threads) {
+  nanofast::AttentionForwardArgs a{};
+  a.dtype = dtype;
+  a.B = B;
+  a.NH = NH;
+  a.TQ = TQ;
+  a.TK = TK;
+  a.HS = HS;
+  a.HSV = HSV;
+  a.q = strided(q, qs);
+  a.k = strided(k, ks);
+  a.v = strided(v, vs);
+  a.out = strided(out, os);
+  a.lse = ptr<void>(lse);
+  a.scale = scale;
+  a.causal = causal;
+  a.dropout_p = dropout_p;
+  a.seed = seed;
+  a.num_threads = num_threads;
   kernels().attention_forward(a);
 }
 
-void attention_backward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK, int64_t HS, int64_t HSV,
-                        uintptr_t q, Strides3 qs, uintptr_t k, Strides3 ks, uintptr_t v, Strides3 vs,
-                        uintptr_t out, Strides3 os, uintptr_t dout, Strides3 dos, uintptr_t lse, uintptr_t dq,
-                        Strides3 dqs, uintptr_t dk, Strides3 dks, uintptr_t dv, Strides3 dvs, double scale,
-                        bool causal, double dropout_p, uint64_t seed, int num_threads) {
-  nanofast::AttentionBackwardArgs a{dtype, B, NH, TQ, TK, HS, HSV, strided(q, qs), strided(k, ks),
-                                    strided(v, vs), strided(out, os), strided(dout, dos), ptr<const void>(lse),
-                                    strided(dq, dqs), strided(dk, dks), strided(dv, dvs), scale, causal,
-                                    dropout_p, seed, num_threads};
+void attention_backward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK, int64_t HS, int64_t HSV, uintptr_t q,
+                        Strides3 qs, uintptr_t k, Strides3 ks, uintptr_t v, Strides3 vs, uintptr_t out, Strides3 os,
+                        uintptr_t dout, Strides3 dos, uintptr_t lse, uintptr_t dq, Strides3 dqs, uintptr_t dk,
+                        Strides3 dks, uintptr_t dv, Strides3 dvs, double scale, bool causal, double dropout_p,
+                        uint64_t seed, int num_threads) {
+  nanofast::AttentionBackwardArgs a{};
+  a.dtype = dtype;
+  a.B = B;
+  a.NH = NH;
+  a.TQ = TQ;
+  a.TK = TK;
+  a.HS = HS;
+  a.HSV = HSV;
+  a.q = strided(q, qs);
+  a.k = strided(k, ks);
+  a.v = strided(v, vs);
+  a.out = strided(out, os);
+  a.dout = strided(dout, dos);
+  a.lse = ptr<const void>(lse);
+  a.dq = strided(dq, dqs);
+  a.dk = strided(dk, dks);
+  a.dv = strided(dv, dvs);
+  a.scale = scale;
+  a.causal = causal;
+  a.dropout_p = dropout_p;
+  a.seed = seed;
+  a.num_threads = num_threads;
   kernels().attention_backward(a);
 }
 
 void gelu(int dtype, int64_t n, uintptr_t x, uintptr_t dy, uintptr_t out, int num_threads, uintptr_t grad) {
-  nanofast::GeluArgs a{dtype, n, ptr<const void>(x), ptr<const void>(dy), ptr<void>(out), num_threads,
-                       ptr<void>(grad)};
+  nanofast::GeluArgs a{};
+  a.dtype = dtype;
+  a.n = n;
+  a.x = ptr<const void>(x);
+  a.dy = ptr<const void>(dy);
+  a.out = ptr<void>(out);
+  a.num_threads = num_threads;
+  a.grad = ptr<void>(grad);
   if (dy) kernels().gelu_backward(a);
   else kernels().gelu_forward(a);
 }
 
 void dropout(int dtype, int64_t n, uintptr_t x, uintptr_t out, uint64_t seed, double p, int num_threads) {
-  nanofast::DropoutArgs a{dtype, n, ptr<const void>(x), ptr<void>(out), seed, p, num_threads};
+  nanofast::DropoutArgs a{};
+  a.dtype = dtype;
+  a.n = n;
+  a.x = ptr<const void>(x);
+  a.out = ptr<void>(out);
+  a.seed = seed;
+  a.p = p;
+  a.num_threads = num_threads;
   kernels().dropout(a);
 }
 
 bool gemm(int64_t M, int64_t N, int64_t K, uintptr_t a, int64_t a_rs, int64_t a_cs, uintptr_t b, int64_t b_rs,
           int64_t b_cs, uintptr_t c, int64_t ldc, uintptr_t bias, bool accumulate, int num_threads) {
-  nanofast::GemmArgs g{M, N, K, ptr<const float>(a), a_rs, a_cs, ptr<const float>(b), b_rs, b_cs, ptr<float>(c),
-                       ldc, ptr<const float>(bias), accumulate, num_threads};
-  return kernels().gemm_f32(g);
+  if (!kernels().has_gemm_f32) return false;
+  nanofast::GemmArgs g{};
+  g.M = M;
+  g.N = N;
+  g.K = K;
+  g.a = ptr<const float>(a);
+  g.a_rs = a_rs;
+  g.a_cs = a_cs;
+  g.b = ptr<const float>(b);
+  g.b_rs = b_rs;
+  g.b_cs = b_cs;
+  g.c = ptr<float>(c);
+  g.ldc = ldc;
+  g.bias = ptr<const float>(bias);
+  g.accumulate = accumulate;
+  g.num_threads = num_threads;
+  kernels().gemm_f32(g);
+  return true;
 }
 
 bool gemm_bf16(int64_t M, int64_t N, int64_t K, uintptr_t a, int64_t a_rs, int64_t a_cs, int a_dtype, uintptr_t b,
@@ -115,8 +227,8 @@ bool gemm_bf16(int64_t M, int64_t N, int64_t K, uintptr_t a, int64_t a_rs, int64
                int bias_dtype, bool accumulate, int num_threads) {
   auto check = [](const char* name, int dtype) {
     if (dtype != nanofast::kFloat32 && dtype != nanofast::kBFloat16)
-      throw std::invalid_argument(std::string("gemm_bf16: ") + name + " must be float32 (0) or bfloat16 (2), got dtype code " +
-                                  std::to_string(dtype));
+      throw std::invalid_argument(std::string("gemm_bf16: ") + name +
+                                  " must be float32 (0) or bfloat16 (2), got dtype code " + std::to_string(dtype));
   };
   check("a", a_dtype);
   check("b", b_dtype);
@@ -124,9 +236,28 @@ bool gemm_bf16(int64_t M, int64_t N, int64_t K, uintptr_t a, int64_t a_rs, int64
   if (bias) check("bias", bias_dtype);
   if (accumulate && c_dtype != nanofast::kFloat32)
     throw std::invalid_argument("gemm_bf16: accumulate (C += A @ B) needs a float32 C");
-  nanofast::GemmBf16Args g{M, N, K, ptr<const void>(a), a_rs, a_cs, a_dtype, ptr<const void>(b), b_rs, b_cs, b_dtype,
-                           ptr<void>(c), ldc, c_dtype, ptr<const void>(bias), bias_dtype, accumulate, num_threads};
-  return kernels().gemm_bf16(g);
+  if (!kernels().has_gemm_bf16) return false;
+  nanofast::GemmBf16Args g{};
+  g.M = M;
+  g.N = N;
+  g.K = K;
+  g.a = ptr<const void>(a);
+  g.a_rs = a_rs;
+  g.a_cs = a_cs;
+  g.a_dtype = a_dtype;
+  g.b = ptr<const void>(b);
+  g.b_rs = b_rs;
+  g.b_cs = b_cs;
+  g.b_dtype = b_dtype;
+  g.c = ptr<void>(c);
+  g.ldc = ldc;
+  g.c_dtype = c_dtype;
+  g.bias = ptr<const void>(bias);
+  g.bias_dtype = bias_dtype;
+  g.accumulate = accumulate;
+  g.num_threads = num_threads;
+  kernels().gemm_bf16(g);
+  return true;
 }
 
 // ptrs: (param, grad, exp_avg, exp_avg_sq, step) per tensor; settings: (lr, weight_decay, beta1, beta2,
@@ -140,10 +271,24 @@ double adamw_step(const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>
   for (size_t i = 0; i < n; ++i) {
     const uintptr_t* p = &ptrs[5 * i];
     const double* s = &settings[5 * i];
-    tensors[i] = {ptr<float>(p[0]), ptr<const float>(p[1]), ptr<float>(p[2]), ptr<float>(p[3]), ptr<float>(p[4]),
-                  sizes[i], s[0], s[1], s[2], s[3], s[4]};
+    nanofast::AdamWTensor& t = tensors[i];
+    t.param = ptr<float>(p[0]);
+    t.grad = ptr<const float>(p[1]);
+    t.exp_avg = ptr<float>(p[2]);
+    t.exp_avg_sq = ptr<float>(p[3]);
+    t.step = ptr<float>(p[4]);
+    t.n = sizes[i];
+    t.lr = s[0];
+    t.weight_decay = s[1];
+    t.beta1 = s[2];
+    t.beta2 = s[3];
+    t.eps = s[4];
   }
-  nanofast::AdamWArgs a{tensors.data(), static_cast<int64_t>(n), max_grad_norm, num_threads};
+  nanofast::AdamWArgs a{};
+  a.tensors = tensors.data();
+  a.count = static_cast<int64_t>(n);
+  a.max_grad_norm = max_grad_norm;
+  a.num_threads = num_threads;
   return kernels().adamw_step(a);
 }
 
@@ -183,14 +328,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("grad") = 0);
   m.def("gemm", &gemm, release(),
         "float32 C = A @ B (+ bias) through strides; false (nothing done) where the ISA has no GEMM");
-  m.def("has_gemm", [] { return kernels().gemm_f32(nanofast::GemmArgs{}) && nanofast::gemm_preferred(); },
+  m.def("has_gemm", &nanofast::use_gemm_f32,
         "whether float32 matmuls use nanofast's GEMM: the selected instruction set has one (AVX-512) and "
         "the CPU is not Intel's, or NANOFAST_GEMM=1");
   m.def("gemm_bf16", &gemm_bf16, release(),
         "C = A @ B (+ bias) with bfloat16 products and float32 sums; A, B, bias float32 or bfloat16 (rounded on "
         "the way in), C float32 or bfloat16; false (nothing done) where the ISA has no bfloat16 dot product");
-  m.def("has_gemm_bf16",
-        [] { return kernels().gemm_bf16(nanofast::GemmBf16Args{}) && nanofast::gemm_preferred(); },
+  m.def("has_gemm_bf16", &nanofast::use_gemm_bf16,
         "whether bfloat16 matmuls use nanofast's GEMM: the selected instruction set has AVX512-BF16 and the "
         "CPU is not Intel's, or NANOFAST_GEMM=1");
   m.def("adamw_step", &adamw_step, release(), "clip (max_grad_norm > 0) and AdamW-step float32 tensors");
@@ -200,8 +344,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("available_isas", [] { return std::string(nanofast::available_isas()); });
   m.def("select_isa", [](const std::string& name) {
     if (!nanofast::select_isa(name.c_str()))
-      throw std::invalid_argument("nanofast: instruction set '" + name + "' is not available on this CPU (available: " +
-                                  nanofast::available_isas() + ")");
+      throw std::invalid_argument("nanofast: instruction set '" + name +
+                                  "' is not available on this CPU (available: " + nanofast::available_isas() + ")");
   });
   m.def("has_openmp", [] {
 #ifdef NF_HAVE_OPENMP

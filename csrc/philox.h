@@ -32,8 +32,6 @@ inline float philox_uniform(uint64_t seed, uint64_t offset) {
 }
 
 // The element at `offset` of the (B, NH, TQ, TK) score matrix survives dropout iff this is true.
-inline bool dropout_keep(uint64_t seed, uint64_t offset, float p) {
-  return philox_uniform(seed, offset) >= p;
-}
+inline bool dropout_keep(uint64_t seed, uint64_t offset, float p) { return philox_uniform(seed, offset) >= p; }
 
 }  // namespace nanofast

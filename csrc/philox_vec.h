@@ -31,7 +31,7 @@ inline unsigned dropout_keep8(uint64_t seed, uint64_t offset0, float p) {
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  __m256i x = _mm512_cvtepi64_epi32(c0);               // the word, as int32
+  __m256i x = _mm512_cvtepi64_epi32(c0);              // the word, as int32
   x = _mm256_xor_si256(x, _mm256_srai_epi32(x, 31));  // negatives folded with bitwise NOT
   const __m256 u = _mm256_mul_ps(_mm256_cvtepi32_ps(x), _mm256_set1_ps(4.6566127342e-10f));
   return unsigned(_mm256_movemask_ps(_mm256_cmp_ps(u, _mm256_set1_ps(p), _CMP_GE_OQ)));

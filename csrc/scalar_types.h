@@ -4,11 +4,11 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kernel_table.h"
+
 namespace nanofast {
 
-struct bf16 {
-  uint16_t bits;
-};
+struct bf16 { uint16_t bits; };
 
 template <class T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
@@ -33,6 +33,16 @@ template <> inline bf16 from_acc<bf16>(float v) {
   if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{uint16_t((u >> 16) | 0x40u)};
   u += 0x7fffu + ((u >> 16) & 1u);
   return bf16{uint16_t(u >> 16)};
+}
+
+// Calls f(T{}) with the storage type T a dtype code names; does nothing for another code (the Python
+// layer validates dtypes first). The kernels' entry points pick their template instance with it.
+template <class F> inline void with_storage_type(int dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32: return f(float{});
+    case kFloat64: return f(double{});
+    case kBFloat16: return f(bf16{});
+  }
 }
 
 }  // namespace nanofast

@@ -2,9 +2,9 @@
 // code depending on the flags the including translation unit is compiled with (see CMakeLists.txt).
 #pragma once
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <cmath>
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
@@ -15,6 +15,13 @@
 #define NF_VBYTES 32
 #else
 #define NF_VBYTES 16
+#endif
+
+// AVX512-BF16: one instruction rounds 16 floats to bfloat16, another multiplies pairs of bfloat16.
+#if defined(__AVX512BF16__) && NF_VBYTES == 64
+#define NF_BF16_DOT 1
+#else
+#define NF_BF16_DOT 0
 #endif
 
 namespace nanofast {
@@ -33,7 +40,11 @@ template <> struct VecOf<double> {
 template <class A> using vec = typename VecOf<A>::type;
 template <class A> constexpr int lanes() { return NF_VBYTES / sizeof(A); }
 
-template <class A> inline vec<A> vload(const A* p) { vec<A> v; std::memcpy(&v, p, sizeof v); return v; }
+template <class A> inline vec<A> vload(const A* p) {
+  vec<A> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
 template <class A> inline void vstore(A* p, vec<A> v) { std::memcpy(p, &v, sizeof v); }
 // Every lane = s. Written as s - 0, which is s exactly (also for -0), so the compiler folds it to a
 // plain splat, and on AVX-512 into the instruction that uses it (an embedded {1to16} broadcast).
@@ -78,6 +89,11 @@ inline double vmax(vec<double> v) { return v[0] > v[1] ? v[0] : v[1]; }
 #endif
 template <class A> inline vec<A> vmaxv(vec<A> a, vec<A> b) { return a > b ? a : b; }
 
+#if defined(__AVX512F__)
+// The AVX-512 mask of the first n (clamped to 0..16) lanes: masked loads and stores of a row's tail.
+inline __mmask16 lanes_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+#endif
+
 // Streaming (non-temporal) stores, for outputs too large to stay in the last-level cache anyway: a
 // plain store first reads the line it writes, so a kernel that reads one array and writes another
 // moves a third more bytes than it needs. p must be aligned to the vector; stream_fence() orders the
@@ -101,8 +117,7 @@ inline void stream_fence() {
 
 // Whether a kernel streams an output of `bytes` whose rows are `row_bytes` apart: outputs of 16 MiB and
 // more (the size of a laptop's last-level cache, half a server CCX's), each row starting on a 64-byte
-// boundary so every vector store is aligned. At 16384 x 384 float32 this makes LayerNorm's forward
-// 1.15x and its forward+backward 1.20x faster, with the same bits.
+// boundary so every vector store is aligned. The bits are the same either way.
 constexpr int64_t kStreamingStoreBytes = int64_t(16) << 20;
 inline bool stream_output(const void* p, int64_t bytes, int64_t row_bytes) {
   return bytes >= kStreamingStoreBytes && reinterpret_cast<uintptr_t>(p) % 64 == 0 && row_bytes % 64 == 0;
@@ -128,9 +143,9 @@ inline vec<float> vload_bf16(const void* p) {
 }
 
 inline void vstore_bf16(void* p, vec<float> f) {
-#if defined(__AVX512BF16__) && NF_VBYTES == 64
-  // vcvtneps2bf16: the same rounding and quiet NaNs in one instruction (the sequence below is about 8
-  // cycles a vector on Zen 4, the bulk of a bf16 LayerNorm's or GELU's time). It differs only on
+#if NF_BF16_DOT
+  // vcvtneps2bf16: the same rounding and quiet NaNs in one instruction (the sequence below takes
+  // several, the bulk of a bf16 LayerNorm's or GELU's time). It differs only on
   // float32 denormals, below 1.2e-38, which it flushes to a signed zero.
   const __m256bh rounded = _mm512_cvtneps_pbh(reinterpret_cast<__m512>(f));
   std::memcpy(p, &rounded, sizeof rounded);
@@ -208,7 +223,7 @@ inline void vput(double* p, vec<double> v, bool) { vstore(p, v); }
 inline void vput(bf16* p, vec<float> v, bool) { vstore_bf16(p, v); }
 
 // C elements converted between storage and accumulation types, a vector at a time (element by
-// element, the conversions took three times as long as the bfloat16 LayerNorm's arithmetic).
+// element, the conversions cost more than the bfloat16 LayerNorm's arithmetic).
 template <class From, class To> inline void convert_row(const From* src, To* dst, int64_t C) {
   constexpr int W = lanes<decltype(to_acc(From{}))>();
   int64_t c = 0;
