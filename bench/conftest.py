@@ -5,6 +5,9 @@ torch eager, or for a lever (providers "with" and "without") the run without it.
 import json
 import os
 import platform
+import shlex
+import subprocess
+import time
 from collections import defaultdict
 
 import pytest
@@ -140,14 +143,37 @@ def _plot_sweeps(path):
     return path
 
 
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def _commit():
+    """The checkout's commit (with '+' for uncommitted changes), so a saved report says what it measured."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        rev = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (rev + ("+" if dirty else "")) or "unknown"
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not _records:
         return
     os.makedirs(RESULTS_DIR, exist_ok=True)
     table = _table()
-    header = (f"nanofast benchmark report: {platform.processor() or platform.machine()}, "
+    header = (f"nanofast benchmark report: {_cpu_model()}, "
               f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
-              f"CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
+              f"CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}\n\n"
+              f"- command: `pytest {shlex.join(config.invocation_params.args)}`\n"
+              f"- finished: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {_commit()}")
     with open(os.path.join(RESULTS_DIR, "report.md"), "w") as f:
         f.write(f"{header}\n\n{table}\n")
     with open(os.path.join(RESULTS_DIR, "report.json"), "w") as f:
