@@ -8,9 +8,11 @@ autograd formula.
 """
 from .add_layer_norm import add_layer_norm
 from .attention import dropout_mask, scaled_dot_product_attention
+from .checks import UnsupportedArgument
 from .dropout import dropout
 from .gelu import gelu
 from .layer_norm import layer_norm
 from .linear import linear
 
-__all__ = ["layer_norm", "add_layer_norm", "scaled_dot_product_attention", "dropout_mask", "gelu", "dropout", "linear"]
+__all__ = ["layer_norm", "add_layer_norm", "scaled_dot_product_attention", "dropout_mask", "gelu", "dropout", "linear",
+           "UnsupportedArgument"]
