@@ -27,20 +27,17 @@ def atomic_write(path: str | os.PathLike, write, durable: bool = True) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=folder)
     try:
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
             write(f)
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _discard(tmp)
         raise
+    _rename(tmp, path)
     if durable:
         try:  # make the rename itself durable
             dfd = os.open(folder, os.O_RDONLY)
@@ -118,11 +115,20 @@ def atomic_link(src: str | os.PathLike, dst: str | os.PathLike) -> None:
                 shutil.copyfileobj(s, f)
         atomic_write(dst, copy)
         return
+    _rename(tmp, dst)
+
+
+def _discard(tmp):
     try:
-        os.replace(tmp, dst)
+        os.unlink(tmp)
+    except OSError:
+        pass
+
+
+def _rename(tmp, path):
+    """os.replace, removing `tmp` where it fails (or is interrupted)."""
+    try:
+        os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _discard(tmp)
         raise

@@ -7,6 +7,7 @@ $ nanofast-sample --start=FILE:prompt.txt
 Keys as in nanoGPT's sample.py (configurator rules as for nanofast-train); device and dtype default
 to 'auto'. Works with nanofast checkpoints (which carry their vocabulary) and nanoGPT checkpoints
 (whose vocabulary is read from the dataset's meta.pkl, loaded safely, or GPT-2's BPE through tiktoken).
+
 By default it samples the run's best model: out_dir/ckpt_best.pt (the lowest val loss), or
 out_dir/ckpt.pt where the run kept no separate best (a nanoGPT run, or one that never evaluated
 past its start); --checkpoint=latest samples out_dir/ckpt.pt, the latest state.
@@ -21,6 +22,8 @@ from nanofast.data import DataError
 from nanofast.configurator import ConfigError, configure, run_cli
 from nanofast.model import GPT, KERNELS
 from nanofast.training import DTYPES, device_type_of, precision, precision_error, resolve_device, resolve_dtype
+
+HELP = __doc__.strip().split('\n\n')[0] + '\n\n' + __doc__.strip().split('\n\n')[-1]  # what it is; which checkpoint
 
 # -----------------------------------------------------------------------------
 DEFAULTS = dict(
@@ -173,7 +176,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     def body():
         sample(configure(DEFAULTS, list(argv), verbose=False, prog='nanofast-sample',
-                         doc=__doc__.strip().split('\n\n')[0]))
+                         doc=HELP))
 
     return run_cli('nanofast-sample', body, failures=(CheckpointError, DataError))
 
