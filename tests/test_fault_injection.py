@@ -75,6 +75,19 @@ def test_a_worse_resumed_run_keeps_the_best_checkpoint(tmp_path, corpus, capsys)
     assert not (out / "ckpt_best.pt").exists()
 
 
+def test_resuming_a_run_without_ckpt_best_keeps_its_best(tmp_path, corpus):  # noqa: F811
+    """An out_dir of nanoGPT (or of nanofast before ckpt_best.pt): with always_save_checkpoint=False its
+    ckpt.pt is the best state; a resumed run that replaces it keeps it as ckpt_best.pt first."""
+    out = tmp_path / "o"
+    c = small(out, corpus, max_iters=6, eval_interval=6, always_save_checkpoint=False, learning_rate=1e-2)
+    train.run(c)
+    (out / "ckpt_best.pt").unlink()
+    best = (out / "ckpt.pt").read_bytes()
+    train.run({**c, "init_from": "resume", "max_iters": 8, "eval_interval": 100})  # saves its end state
+    assert load_checkpoint(out / "ckpt.pt")["iter_num"] == 9
+    assert (out / "ckpt_best.pt").read_bytes() == best
+
+
 def test_best_val_loss_names_a_saved_state(tmp_path, corpus):  # noqa: F811
     """With always_save_checkpoint=True, best_val_loss is the lowest val loss, held by ckpt_best.pt."""
     out = tmp_path / "o"
