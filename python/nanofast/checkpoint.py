@@ -13,16 +13,33 @@ A nanofast checkpoint (out_dir/ckpt.pt) is nanoGPT's dict plus a few entries:
 Everything in it is a tensor or a plain Python value, so torch.load(path, weights_only=True) loads
 it, and nanoGPT's train.py / sample.py load it too (model_args holds only nanoGPT's GPTConfig
 fields).
+
+What a run keeps in out_dir:
+    ckpt.pt        the latest state the run saved: at each evaluation (always_save_checkpoint=True)
+                   or at each evaluation that lowers the val loss (False), at the end (where
+                   always_save_checkpoint is True or the run saved nothing else) and on Ctrl-C.
+                   --init_from=resume continues from it.
+    ckpt_best.pt   the state with the lowest val loss so far (its best_val_loss, which every later
+                   checkpoint of the run repeats). Saving it costs nothing: it is a second name of
+                   the ckpt.pt written at that evaluation (a hard link; a copy where there are none),
+                   and a later ckpt.pt replaces only its own name.
+A damaged file is recognised by the CRC-32 checksum that torch.save's zip format stores for each
+entry (nanoGPT's checkpoints have them too); torch.load alone never checks them.
 """
 from __future__ import annotations
 
 import os
 import random
+import re
+import zipfile
 
 import numpy as np
 import torch
 
-from ._io import atomic_write
+from ._io import atomic_link, atomic_write
+
+CKPT_NAME = "ckpt.pt"  # the latest state (resume continues from it)
+BEST_NAME = "ckpt_best.pt"  # the state with the lowest val loss
 
 FORMAT = "nanofast-checkpoint"
 VERSION = 1
@@ -41,7 +58,8 @@ def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
 
 
 def load_checkpoint(path, map_location="cpu", weights_only=True) -> dict:
-    """torch.load a checkpoint, with clear errors for a missing, empty, truncated or foreign file."""
+    """torch.load a checkpoint, with clear errors for a missing, empty, truncated, damaged or foreign
+    file, and for one that refers to Python classes or functions (which could run code)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path}")
@@ -49,20 +67,44 @@ def load_checkpoint(path, map_location="cpu", weights_only=True) -> dict:
         raise CheckpointError(f"{path} is a folder, not a checkpoint file")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): it was cut off while being written")
+    verify_checksums(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as e:
         text = str(e).strip()
         first = text.splitlines()[0] if text else type(e).__name__
-        if weights_only and "weights_only" in text and "Unsupported global" in text:
+        if weights_only and "unsupported global" in text.lower():
+            found = re.search(r"global:?\s+(?:GLOBAL\s+)?([\w.]+)", text, re.IGNORECASE)
+            what = f" ({found.group(1)})" if found else ""
             raise CheckpointError(
-                f"checkpoint {path} holds Python objects other than tensors and plain values, so it is not "
-                f"loaded with torch.load(weights_only=True). If you trust the file, load it yourself with "
-                f"weights_only=False and pass the dict on (e.g. GPT.from_checkpoint(dict)). ({first})") from None
+                f"refused to load checkpoint {path}: it refers to a Python class or function{what}, which a "
+                f"checkpoint of tensors and plain values does not, and loading it could run code") from None
         raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch checkpoint "
                               f"({type(e).__name__}: {first})") from None
     validate_checkpoint(ckpt, path)
     return ckpt
+
+
+def verify_checksums(path) -> None:
+    """CheckpointError where an entry of a zip-format checkpoint (torch.save's format since torch 1.6)
+    fails the CRC-32 checksum stored beside it. Files in torch's older format have none to check."""
+    path = os.fspath(path)
+    if not zipfile.is_zipfile(path):
+        return  # torch.load tells a truncated or foreign file apart
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path} is damaged: its zip structure cannot be read "
+                              f"({type(e).__name__}: {e})") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: its entry {bad} fails its CRC-32 checksum "
+                              f"(the bytes changed after it was written); resume from another copy")
+
+
+def keep_as_best(path, best_path) -> None:
+    """Make `best_path` hold the checkpoint just written to `path` (see the module docstring)."""
+    atomic_link(path, best_path)
 
 
 def validate_checkpoint(ckpt, path="checkpoint") -> None:

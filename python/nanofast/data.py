@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._io import atomic_write
+from ._io import UnsafePickleError, atomic_write, load_plain_pickle
 
 DEFAULT_DATASET = "shakespeare_plays_char"
 
@@ -104,14 +104,26 @@ def load_meta(ds_dir: Path) -> dict | None:
     path = Path(ds_dir) / "meta.pkl"
     if not path.is_file():
         return None
+    return read_meta(path)
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """A meta.pkl, loaded safely: plain values only (a pickle that refers to classes or functions could
+    run code, so it is refused), a dict whose vocab_size, where present, is a positive int."""
+    path = Path(path)
     try:
-        with open(path, "rb") as f:
-            meta = pickle.load(f)
+        meta = load_plain_pickle(path)
+    except UnsafePickleError as e:
+        raise DataError(f"refused to load {path}: {e}; nanoGPT's meta.pkl holds plain dicts of str and int "
+                        f"(delete {path.parent} to prepare the dataset again)") from None
     except Exception as e:  # truncated or foreign file
         raise DataError(f"{path} is not a readable meta.pkl ({type(e).__name__}: {e}); "
-                        f"delete {path.parent} to prepare the dataset again") from e
+                        f"delete {path.parent} to prepare the dataset again") from None
     if not isinstance(meta, dict):
         raise DataError(f"{path} does not hold a dict; delete {path.parent} to prepare it again")
+    vocab = meta.get("vocab_size")
+    if vocab is not None and (isinstance(vocab, bool) or not isinstance(vocab, int) or vocab <= 0):
+        raise DataError(f"{path}: vocab_size must be a positive int, got {vocab!r}")
     return meta
 
 
@@ -427,7 +439,30 @@ def prepare_dataset(dataset: str = DEFAULT_DATASET, data_dir: str = "", data_pat
 # batches
 
 def _open_bin(path: Path) -> np.memmap:
+    """A token file (uint16 ids, nanoGPT's format) as a read-only memmap; DataError for a file that
+    cannot be one."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise DataError(f"cannot read the token file {path} ({e.strerror or e})") from None
+    if size % 2:
+        raise DataError(f"{path} holds {size:,} bytes, an odd number: a token file is a sequence of uint16 ids "
+                        f"(2 bytes each), so it is cut off or not a token file; prepare the dataset again")
+    if size == 0:
+        return np.zeros(0, dtype=np.uint16)
     return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def check_token_ids(bin_path: str | os.PathLike, vocab_size: int, chunk: int = 1 << 26) -> None:
+    """DataError where the token file holds an id >= vocab_size (an embedding lookup would fail, on a GPU
+    with a device-side assert). One pass over the file at the start of a run, in chunks."""
+    data = _open_bin(Path(bin_path))
+    top = 0
+    for i in range(0, len(data), chunk):
+        top = max(top, int(data[i:i + chunk].max()))
+    if len(data) and top >= vocab_size:
+        raise DataError(f"{bin_path} holds token id {top}, but the model's vocab_size is {vocab_size}: the token "
+                        f"files do not belong to this vocabulary (meta.pkl, or the checkpoint resumed from)")
 
 
 def to_device(t: torch.Tensor, device) -> torch.Tensor:
@@ -463,7 +498,8 @@ class BatchSampler:
         return torch.randint(self.num_tokens - self.block_size, (n,), generator=self.generator)
 
     def batch(self, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        data = _open_bin(self.bin_path)  # re-opened per batch, as nanoGPT does, to avoid a memory leak
+        # re-opened per batch, as nanoGPT does, to avoid a memory leak (checked once, in __init__)
+        data = np.memmap(self.bin_path, dtype=np.uint16, mode="r")
         idx = offsets.numpy()[:, None] + np.arange(self.block_size + 1)
         buf = torch.from_numpy(data[idx].astype(np.int64))
         return to_device(buf[:, :-1], self.device), to_device(buf[:, 1:], self.device)

@@ -6,23 +6,30 @@ $ nanofast-sample --start=FILE:prompt.txt
 
 Keys as in nanoGPT's sample.py (configurator rules as for nanofast-train); device and dtype default
 to 'auto'. Works with nanofast checkpoints (which carry their vocabulary) and nanoGPT checkpoints
-(whose vocabulary is read from the dataset's meta.pkl, or GPT-2's BPE through tiktoken).
+(whose vocabulary is read from the dataset's meta.pkl, loaded safely, or GPT-2's BPE through tiktoken).
+
+By default it samples the run's best model: out_dir/ckpt_best.pt (the lowest val loss), or
+out_dir/ckpt.pt where the run kept no separate best (a nanoGPT run, or one that never evaluated
+past its start); --checkpoint=latest samples out_dir/ckpt.pt, the latest state.
 """
 import os
-import pickle
 import sys
 
 import torch
 
-from nanofast.checkpoint import CheckpointError, load_checkpoint
+from nanofast.checkpoint import BEST_NAME, CKPT_NAME, CheckpointError, load_checkpoint
+from nanofast.data import DataError
 from nanofast.configurator import ConfigError, configure, run_cli
 from nanofast.model import GPT, KERNELS
 from nanofast.training import DTYPES, device_type_of, precision, precision_error, resolve_device, resolve_dtype
 
+HELP = __doc__.strip().split('\n\n')[0] + '\n\n' + __doc__.strip().split('\n\n')[-1]  # what it is; which checkpoint
+
 # -----------------------------------------------------------------------------
 DEFAULTS = dict(
     init_from='resume',  # 'resume': the model in out_dir/ckpt.pt; or 'gpt2', 'gpt2-medium', ... (needs transformers)
-    out_dir='out',  # where ckpt.pt is (init_from='resume')
+    out_dir='out',  # where the run's checkpoints are (init_from='resume')
+    checkpoint='best',  # 'best': out_dir/ckpt_best.pt (ckpt.pt where there is none); 'latest': out_dir/ckpt.pt
     start="\n",  # the prompt; "FILE:path" reads it from a file
     num_samples=10,  # how many samples
     max_new_tokens=500,  # tokens generated per sample
@@ -75,9 +82,9 @@ def find_codec(checkpoint, data_dir=''):
             for meta_path in cands:
                 if os.path.exists(meta_path):
                     print(f"Loading meta from {meta_path}...")
-                    with open(meta_path, 'rb') as f:
-                        meta = pickle.load(f)
-                    if 'itos' in meta:
+                    from nanofast.data import read_meta
+                    meta = read_meta(meta_path)
+                    if isinstance(meta.get('itos'), dict):
                         return char_codec(meta['itos'], meta_path)
     # nothing character-level found: GPT-2's BPE, as nanoGPT assumes
     try:
@@ -90,6 +97,12 @@ def find_codec(checkpoint, data_dir=''):
     return Codec(lambda s: enc.encode(s, allowed_special={"<|endoftext|>"}), lambda l: enc.decode(l), 'gpt2')
 
 
+def checkpoint_path(out_dir, which='best'):
+    """The checkpoint file to sample: the run's best or its latest (see DEFAULTS['checkpoint'])."""
+    best = os.path.join(out_dir, BEST_NAME)
+    return best if which == 'best' and os.path.exists(best) else os.path.join(out_dir, CKPT_NAME)
+
+
 def sample(config, out=None):
     """Generate config['num_samples'] samples; print them to `out` (stdout) and return them."""
     c = dict(DEFAULTS)
@@ -100,6 +113,8 @@ def sample(config, out=None):
         raise ConfigError("num_samples and max_new_tokens must be >= 0")
     if c['temperature'] < 0:
         raise ConfigError("temperature must be >= 0")
+    if c['checkpoint'] not in ('best', 'latest'):
+        raise ConfigError(f"checkpoint must be 'best' or 'latest', got {c['checkpoint']!r}")
     out = sys.stdout if out is None else out
     device = resolve_device(c['device'])
     device_type = device_type_of(device)
@@ -117,7 +132,7 @@ def sample(config, out=None):
 
     checkpoint = None
     if c['init_from'] == 'resume':
-        ckpt_path = os.path.join(c['out_dir'], 'ckpt.pt')
+        ckpt_path = checkpoint_path(c['out_dir'], c['checkpoint'])
         checkpoint = load_checkpoint(ckpt_path, map_location='cpu')
         model = GPT.from_checkpoint(checkpoint, kernels=c['kernels'], override_args=dict(dropout=0.0))
     elif c['init_from'].startswith('gpt2'):
@@ -161,9 +176,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     def body():
         sample(configure(DEFAULTS, list(argv), verbose=False, prog='nanofast-sample',
-                         doc=__doc__.strip().split('\n\n')[0]))
+                         doc=HELP))
 
-    return run_cli('nanofast-sample', body, failures=(CheckpointError,))
+    return run_cli('nanofast-sample', body, failures=(CheckpointError, DataError))
 
 
 if __name__ == '__main__':

@@ -24,12 +24,22 @@ Beyond nanoGPT:
 - datasets are prepared on first use (nanofast/data.py; keys data_dir and data_path)
 - batches come from a seeded generator of their own; every process draws the same offsets and takes
   its share, so a run's data do not depend on the number of processes
-- out_dir/ckpt.pt is written atomically and holds every random state and the sampler's, so
-  --init_from=resume continues exactly as the uninterrupted run would have on the same device.
-  Ctrl-C (or SIGTERM) saves a checkpoint and exits with status 130 (where ckpt.pt held the best model
-  of an always_save_checkpoint=False run, that file is kept as ckpt_best.pt first). Besides
+- out_dir/ckpt.pt (the latest state) is written atomically and holds every random state and the
+  sampler's, so --init_from=resume continues exactly as the uninterrupted run would have on the same
+  device; out_dir/ckpt_best.pt holds the state with the lowest val loss (nanofast/checkpoint.py says
+  what a run keeps). Ctrl-C (or SIGTERM) saves a checkpoint and exits with status 130. Besides
   nanoGPT's saves at evaluations, the final state is saved at the end when always_save_checkpoint is
   True, or when the run saved nothing else (so a short run is never lost)
+- best_val_loss is the lowest val loss of a saved state (nanoGPT's, with always_save_checkpoint,
+  is the latest val loss)
+- a loss or val loss that is not finite stops the run (exit status 1) without saving: the last
+  checkpoint, saved while the run was finite, is kept. The training loss is checked where it is
+  logged (every log_interval-th iteration, where it is read off the device anyway, so no step
+  waits for it); the weights are checked before every save
+- out_dir is locked (out_dir/train.lock): a second trainer on it stops with an error; the temporary
+  files of a trainer killed while writing are removed
+- resuming checks that the configuration asks for the checkpoint's model shape and the dataset has
+  its vocabulary; token files are checked against the vocabulary once, at the start
 - a progress bar with ETA; per-iteration loss, time, tokens/s and MFU (against this device's measured
   matmul peak); out_dir/metrics.jsonl; out_dir/loss.png redrawn at each evaluation
 - the logged loss is the mean over the iteration's micro-batches (and processes); nanoGPT logs the
@@ -38,6 +48,7 @@ Beyond nanoGPT:
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -47,12 +58,13 @@ import torch
 import torch.distributed as dist
 
 from nanofast.allocator import retain_freed_memory
-from nanofast.checkpoint import (FORMAT, VERSION, CheckpointError, capture_rng_state, restore_rng_state,
-                                 rng_state_for_checkpoint, save_checkpoint)
+from nanofast.checkpoint import (BEST_NAME, CKPT_NAME, FORMAT, VERSION, CheckpointError, capture_rng_state,
+                                 keep_as_best, restore_rng_state, rng_state_for_checkpoint, save_checkpoint)
 from nanofast.configurator import ConfigError, configure, run_cli
-from nanofast.data import BatchSampler, DataError, load_meta, prepare_dataset
+from nanofast.data import BatchSampler, DataError, check_token_ids, load_meta, prepare_dataset
 from nanofast.interrupts import Interrupts
-from nanofast.model import KERNELS, NANOGPT_MODEL_ARGS
+from nanofast.model import GPT, KERNELS, NANOGPT_MODEL_ARGS
+from nanofast.run_dir import RunDirError, open_run_dir
 from nanofast.training import (Precision, build_optimizer, describe_optimizer, device_type_of, estimate_loss, get_lr,
                                init_model, precision, precision_error, resolve_device, resolve_dtype, train_step)
 
@@ -138,11 +150,21 @@ def validate_config(c):
             bad(f"{k} must be positive, got {c[k]}")
     if c['max_iters'] < 0:
         bad(f"max_iters must be >= 0, got {c['max_iters']}")
+    for k in ('warmup_iters', 'lr_decay_iters'):
+        if c[k] < 0:
+            bad(f"{k} must be >= 0, got {c[k]}")
+    # a learning rate, decay or clip of inf, nan or below zero gives nan weights within a few steps
+    for k in ('learning_rate', 'min_lr', 'weight_decay', 'grad_clip', 'peak_flops'):
+        if not math.isfinite(c[k]) or c[k] < 0:
+            bad(f"{k} must be a finite number >= 0, got {c[k]}" + (" (0 disables clipping)" if k == 'grad_clip' else ""))
+    for k in ('beta1', 'beta2'):
+        if not 0.0 <= c[k] < 1.0:
+            bad(f"{k} must be in [0, 1), got {c[k]}")
     if c['n_embd'] % c['n_head'] != 0:
         bad(f"n_embd ({c['n_embd']}) must be a multiple of n_head ({c['n_head']})")
     if not 0.0 <= c['dropout'] < 1.0:
         bad(f"dropout must be in [0, 1), got {c['dropout']}")
-    if c['init_from'] not in ('scratch', 'resume') and not c['init_from'].startswith('gpt2'):
+    if c['init_from'] not in ('scratch', 'resume') and c['init_from'] not in GPT.GPT2_SIZES:
         bad(f"init_from must be 'scratch', 'resume' or a GPT-2 model (gpt2, gpt2-medium, gpt2-large, gpt2-xl), "
             f"got {c['init_from']!r}")
     if c['kernels'] not in KERNELS:
@@ -157,6 +179,10 @@ def validate_config(c):
             bad(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {dev!r}")
     if c['decay_lr'] and c['lr_decay_iters'] <= c['warmup_iters'] and c['max_iters'] > c['warmup_iters']:
         bad(f"lr_decay_iters ({c['lr_decay_iters']}) must be larger than warmup_iters ({c['warmup_iters']})")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights are no longer finite: the run stops without saving them."""
 
 
 # -----------------------------------------------------------------------------
@@ -257,7 +283,8 @@ class Console:
 def run(config):
     """Train with `config` (a dict of DEFAULTS' keys). Returns a summary dict:
     iter_num, best_val_loss, losses [(iter, loss)], evals [(iter, train_loss, val_loss)],
-    step_ms [(iter, ms)], interrupted, out_dir, ckpt_path."""
+    step_ms [(iter, ms)], interrupted, out_dir, ckpt_path, best_path. TrainingDiverged where the
+    loss stops being finite; RunDirError where out_dir cannot be used."""
     c = dict(DEFAULTS)
     c.update(config)
     validate_config(c)
@@ -266,10 +293,13 @@ def run(config):
         procs = Processes.start(c)
         try:
             log = Console(procs.master)
+            lock = open_run_dir(c['out_dir'], log) if procs.master else None
             try:
                 return TrainingLoop(c, procs, interrupts, log, setup(c, procs, log)).run()
             finally:
                 log.close_bar()
+                if lock is not None:
+                    lock.release()
         finally:
             procs.stop()
     finally:
@@ -305,8 +335,6 @@ def setup(c, procs, log):
     log(f"device: {procs.device}, dtype: {dtype}, kernels: {c['kernels']}"
         + (f", DDP world size {procs.world_size}" if procs.ddp else ""))
     log(f"tokens per iteration will be: {c['gradient_accumulation_steps'] * c['batch_size'] * c['block_size']:,}")
-    if procs.master:
-        os.makedirs(c['out_dir'], exist_ok=True)
     if device_type == 'cpu' and c['retain_memory']:
         retain_freed_memory()
     torch.manual_seed(c['seed'] + procs.rank)  # different dropout on each rank
@@ -330,8 +358,10 @@ def setup(c, procs, log):
         log(f"found vocab_size = {meta_vocab_size} (inside {os.path.join(data_dir, 'meta.pkl')})")
 
     # the model
-    start = init_model(c, meta_vocab_size, log=log)
+    start = init_model(c, meta_vocab_size, log=log, meta=meta)
     model = start.model
+    for path in bins.values():
+        check_token_ids(path, model.config.vocab_size)
     log("number of parameters: %.2fM" % (model.get_num_params() / 1e6,))
     model.to(procs.device)
 
@@ -395,8 +425,11 @@ class TrainingLoop:
         self.ckpt_reason = s.ckpt_reason
         self.grad_accum = c['gradient_accumulation_steps'] // procs.world_size  # micro-batches of this process
         self.result = dict(iter_num=0, best_val_loss=None, losses=[], evals=[], step_ms=[], interrupted=False,
-                           out_dir=c['out_dir'], ckpt_path=os.path.join(c['out_dir'], 'ckpt.pt'))
+                           out_dir=c['out_dir'], ckpt_path=os.path.join(c['out_dir'], CKPT_NAME),
+                           best_path=os.path.join(c['out_dir'], BEST_NAME))
+        self.saves = 0  # checkpoints this run wrote
         self.stop_agreed = False  # DDP: all ranks agreed to stop at an iteration boundary
+        self.new_best = False  # the last evaluation lowered best_val_loss
         self.metrics = self.peak = None
         self.running_mfu = -1.0
         self.step_times = []  # seconds of each training step this run
@@ -434,7 +467,7 @@ class TrainingLoop:
                 t0 = time.perf_counter()
                 lr = get_lr(self.iter_num, c)
                 if self.iter_num % c['eval_interval'] == 0 and self.evaluate(lr):
-                    self.save(snapshot, 'eval')
+                    self.save(snapshot, 'eval', best=self.new_best)
                     saved_at = self.iter_num
                 if c['eval_only']:
                     break
@@ -456,8 +489,9 @@ class TrainingLoop:
         return self.finish()
 
     def evaluate(self, lr):
-        """estimate_loss, logged; True where nanoGPT saves a checkpoint now (val loss improved, or
-        always_save_checkpoint), past the iteration the run started from."""
+        """estimate_loss, logged; True where a checkpoint is saved now (val loss improved, or
+        always_save_checkpoint), past the iteration the run started from. best_val_loss follows the
+        saved states only, so that it always names a checkpoint that exists."""
         c, s = self.c, self.s
         losses = estimate_loss(s.eval_model, s.bins, c, s.prec.ctx, self.procs.device, self.procs.rank,
                                self.procs.world_size, check=self.check_interrupt)
@@ -471,10 +505,14 @@ class TrainingLoop:
                 import wandb
                 wandb.log({"iter": self.iter_num, "train/loss": losses['train'], "val/loss": losses['val'],
                            "lr": lr, "mfu": self.running_mfu * 100})
-        if losses['val'] < self.best_val_loss or c['always_save_checkpoint']:
+        if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
+            self.diverged(f"the evaluated loss is not finite (train {losses['train']}, val {losses['val']})")
+        if not (self.iter_num > 0 and self.iter_num > self.start_iter):
+            return False  # the state the run started from: saved already, or the initialisation
+        self.new_best = losses['val'] < self.best_val_loss
+        if self.new_best:
             self.best_val_loss = losses['val']
-            return self.iter_num > 0 and self.iter_num > self.start_iter
-        return False
+        return self.new_best or c['always_save_checkpoint']
 
     def step(self, lr, t0):
         """One training iteration: this iteration's offsets are drawn at once and each rank takes its
@@ -491,6 +529,8 @@ class TrainingLoop:
         log_now = it % c['log_interval'] == 0
         if log_now:
             lossf = self.procs.mean(loss).item()  # mean loss over this iteration's micro-batches (and ranks)
+            if not math.isfinite(lossf):  # checked here, where the loss is read anyway: no step waits for it
+                self.diverged(f"the loss is {lossf} at iteration {it}")
         t2 = time.perf_counter()
         self.step_times.append(t2 - t1)
         self.result['step_ms'].append((it, (t2 - t1) * 1000))
@@ -503,6 +543,15 @@ class TrainingLoop:
             if log_now:
                 self.log.bar.set_postfix(loss=f"{lossf:.4f}", refresh=False)
         self.iter_num += 1
+
+    def diverged(self, what):
+        """Stop the run: the loss (or the weights) are no longer finite. Nothing is saved."""
+        c = self.c
+        self.log.close_bar()
+        raise TrainingDiverged(
+            f"{what}: training diverged (learning_rate={c['learning_rate']}, grad_clip={c['grad_clip']}); stopped "
+            f"without saving, so the last checkpoint in {c['out_dir']} (if any) holds finite weights. Lower "
+            f"learning_rate (or set grad_clip) and resume, or start again")
 
     def log_step(self, it, lossf, lr, step_s, dt):
         """Print and record an iteration: loss, time, tokens/s, MFU (and, without a progress bar, ETA)."""
@@ -568,22 +617,37 @@ class TrainingLoop:
     # -------------------------------------------------------------------------------------------
     # checkpointing
 
-    def save(self, rng, reason, gather=True):
-        """Write out_dir/ckpt.pt atomically (master); with gather, all ranks send their random states."""
+    def save(self, rng, reason, gather=True, best=False):
+        """Write out_dir/ckpt.pt atomically (master), and with best=True make it ckpt_best.pt too;
+        with gather, all ranks send their random states. Weights that are not finite are never saved."""
+        params = [p.detach() for p in self.s.raw_model.parameters()]
+        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            self.diverged(f"the weights are not finite at iteration {self.iter_num}")
         rng = rng_state_for_checkpoint(rng)
         per_rank = self.procs.gather(rng) if gather else [rng] + [None] * (self.procs.world_size - 1)
         if not self.procs.master:
             return
-        c, path = self.c, self.result['ckpt_path']
+        c, path, best_path = self.c, self.result['ckpt_path'], self.result['best_path']
         self.log(f"saving checkpoint to {c['out_dir']}")
-        if reason == 'interrupt' and self.ckpt_reason == 'eval' and not c['always_save_checkpoint'] \
-                and os.path.exists(path):
-            # ckpt.pt holds the best model so far (saved because val loss improved): keep it
-            best = os.path.join(c['out_dir'], 'ckpt_best.pt')
-            os.replace(path, best)
-            self.log(f"kept the best checkpoint (val loss {self.best_val_loss:.4f}) as {best}")
+        if not best and self.saves == 0:
+            self.before_first_save(path, best_path)
         save_checkpoint(self.checkpoint(per_rank[0], per_rank, reason), path)
+        if best:
+            keep_as_best(path, best_path)
+        self.saves += 1
         self.ckpt_reason = reason
+
+    def before_first_save(self, path, best_path):
+        """ckpt_best.pt belongs to this run: a new run drops an earlier run's; a resumed run whose
+        ckpt.pt is the best state of a run that kept no ckpt_best.pt (nanoGPT's, with
+        always_save_checkpoint=False) keeps it as ckpt_best.pt before replacing it."""
+        if self.c['init_from'] != 'resume':
+            if os.path.exists(best_path):
+                os.unlink(best_path)
+        elif (not os.path.exists(best_path) and os.path.exists(path) and self.ckpt_reason in ('eval', None)
+              and not self.c['always_save_checkpoint']):
+            keep_as_best(path, best_path)
+            self.log(f"kept the best checkpoint (val loss {self.best_val_loss:.4f}) as {best_path}")
 
     def checkpoint(self, rng, rng_per_rank, reason):
         """nanoGPT's checkpoint dict, plus what resuming exactly needs (see nanofast.checkpoint)."""
@@ -615,13 +679,14 @@ def _fmt_secs(s):
 
 
 def main(argv=None):
-    """Entry point of `nanofast-train`: returns the exit status (0 done, 130 interrupted)."""
+    """Entry point of `nanofast-train`: returns the exit status (0 done, 2 bad arguments, 1 failed:
+    bad data or checkpoint, out_dir unusable or in use, training diverged; 130 interrupted)."""
     argv = sys.argv[1:] if argv is None else argv
 
     def body():
         return 130 if run(get_config(argv))['interrupted'] else 0
 
-    return run_cli('nanofast-train', body, failures=(DataError, CheckpointError))
+    return run_cli('nanofast-train', body, failures=(DataError, CheckpointError, RunDirError, TrainingDiverged))
 
 
 if __name__ == '__main__':

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from nanofast import optim as nanofast_optim
-from nanofast.checkpoint import CheckpointError, load_checkpoint
+from nanofast.checkpoint import CKPT_NAME, CheckpointError, load_checkpoint
 from nanofast.configurator import ConfigError
 from nanofast.data import BatchSampler, DataError
 from nanofast.model import GPT, GPTConfig
@@ -126,11 +126,13 @@ class ModelStart:
     best_val_loss: float = 1e9
 
 
-def init_model(c, meta_vocab_size=None, log=lambda msg: None) -> ModelStart:
+def init_model(c, meta_vocab_size=None, log=lambda msg: None, meta=None) -> ModelStart:
     """The model c['init_from'] asks for: 'scratch' (from torch's current random state), 'resume'
     (out_dir/ckpt.pt; the shape from the checkpoint, dropout from `c`) or a GPT-2 model. A
     block_size smaller than the loaded model's crops the position embeddings. log(msg) hears what
-    nanoGPT's train.py prints on the way."""
+    nanoGPT's train.py prints on the way. A resumed run must ask for the checkpoint's shape (or a
+    smaller block_size) and, where `meta` (the dataset's meta.pkl) is given, train on its vocabulary:
+    a ConfigError says what differs."""
     args = model_args(c)
     if c['init_from'] == 'scratch':
         log("Initializing a new model from scratch")
@@ -139,9 +141,10 @@ def init_model(c, meta_vocab_size=None, log=lambda msg: None) -> ModelStart:
         args['vocab_size'] = meta_vocab_size if meta_vocab_size is not None else GPT2_VOCAB
         start = ModelStart(GPT(GPTConfig(**args, kernels=c['kernels'])), args)
     elif c['init_from'] == 'resume':
-        ckpt_path = os.path.join(c['out_dir'], 'ckpt.pt')
+        ckpt_path = os.path.join(c['out_dir'], CKPT_NAME)
         log(f"Resuming training from {ckpt_path}")
         checkpoint = _load_run_checkpoint(ckpt_path, c['out_dir'])
+        check_resume(checkpoint, c, ckpt_path, meta, log)
         args.update({k: checkpoint['model_args'][k] for k in SHAPE_ARGS})
         model = GPT(GPTConfig(**args, kernels=c['kernels']))
         model.load_nanogpt_state_dict(checkpoint['model'])
@@ -149,7 +152,7 @@ def init_model(c, meta_vocab_size=None, log=lambda msg: None) -> ModelStart:
                            float(checkpoint['best_val_loss']))
     else:
         log(f"Initializing from OpenAI GPT-2 weights: {c['init_from']}")
-        model = GPT.from_pretrained(c['init_from'], dict(dropout=c['dropout']), kernels=c['kernels'])
+        model = _gpt2(c)
         args.update({k: getattr(model.config, k) for k in SHAPE_ARGS})
         start = ModelStart(model, args)
     model = start.model
@@ -160,6 +163,49 @@ def init_model(c, meta_vocab_size=None, log=lambda msg: None) -> ModelStart:
         raise DataError(f"the model's vocab_size ({model.config.vocab_size}) is smaller than the dataset's "
                         f"({meta_vocab_size})")
     return start
+
+
+def check_resume(checkpoint, c, path, meta=None, log=lambda msg: None):
+    """ConfigError where the configuration asks for what resuming `checkpoint` cannot honour: another
+    model shape (a smaller block_size is honoured, by cropping) or, with the dataset's `meta`, another
+    vocabulary. A different dataset with the same vocabulary is a note."""
+    ck = checkpoint['model_args']
+    differ = [k for k in ('n_layer', 'n_head', 'n_embd', 'bias') if k in ck and c[k] != ck[k]]
+    if c['block_size'] > ck['block_size']:
+        differ.append('block_size')
+    if differ:
+        raise ConfigError(
+            f"--init_from=resume continues the model in {path} ({', '.join(f'{k}={ck[k]}' for k in differ)}), but "
+            f"the configuration asks for {', '.join(f'{k}={c[k]}' for k in differ)}; give the run's own settings "
+            f"(its config file), or start a new run in another out_dir"
+            + (" (a smaller block_size crops the model)" if 'block_size' in differ else ""))
+    if meta is None:
+        return
+    ours = (checkpoint.get('meta') or {}).get('itos')
+    theirs = meta.get('itos')
+    same_vocab = ({int(k): v for k, v in ours.items()} == {int(k): v for k, v in theirs.items()}
+                  if isinstance(ours, dict) and isinstance(theirs, dict) else meta.get('vocab_size') == ck['vocab_size'])
+    if not same_vocab:
+        size = len(ours) if isinstance(ours, dict) else ck['vocab_size']
+        raise ConfigError(f"--init_from=resume: the dataset's vocabulary ({meta.get('vocab_size')} tokens) is not the "
+                          f"one the model in {path} was trained on ({size} tokens), so its token ids would mean "
+                          f"other characters; resume with the run's dataset, or start a new run in another out_dir")
+    was = (checkpoint.get('config') or {}).get('dataset')
+    if was and was != c['dataset']:
+        log(f"note: resuming on dataset {c['dataset']!r}; the checkpoint was trained on {was!r} (same vocabulary)")
+
+
+def _gpt2(c):
+    """GPT.from_pretrained, with a one-line error where the weights cannot be had (no transformers
+    package, no network and no cached copy)."""
+    try:
+        return GPT.from_pretrained(c['init_from'], dict(dropout=c['dropout']), kernels=c['kernels'])
+    except ImportError as e:
+        raise ConfigError(str(e)) from None
+    except (OSError, ValueError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"cannot load the GPT-2 weights {c['init_from']!r}: {first} (init_from=gpt2 downloads "
+                              f"them through huggingface transformers: it needs network access or a cached copy)") from None
 
 
 def _load_run_checkpoint(path, out_dir):

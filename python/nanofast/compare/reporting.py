@@ -89,7 +89,10 @@ def answer_text(s: dict) -> str:
         fast, slow, f, ms_fast, ms_slow = b, a, x, s['ms_per_iter_b'], s['ms_per_iter_a']
     else:
         fast, slow, f, ms_fast, ms_slow = a, b, 1 / x, s['ms_per_iter_a'], s['ms_per_iter_b']
-    differs = [k for k in ('device', 'dtype', 'kernels') if ta.get(k) != tb.get(k)] or ['nothing']
+    differs = [k for k in ('device', 'dtype', 'kernels') if ta.get(k) != tb.get(k)]
+    if not differs:  # compare() refuses such a pair (require_distinct); a summary built by hand may hold one
+        return (f"Not judged: both runs are {a}, so they differ in nothing; any speed difference between them "
+                f"({x:.2f}x) is timing noise.")
     cause = "the hardware" if "device" in differs else f"the {' and '.join(differs)}"
     speed = (f"{fast} takes {ms_fast:.2f} ms per step and {slow} {ms_slow:.2f} ms: {fast} is {f:.2f}x faster per "
              f"step, so in the same wall-clock time it does {f:.2f}x as many steps")

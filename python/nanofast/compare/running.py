@@ -13,7 +13,8 @@ import torch
 
 from nanofast.compare import reporting
 from nanofast.compare.judging import judge, nudge_
-from nanofast.compare.targets import Target, TargetError, choose_targets, dropout_sharing, resolve_target, split_targets
+from nanofast.compare.targets import (Target, TargetError, choose_targets, dropout_sharing, require_distinct,
+                                      resolve_target, split_targets)
 from nanofast.configurator import ConfigError
 from nanofast.data import BatchSampler, load_meta, prepare_dataset, to_device
 from nanofast.metrics import synchronize
@@ -123,7 +124,7 @@ def pick_targets(targets, c):
         resolved = [resolve_target(t, c) for t in targets]
         if len(resolved) != 2:
             raise TargetError(f"two targets are compared, got {len(resolved)}")
-        return resolved[0], resolved[1], ""
+        return require_distinct(*resolved) + ("",)
     return choose_targets(list(targets), c)
 
 

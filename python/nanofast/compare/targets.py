@@ -184,8 +184,18 @@ def choose_targets(specs: list[str], config: dict) -> tuple[Target, Target, str]
         a = resolve_target(Target(), config)
         a = Target(a.device, a.dtype, a.kernels, spec="(configuration)")
         note = f"one target given: comparing the configuration's own target ({a.label}) with it"
-        return a, resolve_target(specs[0], config), note
-    return resolve_target(specs[0], config), resolve_target(specs[1], config), note
+        return require_distinct(a, resolve_target(specs[0], config)) + (note,)
+    return require_distinct(resolve_target(specs[0], config), resolve_target(specs[1], config)) + (note,)
+
+
+def require_distinct(a: Target, b: Target) -> tuple[Target, Target]:
+    """(a, b), or a TargetError where the two resolved targets are the same: such a comparison could only
+    show a run against itself, and its speed ratio only timing noise."""
+    if a.label == b.label:
+        raise TargetError(f"both targets are {a.label} ({a.spec or 'the configuration'} and {b.spec or 'the configuration'}"
+                          f"): they differ in nothing, so there is nothing to compare; name two that differ in device, "
+                          f"dtype or kernels, e.g. cpu:float32 cpu:bfloat16 or kernels=torch kernels=nanofast")
+    return a, b
 
 
 def dropout_sharing(a: Target, b: Target, dropout: float) -> tuple[bool, str]:
