@@ -55,6 +55,27 @@ def _dropout_keep(seed, bh, rows, cols, Tq, Tk, p):
 
 
 @triton.jit
+def _bwd_probs(s, lse2, dp, q_idx, k_idx, bh, Tq, Tk, seed, dropout_p, drop_scale,
+               MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """The backward's view of one score tile: (P, P as dropout applied it, dP through dropout).
+
+    s holds scores already multiplied by scale * log2(e), lse2 the rows' log-sum-exp in base 2, dp the
+    gradient of the dropped probabilities (dO V^T). q_idx and k_idx are the query and key index
+    tensors, broadcast to the tile's orientation: both backward kernels call this, one on score tiles
+    (queries down) and one on transposed ones (keys down)."""
+    p = tl.math.exp2(s - lse2)
+    if MASK:
+        valid = (q_idx < Tq) & (k_idx < Tk)
+        if IS_CAUSAL:
+            valid = valid & (k_idx <= q_idx)
+        p = tl.where(valid, p, 0.0)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, bh, q_idx, k_idx, Tq, Tk, dropout_p)
+        return p, tl.where(keep, p * drop_scale, 0.0), tl.where(keep, dp * drop_scale, 0.0)
+    return p, p, dp
+
+
+@triton.jit
 def _dot(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     # UPCAST works around Triton's interpreter, which multiplies bfloat16 tiles as raw 16-bit
     # integers; on a GPU it is False and the tensor cores take the native type.
@@ -233,19 +254,9 @@ def _attn_bwd_dkdv_inner(
         lse2 = tl.load(lse_base + rows, mask=q_rows, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_base + rows, mask=q_rows, other=0.0)
         sT = _dot(k, qT, None, DOT_PREC, UPCAST) * qk_scale
-        pT = tl.math.exp2(sT - lse2[None, :])
-        if MASK:
-            valid = (rows[None, :] < Tq) & (offs_n[:, None] < Tk)
-            if IS_CAUSAL:
-                valid = valid & (offs_n[:, None] <= rows[None, :])
-            pT = tl.where(valid, pT, 0.0)
         dpT = _dot(v, tl.trans(do), None, DOT_PREC, UPCAST)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, rows[None, :], offs_n[:, None], Tq, Tk, dropout_p)
-            pdT = tl.where(keep, pT * drop_scale, 0.0)
-            dpT = tl.where(keep, dpT * drop_scale, 0.0)
-        else:
-            pdT = pT
+        pT, pdT, dpT = _bwd_probs(sT, lse2[None, :], dpT, rows[None, :], offs_n[:, None], bh, Tq, Tk, seed,
+                                  dropout_p, drop_scale, MASK, IS_CAUSAL, HAS_DROPOUT)
         dv = _dot(pdT.to(do.dtype), do, dv, DOT_PREC, UPCAST)
         # dS = P * (dP - Delta), where dP is the gradient w.r.t. the undropped P and
         # Delta = rowsum(dO * O) = rowsum(P * dP) also holds with dropout.
@@ -346,16 +357,9 @@ def _attn_bwd_dq_inner(
         vT = tl.load(v_base + cols[None, :] * stride_vt + offs_d[:, None] * stride_vd,
                      mask=kv_mask[None, :] & d_mask[:, None], other=0.0)
         s = _dot(q, kT, None, DOT_PREC, UPCAST) * qk_scale
-        p = tl.math.exp2(s - lse2[:, None])
-        if MASK:
-            valid = cols[None, :] < Tk
-            if IS_CAUSAL:
-                valid = valid & (cols[None, :] <= offs_m[:, None])
-            p = tl.where(valid, p, 0.0)
         dp = _dot(do, vT, None, DOT_PREC, UPCAST)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None], cols[None, :], Tq, Tk, dropout_p)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
+        p, _, dp = _bwd_probs(s, lse2[:, None], dp, offs_m[:, None], cols[None, :], bh, Tq, Tk, seed, dropout_p,
+                              drop_scale, MASK, IS_CAUSAL, HAS_DROPOUT)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(kT.dtype), tl.trans(kT), dq, DOT_PREC, UPCAST)
     return dq
