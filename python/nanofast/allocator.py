@@ -4,9 +4,9 @@ PyTorch's CPU tensors come from the C library's malloc. glibc hands a freed bloc
 when it was mmap-ed (every block above a threshold that starts at 128 KiB and never passes 32 MiB) or
 when the free space at the top of the heap grows past a trim threshold. A training step frees and
 reallocates the same activations every iteration, so with the defaults each iteration page-faults its
-tensors in again, 4 KiB at a time. On the dev machine (a VM, where faults are dear) that took 700-2700
-faults per step of nanoGPT's CPU config, and at its GPU config, whose activations are all mmap-ed
-blocks of 25-100 MB, GELU's forward and backward ran 3-8x slower for it.
+tensors in again, 4 KiB at a time: hundreds to thousands of faults a step, dear on a VM, and at
+nanoGPT's GPU config, whose activations are all mmap-ed blocks of tens of MB, a large share of a
+memory-bound kernel's time (`pytest --benchmark -k allocator` measures the lever).
 
 `retain_freed_memory()` makes glibc serve every block from the heap and never trim it, so a process
 keeps its peak memory and reuses it. It is process-wide and cannot be undone, so nanofast-train calls

