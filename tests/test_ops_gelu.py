@@ -106,6 +106,10 @@ def test_opcheck():
     x = torch.randn(5, 7, requires_grad=True)
     opcheck(torch.ops.nanofast.gelu_fwd.default, (x,))
     opcheck(torch.ops.nanofast.gelu_bwd.default, (torch.randn(5, 7), x.detach()))
+    # a transposed input: the fakes must give the launchers' contiguous outputs
+    xt = torch.randn(7, 5).t().requires_grad_()
+    opcheck(torch.ops.nanofast.gelu_fwd.default, (xt,))
+    opcheck(torch.ops.nanofast.gelu_bwd.default, (torch.randn(7, 5).t(), xt.detach()))
 
 
 def test_custom_ops_called_directly_pack_their_inputs():
