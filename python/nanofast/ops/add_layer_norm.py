@@ -25,7 +25,7 @@ from .._layout import unit_last_stride
 from .backend import backend_for
 from .checks import add_layer_norm_args
 from .formula import differentiable_grads, register_formula, stand_in
-from .layer_norm import _reference as _layer_norm_reference
+from .layer_norm import layer_norm_reference
 
 
 @torch.library.custom_op("nanofast::add_layer_norm_fwd", mutates_args=())
@@ -82,7 +82,7 @@ def _backward(ctx, dh, dy, *_):
     need_w = weight is not None and ctx.needs_input_grad[2]
     need_b = ctx.has_bias and ctx.needs_input_grad[3]
     if torch.is_grad_enabled():  # create_graph=True: h, saved as an output, leads back through this op
-        dx, dw, db = differentiable_grads(lambda h, w, b: _layer_norm_reference(h, w, b, ctx.eps).to(dy.dtype),
+        dx, dw, db = differentiable_grads(lambda h, w, b: layer_norm_reference(h, w, b, ctx.eps).to(dy.dtype),
                                           (h, weight, stand_in(h, h.shape[-1:], need_b)), (True, need_w, need_b),
                                           (dy,))
         dx = dx if dh is None else dx + dh

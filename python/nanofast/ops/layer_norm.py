@@ -65,14 +65,14 @@ def _backward(ctx, dy, *_):
     need_w = weight is not None and ctx.needs_input_grad[1]
     need_b = ctx.has_bias and ctx.needs_input_grad[2]
     if torch.is_grad_enabled():  # create_graph=True
-        return *differentiable_grads(lambda x, w, b: _reference(x, w, b, ctx.eps),
+        return *differentiable_grads(lambda x, w, b: layer_norm_reference(x, w, b, ctx.eps),
                                      (x, weight, stand_in(x, x.shape[1:], need_b)),
                                      (ctx.needs_input_grad[0], need_w, need_b), (dy,)), None
     dx, dw, db = ctx.raw_backward(unit_last_stride(dy), x, weight, mean, rstd, need_w, need_b)
     return dx, dw if need_w else None, db if need_b else None, None
 
 
-def _reference(x, weight, bias, eps):
+def layer_norm_reference(x, weight, bias, eps):
     """The forward in torch's differentiable functions (the parameters may have another dtype)."""
     cast = lambda t: None if t is None else t.to(x.dtype)  # noqa: E731
     return F.layer_norm(x, x.shape[-1:], cast(weight), cast(bias), eps)
