@@ -418,7 +418,11 @@ void attention_forward_impl(const AttentionForwardArgs& a) {
           // Only the vectors holding visible keys are exponentiated (on the diagonal, about half the
           // row): P is exactly 0 beyond them.
           const int64_t ncols = std::min(BK, round_up(valid, W));
-          const A m_new = std::max(m[r], scale_mask_rowmax(s, ncols, valid, scale));
+          // A NaN score makes the row's maximum NaN (or is skipped by it): either way the NaN reaches l
+          // and lse, as torch's softmax propagates it. std::max(m, NaN) would keep m, and a row whose
+          // m stayed -inf would be skipped as empty.
+          const A block_max = scale_mask_rowmax(s, ncols, valid, scale);
+          const A m_new = std::isnan(block_max) ? block_max : std::max(m[r], block_max);
           std::fill(s + ncols, s + BK, A(0));
           if (m_new == -std::numeric_limits<A>::infinity()) {  // nothing visible yet in this row
             std::fill(s, s + ncols, A(0));
@@ -566,7 +570,8 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
             // pass 3: dS = P * (dP_dropped - delta); P itself becomes the dropped P for dV.
             if (!dropout) {
               for (int64_t c = 0; c < ncols; c += W) vstore(dp + c, vload(p + c) * (vload(dp + c) - delta_i));
-              std::fill(dp + ncols, dp + BK, A(0));
+              // masked keys get exactly 0, not 0 * (dP - delta): a NaN delta must not reach them
+              std::fill(dp + valid, dp + BK, A(0));
               continue;
             }
             const uint64_t row_offset = uint64_t((bh * TQ + i) * TK);
@@ -590,7 +595,7 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
               dp[c] = p[c] * ((keep ? dp[c] * keep_scale : A(0)) - delta[i]);  // dS
               p[c] = keep ? p[c] * keep_scale : A(0);
             }
-            std::fill(dp + kcols, dp + BK, A(0));
+            std::fill(dp + valid, dp + BK, A(0));  // masked keys: exactly 0, as above
           }
           // pass 4: dV += P_dropped^T dO, dK += dS^T Q, dQ += dS K (scale applied at the end).
           if constexpr (kPairs) {

@@ -189,8 +189,9 @@ def _attn_fwd_kernel(
         n_full, n_hi, offs_m, offs_n, offs_d, bh, Tq, Tk, qk_scale, seed, dropout_p, drop_scale,
         HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, HAS_DROPOUT, DOT_PREC, UPCAST)
 
-    # Every real row sees key 0, so l_i > 0 there; rows past Tq are never stored.
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    # Every real row sees key 0, so l_i > 0 there; rows past Tq are never stored. A NaN l_i (a NaN
+    # score) stays NaN, so that lse carries it into the backward as torch's softmax does.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=q_mask)

@@ -234,3 +234,55 @@ def test_opcheck():
     out, lse = torch.ops.nanofast.sdpa_fwd(q.detach(), k.detach(), v.detach(), True, 0.3, 0.0, None)
     opcheck(torch.ops.nanofast.sdpa_bwd.default, (dout, q.detach(), k.detach(), v.detach(), out, lse, True, 0.3, 0.0,
                                                   None))
+
+
+def _masked_reference(q, k, v, is_causal=False):
+    """Textbook attention whose masked probabilities are exactly 0 even in a row holding a NaN (its
+    softmax makes every entry NaN, masked ones too): a masked key gets no gradient from that row."""
+    s = (q @ k.transpose(-2, -1)) / q.shape[-1] ** 0.5
+    visible = torch.ones(s.shape[-2:], dtype=torch.bool).tril() if is_causal else torch.ones(s.shape[-2:], dtype=bool)
+    p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1).masked_fill(~visible, 0.0)
+    return p @ v
+
+
+def check_nan_propagates(sdpa, which, causal, dtype, T, row):
+    """A NaN in one element of q, k or v. Without a mask every output depends on it where the float64
+    reference says: ours is NaN exactly there and close to it elsewhere. With the causal mask, the
+    kernels skip blocks no query sees (so 0 * NaN products that the reference forms do not arise) but
+    form some inside the diagonal blocks: NaN may then be more or less widespread than the reference's,
+    but never an inf or a wrong finite value in its place."""
+    q, k, v, dout = _qkv(1, 2, T, T, 8, torch.float64, layout="bhtd")
+    dict(q=q, k=k, v=v)[which][0, 0, row, 3] = float("nan")
+    ours = _run(sdpa, *(t.to(dtype) for t in (q, k, v, dout)), is_causal=causal)
+    ref = _run(_masked_reference, q, k, v, dout, is_causal=causal)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
+    for name, o, r in zip(["out", "dq", "dk", "dv"], ours, ref):
+        assert not o.isinf().any(), f"{name}: {o.isinf().sum()} infs"
+        if not causal:
+            assert torch.equal(o.isnan(), r.isnan()), f"{name}: NaN at {o.isnan().sum()} places, reference {r.isnan().sum()}"
+        assert o.isnan().any() == r.isnan().any(), name
+        both = ~(o.isnan() | r.isnan())
+        torch.testing.assert_close(o.double()[both], r[both], atol=tol, rtol=tol, msg=name)
+
+
+# (where the NaN falls in the vectors decides whether a maximum sees it or skips it)
+NAN_CASES = [(torch.float32, 8, 3), (torch.float32, 8, 4), (torch.float32, 150, 75), (torch.bfloat16, 70, 3),
+             (torch.float64, 8, 3)]
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype,T,row", NAN_CASES)
+def test_nan_propagates(which, causal, dtype, T, row):
+    check_nan_propagates(ops.scaled_dot_product_attention, which, causal, dtype, T, row)
+
+
+def test_nan_in_k_matches_torch():
+    # the issue's case: torch's dv is NaN everywhere (every row's softmax saw the NaN score)
+    q, k, v, dout = _qkv(1, 2, 8, 8, 4, torch.float32, layout="bhtd")
+    k[0, 0, 3, 1] = float("nan")
+    ours = _run(ops.scaled_dot_product_attention, q, k, v, dout)
+    theirs = _run(F.scaled_dot_product_attention, q, k, v, dout)
+    for name, o, t in zip(["out", "dq", "dk", "dv"], ours, theirs):
+        assert torch.equal(o.isnan(), t.isnan()), name
+        assert not o.isinf().any(), name

@@ -296,6 +296,16 @@ def test_attention_half_cuda_large(dtype, T, D):
     _attn_check(q, k, v, do, dtype, True, layout="packed")
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="checks the kernels' NaN handling on CPU tensors, under the interpreter")
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter's max of a NaN row
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_nan_propagates(which, causal):
+    from test_ops_attention import check_nan_propagates
+    for T, row in ((8, 3), (40, 20)):
+        check_nan_propagates(K.scaled_dot_product_attention, which, causal, torch.float32, T, row)
+
+
 def test_attention_tf32_opt_in(monkeypatch):
     B, H, T, D = (2, 2, 256, 64) if HAS_CUDA else (1, 2, 17, 16)
     q, k, v, _ = _qkv(B, H, T, T, D, seed=8)

@@ -24,7 +24,8 @@ from torch import Tensor
 from .._layout import unit_last_stride
 from .backend import backend_for
 from .checks import add_layer_norm_args
-from .formula import register_formula
+from .formula import differentiable_grads, register_formula, stand_in
+from .layer_norm import layer_norm_reference
 
 
 @torch.library.custom_op("nanofast::add_layer_norm_fwd", mutates_args=())
@@ -63,11 +64,12 @@ def _(dy, dh, h, weight, mean, rstd, residual_dtype, need_weight_grad, need_bias
 # ---- the autograd formula ----
 
 def _setup_context(ctx, inputs, output):
-    _, residual, weight, bias, _, _ = inputs
+    _, residual, weight, bias, eps, _ = inputs
     h, _, mean, rstd = output
     ctx.save_for_backward(h, weight, mean, rstd)
     ctx.residual_dtype = residual.dtype
     ctx.has_bias = bias is not None
+    ctx.eps = eps
 
 
 def _backward(ctx, dh, dy, *_):
@@ -79,8 +81,15 @@ def _backward(ctx, dh, dy, *_):
         return dx, dx.to(ctx.residual_dtype), None, None, None, None
     need_w = weight is not None and ctx.needs_input_grad[2]
     need_b = ctx.has_bias and ctx.needs_input_grad[3]
-    dx, dres, dw, db = ctx.raw_backward(unit_last_stride(dy), dh, h, weight, mean, rstd, ctx.residual_dtype, need_w,
-                                        need_b)
+    if torch.is_grad_enabled():  # create_graph=True: h, saved as an output, leads back through this op
+        dx, dw, db = differentiable_grads(lambda h, w, b: layer_norm_reference(h, w, b, ctx.eps).to(dy.dtype),
+                                          (h, weight, stand_in(h, h.shape[-1:], need_b)), (True, need_w, need_b),
+                                          (dy,))
+        dx = dx if dh is None else dx + dh
+        dres = dx.to(ctx.residual_dtype)
+    else:
+        dx, dres, dw, db = ctx.raw_backward(unit_last_stride(dy), dh, h, weight, mean, rstd, ctx.residual_dtype,
+                                            need_w, need_b)
     if ctx.residual_dtype == h.dtype:  # the residual's gradient is dx itself (the op returns it empty)
         dres = dx
     return dx, dres, dw if need_w else None, db if need_b else None, None, None

@@ -14,10 +14,11 @@ import torch
 from torch import Tensor
 
 from .._layout import empty_bthd, empty_grad_like, unit_last_stride
+from ..testing import attention_reference
 from . import cpu
 from .backend import backend_for
 from .checks import attention_args, dropout_mask_args
-from .formula import register_formula
+from .formula import differentiable_grads, register_formula
 from .seed import draw_seed
 
 
@@ -58,9 +59,20 @@ def _backward(ctx, dout, *_):
     """The inputs' gradients; ctx.raw_backward is the raw backward (the custom op, or in eager
     mode the backend's launcher)."""
     q, k, v, out, lse, seed = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True
+        keep = None if ctx.dropout_p == 0 else cpu.dropout_mask(seed, *q.shape[:3], k.shape[2], ctx.dropout_p)
+        return *differentiable_grads(lambda q, k, v: _reference(q, k, v, ctx.is_causal, ctx.scale, keep, ctx.dropout_p),
+                                     (q, k, v), ctx.needs_input_grad[:3], (dout,)), None, None, None, None
     dq, dk, dv = ctx.raw_backward(unit_last_stride(dout), q, k, v, out, lse, ctx.is_causal, ctx.scale, ctx.dropout_p,
                                   seed)
     return dq, dk, dv, None, None, None, None
+
+
+def _reference(q, k, v, is_causal, scale, keep, p):
+    """The forward in torch's differentiable functions (textbook attention, O(T^2) memory), in float32
+    at least."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    return attention_reference(q.to(dtype), k.to(dtype), v.to(dtype), is_causal, scale, keep, p).to(q.dtype)
 
 
 register_formula(sdpa_fwd, sdpa_bwd, _setup_context, _backward)

@@ -40,7 +40,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     """x's gradient: the same mask on dy; ctx.raw_backward is the raw op itself (the custom op, or in
-    eager mode the backend's launcher)."""
+    eager mode the backend's launcher). Under create_graph=True it is written in torch ops (dropout is
+    linear, so the mask applied to ones is its one factor), as formula.differentiable_grads does for
+    the other ops."""
+    if torch.is_grad_enabled():  # create_graph=True: the mask as a constant factor, dy's graph kept
+        return dy * ctx.raw_backward(dy.new_ones(dy.shape), ctx.p, ctx.seed), None, None
     return ctx.raw_backward(dy.contiguous(), ctx.p, ctx.seed), None, None
 
 

@@ -4,11 +4,12 @@ kernels for CPU tensors, torch's own GELU kernels for CUDA tensors (already memo
 formula is used as in layer_norm.py: the custom ops' autograd under torch.compile, _EagerGelu around
 the launchers in eager mode."""
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .backend import backend_for
 from .checks import check_tensor
-from .formula import register_formula
+from .formula import differentiable_grads, register_formula
 
 
 @torch.library.custom_op("nanofast::gelu_fwd", mutates_args=())
@@ -41,6 +42,8 @@ def _backward(ctx, dy):
     """x's gradient; ctx.raw_backward is the raw backward (the custom op, or in eager mode the
     backend's launcher)."""
     (x,) = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True
+        return differentiable_grads(F.gelu, (x,), (True,), (dy,))[0]
     return ctx.raw_backward(dy.contiguous(), x)
 
 

@@ -13,12 +13,13 @@ import math
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._layout import unit_last_stride
 from .backend import backend_for
 from .checks import layer_norm_args
-from .formula import register_formula
+from .formula import differentiable_grads, register_formula, stand_in
 
 
 @torch.library.custom_op("nanofast::layer_norm_fwd", mutates_args=())
@@ -50,10 +51,11 @@ def _(dy, x, weight, mean, rstd, need_weight_grad, need_bias_grad):
 # ---- the autograd formula ----
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, _ = inputs
+    x, weight, bias, eps = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.has_bias = bias is not None
+    ctx.eps = eps
 
 
 def _backward(ctx, dy, *_):
@@ -62,8 +64,18 @@ def _backward(ctx, dy, *_):
     x, weight, mean, rstd = ctx.saved_tensors
     need_w = weight is not None and ctx.needs_input_grad[1]
     need_b = ctx.has_bias and ctx.needs_input_grad[2]
+    if torch.is_grad_enabled():  # create_graph=True
+        return *differentiable_grads(lambda x, w, b: layer_norm_reference(x, w, b, ctx.eps),
+                                     (x, weight, stand_in(x, x.shape[1:], need_b)),
+                                     (ctx.needs_input_grad[0], need_w, need_b), (dy,)), None
     dx, dw, db = ctx.raw_backward(unit_last_stride(dy), x, weight, mean, rstd, need_w, need_b)
     return dx, dw if need_w else None, db if need_b else None, None
+
+
+def layer_norm_reference(x, weight, bias, eps):
+    """The forward in torch's differentiable functions (the parameters may have another dtype)."""
+    cast = lambda t: None if t is None else t.to(x.dtype)  # noqa: E731
+    return F.layer_norm(x, x.shape[-1:], cast(weight), cast(bias), eps)
 
 
 register_formula(layer_norm_fwd, layer_norm_bwd, _setup_context, _backward)

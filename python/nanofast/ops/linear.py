@@ -23,7 +23,7 @@ from torch import Tensor
 from . import cpu
 from .backend import backend_for
 from .checks import linear_args, served
-from .formula import register_formula
+from .formula import differentiable_grads, register_formula, stand_in
 
 
 @torch.library.custom_op("nanofast::linear_fwd", mutates_args=())
@@ -68,6 +68,11 @@ def _backward(ctx, dy):
     x, weight = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     need_b = ctx.has_bias and need_b
+    if torch.is_grad_enabled():  # create_graph=True
+        dtype = ctx.dtype or x.dtype
+        reference = lambda x, w, b: F.linear(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype))  # noqa: E731
+        return *differentiable_grads(reference, (x, weight, stand_in(weight, weight.shape[:1], need_b)),
+                                     (need_x, need_w, need_b), (dy,)), None
     dx, dw, db = ctx.raw_backward(dy, x, weight, need_x, need_w, need_b, ctx.dtype)
     return dx if need_x else None, dw if need_w else None, db if need_b else None, None
 
