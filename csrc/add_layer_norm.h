@@ -37,6 +37,7 @@ void add_layer_norm_forward_impl(const AddLayerNormForwardArgs& a) {
 
   // y may be streamed (h may not: each pass reads it back)
   const bool stream_y = stream_output(y, N * C * int64_t(sizeof(TY)), C * int64_t(sizeof(TY)));
+  const bool wide = C > kLayerNormFlatSumMax;
   // R rows at a time, their passes interleaved: a row of a few hundred columns is a chain of
   // dependent sums, a horizontal reduction, a division and a square root, and on its own it leaves
   // the core waiting on latency. Each row's arithmetic, and so
@@ -70,19 +71,23 @@ void add_layer_norm_forward_impl(const AddLayerNormForwardArgs& a) {
         hr[r][c] = from_acc<TX>(to_acc(xr[r][c]) + to_acc(rr[r][c]));
         sum += to_acc(hr[r][c]);
       }
+      // a row too wide for one accumulator: layer_norm's blocked sum, read back from the stored h
+      if (wide) sum = row_sum(hr[r], C);
       mean[r] = sum / A(C);
     }
     // pass 2: the variance around the mean
     vec<A> q[R] = {};
-    for (c = 0; c + W <= C; c += W)
-      for (int r = 0; r < R; ++r) {
-        const vec<A> d = vload_as(hr[r] + c) - mean[r];
-        q[r] += d * d;
-      }
+    if (!wide)
+      for (c = 0; c + W <= C; c += W)
+        for (int r = 0; r < R; ++r) {
+          const vec<A> d = vload_as(hr[r] + c) - mean[r];
+          q[r] += d * d;
+        }
     for (int r = 0; r < R; ++r) {
       A var = vsum(q[r]);
       for (c = c_tail; c < C; ++c) var += (to_acc(hr[r][c]) - mean[r]) * (to_acc(hr[r][c]) - mean[r]);
-      rstd[r] = A(1) / std::sqrt(var / A(C) + A(a.eps));
+      if (wide) var = row_centered_sq_sum(hr[r], mean[r], C);
+      rstd[r] = layer_norm_rstd(hr[r], mean[r], var, C, A(a.eps));
       mean_out[n0 + r] = mean[r];
       rstd_out[n0 + r] = rstd[r];
     }
@@ -158,25 +163,34 @@ void add_layer_norm_backward_impl(const AddLayerNormBackwardArgs& a) {
         const TX* dhr = dh ? dh + n * C : nullptr;
         const A mu = mean[n], rs = rstd[n];
         // pass 1: the row means of g = dy * w and of g * xhat
-        vec<A> sg{}, sgx{};
-        int64_t c = 0;
-        for (; c + W <= C; c += W) {
-          const vec<A> g = vload_as(dyr + c) * vload(wv.data() + c);
-          sg += g;
-          sgx += g * (vload_as(hr + c) - mu);
-        }
-        A sum_g = vsum(sg), sum_gx = vsum(sgx);
-        for (; c < C; ++c) {
-          const A g = to_acc(dyr[c]) * wv[c];
-          sum_g += g;
-          sum_gx += g * (to_acc(hr[c]) - mu);
+        A sum_g, sum_gx;
+        if (C > kLayerNormFlatSumMax) {
+          const SumPair<A> sums = row_grad_sums_blocked(dyr, wv.data(), hr, mu, C);
+          sum_g = sums.a;
+          sum_gx = sums.b;
+        } else {
+          vec<A> sg{}, sgx{};
+          int64_t c = 0;
+          for (; c + W <= C; c += W) {
+            const vec<A> g = vload_as(dyr + c) * vload(wv.data() + c);
+            sg += g;
+            sgx += g * (vload_as(hr + c) - mu);
+          }
+          sum_g = vsum(sg);
+          sum_gx = vsum(sgx);
+          for (; c < C; ++c) {
+            const A g = to_acc(dyr[c]) * wv[c];
+            sum_g += g;
+            sum_gx += g * (to_acc(hr[c]) - mu);
+          }
         }
         const A mean_g = sum_g / A(C), mean_gx = sum_gx * rs / A(C);
         // pass 2: dx = dh + rstd * (g - mean(g) - xhat * mean(g * xhat)), in x's dtype and the residual's;
         // the parameter-gradient partials
         TX* dxr = dx + n * C;
         TR* drr = dres ? dres + n * C : nullptr;
-        for (c = 0; c + W <= C; c += W) {
+        int64_t c = 0;
+        for (; c + W <= C; c += W) {
           const vec<A> d = vload_as(dyr + c), xh = (vload_as(hr + c) - mu) * rs;
           vec<A> v = (d * vload(wv.data() + c) - mean_g - xh * mean_gx) * rs;
           if (dhr) v += vload_as(dhr + c);

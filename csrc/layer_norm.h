@@ -2,6 +2,7 @@
 // Included by kernels_isa.cpp once per instruction set, inside namespace nanofast::NF_ISA.
 #pragma once
 #include <algorithm>
+#include <cmath>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -30,34 +31,125 @@ template <> struct RowView<double> {
   const double* load(const double* src, int64_t) { return src; }
 };
 
-template <class A> inline A row_sum(const A* x, int64_t C) {
-  constexpr int W = lanes<A>();
-  vec<A> s0{}, s1{};
-  int64_t c = 0;
-  for (; c + 2 * W <= C; c += 2 * W) {
-    s0 += vload(x + c);
-    s1 += vload(x + c + W);
+// Rows wider than this are summed in fixed blocks whose partial sums are then added pairwise: one
+// vector accumulator carried across a very long row grows until every addend loses most of its bits.
+// Rows up to it keep the flat sum, its speed and its bits.
+constexpr int64_t kLayerNormFlatSumMax = 8192;
+constexpr int64_t kLayerNormSumBlock = 4096;
+
+// The sum over a row of C elements of block(c0, c1), the flat sum of the columns [c0, c1): one block
+// for rows up to kLayerNormFlatSumMax, else blocks of kLayerNormSumBlock combined in a pairwise tree
+// (a stack of completed subtrees, merged as a binary counter carries). The order depends on C alone,
+// never on the threads, and the rounding error grows with log2 of the blocks rather than with C.
+template <class S, class F> S row_blocked_sum(int64_t C, F&& block) {
+  if (C <= kLayerNormFlatSumMax) return block(int64_t(0), C);
+  S stack[64];
+  int depth = 0;
+  int64_t blocks = 0;
+  for (int64_t c0 = 0; c0 < C; c0 += kLayerNormSumBlock) {
+    S s = block(c0, std::min(C, c0 + kLayerNormSumBlock));
+    for (int64_t m = ++blocks; !(m & 1); m >>= 1) s = stack[--depth] + s;
+    stack[depth++] = s;
   }
-  for (; c + W <= C; c += W) s0 += vload(x + c);
-  A s = vsum(s0 + s1);
-  for (; c < C; ++c) s += x[c];
+  S s = stack[--depth];
+  while (depth) s = stack[--depth] + s;
   return s;
 }
 
-template <class A> inline A row_centered_sq_sum(const A* x, A mean, int64_t C) {
-  constexpr int W = lanes<A>();
-  vec<A> s0{};
-  int64_t c = 0;
-  for (; c + W <= C; c += W) {
-    vec<A> d = vload(x + c) - mean;
-    s0 += d * d;
-  }
-  A s = vsum(s0);
-  for (; c < C; ++c) {
-    A d = x[c] - mean;
-    s += d * d;
-  }
-  return s;
+// Two sums carried together through row_blocked_sum.
+template <class A> struct SumPair {
+  A a, b;
+  SumPair operator+(const SumPair& o) const { return {a + o.a, b + o.b}; }
+};
+
+// The sum of a row, and of its squared deviations from mean, in the accumulation type (bfloat16 rows
+// are widened as they are read).
+template <class T> inline acc_t<T> row_sum(const T* row, int64_t C) {
+  using A = acc_t<T>;
+  return row_blocked_sum<A>(C, [row](int64_t c0, int64_t c1) {
+    constexpr int W = lanes<A>();
+    const T* x = row + c0;
+    const int64_t n = c1 - c0;
+    vec<A> s0{}, s1{};
+    int64_t c = 0;
+    for (; c + 2 * W <= n; c += 2 * W) {
+      s0 += vload_as(x + c);
+      s1 += vload_as(x + c + W);
+    }
+    for (; c + W <= n; c += W) s0 += vload_as(x + c);
+    A s = vsum(s0 + s1);
+    for (; c < n; ++c) s += to_acc(x[c]);
+    return s;
+  });
+}
+
+template <class T> inline acc_t<T> row_centered_sq_sum(const T* row, acc_t<T> mean, int64_t C) {
+  using A = acc_t<T>;
+  return row_blocked_sum<A>(C, [row, mean](int64_t c0, int64_t c1) {
+    constexpr int W = lanes<A>();
+    const T* x = row + c0;
+    const int64_t n = c1 - c0;
+    vec<A> s0{};
+    int64_t c = 0;
+    for (; c + W <= n; c += W) {
+      vec<A> d = vload_as(x + c) - mean;
+      s0 += d * d;
+    }
+    A s = vsum(s0);
+    for (; c < n; ++c) {
+      A d = to_acc(x[c]) - mean;
+      s += d * d;
+    }
+    return s;
+  });
+}
+
+// The sums over a row of g = dy * w and of g * (x - mean), blocked as row_blocked_sum: the two row
+// means of the backward on rows wider than kLayerNormFlatSumMax (narrower rows keep their flat loop).
+template <class TY, class TX, class A>
+SumPair<A> row_grad_sums_blocked(const TY* dy, const A* w, const TX* x, A mu, int64_t C) {
+  return row_blocked_sum<SumPair<A>>(C, [=](int64_t c0, int64_t c1) {
+    constexpr int W = lanes<A>();
+    vec<A> sg{}, sgx{};
+    int64_t c = c0;
+    for (; c + W <= c1; c += W) {
+      const vec<A> g = vload_as(dy + c) * vload(w + c);
+      sg += g;
+      sgx += g * (vload_as(x + c) - mu);
+    }
+    A sum_g = vsum(sg), sum_gx = vsum(sgx);
+    for (; c < c1; ++c) {
+      const A g = to_acc(dy[c]) * w[c];
+      sum_g += g;
+      sum_gx += g * (to_acc(x[c]) - mu);
+    }
+    return SumPair<A>{sum_g, sum_gx};
+  });
+}
+
+// 1 / sqrt(variance + eps) from a row's sum of squared deviations. When that sum overflows though the
+// row is finite (a deviation beyond about 1e19 in float32), rstd would be 0 and y the bias; as
+// normalising is scale-invariant, the sum is then taken again in the row's own scale, a power of two
+// so that the scaling is exact.
+template <class T>
+inline acc_t<T> layer_norm_rstd(const T* row, acc_t<T> mean, acc_t<T> sq_sum, int64_t C, acc_t<T> eps) {
+  using A = acc_t<T>;
+  if (!std::isinf(sq_sum) || !std::isfinite(mean)) return A(1) / std::sqrt(sq_sum / A(C) + eps);
+  A max_dev = 0;
+  for (int64_t c = 0; c < C; ++c) max_dev = std::max(max_dev, std::abs(to_acc(row[c]) - mean));
+  int e;
+  std::frexp(max_dev, &e);  // max_dev < 2^e
+  const A down = std::ldexp(A(1), -e);
+  const A scaled = row_blocked_sum<A>(C, [&](int64_t c0, int64_t c1) {
+    A s = 0;
+    for (int64_t c = c0; c < c1; ++c) {
+      const A d = (to_acc(row[c]) - mean) * down;
+      s += d * d;
+    }
+    return s;
+  });
+  // var + eps = 2^(2e) * (scaled / C + eps * 2^(-2e))
+  return std::ldexp(A(1) / std::sqrt(scaled / A(C) + eps * down * down), -e);
 }
 
 // A parameter vector widened once to the accumulation type, `identity` everywhere when it is missing
@@ -86,7 +178,7 @@ inline void layer_norm_forward_row_regs(const T* xr, const A* w, const A* b, T* 
     r[i] -= mean;
     (i & 1 ? q1 : q0) += r[i] * r[i];
   }
-  const A rstd = A(1) / std::sqrt(vsum(q0 + q1) / A(NV * W) + eps);
+  const A rstd = layer_norm_rstd(xr, mean, vsum(q0 + q1), NV * W, eps);
   for (int i = 0; i < NV; ++i) vstore_as(yr + i * W, r[i] * rstd * vload(w + i * W) + vload(b + i * W));
   *mean_out = mean;
   *rstd_out = rstd;
@@ -148,8 +240,7 @@ void layer_norm_forward_impl(const LayerNormForwardArgs& a) {
       // pass 1: mean; pass 2: variance around it (two passes over an L1-resident row, more accurate
       // than E[x^2] - E[x]^2 for rows with a large mean).
       const A mean = row_sum(xr, C) / A(C);
-      const A var = row_centered_sq_sum(xr, mean, C) / A(C);
-      const A rstd = A(1) / std::sqrt(var + A(a.eps));
+      const A rstd = layer_norm_rstd(xr, mean, row_centered_sq_sum(xr, mean, C), C, A(a.eps));
       mean_out[n] = mean;
       rstd_out[n] = rstd;
       // pass 3: normalise, scale and shift.
@@ -279,22 +370,31 @@ void layer_norm_backward_rows(const LayerNormBackwardArgs& a, const acc_t<T>* wv
         const A mu = mean[n], rs = rstd[n];
         // pass 1: the two row means the input gradient needs, of g = dy * w and of g * xhat.
         // (xhat and g are recomputed in pass 2: loads from L1 are cheaper than storing them.)
-        vec<A> sg{}, sgx{};
-        int64_t c = 0;
-        for (; c + W <= C; c += W) {
-          const vec<A> gv = vload(dyr + c) * vload(wv + c);
-          sg += gv;
-          sgx += gv * (vload(xr + c) - mu);
-        }
-        A sum_g = vsum(sg), sum_gx = vsum(sgx);
-        for (; c < C; ++c) {
-          sum_g += dyr[c] * wv[c];
-          sum_gx += dyr[c] * wv[c] * (xr[c] - mu);
+        A sum_g, sum_gx;
+        if (C > kLayerNormFlatSumMax) {
+          const SumPair<A> sums = row_grad_sums_blocked(dyr, wv, xr, mu, C);
+          sum_g = sums.a;
+          sum_gx = sums.b;
+        } else {
+          vec<A> sg{}, sgx{};
+          int64_t c = 0;
+          for (; c + W <= C; c += W) {
+            const vec<A> gv = vload(dyr + c) * vload(wv + c);
+            sg += gv;
+            sgx += gv * (vload(xr + c) - mu);
+          }
+          sum_g = vsum(sg);
+          sum_gx = vsum(sgx);
+          for (; c < C; ++c) {
+            sum_g += dyr[c] * wv[c];
+            sum_gx += dyr[c] * wv[c] * (xr[c] - mu);
+          }
         }
         const A mean_g = sum_g / A(C), mean_gx = sum_gx * rs / A(C);
         // pass 2: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); parameter-gradient partials.
         A* dxr = std::is_same<T, A>::value ? reinterpret_cast<A*>(dx + n * C) : dx_row.data();
-        for (c = 0; c + W <= C; c += W) {
+        int64_t c = 0;
+        for (; c + W <= C; c += W) {
           const vec<A> d = vload(dyr + c), xh = (vload(xr + c) - mu) * rs;
           vput(dxr + c, (d * vload(wv + c) - mean_g - xh * mean_gx) * rs, stream);
           if (pdw) {

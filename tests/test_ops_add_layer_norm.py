@@ -59,6 +59,27 @@ def test_parity(C, dtypes, isa):
     _check(x, r, w, b, dh, dy, dtypes[2])
 
 
+@pytest.mark.parametrize("C", [2**20, 2**22])
+def test_long_row_parity(C):
+    # the fused kernel's own row sums must be blocked as layer_norm's are
+    x, r, w, b, dh, dy = _inputs((1, C), (F32, F32, F32))
+    _check(x, r, w, b, dh, dy, F32)
+
+
+@pytest.mark.parametrize("C", [128, 1000])
+def test_huge_values_are_normalised(C):
+    # |h| near 1e20: the squared deviations overflow float32; normalising is scale-invariant
+    x, r, w, b, dh, dy = _inputs((4, C), (F32, F32, F32))
+    x, r = x * 1e20, r * 1e20
+    ours = _run(_ours, x, r, w, b, dh, dy, F32)
+    h, *_ = ours
+    ref = _run(_unfused, h.double(), torch.zeros_like(h, dtype=F64), w.double(), b.double(), dh.double(),
+               dy.double(), F64)
+    names = ["h", "y", "dx", "dresidual", "dweight", "dbias"]
+    for name, o, rr, scale in zip(names, ours, ref, [1e-20, 1, 1, 1, 1, 1]):
+        torch.testing.assert_close(o.double() * scale, rr * scale, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_the_sum_used_only_by_the_norm():
     # a last block's sum feeds ln_f alone: h gets no gradient of its own
     x, r, w, b, dh, dy = _inputs((9, 64), (F32, BF16, BF16))

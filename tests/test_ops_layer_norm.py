@@ -69,6 +69,25 @@ def test_large_mean_is_stable():
     _check(x, None, None, torch.randn(16, 128))
 
 
+@pytest.mark.parametrize("C", [2**20] + [pytest.param(2**k, marks=pytest.mark.slow) for k in (24, 26)])
+def test_long_row_parity(C):
+    # One accumulator carried across a row of millions of elements grows until each addend loses most
+    # of its bits: the row sums (mean, variance, and the backward's two row means) must be blocked.
+    _check(*_inputs((1, C), torch.float32))
+
+
+@pytest.mark.parametrize("C", [128, 1000])  # the register-resident row and the general one
+def test_huge_values_are_normalised(C):
+    # |x| near 1e20: the squared deviations overflow float32, but normalising is scale-invariant, so a
+    # row must not collapse to the bias (torch's float32 gives NaN here, float64 the finite answer).
+    x, w, b, dy = _inputs((4, C), torch.float32)
+    x = x * 1e20
+    ours = _run(ops.layer_norm, x, w, b, dy)
+    ref = _run(F.layer_norm, x.double(), w.double(), b.double(), dy.double())
+    for name, o, r, scale in zip(["y", "dx", "dweight", "dbias"], ours, ref, [1, 1e20, 1, 1]):
+        torch.testing.assert_close(o.double() * scale, r * scale, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_gradcheck_float64():
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(6, dtype=torch.float64, requires_grad=True)
@@ -76,8 +95,8 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda x, w, b: ops.layer_norm(x, (6,), w, b), (x, w, b))
 
 
-@pytest.mark.parametrize("shape", [(1000, 384), (3000, 128), (5000, 200)], ids=["16-row-chunks", "regs-48-row-chunks",
-                                                                           "generic-80-row-chunks"])
+@pytest.mark.parametrize("shape", [(1000, 384), (3000, 128), (5000, 200), (7, 3 * 4096 + 5)],
+                         ids=["16-row-chunks", "regs-48-row-chunks", "generic-80-row-chunks", "blocked-row-sums"])
 def test_deterministic_and_thread_independent(shape):
     """dweight and dbias sum per-chunk partials in a fixed order; chunks grow with N (at most 64), never
     with the threads."""
