@@ -28,14 +28,14 @@ import triton.language as tl
 
 from nanofast._layout import empty_bthd, empty_grad_like
 
-from ._common import cdiv, check_device, device_guard, is_interpreted, next_pow2
+from ._common import cdiv, check_device, device_guard, direct, is_interpreted, next_pow2
 
 _LOG2E = 1.4426950408889634
 # Triton compiles a variant per "is this int divisible by 16 / equal to 1" pattern of its arguments.
-# The seed and the sizes gain nothing from that (addresses come from the strides), so they are left
-# unspecialised: fewer compilations when sequence lengths vary. Strides stay specialised (a unit
-# head-dim stride and 16-aligned rows give vectorised loads).
-_NO_SPECIALIZE = ["seed", "H", "Tq", "Tk"]
+# The sizes gain nothing from that (addresses come from the strides), so they are left unspecialised:
+# fewer compilations when sequence lengths vary. Strides stay specialised (a unit head-dim stride and
+# 16-aligned rows give vectorised loads).
+_NO_SPECIALIZE = ["H", "Tq", "Tk"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -148,7 +148,7 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_ot, stride_od,
     H, Tq, Tk,
     qk_scale,  # scale * log2(e)
-    seed: tl.int64,  # dropout seed; int64 annotation and no specialisation: one compiled variant
+    SEED,  # pointer to the int64 dropout seed, read only with HAS_DROPOUT (see _seed_tensor)
     dropout_p, drop_scale,  # drop probability and 1/(1-p) (0 when p == 1)
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -156,6 +156,7 @@ def _attn_fwd_kernel(
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -279,13 +280,14 @@ def _attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvt, stride_dvd,
     H, Tq, Tk,
     sm_scale, qk_scale,  # scale, and scale * log2(e)
-    seed: tl.int64, dropout_p, drop_scale,
+    SEED, dropout_p, drop_scale,  # as in _attn_fwd_kernel
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -378,13 +380,14 @@ def _attn_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     H, Tq, Tk,
     sm_scale, qk_scale,
-    seed: tl.int64, dropout_p, drop_scale,
+    SEED, dropout_p, drop_scale,  # as in _attn_fwd_kernel
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
+    seed = tl.load(SEED) if HAS_DROPOUT else 0
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -425,10 +428,10 @@ def _attn_bwd_dq_kernel(
 # Dropout mask (debugging and tests): the same helper the attention kernels call
 # --------------------------------------------------------------------------------------------------
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _dropout_mask_kernel(
     MASK,  # pointer to the output, (n_bh, n_rows, n_cols) int8, contiguous
-    seed: tl.int64, dropout_p,
+    SEED, dropout_p,  # pointer to the int64 seed, and the drop probability
     bh0, row0, col0,  # the window's origin inside the (B*H, Tq, Tk) score matrix
     Tq, Tk,  # the full score matrix's sizes, which define the offsets
     n_rows, n_cols,
@@ -437,6 +440,7 @@ def _dropout_mask_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     bh_local = tl.program_id(2)
+    seed = tl.load(SEED)
     keep = _dropout_keep(seed, bh0 + bh_local, (row0 + rows)[:, None].to(tl.int64),
                          (col0 + cols)[None, :].to(tl.int64), Tq, Tk, dropout_p)
     out = MASK + (bh_local.to(tl.int64) * n_rows + rows[:, None]) * n_cols + cols[None, :]
@@ -451,7 +455,6 @@ def dropout_mask(seed, batch, heads, q_len, k_len, p, *, device=None, window=Non
     returns just that (n_bh, n_rows, n_cols) window of the (batch*heads, q_len, k_len) mask, so tests
     can reach offsets past 2**32 without allocating the whole matrix.
     """
-    seed = _seed_arg(seed)
     if device is None:
         device = "cuda" if torch.cuda.is_available() and not is_interpreted(_dropout_mask_kernel) else "cpu"
     device = torch.device(device)
@@ -461,6 +464,7 @@ def dropout_mask(seed, batch, heads, q_len, k_len, p, *, device=None, window=Non
     out = torch.empty((n_bh, n_rows, n_cols), dtype=torch.int8, device=device)
     check_device("dropout_mask output", out, is_interpreted(_dropout_mask_kernel))
     if out.numel():
+        seed = _seed_tensor(seed, device)
         BLOCK_M, BLOCK_N = (16, 16) if device.type == "cpu" else (32, 128)
         grid = (cdiv(n_rows, BLOCK_M), cdiv(n_cols, BLOCK_N), n_bh)
         with device_guard(out):
@@ -482,11 +486,17 @@ def _use_tf32(tf32):
     return bool(tf32)
 
 
-def _seed_arg(seed):
-    """The seed (0 <= seed < 2**64, checked by the callers) as the kernels' int64 argument, passed
-    bit-for-bit (Philox reads it as unsigned): seeds from 2**63 on travel as negative int64 values."""
+def _seed_tensor(seed, device):
+    """The seed as the kernels read it: a one-element int64 tensor on `device`.
+
+    A tensor (nanofast.ops' seeds, drawn on the device: see nanofast/ops/seed.py) is used as it is,
+    so that the launch reads no value on the host and a CUDA graph replays a fresh draw each time. An
+    int (0 <= seed < 2**64, checked by the callers) becomes a tensor bit-for-bit (Philox reads it as
+    unsigned): seeds from 2**63 on are stored as negative int64 values."""
+    if isinstance(seed, torch.Tensor):
+        return seed.reshape(1).to(device=device, dtype=torch.int64)
     seed = int(seed)
-    return seed - 2 ** 64 if seed >= 2 ** 63 else seed
+    return torch.tensor([seed - 2 ** 64 if seed >= 2 ** 63 else seed], dtype=torch.int64, device=device)
 
 
 # GPU tile configurations: (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, keyed by
@@ -532,26 +542,29 @@ def _dot_args(dtype, interpreted, tf32):
     return prec, upcast
 
 
-def _dropout_args(dropout_p, seed):
+def _dropout_args(dropout_p, seed, like):
+    """(has dropout, p, 1/(1-p), the seed pointer): without dropout the kernels read no seed, and
+    `like` stands in for it."""
     p = float(dropout_p)
     has = p > 0.0
     # p == 1 drops everything: scale 0 (instead of inf) gives zeros rather than NaN.
     drop_scale = 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
-    return has, p, drop_scale, (_seed_arg(seed) if has else 0)
+    return has, p, drop_scale, (_seed_tensor(seed, like.device) if has else like)
 
 
-def attention_forward(q, k, v, is_causal, scale, dropout_p=0.0, seed=0, *, tf32=None):
+def attention_forward(q, k, v, is_causal, scale, dropout_p=0.0, seed=0, *, tf32=None, launch=direct):
     """Flash attention forward. Returns (out, lse).
 
     out: (B, H, Tq, D) in q's dtype, laid out as (B, Tq, H, D) in memory (a transpose(1, 2) view);
     lse: (B, H, Tq) float32 contiguous, natural log of each row's softmax normaliser (with the scale).
-    The arguments are checked by the callers (nanofast.ops.checks).
+    seed: an int or a one-element int64 tensor. ``launch`` wraps each kernel before its launch
+    (_common.direct). The arguments are checked by the callers (nanofast.ops.checks).
     """
     interpreted = is_interpreted(_attn_fwd_kernel)
     check_device("query", q, interpreted)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    has_dropout, p, drop_scale, seed = _dropout_args(dropout_p, seed)
+    has_dropout, p, drop_scale, seed = _dropout_args(dropout_p, seed, q)
     out = empty_bthd(B, H, Tq, D, q)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     if out.numel() and Tk == 0:  # softmax over no keys: torch returns zeros
@@ -563,7 +576,7 @@ def attention_forward(q, k, v, is_causal, scale, dropout_p=0.0, seed=0, *, tf32=
     prec, upcast = _dot_args(q.dtype, interpreted, tf32)
     grid = (cdiv(Tq, BLOCK_M), B * H)
     with device_guard(q):
-        _attn_fwd_kernel[grid](
+        launch(_attn_fwd_kernel)[grid](
             q, k, v, out, lse,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             H, Tq, Tk, float(scale) * _LOG2E, seed, p, drop_scale,
@@ -575,7 +588,7 @@ def attention_forward(q, k, v, is_causal, scale, dropout_p=0.0, seed=0, *, tf32=
 
 
 def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p=0.0, seed=0, *, tf32=None,
-                       need_dq=True):
+                       need_dq=True, launch=direct):
     """Flash attention backward. Returns (dq, dk, dv) (dq is None when ``need_dq`` is False).
 
     Each gradient has its input's shape, dtype and (where the input is dense) memory layout. ``out``
@@ -586,7 +599,7 @@ def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p=0.0,
     check_device("query", q, interpreted)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    has_dropout, p, drop_scale, seed = _dropout_args(dropout_p, seed)
+    has_dropout, p, drop_scale, seed = _dropout_args(dropout_p, seed, q)
     lse = lse.contiguous()
     if dout.dtype != q.dtype:
         dout = dout.to(q.dtype)
@@ -603,12 +616,12 @@ def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p=0.0,
     flags = dict(IS_CAUSAL=bool(is_causal), HAS_DROPOUT=has_dropout, DOT_PREC=prec, UPCAST=upcast)
     with device_guard(q):
         BLOCK_M, _, BLOCK_D, _, _ = _config(q, D, "dq", has_dropout)
-        _attn_bwd_preprocess_kernel[(cdiv(Tq, BLOCK_M), B * H)](
+        launch(_attn_bwd_preprocess_kernel)[(cdiv(Tq, BLOCK_M), B * H)](
             out, dout, delta, *_strides(out), *_strides(dout), H, Tq,
             HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
         # dK, dV: one program per key block, looping over query blocks.
         BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages = _config(q, D, "dkdv", has_dropout)
-        _attn_bwd_dkdv_kernel[(cdiv(Tk, BLOCK_N), B * H)](
+        launch(_attn_bwd_dkdv_kernel)[(cdiv(Tk, BLOCK_N), B * H)](
             q, k, v, dout, lse, delta, dk, dv,
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
             H, Tq, Tk, float(scale), float(scale) * _LOG2E, seed, p, drop_scale,
@@ -617,7 +630,7 @@ def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p=0.0,
         if need_dq:
             # dQ: one program per query block, looping over key blocks.
             BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages = _config(q, D, "dq", has_dropout)
-            _attn_bwd_dq_kernel[(cdiv(Tq, BLOCK_M), B * H)](
+            launch(_attn_bwd_dq_kernel)[(cdiv(Tq, BLOCK_M), B * H)](
                 q, k, v, dout, lse, delta, dq,
                 *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
                 H, Tq, Tk, float(scale), float(scale) * _LOG2E, seed, p, drop_scale,

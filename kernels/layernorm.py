@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ._common import cdiv, check_device, device_guard, is_interpreted, next_pow2, num_programs_hint
+from ._common import cdiv, check_device, device_guard, direct, is_interpreted, next_pow2, num_programs_hint
 
 @triton.jit
 def _affine(y, W, B, cols, col_mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
@@ -280,12 +280,13 @@ def _packed(t):
     return t if t is None or t.is_contiguous() else t.contiguous()
 
 
-def layer_norm_forward(x2d, weight, bias, eps, *, block_n=None, block_m=None):
+def layer_norm_forward(x2d, weight, bias, eps, *, block_n=None, block_m=None, launch=direct):
     """LayerNorm of each row of ``x2d`` (N, C). Returns (y, mean, rstd).
 
     y is (N, C) contiguous in x2d's dtype; mean and rstd are (N,) float32. weight and bias are (C,)
     or None. ``block_n``/``block_m`` override the heuristics (tests use them to force the wide-row path).
-    The arguments are checked by the callers (nanofast.ops.checks).
+    ``launch`` wraps each kernel before its launch (_common.direct). The arguments are checked by the
+    callers (nanofast.ops.checks).
     """
     N, C = x2d.shape
     weight, bias = _packed(weight), _packed(bias)  # the kernel indexes them densely
@@ -298,7 +299,7 @@ def layer_norm_forward(x2d, weight, bias, eps, *, block_n=None, block_m=None):
     BLOCK_M, BLOCK_N, ONE_BLOCK, num_warps = _config(x2d, C, block_n, block_m)
     grid = (cdiv(N, BLOCK_M),)
     with device_guard(x2d):
-        _layer_norm_fwd_kernel[grid](
+        launch(_layer_norm_fwd_kernel)[grid](
             x2d, y,
             weight if weight is not None else x2d,  # dummies: never read when HAS_W/HAS_B is False
             bias if bias is not None else x2d,
@@ -312,7 +313,7 @@ def layer_norm_forward(x2d, weight, bias, eps, *, block_n=None, block_m=None):
 
 
 def layer_norm_backward(dy2d, x2d, weight, mean, rstd, need_weight_grad, need_bias_grad, *,
-                        block_n=None, block_m=None, num_groups=None):
+                        block_n=None, block_m=None, num_groups=None, launch=direct):
     """Gradients of LayerNorm. Returns (dx, dw or None, db or None).
 
     dx is (N, C) contiguous in x2d's dtype; dw and db are (C,) in the weight's dtype (x2d's dtype when
@@ -341,7 +342,7 @@ def layer_norm_backward(dy2d, x2d, weight, mean, rstd, need_weight_grad, need_bi
     dw_part = torch.zeros((G, C), dtype=torch.float32, device=x2d.device) if need_dw else None
     db_part = torch.zeros((G, C), dtype=torch.float32, device=x2d.device) if need_db else None
     with device_guard(x2d):
-        _layer_norm_bwd_kernel[(G,)](
+        launch(_layer_norm_bwd_kernel)[(G,)](
             dy2d, x2d,
             weight if weight is not None else x2d,
             mean, rstd, dx,
@@ -352,17 +353,17 @@ def layer_norm_backward(dy2d, x2d, weight, mean, rstd, need_weight_grad, need_bi
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ONE_BLOCK=ONE_BLOCK,
             num_warps=num_warps,
         )
-        dw = _sum_partials(dw_part, param_dtype) if need_dw else None
-        db = _sum_partials(db_part, param_dtype) if need_db else None
+        dw = _sum_partials(dw_part, param_dtype, launch) if need_dw else None
+        db = _sum_partials(db_part, param_dtype, launch) if need_db else None
     return dx, dw, db
 
 
-def _sum_partials(part, dtype):
+def _sum_partials(part, dtype, launch):
     G, C = part.shape
     out = torch.empty((C,), dtype=dtype, device=part.device)
     # One program per BLOCK_N columns, each summing all G rows: narrow blocks make more programs, so
     # that a few wide ones do not leave the GPU idle while they sum hundreds of rows.
     BLOCK_N = min(next_pow2(C), 64 if not part.is_cuda else 32)
     BLOCK_G = min(next_pow2(G), 32)
-    _sum_partials_kernel[(cdiv(C, BLOCK_N),)](part, out, G, C, BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, num_warps=4)
+    launch(_sum_partials_kernel)[(cdiv(C, BLOCK_N),)](part, out, G, C, BLOCK_G=BLOCK_G, BLOCK_N=BLOCK_N, num_warps=4)
     return out

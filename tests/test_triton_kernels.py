@@ -381,7 +381,7 @@ def test_dropout_mask_inside_attention(seed):
 
 
 def test_dropout_seed_from_torch_generator():
-    """The user function draws int(torch.randint(0, 2**62, (1,))) from torch's CPU generator."""
+    """The user function draws torch.randint(0, 2**62, (1,)) from the generator of the tensors' device."""
     B, H, T, D = 1, 2, 16, 16
     q = torch.zeros(B, H, T, D, device=DEVICE)
     k = torch.randn(B, H, T, D, device=DEVICE)
@@ -392,7 +392,7 @@ def test_dropout_seed_from_torch_generator():
     out2 = K.scaled_dot_product_attention(q, k, v, dropout_p=0.4)
     assert torch.equal(out1, out2)
     torch.manual_seed(321)
-    seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+    seed = int(torch.randint(0, 2 ** 62, (1,), device=DEVICE).item())
     ref = torch.from_numpy(dropout_mask_ref(seed, B, H, T, T, 0.4))
     assert torch.equal(out1.cpu() > 0, ref)
 
@@ -619,7 +619,7 @@ def test_ops_cpu_kernels_agree_attention(causal):
     q, k, v, do = _qkv(B, H, Tq, Tk, D, seed=14)
     for p in (0.0, 0.25):
         def run(fn, device):
-            torch.manual_seed(2024)  # both draw their dropout seed from torch's CPU generator
+            torch.manual_seed(2024)  # both draw their dropout seed from the CPU generator (CPU tensors)
             leaves = [t.to(device, torch.float32).detach().requires_grad_() for t in (q, k, v)]
             out = fn(*leaves, dropout_p=p, is_causal=causal)
             out.backward(do.to(device, torch.float32))
@@ -645,11 +645,12 @@ def test_ops_cuda_dispatch_matches_cpu():
     q, k, v, do = _qkv(2, 3, 100, 100, 64, seed=15)
 
     def run(device):
-        torch.manual_seed(7)
-        leaves = [t.to(device, torch.float32).detach().requires_grad_() for t in (q, k, v)]
-        out = ops.scaled_dot_product_attention(*leaves, dropout_p=0.1, is_causal=True)
-        out.backward(do.to(device, torch.float32))
-        return (out.detach().cpu(),) + tuple(t.grad.cpu() for t in leaves)
+        # the same seed value on both devices (each device draws its own seeds), so the same mask
+        seed = torch.tensor([123456789], device=device)
+        leaves = [t.to(device, torch.float32) for t in (q, k, v)]
+        out, lse = torch.ops.nanofast.sdpa_fwd(*leaves, True, 0.125, 0.1, seed)
+        grads = torch.ops.nanofast.sdpa_bwd(do.to(device, torch.float32), *leaves, out, lse, True, 0.125, 0.1, seed)
+        return (out.cpu(),) + tuple(g.cpu() for g in grads)
 
     for name, a, c in zip(("out", "dq", "dk", "dv"), run("cpu"), run("cuda")):
         torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-4, msg=name)

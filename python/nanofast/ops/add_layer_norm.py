@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .._layout import unit_last_stride
+from . import cuda
 from .backend import backend_for
 from .checks import add_layer_norm_args
 from .formula import differentiable_grads, register_formula, stand_in
@@ -46,9 +47,12 @@ def _(x, residual, weight, bias, eps, out_dtype):
 def add_layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Optional[Tensor], mean: Tensor,
                        rstd: Tensor, residual_dtype: torch.dtype, need_weight_grad: bool,
                        need_bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    dx, dres, dw, db = backend_for(h).add_layer_norm_backward(dy, dh, h, weight, mean, rstd, residual_dtype,
-                                                              need_weight_grad, need_bias_grad)
-    # Custom ops cannot return None or one tensor twice: what is not separate comes back empty.
+    return _fixed_arity(h, *backend_for(h).add_layer_norm_backward(dy, dh, h, weight, mean, rstd, residual_dtype,
+                                                                    need_weight_grad, need_bias_grad))
+
+
+def _fixed_arity(h, dx, dres, dw, db):
+    """Custom ops cannot return None or one tensor twice: what is not separate comes back empty."""
     empty = lambda: h.new_empty((0,))  # noqa: E731
     return dx, empty() if dres is dx else dres, empty() if dw is None else dw, empty() if db is None else db
 
@@ -59,6 +63,23 @@ def _(dy, dh, h, weight, mean, rstd, residual_dtype, need_weight_grad, need_bias
     dres = h.new_empty((0,)) if residual_dtype == h.dtype else h.new_empty(h.shape, dtype=residual_dtype)
     return (h.new_empty(h.shape), dres, h.new_empty((C if need_weight_grad else 0,)),
             h.new_empty((C if need_bias_grad else 0,)))
+
+
+# The CUDA twins for torch.compile (as in layer_norm.py): the composed add + LayerNorm, traced.
+
+@torch.library.triton_op("nanofast::add_layer_norm_fwd_triton", mutates_args=())
+def add_layer_norm_fwd_triton(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                              eps: float, out_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return cuda.add_layer_norm_forward(x, residual, weight, bias, eps, out_dtype, launch=torch.library.wrap_triton)
+
+
+@torch.library.triton_op("nanofast::add_layer_norm_bwd_triton", mutates_args=())
+def add_layer_norm_bwd_triton(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Optional[Tensor], mean: Tensor,
+                              rstd: Tensor, residual_dtype: torch.dtype, need_weight_grad: bool,
+                              need_bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _fixed_arity(h, *cuda.add_layer_norm_backward(dy, dh, h, weight, mean, rstd, residual_dtype,
+                                                         need_weight_grad, need_bias_grad,
+                                                         launch=torch.library.wrap_triton))
 
 
 # ---- the autograd formula ----
@@ -96,6 +117,7 @@ def _backward(ctx, dh, dy, *_):
 
 
 register_formula(add_layer_norm_fwd, add_layer_norm_bwd, _setup_context, _backward)
+register_formula(add_layer_norm_fwd_triton, add_layer_norm_bwd_triton, _setup_context, _backward)
 
 
 class _EagerAddLayerNorm(torch.autograd.Function):
@@ -129,7 +151,8 @@ def add_layer_norm(input: Tensor, residual: Tensor, normalized_shape, weight: Op
         r2d = unit_last_stride(unit_last_stride(residual).reshape(-1, C))
         w = None if weight is None else weight.reshape(C)
         b = None if bias is None else bias.reshape(C)
-        h, y = add_layer_norm_fwd(x2d, r2d, w, b, eps, out_dtype)[:2]
+        op = add_layer_norm_fwd_triton if x2d.is_cuda and torch.compiler.is_compiling() else add_layer_norm_fwd
+        h, y = op(x2d, r2d, w, b, eps, out_dtype)[:2]
         return h.view(input.shape), y.view(input.shape)
     # eager: the tensors as they are (the kernels take any leading dimensions), so autograd records
     # no reshapes around the op

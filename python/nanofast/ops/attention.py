@@ -4,9 +4,12 @@ ops with fake implementations, one autograd formula for them, and the user-facin
 Triton for CUDA tensors. The formula is used as in layer_norm.py: the custom ops' autograd under
 torch.compile, _EagerAttention around the launchers in eager mode.
 
-Dropout is keyed by a seed (seed.py: an int64 tensor drawn from torch's CPU generator when dropout is
-on): the mask is a pure function of the seed and each score's coordinates, regenerated in the backward
-pass rather than stored, and identical on CPU and GPU.
+Under torch.compile, CUDA tensors go to the ops' triton_op twins (sdpa_fwd_triton / sdpa_bwd_triton),
+whose kernel launches the compiler records itself.
+
+Dropout is keyed by a seed (seed.py: an int64 tensor drawn from the generator of the tensors' device
+when dropout is on): the mask is a pure function of the seed and each score's coordinates,
+regenerated in the backward pass rather than stored, and identical on CPU and GPU for the same seed.
 """
 from typing import Optional, Tuple
 
@@ -15,7 +18,7 @@ from torch import Tensor
 
 from .._layout import empty_bthd, empty_grad_like, unit_last_stride
 from ..testing import attention_reference
-from . import cpu
+from . import cpu, cuda
 from .backend import backend_for
 from .checks import attention_args, dropout_mask_args
 from .formula import differentiable_grads, register_formula
@@ -44,6 +47,22 @@ def sdpa_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
 @sdpa_bwd.register_fake
 def _(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed):
     return empty_grad_like(q), empty_grad_like(k), empty_grad_like(v)
+
+
+# The CUDA twins for torch.compile: triton_ops, whose bodies torch.compile traces (the fakes are the
+# bodies themselves), so that a compiled graph launches the Triton kernels without nanofast's Python.
+
+@torch.library.triton_op("nanofast::sdpa_fwd_triton", mutates_args=())
+def sdpa_fwd_triton(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float, dropout_p: float,
+                    seed: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    return cuda.attention_forward(q, k, v, is_causal, scale, dropout_p, seed, launch=torch.library.wrap_triton)
+
+
+@torch.library.triton_op("nanofast::sdpa_bwd_triton", mutates_args=())
+def sdpa_bwd_triton(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, is_causal: bool,
+                    scale: float, dropout_p: float, seed: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    return cuda.attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed,
+                                   launch=torch.library.wrap_triton)
 
 
 # ---- the autograd formula ----
@@ -76,6 +95,7 @@ def _reference(q, k, v, is_causal, scale, keep, p):
 
 
 register_formula(sdpa_fwd, sdpa_bwd, _setup_context, _backward)
+register_formula(sdpa_fwd_triton, sdpa_bwd_triton, _setup_context, _backward)
 
 
 class _EagerAttention(torch.autograd.Function):
@@ -109,10 +129,10 @@ def attention_on(backend, fn, query, key, value, attn_mask, dropout_p, is_causal
     """scaled_dot_product_attention on a given backend (None: the tensors'; nanofast.kernels passes the
     Triton one, for CPU tensors too), with fn naming the function in error messages."""
     dropout_p, scale = attention_args(query, key, value, attn_mask, dropout_p, scale, enable_gqa, fn, backend)
-    seed = draw_seed() if dropout_p > 0 else None
+    seed = draw_seed(query.device) if dropout_p > 0 else None
     q, k, v = (unit_last_stride(t) for t in (query, key, value))
     if backend is None and torch.compiler.is_compiling():
-        return sdpa_fwd(q, k, v, bool(is_causal), scale, dropout_p, seed)[0]
+        return (sdpa_fwd_triton if q.is_cuda else sdpa_fwd)(q, k, v, bool(is_causal), scale, dropout_p, seed)[0]
     return _EagerAttention.apply(q, k, v, bool(is_causal), scale, dropout_p, seed, backend or backend_for(q))
 
 

@@ -5,7 +5,7 @@ already checked (checks.py). nanofast.ops' autograd formulas call them directly 
 through the raw custom ops (nanofast::*_fwd / *_bwd) under torch.compile. Two backends exist:
 
     cpu.py    the C++/OpenMP kernels (nanofast._C)
-    cuda.py   nanofast.kernels' Triton kernels, and torch's own where nanofast has no CUDA kernel
+    cuda.py   nanofast.kernels' Triton kernels (LayerNorm, attention); torch's own for the rest
 
 Launchers (every shape below is a tensor's; "stats" means backend.stats_dtype(x.dtype)):
 
@@ -27,7 +27,7 @@ Launchers (every shape below is a tensor's; "stats" means backend.stats_dtype(x.
         seed: an int, a one-element int64 tensor (seed.py), or None without dropout.
     attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed) -> (dq, dk, dv)
         each in its input's layout where that is dense (_layout.empty_grad_like).
-    gelu_forward(x) -> y,  gelu_backward(dy, x) -> dx       (exact erf GELU)
+    gelu_forward(x) -> y,  gelu_backward(dy, x) -> dx       (exact erf GELU; only where RUNS_GELU)
     dropout_mask(seed, batch, heads, q_len, k_len, p) -> bool (batch, heads, q_len, k_len)
         the keep mask the attention kernels apply for that seed.
     dropout(x, p, seed) -> y                                 (only where RUNS_DROPOUT)
@@ -46,7 +46,7 @@ Capabilities (data, read by checks.py and the ops):
                                the input (the gradients then come in the parameters' dtype)
     MAX_BATCH_HEADS            attention's largest batch * heads (None: no limit)
     ADD_LAYER_NORM_DTYPES      the (x, residual, y) dtypes the fused add + LayerNorm kernel takes
-    RUNS_DROPOUT, RUNS_LINEAR  False: nanofast.ops hands those ops to torch.nn.functional
+    RUNS_GELU, RUNS_DROPOUT, RUNS_LINEAR  False: nanofast.ops hands those ops to torch.nn.functional
     stats_dtype(dtype)         the dtype of the saved LayerNorm statistics and attention's lse
 """
 from . import cpu, cuda

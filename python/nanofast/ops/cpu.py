@@ -21,6 +21,7 @@ VALUE_HEAD_DIM_MAY_DIFFER = True
 LAYER_NORM_PARAMS_ANY_DTYPE = False
 MAX_BATCH_HEADS = None
 RUNS_DROPOUT = True
+RUNS_GELU = True
 RUNS_LINEAR = True
 # (x, residual, y) dtypes the fused add + LayerNorm kernel takes; add_layer_norm_* compose the others
 ADD_LAYER_NORM_DTYPES = frozenset({(torch.float64,) * 3, (torch.bfloat16,) * 3} | {

@@ -1,16 +1,22 @@
 """The CUDA backend, as backend.py describes it: nanofast.kernels' Triton launchers for LayerNorm and
-attention, torch's own kernels for GELU (already memory-bound on a GPU), and no dropout or linear
-launchers (nanofast.ops hands those to torch on CUDA tensors).
+attention, and no GELU, dropout or linear launchers: nanofast.ops hands those to torch on CUDA tensors,
+where torch.compile fuses them with their neighbours (a kernel of nanofast's would stop that).
 
 nanofast.kernels and triton are imported on the first launch, so that `import nanofast` needs neither
 triton nor a GPU. The launchers here are the Triton ones without argument checks: nanofast.ops has
 checked the arguments already (checks.py), against the capabilities written here. nanofast.kernels'
 public functions run these same launchers on CPU tensors too, under TRITON_INTERPRET=1.
+
+Each Triton launcher takes `launch`, which wraps a kernel before its launch: None launches it
+directly (eager mode), torch.library.wrap_triton records it (the triton_op bodies in triton_ops.py,
+which torch.compile traces). Dropout seeds stay on the device (seed.py): the kernels read them from
+memory, so nothing here reads a value on the host.
 """
+import functools
+
 import torch
 
 from .compose import composed_add_layer_norm_backward, composed_add_layer_norm_forward
-from .seed import seed_value
 
 # ---- capabilities (read by checks.py and the ops; see backend.py) ----
 NAME = "nanofast's CUDA backend (Triton)"
@@ -20,6 +26,7 @@ VALUE_HEAD_DIM_MAY_DIFFER = False
 LAYER_NORM_PARAMS_ANY_DTYPE = True  # e.g. float32 weights on bfloat16 rows
 MAX_BATCH_HEADS = 65535  # the attention kernels' second grid dimension
 RUNS_DROPOUT = False
+RUNS_GELU = False  # torch's GELU, which torch.compile fuses into its neighbours
 RUNS_LINEAR = False
 ADD_LAYER_NORM_DTYPES = frozenset()  # no fused kernel: add_layer_norm_* compose
 
@@ -43,38 +50,45 @@ def _kernels(name):
     return module
 
 
-def layer_norm_forward(x, weight, bias, eps):
-    return _kernels("layernorm").layer_norm_forward(x, weight, bias, eps)
+def _launch(launch):
+    return {} if launch is None else {"launch": launch}
 
 
-def layer_norm_backward(dy, x, weight, mean, rstd, need_weight_grad, need_bias_grad):
-    return _kernels("layernorm").layer_norm_backward(dy, x, weight, mean, rstd, need_weight_grad, need_bias_grad)
+def layer_norm_forward(x, weight, bias, eps, launch=None):
+    return _kernels("layernorm").layer_norm_forward(x, weight, bias, eps, **_launch(launch))
 
 
-def add_layer_norm_forward(x, residual, weight, bias, eps, out_dtype):
-    return composed_add_layer_norm_forward(layer_norm_forward, x, residual, weight, bias, eps, out_dtype)
+def layer_norm_backward(dy, x, weight, mean, rstd, need_weight_grad, need_bias_grad, launch=None):
+    return _kernels("layernorm").layer_norm_backward(dy, x, weight, mean, rstd, need_weight_grad, need_bias_grad,
+                                                     **_launch(launch))
 
 
-def add_layer_norm_backward(dy, dh, h, weight, mean, rstd, residual_dtype, need_weight_grad, need_bias_grad):
-    return composed_add_layer_norm_backward(layer_norm_backward, dy, dh, h, weight, mean, rstd, residual_dtype,
+def add_layer_norm_forward(x, residual, weight, bias, eps, out_dtype, launch=None):
+    forward = functools.partial(layer_norm_forward, launch=launch)
+    return composed_add_layer_norm_forward(forward, x, residual, weight, bias, eps, out_dtype)
+
+
+def add_layer_norm_backward(dy, dh, h, weight, mean, rstd, residual_dtype, need_weight_grad, need_bias_grad,
+                            launch=None):
+    backward = functools.partial(layer_norm_backward, launch=launch)
+    return composed_add_layer_norm_backward(backward, dy, dh, h, weight, mean, rstd, residual_dtype,
                                             need_weight_grad, need_bias_grad)
 
 
-def attention_forward(q, k, v, is_causal, scale, dropout_p, seed):
-    return _kernels("attention").attention_forward(q, k, v, is_causal, scale, dropout_p, seed_value(seed))
+def attention_forward(q, k, v, is_causal, scale, dropout_p, seed, launch=None):
+    return _kernels("attention").attention_forward(q, k, v, is_causal, scale, dropout_p, _seed(seed),
+                                                   **_launch(launch))
 
 
-def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed):
+def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed, launch=None):
     return _kernels("attention").attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p,
-                                                    seed_value(seed))
+                                                    _seed(seed), **_launch(launch))
 
 
-def gelu_forward(x):
-    return torch.ops.aten.gelu(x)
-
-
-def gelu_backward(dy, x):
-    return torch.ops.aten.gelu_backward(dy, x)
+def _seed(seed):
+    """The seed as nanofast.kernels takes it (an int or a tensor, read by the kernels on the device);
+    0 for None (no dropout)."""
+    return 0 if seed is None else seed
 
 
 def dropout_mask(seed, batch, heads, q_len, k_len, p):

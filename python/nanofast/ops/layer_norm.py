@@ -5,7 +5,8 @@ The ops work on a 2-D (N, C) view whose last dimension is packed; `layer_norm` r
 into that form. The backend (backend.py) runs them: the C++ kernels for CPU tensors, Triton for CUDA.
 
 The autograd formula (_setup_context, _backward) is written once and used two ways (formula.py):
-under torch.compile the graph records the custom ops, and the formula is their registered autograd;
+under torch.compile the graph records the custom ops (on CUDA their triton_op twins, whose kernel
+launches the compiler sees), and the formula is their registered autograd;
 in eager mode _EagerLayerNorm applies the same formula with the backend's launchers called directly,
 because the custom-op dispatch costs as much as the kernels themselves at nanoGPT's CPU shapes.
 """
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._layout import unit_last_stride
+from . import cuda
 from .backend import backend_for
 from .checks import layer_norm_args
 from .formula import differentiable_grads, register_formula, stand_in
@@ -37,8 +39,12 @@ def _(x, weight, bias, eps):
 @torch.library.custom_op("nanofast::layer_norm_bwd", mutates_args=())
 def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
                    need_weight_grad: bool, need_bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    dx, dw, db = backend_for(x).layer_norm_backward(dy, x, weight, mean, rstd, need_weight_grad, need_bias_grad)
-    # Custom ops cannot return None: a gradient that was not asked for comes back empty.
+    return _fixed_arity(x, *backend_for(x).layer_norm_backward(dy, x, weight, mean, rstd, need_weight_grad,
+                                                                need_bias_grad))
+
+
+def _fixed_arity(x, dx, dw, db):
+    """Custom ops cannot return None: a gradient that was not asked for comes back empty."""
     return dx, x.new_empty((0,)) if dw is None else dw, x.new_empty((0,)) if db is None else db
 
 
@@ -46,6 +52,22 @@ def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor
 def _(dy, x, weight, mean, rstd, need_weight_grad, need_bias_grad):
     C = x.shape[1]
     return x.new_empty(x.shape), x.new_empty((C if need_weight_grad else 0,)), x.new_empty((C if need_bias_grad else 0,))
+
+
+# The CUDA twins for torch.compile: triton_ops, whose bodies torch.compile traces (the fakes are the
+# bodies themselves), so that a compiled graph launches the Triton kernels without nanofast's Python.
+
+@torch.library.triton_op("nanofast::layer_norm_fwd_triton", mutates_args=())
+def layer_norm_fwd_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                          eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    return cuda.layer_norm_forward(x, weight, bias, eps, launch=torch.library.wrap_triton)
+
+
+@torch.library.triton_op("nanofast::layer_norm_bwd_triton", mutates_args=())
+def layer_norm_bwd_triton(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                          need_weight_grad: bool, need_bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    return _fixed_arity(x, *cuda.layer_norm_backward(dy, x, weight, mean, rstd, need_weight_grad, need_bias_grad,
+                                                     launch=torch.library.wrap_triton))
 
 
 # ---- the autograd formula ----
@@ -79,6 +101,7 @@ def layer_norm_reference(x, weight, bias, eps):
 
 
 register_formula(layer_norm_fwd, layer_norm_bwd, _setup_context, _backward)
+register_formula(layer_norm_fwd_triton, layer_norm_bwd_triton, _setup_context, _backward)
 
 
 class _EagerLayerNorm(torch.autograd.Function):
@@ -114,7 +137,7 @@ def layer_norm_on(backend, fn, input, normalized_shape, weight, bias, eps):
         w = None if weight is None else weight.reshape(C)
         b = None if bias is None else bias.reshape(C)
     if backend is None and torch.compiler.is_compiling():
-        y = layer_norm_fwd(x2d, w, b, eps)[0]
+        y = (layer_norm_fwd_triton if x2d.is_cuda else layer_norm_fwd)(x2d, w, b, eps)[0]
     else:
         y = _EagerLayerNorm.apply(x2d, w, b, eps, backend or backend_for(x2d))
     return y if x2d is input else y.view(input.shape)
