@@ -132,6 +132,7 @@ def test_values_are_typed():
     (["--n_embd=100", "--n_head=3"], r"multiple of n_head"),
     (["--kernels=triton"], r"kernels must be one of"),
     (["--dtype=fp8"], r"dtype must be"),
+    (["--compile_mode=fast"], r"compile_mode must be one of"),
 ])
 def test_bad_arguments_are_clear_errors(argv, pattern, capsys):
     with pytest.raises(ConfigError, match=f"(?s){pattern}"):

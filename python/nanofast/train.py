@@ -114,6 +114,7 @@ DEFAULTS = dict(
     device='auto',  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
     dtype='auto',  # 'auto', 'float32', 'bfloat16' or 'float16' (float16 adds a GradScaler)
     compile=True,  # torch.compile the model
+    compile_mode='default',  # torch.compile's mode; 'reduce-overhead' replays each step as CUDA graphs
     # nanofast's own
     kernels='nanofast',  # 'nanofast' or 'torch': who runs LayerNorm (+ residual adds), attention, GELU, CPU AdamW
     data_dir='',  # root of the prepared datasets ('' = see nanofast.data: ./data/<name> or ~/.cache/nanofast/data)
@@ -138,6 +139,9 @@ def get_config(argv):
                        + ' is applied first (a small model on the offline default corpus).')
     validate_config(config)
     return config
+
+
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 
 
 def validate_config(c):
@@ -169,6 +173,8 @@ def validate_config(c):
             f"got {c['init_from']!r}")
     if c['kernels'] not in KERNELS:
         bad(f"kernels must be one of {KERNELS}, got {c['kernels']!r}")
+    if c['compile_mode'] not in COMPILE_MODES:
+        bad(f"compile_mode must be one of {COMPILE_MODES}, got {c['compile_mode']!r}")
     if c['dtype'] not in ('auto', 'float32', 'bfloat16', 'float16'):
         bad(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {c['dtype']!r}")
     dev = c['device']
@@ -377,7 +383,7 @@ def setup(c, procs, log):
     compiled = model
     if c['compile']:
         log("compiling the model... (takes a ~minute)")
-        compiled = torch.compile(model)
+        compiled = torch.compile(model, mode=None if c['compile_mode'] == 'default' else c['compile_mode'])
     wrapped = compiled
     if procs.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
