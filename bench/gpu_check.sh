@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# The GPU check for a bare CUDA machine (H100) with torch and triton preinstalled; run from the repo
-# root:   bash bench/gpu_check.sh
+# The GPU check for a bare CUDA machine (H100/H200) with torch and triton preinstalled; run from the
+# repo root:   bash bench/gpu_check.sh
 # 1. installs nanofast (editable, no build isolation, no dependency downloads: the box may be offline),
-# 2. runs the CUDA tests: tests/test_triton_kernels.py and the ops tests,
-# 3. probes the CPU GEMM policy on this host's CPU (bench/probes/cpu_gemm_probe.py),
-# 4. runs nanofast-compare cpu vs cuda on a small model (same weights, batches and dropout masks),
-# 5. runs the GPU micro-benchmark (bench/gpu_bench.py),
-# 6. profiles the kernels and the ops' host overhead, and sweeps attention's tiles while time is left
-#    (bench/gpu_profile.py).
-# Writes ${OUT:-bench/results}/gpu_last.md (machine, versions, command, step summary, benchmark
-# tables), gpu_profile.md and the full log gpu_check.log beside it. Copy gpu_last.md over
-# bench/gpu_last.md: the repository keeps the last run's tables only.
-# On a fresh machine the Triton tests compile every kernel variant, the longest step. Every step has a
-# timeout and the whole run stays within GPU_CHECK_BUDGET_S (default 520 s); a failed step is
-# recorded and the script goes on, exiting non-zero at the end if anything failed.
+# 2. tests the compiler-visible CUDA ops and CUDA training steps (tests/test_triton_ops.py,
+#    tests/test_train_cuda.py, tests/test_compile.py),
+# 3. times whole training steps in every mode (bench/gpu_train_bench.py),
+# 4. trains on the CPU and on CUDA side by side (nanofast-compare, two configs) and resumes a CPU run
+#    on CUDA (bench/resume_check.py); tiny shakespeare from $SHAKESPEARE (default .gpu_data/input.txt)
+#    where present, else the README as a corpus,
+# 5. runs the ops tests and the kernel micro-benchmark (bench/gpu_bench.py), then the Triton kernels'
+#    tests with the time left.
+# Writes ${OUT:-bench/results}/gpu_last.md (machine, versions, command, step summary, tables) and the
+# full log gpu_check.log beside it. Copy gpu_last.md over bench/gpu_last.md: the repository keeps the
+# last run's tables only. GPU_CHECK_CPU_MS="shakespeare=MS,gpt2-124m=MS" adds the CPU-versus-GPU
+# speedup table (CPU step times measured elsewhere). Every step has a timeout and the whole run stays
+# within GPU_CHECK_BUDGET_S (default 470 s); a failed step is recorded and the script goes on,
+# exiting non-zero at the end if anything failed.
 set -uo pipefail
 
 OUT_DIR="${OUT:-bench/results}"
@@ -21,8 +23,12 @@ mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/gpu_check.log"
 TABLE="$OUT_DIR/gpu_last.md"
 BENCH_MD="$OUT_DIR/gpu_bench.md"
+TRAIN_MD="$OUT_DIR/gpu_train_bench.md"
+RESUME_MD="$OUT_DIR/resume_check.md"
+# tiny shakespeare, where the caller has a copy (the box may be offline): else the README is the corpus
+SHAKESPEARE=${SHAKESPEARE:-.gpu_data/input.txt}
 : >"$LOG"
-BUDGET_S=${GPU_CHECK_BUDGET_S:-520}  # whole-script deadline, under the 10-minute limit per call
+BUDGET_S=${GPU_CHECK_BUDGET_S:-470}  # whole-script deadline: under 8 minutes
 PY=${PYTHON:-$(command -v python3 || command -v python)}  # the CUDA images have python3 only
 unset TRITON_INTERPRET  # the interpreter would run everything on the CPU
 export PYTHONUNBUFFERED=1
@@ -79,31 +85,40 @@ if ! SOFT=1 step "pip install -e ." 150 330 "$PY" -m pip install --no-build-isol
 fi
 step "import nanofast" 60 320 "$PY" -c "import nanofast, nanofast.kernels as k; print(nanofast.__file__, k.__file__, 'HAS_TRITON', k.HAS_TRITON)"
 
-# The CUDA tests. The first run of each kernel variant compiles it.
-step "pytest tests/test_triton_kernels.py" 300 200 \
-    "$PY" -m pytest tests/test_triton_kernels.py -q -rs --maxfail=10 -p no:cacheprovider --durations=10
+# In order of what matters most when time runs short (each step's timeout leaves RESERVE seconds for
+# the steps after it): the new CUDA paths' tests, the whole-step benchmark, the CPU-versus-CUDA runs,
+# then the per-op tests and micro-benchmarks. The first run of each kernel variant compiles it.
+step "pytest triton_ops, train_cuda, compile" 150 300 \
+    "$PY" -m pytest tests/test_triton_ops.py tests/test_train_cuda.py tests/test_compile.py -q -rs \
+    -p no:cacheprovider --durations=5
+
+# Whole training steps at nanoGPT's shakespeare GPU config and GPT-2 124M, every mode side by side.
+TRAIN_LEFT=$((BUDGET_S - SECONDS - 150))
+step "gpu_train_bench.py" 260 140 "$PY" bench/gpu_train_bench.py --out "$TRAIN_MD" \
+    --budget $((TRAIN_LEFT > 240 ? 230 : (TRAIN_LEFT > 40 ? TRAIN_LEFT - 20 : 20))) --cpu-ms "${GPU_CHECK_CPU_MS:-}"
+
+# The same training on both devices (same weights and batches; dropout masks differ across devices),
+# at the shakespeare config and at GPT-2 124M's shape with a small batch (the CPU side is the slow one).
+DATA_ARGS=(--dataset=shakespeare_char --data_dir=/tmp/nanofast-data)
+if [[ -f "$SHAKESPEARE" ]]; then DATA_ARGS+=(--data_path="$SHAKESPEARE"); else DATA_ARGS=(--dataset=readme \
+    --data_path=README.md --data_dir=/tmp/nanofast-data); fi
+step "nanofast-compare cpu cuda (shakespeare config)" 70 100 "$PY" -m nanofast.compare \
+    config/train_shakespeare_char.py cpu:bfloat16 cuda:bfloat16 --iters=12 --batch_size=16 "${DATA_ARGS[@]}" \
+    --out_dir="$OUT_DIR/compare-shakespeare"
+step "nanofast-compare cpu cuda (GPT-2 124M shape)" 70 70 "$PY" -m nanofast.compare \
+    config/train_shakespeare_char.py cpu:bfloat16 cuda:bfloat16 --iters=4 --n_layer=12 --n_head=12 --n_embd=768 \
+    --block_size=1024 --batch_size=2 --dropout=0.0 "${DATA_ARGS[@]}" --out_dir="$OUT_DIR/compare-gpt2"
+# A run started on the CPU, resumed on CUDA, against CUDA from scratch.
+step "resume_check.py (CPU -> CUDA)" 70 40 "$PY" bench/resume_check.py --out "$RESUME_MD" --work /tmp/nanofast-resume \
+    --batch_size=16 --dtype=bfloat16 "${DATA_ARGS[@]}"
+
 OPS_TESTS=$(ls tests/test_ops*.py 2>/dev/null | tr '\n' ' ')
-if [[ -n "$OPS_TESTS" ]]; then
-    # shellcheck disable=SC2086
-    step "pytest ops tests" 120 150 "$PY" -m pytest $OPS_TESTS -q -rs -p no:cacheprovider
-else
-    log "no tests/test_ops*.py found"
-fi
-
-# nanofast's CPU GEMM against MKL on this host's CPU (the GEMM policy: csrc/dispatch.cpp)
-SOFT=1 step "cpu_gemm_probe.py" 40 200 "$PY" bench/probes/cpu_gemm_probe.py
-
-# The same training on both devices: same weights, batches and dropout masks (nanofast's masks are
-# identical on CPU and GPU), so per-step losses should agree within rounding noise.
-step "nanofast-compare cpu cuda" 90 200 "$PY" -m nanofast.compare cpu cuda --iters=30 --n_layer=2 --n_head=4 \
-    --n_embd=128 --block_size=64 --batch_size=12 --dropout=0.1 --dtype=float32 --dataset=readme \
-    --data_path=README.md --data_dir=/tmp/nanofast-data --out_dir="$OUT_DIR/compare"
-
-step "gpu_bench.py" 240 70 "$PY" bench/gpu_bench.py --out "$BENCH_MD"
-# The tile sweep stops itself 30 seconds before the time left (or after 170 s).
-PROFILE_LEFT=$((BUDGET_S - SECONDS - 5))
-step "gpu_profile.py" 200 5 "$PY" bench/gpu_profile.py --out "$OUT_DIR/gpu_profile.md" \
-    --budget $((PROFILE_LEFT > 200 ? 170 : PROFILE_LEFT - 30))
+# shellcheck disable=SC2086
+step "pytest ops tests" 90 30 "$PY" -m pytest $OPS_TESTS -q -rs -p no:cacheprovider
+SOFT=1 step "gpu_bench.py" 60 20 "$PY" bench/gpu_bench.py --out "$BENCH_MD"
+# The Triton kernels' own tests compile every kernel variant: they get what time is left.
+step "pytest tests/test_triton_kernels.py" 300 5 \
+    "$PY" -m pytest tests/test_triton_kernels.py -q -rs --maxfail=10 -p no:cacheprovider --durations=10
 
 VERSIONS=$(timeout 30 "$PY" -c "
 import sys, torch, triton
@@ -113,7 +128,7 @@ print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', 
     echo "# Last GPU check"
     echo
     echo "The output of bench/gpu_check.sh (written to \$OUT/gpu_last.md, default bench/results/; the copy in"
-    echo "bench/gpu_last.md is the last run's). Profile and tile sweep: gpu_profile.md beside it."
+    echo "bench/gpu_last.md is the last run's)."
     echo
     echo "- command: \`GPU_CHECK_BUDGET_S=$BUDGET_S bash bench/gpu_check.sh\`"
     echo "- finished: $(date -u '+%Y-%m-%d %H:%M UTC'), total ${SECONDS}s"
@@ -130,7 +145,22 @@ print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', 
     # pytest's one-line results, so the table says how many passed without opening the log
     grep -E '^(FAILED|ERROR) |[0-9]+ (passed|failed)' "$LOG" | sed 's/^/    /' | tail -n 20
     echo
-    echo "## Benchmarks (bench/gpu_bench.py)"
+    echo "## Whole training steps (bench/gpu_train_bench.py)"
+    echo
+    if [[ -s "$TRAIN_MD" ]]; then cat "$TRAIN_MD"; else echo "(no table: see gpu_check.log)"; fi
+    echo
+    echo "## CPU versus CUDA (nanofast-compare; bench/resume_check.py)"
+    echo
+    for d in compare-shakespeare compare-gpt2; do
+        echo "- $d: $(timeout 20 "$PY" -c "import json, sys; s = json.load(open(sys.argv[1]))['summary']
+print('agree' if s['agree'] else 'DIFFER', '| max gap', s['max_gap'], '| max noise', s['max_noise'], '| ms/iter cpu',
+      s['ms_per_iter_a'], '| ms/iter cuda', s['ms_per_iter_b'], '| cuda speedup', s['speedup_b_over_a'])" \
+            "$OUT_DIR/$d/compare.json" 2>/dev/null || echo 'no compare.json: see gpu_check.log')"
+    done
+    echo
+    if [[ -s "$RESUME_MD" ]]; then cat "$RESUME_MD"; else echo "(no resume table: see gpu_check.log)"; fi
+    echo
+    echo "## Kernel micro-benchmarks (bench/gpu_bench.py)"
     echo
     if [[ -s "$BENCH_MD" ]]; then cat "$BENCH_MD"; else echo "(no benchmark table: see gpu_check.log)"; fi
 } >"$TABLE"
