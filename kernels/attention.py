@@ -43,6 +43,14 @@ _NO_SPECIALIZE = ["H", "Tq", "Tk"]
 # --------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _fp32(x):
+    """A float argument in float32. torch.compile passes Python floats to the kernels it launches as
+    float64 scalars (Triton's own launcher as float32), and float64 would spread through the tile
+    arithmetic into the float32-only math functions."""
+    return tl.cast(x, tl.float32)
+
+
+@triton.jit
 def _dropout_keep(seed, bh, rows, cols, Tq, Tk, p):
     """True where element (bh, rows, cols) of the (B*H, Tq, Tk) score matrix survives dropout.
 
@@ -154,6 +162,7 @@ def _attn_fwd_kernel(
     IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    qk_scale, dropout_p, drop_scale = _fp32(qk_scale), _fp32(dropout_p), _fp32(drop_scale)
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     seed = tl.load(SEED) if HAS_DROPOUT else 0
@@ -285,6 +294,7 @@ def _attn_bwd_dkdv_kernel(
     IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    sm_scale, qk_scale, dropout_p, drop_scale = _fp32(sm_scale), _fp32(qk_scale), _fp32(dropout_p), _fp32(drop_scale)
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     seed = tl.load(SEED) if HAS_DROPOUT else 0
@@ -385,6 +395,7 @@ def _attn_bwd_dq_kernel(
     IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    sm_scale, qk_scale, dropout_p, drop_scale = _fp32(sm_scale), _fp32(qk_scale), _fp32(dropout_p), _fp32(drop_scale)
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     seed = tl.load(SEED) if HAS_DROPOUT else 0
@@ -437,6 +448,7 @@ def _dropout_mask_kernel(
     n_rows, n_cols,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    dropout_p = _fp32(dropout_p)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     bh_local = tl.program_id(2)

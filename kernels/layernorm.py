@@ -51,6 +51,7 @@ def _layer_norm_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ONE_BLOCK: tl.constexpr,  # True when C <= BLOCK_N: the row stays in registers
 ):
+    eps = tl.cast(eps, tl.float32)  # torch.compile passes Python floats as float64 (see attention._fp32)
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < N

@@ -26,7 +26,7 @@ def _run(compile_mode, dropout, steps=3, lr=1e-3, dtype="bfloat16"):
     torch.manual_seed(123)
     for b in batches:
         before = lambda: grads.append([p.grad.float().clone() for p in model.parameters()])  # noqa: E731
-        loss, _ = train_step(run, optimizer, prec, lambda i, b=b: (b[:, :-1], b[:, 1:]), 1, 1.0, lr,
+        loss, _ = train_step(run, optimizer, prec, lambda i, b=b: (b[:, :-1].contiguous(), b[:, 1:].contiguous()), 1, 1.0, lr,
                              before_update=before)
         losses.append(float(loss))
     return losses, grads
@@ -54,8 +54,9 @@ def test_dropout_masks_change_every_step(mode):
     optimizer = model.configure_optimizers(0.0, 0.0, (0.9, 0.95), "cuda")
     run = model if mode is None else torch.compile(model, mode=None if mode == "default" else mode)
     b = torch.randint(65, (8, 65), generator=torch.Generator().manual_seed(2)).cuda()
+    X, Y = b[:, :-1].contiguous(), b[:, 1:].contiguous()
     prec = precision("bfloat16", "cuda")
-    losses = [float(train_step(run, optimizer, prec, lambda i: (b[:, :-1], b[:, 1:]), 1, 0.0, 0.0)[0])
+    losses = [float(train_step(run, optimizer, prec, lambda i: (X, Y), 1, 0.0, 0.0)[0])
               for _ in range(4)]
     assert len(set(losses[1:])) == 3, losses
 

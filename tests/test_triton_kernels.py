@@ -541,7 +541,7 @@ PTR = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "X", "Y", "W", "B", "DY", "DX
 F32PTR = {"LSE", "Delta", "Mean", "Rstd", "DW_PART", "DB_PART", "PART"}
 FLOATS = {"qk_scale", "sm_scale", "dropout_p", "drop_scale", "eps"}
 
-def compile_(fn, dt, constexprs, num_warps, num_stages=1):
+def compile_(fn, dt, constexprs, num_warps, num_stages=1, floats="fp32"):
     sig, attrs, constexprs = {}, {}, dict(constexprs)
     for i, n in enumerate(fn.arg_names):
         if n.startswith("stride_") and n.endswith("d"):
@@ -550,23 +550,27 @@ def compile_(fn, dt, constexprs, num_warps, num_stages=1):
             sig[n] = "constexpr"
             continue
         sig[n] = ("*" + dt if n in PTR or n == "OUT" else "*fp32" if n in F32PTR else "*i8" if n == "MASK"
-                  else "i64" if n == "seed" else "fp32" if n in FLOATS else "i32")
+                  else "*i64" if n == "SEED" else floats if n in FLOATS else "i32")
         if sig[n].startswith("*") or n.startswith("stride_"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     triton.compile(ASTSource(fn, sig, constexprs, attrs), target=target,
                    options=dict(num_warps=num_warps, num_stages=num_stages))
-    print("compiled", fn.__name__, constexprs, flush=True)
+    print("compiled", fn.__name__, constexprs, floats, flush=True)
 
-for dt, tdt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+# float scalars as Triton's launcher passes them (fp32) and as torch.compile's launches do (fp64)
+for dt, tdt, floats in (("bf16", torch.bfloat16, "fp32"), ("fp32", torch.float32, "fp32"),
+                        ("bf16", torch.bfloat16, "fp64")):
     fake = type("FakeCudaTensor", (), {"is_cuda": True, "dtype": tdt})()
     for kname, fn in (("fwd", A._attn_fwd_kernel), ("dkdv", A._attn_bwd_dkdv_kernel), ("dq", A._attn_bwd_dq_kernel)):
         bm, bn, bd, w, st = A._config(fake, 80, kname, True)
         compile_(fn, dt, dict(HEAD_DIM=80, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IS_CAUSAL=True, HAS_DROPOUT=True,
-                              DOT_PREC="ieee" if dt == "fp32" else "tf32", UPCAST=False), w, st)
+                              DOT_PREC="ieee" if dt == "fp32" else "tf32", UPCAST=False), w, st, floats=floats)
 compile_(A._attn_bwd_preprocess_kernel, "bf16", dict(HEAD_DIM=80, BLOCK_M=64, BLOCK_D=128), 4)
 compile_(A._dropout_mask_kernel, "bf16", dict(BLOCK_M=32, BLOCK_N=128), 4)
 for one, bn, bm in ((True, 512, 8), (False, 2048, 2)):
-    compile_(L._layer_norm_fwd_kernel, "bf16", dict(HAS_W=True, HAS_B=True, BLOCK_M=bm, BLOCK_N=bn, ONE_BLOCK=one), 8)
+    for floats in ("fp32", "fp64"):
+        compile_(L._layer_norm_fwd_kernel, "bf16", dict(HAS_W=True, HAS_B=True, BLOCK_M=bm, BLOCK_N=bn,
+                                                        ONE_BLOCK=one), 8, floats=floats)
     compile_(L._layer_norm_bwd_kernel, "bf16", dict(HAS_W=True, NEED_DW=True, NEED_DB=True, BLOCK_M=bm, BLOCK_N=bn,
                                                     ONE_BLOCK=one), 8)
 compile_(L._sum_partials_kernel, "fp32", dict(BLOCK_G=32, BLOCK_N=256), 4)
@@ -577,7 +581,8 @@ print("all compiled")
 @pytest.mark.slow
 def test_kernels_compile_for_sm90():
     """Compile every kernel for an H100 (sm_90) without a GPU: catches what the interpreter lets through
-    (type rules of the compiler, unsupported ops), with dropout on, a padded head dim, both dtypes."""
+    (type rules of the compiler, unsupported ops), with dropout on, a padded head dim, both dtypes, and
+    float arguments in float64 as torch.compile passes them to the triton_ops' kernels."""
     if importlib.util.find_spec("triton.backends.nvidia") is None:
         pytest.skip("this triton has no NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -114,25 +114,29 @@ def _fake_launches(fn):
     return rec.launches
 
 
+def _e(*shape, dtype=torch.float32):
+    return torch.empty(*shape, dtype=dtype, device=DEVICE)
+
+
 def test_cuda_launchers_are_traceable():
-    ln = _fake_launches(lambda launch: cuda.layer_norm_forward(torch.empty(64, 96), torch.empty(96), None, 1e-5,
+    ln = _fake_launches(lambda launch: cuda.layer_norm_forward(_e(64, 96), _e(96), None, 1e-5,
                                                                launch=launch))
     assert ln == ["_layer_norm_fwd_kernel"]
     ln_bwd = _fake_launches(lambda launch: cuda.layer_norm_backward(
-        torch.empty(64, 96), torch.empty(64, 96), torch.empty(96), torch.empty(64), torch.empty(64), True, True,
+        _e(64, 96), _e(64, 96), _e(96), _e(64), _e(64), True, True,
         launch=launch))
     assert ln_bwd == ["_layer_norm_bwd_kernel", "_sum_partials_kernel", "_sum_partials_kernel"]
     aln = _fake_launches(lambda launch: cuda.add_layer_norm_forward(
-        torch.empty(8, 4, 96), torch.empty(8, 4, 96, dtype=torch.bfloat16), torch.empty(96), torch.empty(96), 1e-5,
+        _e(8, 4, 96), _e(8, 4, 96, dtype=torch.bfloat16), _e(96), _e(96), 1e-5,
         torch.bfloat16, launch=launch))
     assert aln == ["_layer_norm_fwd_kernel"]
-    seed = lambda: torch.zeros(1, dtype=torch.int64)  # noqa: E731  (made under the fake mode)
+    seed = lambda: torch.zeros(1, dtype=torch.int64, device=DEVICE)  # noqa: E731  (made under the fake mode)
     fwd = _fake_launches(lambda launch: cuda.attention_forward(
-        torch.empty(2, 3, 40, 24), torch.empty(2, 3, 40, 24), torch.empty(2, 3, 40, 24), True, 0.2, 0.1, seed(),
+        _e(2, 3, 40, 24), _e(2, 3, 40, 24), _e(2, 3, 40, 24), True, 0.2, 0.1, seed(),
         launch=launch))
     assert fwd == ["_attn_fwd_kernel"]
     bwd = _fake_launches(lambda launch: cuda.attention_backward(
-        *(torch.empty(2, 3, 40, 24) for _ in range(5)), torch.empty(2, 3, 40), False, 0.2, 0.1, seed(),
+        *(_e(2, 3, 40, 24) for _ in range(5)), _e(2, 3, 40), False, 0.2, 0.1, seed(),
         launch=launch))
     assert bwd == ["_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"]
 
@@ -140,8 +144,8 @@ def test_cuda_launchers_are_traceable():
 def test_a_host_read_would_fail_the_traceability_check():
     """The check above can fail: a launcher that reads the seed's value on the host raises there."""
     def reads_seed(launch):
-        seed = torch.zeros(1, dtype=torch.int64)
-        return cuda.attention_forward(torch.empty(1, 1, 8, 16), torch.empty(1, 1, 8, 16), torch.empty(1, 1, 8, 16),
+        seed = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+        return cuda.attention_forward(_e(1, 1, 8, 16), _e(1, 1, 8, 16), _e(1, 1, 8, 16),
                                       False, 1.0, 0.5, int(seed), launch=launch)
     with pytest.raises(Exception):
         _fake_launches(reads_seed)
