@@ -151,6 +151,25 @@ def test_train_step(record, device, config):
                        dtype=dtype, provider=provider, device=device, work=tokens * 1e6, unit="ktok/s")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("config", ["shakespeare", "gpt2-124m"], ids=["train-cuda-modes-shakespeare",
+                                                                     "train-cuda-modes-gpt2-124m"])
+def test_train_step_cuda_modes(record, config):
+    """A whole GPU step in every mode (bench/gpu_train_bench.py: torch and nanofast, eager, compiled, CUDA
+    graphs), bfloat16; the ratio column is against the first row, torch compiled (nanoGPT's setup)."""
+    import gpu_train_bench
+
+    rows = []
+    gpu_train_bench.run_config(config, gpu_train_bench.MODES, time.time() + 900, rows.append)
+    cfg = gpu_train_bench.CONFIGS[config]
+    for r in rows:
+        assert "wall_ms" in r, r
+        record.seconds(r["wall_ms"] / 1e3, 5, op="train step (GPU modes)", case=config,
+                       mode=f"host {r['host_ms']:.2f} ms, GPU {r['gpu_ms']:.2f} ms", dtype=torch.bfloat16,
+                       provider=r["mode"], device="cuda", work=cfg["batch_size"] * cfg["block_size"] * 1e6,
+                       unit="ktok/s")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_fused_block_lever(record, dtype):
     """The hand-written block (nanofast/fused_block.py: one autograd node per transformer block)
