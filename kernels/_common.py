@@ -52,6 +52,12 @@ def num_programs_hint(t: torch.Tensor) -> int:
     return 4
 
 
+def direct(kernel):
+    """The launchers' default `launch`: the kernel itself. Inside a torch.library.triton_op the ops
+    pass torch.library.wrap_triton instead, so that torch.compile records the launch."""
+    return kernel
+
+
 # Plain Python rather than triton.cdiv and triton.next_power_of_2: those are constexpr functions
 # whose call wrapper costs microseconds, and a launch calls them several times.
 def cdiv(a: int, b: int) -> int:
