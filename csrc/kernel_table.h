@@ -79,6 +79,50 @@ struct AddLayerNormBackwardArgs {
   int num_threads;
 };
 
+// RMSNorm over (N, C) rows, optionally after a residual add: h = x (+ residual), y = h * rstd * w with
+// rstd = 1 / sqrt(mean(h^2) + eps) and w = weight + weight_offset (1 where there is no weight).
+// cast_before_weight rounds h * rstd to x's dtype before the weight multiplies it (Hugging Face's
+// LlamaRMSNorm); otherwise y is rounded once (torch's F.rms_norm, Gemma's (1 + weight)). With a
+// residual, x, h and weight share one dtype and the residual and y may be bfloat16 beside float32 rows
+// (as AddLayerNormForwardArgs); without one, all three dtypes are x's.
+struct RmsNormForwardArgs {
+  int dtype, residual_dtype, y_dtype;
+  int64_t N, C;
+  const void* x;
+  int64_t x_row_stride;
+  const void* residual;  // may be null: a plain RMSNorm of x
+  int64_t residual_row_stride;
+  const void* weight;  // may be null
+  void* h;             // contiguous (N, C), written when there is a residual
+  void* y;             // contiguous (N, C)
+  void* rstd;          // (N,), accumulation type
+  double eps;
+  double weight_offset;
+  bool cast_before_weight;
+  int num_threads;
+};
+
+// dx = dh + rstd * (g - xhat * mean(g * xhat)) with g = dy * w and xhat = x * rstd; dweight is the sum
+// over rows of dy * xhat (xhat rounded as the forward rounded it). x is the forward's h where it had a
+// residual, whose gradient is dx again in the residual's dtype.
+struct RmsNormBackwardArgs {
+  int dtype, residual_dtype, y_dtype;
+  int64_t N, C;
+  const void* dy;
+  int64_t dy_row_stride;
+  const void* dh;  // may be null; contiguous (N, C) otherwise
+  const void* x;
+  int64_t x_row_stride;
+  const void* weight;  // may be null
+  const void* rstd;
+  void* dx;         // contiguous (N, C)
+  void* dresidual;  // may be null: no residual, or the caller reuses dx (same dtype)
+  void* dweight;    // may be null: not needed
+  double weight_offset;
+  bool cast_before_weight;
+  int num_threads;
+};
+
 // A (B, NH, T, HS) tensor: data pointer and the element strides of its first three dims; the last
 // dim must have stride 1.
 struct Strided4 {
@@ -203,6 +247,9 @@ struct KernelTable {
   // false if the dtype combination is not one of the fused kernel's (the caller falls back).
   bool (*add_layer_norm_forward)(const AddLayerNormForwardArgs&) = nullptr;
   bool (*add_layer_norm_backward)(const AddLayerNormBackwardArgs&) = nullptr;
+  // false if the dtype combination is not one of the kernel's (the caller falls back).
+  bool (*rms_norm_forward)(const RmsNormForwardArgs&) = nullptr;
+  bool (*rms_norm_backward)(const RmsNormBackwardArgs&) = nullptr;
   void (*attention_forward)(const AttentionForwardArgs&) = nullptr;
   void (*attention_backward)(const AttentionBackwardArgs&) = nullptr;
   // Writes the (B, NH, TQ, TK) keep-mask (1 = kept) the attention kernels apply for this seed.

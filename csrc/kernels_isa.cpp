@@ -9,6 +9,7 @@
 #include "gemm_bf16.h"
 #include "kernel_table.h"
 #include "layer_norm.h"
+#include "rms_norm.h"
 
 #define NF_STR2(x) #x
 #define NF_STR(x) NF_STR2(x)
@@ -23,6 +24,8 @@ KernelTable make_table() {
   t.layer_norm_backward = &layer_norm_backward;
   t.add_layer_norm_forward = &add_layer_norm_forward;
   t.add_layer_norm_backward = &add_layer_norm_backward;
+  t.rms_norm_forward = &rms_norm_forward;
+  t.rms_norm_backward = &rms_norm_backward;
   t.attention_forward = &attention_forward;
   t.attention_backward = &attention_backward;
   t.dropout_mask = &dropout_mask;

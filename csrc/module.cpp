@@ -121,6 +121,58 @@ bool add_layer_norm_backward(int dtype, int residual_dtype, int y_dtype, int64_t
   return kernels().add_layer_norm_backward(a);
 }
 
+// Both return false for a dtype combination the kernel does not take (nothing is written).
+bool rms_norm_forward(int dtype, int residual_dtype, int y_dtype, int64_t N, int64_t C, uintptr_t x,
+                      int64_t x_row_stride, uintptr_t residual, int64_t residual_row_stride, uintptr_t weight,
+                      uintptr_t h, uintptr_t y, uintptr_t rstd, double eps, double weight_offset,
+                      bool cast_before_weight, int num_threads) {
+  nanofast::RmsNormForwardArgs a{};
+  a.dtype = dtype;
+  a.residual_dtype = residual_dtype;
+  a.y_dtype = y_dtype;
+  a.N = N;
+  a.C = C;
+  a.x = ptr<const void>(x);
+  a.x_row_stride = x_row_stride;
+  a.residual = ptr<const void>(residual);
+  a.residual_row_stride = residual_row_stride;
+  a.weight = ptr<const void>(weight);
+  a.h = ptr<void>(h);
+  a.y = ptr<void>(y);
+  a.rstd = ptr<void>(rstd);
+  a.eps = eps;
+  a.weight_offset = weight_offset;
+  a.cast_before_weight = cast_before_weight;
+  a.num_threads = num_threads;
+  return kernels().rms_norm_forward(a);
+}
+
+bool rms_norm_backward(int dtype, int residual_dtype, int y_dtype, int64_t N, int64_t C, uintptr_t dy,
+                       int64_t dy_row_stride, uintptr_t dh, uintptr_t x, int64_t x_row_stride, uintptr_t weight,
+                       uintptr_t rstd, uintptr_t dx, uintptr_t dresidual, uintptr_t dweight, double weight_offset,
+                       bool cast_before_weight, int num_threads) {
+  nanofast::RmsNormBackwardArgs a{};
+  a.dtype = dtype;
+  a.residual_dtype = residual_dtype;
+  a.y_dtype = y_dtype;
+  a.N = N;
+  a.C = C;
+  a.dy = ptr<const void>(dy);
+  a.dy_row_stride = dy_row_stride;
+  a.dh = ptr<const void>(dh);
+  a.x = ptr<const void>(x);
+  a.x_row_stride = x_row_stride;
+  a.weight = ptr<const void>(weight);
+  a.rstd = ptr<const void>(rstd);
+  a.dx = ptr<void>(dx);
+  a.dresidual = ptr<void>(dresidual);
+  a.dweight = ptr<void>(dweight);
+  a.weight_offset = weight_offset;
+  a.cast_before_weight = cast_before_weight;
+  a.num_threads = num_threads;
+  return kernels().rms_norm_backward(a);
+}
+
 void attention_forward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK, int64_t HS, int64_t HSV, uintptr_t q,
                        Strides3 qs, uintptr_t k, Strides3 ks, uintptr_t v, Strides3 vs, uintptr_t out, Strides3 os,
                        uintptr_t lse, double scale, bool causal, double dropout_p, uint64_t seed, int num_threads) {
@@ -319,6 +371,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("layer_norm_backward", &layer_norm_backward, release());
   m.def("add_layer_norm_forward", &add_layer_norm_forward, release());
   m.def("add_layer_norm_backward", &add_layer_norm_backward, release());
+  m.def("rms_norm_forward", &rms_norm_forward, release());
+  m.def("rms_norm_backward", &rms_norm_backward, release());
   m.def("attention_forward", &attention_forward, release());
   m.def("attention_backward", &attention_backward, release());
   m.def("dropout_mask", &dropout_mask, release());

@@ -34,6 +34,13 @@ CASES = {
     # a normalized shape of two dimensions takes the custom op (the path torch.compile records)
     "add_layer_norm_custom_op": (lambda x, r, w, b: ops.add_layer_norm(x, r, (3, 6), w.expand(3, 6), b.expand(3, 6)),
                                  [(2, 3, 6), (2, 3, 6), (6,), (6,)]),
+    "rms_norm": (lambda x, w: ops.rms_norm(x, (6,), w, 1e-6), [(4, 6), (6,)]),
+    "rms_norm_llama_gemma": (lambda x, w: ops.rms_norm(x, (6,), w, 1e-6, weight_offset=1.0, cast_before_weight=True),
+                             [(4, 6), (6,)]),
+    "rms_norm_2d_shape": (lambda x, w: ops.rms_norm(x, (2, 3), w.view(2, 3)), [(4, 2, 3), (6,)]),
+    "add_rms_norm": (lambda x, r, w: ops.add_rms_norm(x, r, (6,), w, 1e-6), [(2, 3, 6), (2, 3, 6), (6,)]),
+    "add_rms_norm_normed_only": (lambda x, r, w: ops.add_rms_norm(x, r, (6,), w)[1], [(2, 3, 6), (2, 3, 6), (6,)]),
+    "add_rms_norm_sum_only": (lambda x, r, w: ops.add_rms_norm(x, r, (6,), w)[0].sin(), [(2, 3, 6), (2, 3, 6), (6,)]),
     "gelu": (ops.gelu, [(3, 5)]),
     "linear": (ops.linear, [(2, 3, 5), (4, 5), (4,)]),
     "linear_no_bias": (ops.linear, [(3, 5), (4, 5)]),

@@ -13,6 +13,7 @@ from .dropout import dropout
 from .gelu import gelu
 from .layer_norm import layer_norm
 from .linear import linear
+from .rms_norm import add_rms_norm, rms_norm
 
-__all__ = ["layer_norm", "add_layer_norm", "scaled_dot_product_attention", "dropout_mask", "gelu", "dropout", "linear",
-           "UnsupportedArgument"]
+__all__ = ["layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm", "scaled_dot_product_attention", "dropout_mask",
+           "gelu", "dropout", "linear", "UnsupportedArgument"]

@@ -1,5 +1,5 @@
-"""The CUDA backend, as backend.py describes it: nanofast.kernels' Triton launchers for LayerNorm and
-attention, torch's own kernels for GELU (already memory-bound on a GPU), and no dropout or linear
+"""The CUDA backend, as backend.py describes it: nanofast.kernels' Triton launchers for LayerNorm,
+RMSNorm and attention, torch's own kernels for GELU (already memory-bound on a GPU), and no dropout or linear
 launchers (nanofast.ops hands those to torch on CUDA tensors).
 
 nanofast.kernels and triton are imported on the first launch, so that `import nanofast` needs neither
@@ -22,6 +22,7 @@ MAX_BATCH_HEADS = 65535  # the attention kernels' second grid dimension
 RUNS_DROPOUT = False
 RUNS_LINEAR = False
 ADD_LAYER_NORM_DTYPES = frozenset()  # no fused kernel: add_layer_norm_* compose
+ADD_RMS_NORM_DTYPES = None  # every combination fused (the kernel converts as it loads and stores)
 
 
 def stats_dtype(dtype):
@@ -58,6 +59,21 @@ def add_layer_norm_forward(x, residual, weight, bias, eps, out_dtype):
 def add_layer_norm_backward(dy, dh, h, weight, mean, rstd, residual_dtype, need_weight_grad, need_bias_grad):
     return composed_add_layer_norm_backward(layer_norm_backward, dy, dh, h, weight, mean, rstd, residual_dtype,
                                             need_weight_grad, need_bias_grad)
+
+
+def _launch(launch):
+    return {} if launch is None else {"launch": launch}
+
+
+def rms_norm_forward(x, residual, weight, eps, weight_offset, cast_before_weight, out_dtype, launch=None):
+    return _kernels("rmsnorm").rms_norm_forward(x, residual, weight, eps, weight_offset, cast_before_weight, out_dtype,
+                                                **_launch(launch))
+
+
+def rms_norm_backward(dy, dh, x, weight, rstd, weight_offset, cast_before_weight, residual_dtype, need_weight_grad,
+                      launch=None):
+    return _kernels("rmsnorm").rms_norm_backward(dy, dh, x, weight, rstd, weight_offset, cast_before_weight,
+                                                 residual_dtype, need_weight_grad, **_launch(launch))
 
 
 def attention_forward(q, k, v, is_causal, scale, dropout_p, seed):
