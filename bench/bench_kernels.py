@@ -308,6 +308,64 @@ def test_gelu(benchmark, record, device, case, dtype, provider):
            device=device, work=5 * N * C * x.element_size(), unit="GB/s")
 
 
+GELU_TANH = {"nanofast": lambda x: nanofast.ops.gelu(x, approximate="tanh"),
+             "torch": lambda x: F.gelu(x, approximate="tanh")}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(GELU_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("provider", list(GELU_TANH))
+def test_gelu_tanh(benchmark, record, device, case, dtype, provider):
+    """GELU's tanh approximation (GPT-2's "gelu_new") forward and backward on the MLP's hidden
+    activations."""
+    N, C = GELU_CONFIGS[case]
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(N, C, generator=g) * 2).to(device=device, dtype=dtype).requires_grad_()
+    dy = torch.randn(N, C, generator=g).to(device=device, dtype=dtype)
+    fn = GELU_TANH[provider]
+    if provider != "torch":
+        rows = slice(0, min(N, 256))
+        _check_parity("gelu tanh", ("y", "dx"), fn, GELU_TANH["torch"], [x[rows].detach().requires_grad_()], dy[rows],
+                      True, {})
+    timed(benchmark, lambda: _run(fn, [x], dy, True, {}), device)
+    record(benchmark, op="gelu tanh", case=f"{case} {N}x{C}", mode="fwdbwd", dtype=dtype, provider=provider,
+           device=device, work=5 * N * C * x.element_size(), unit="GB/s")
+
+
+# the gated MLP's hidden activations: nanoGPT's 4C widths, and a SmolLM2-135M step's (2048 rows of 1536)
+GLU_CONFIGS = {"cpu-config": (768, 512), "gpu-config": (16384, 1536), "smollm2": (2048, 1536)}
+GLUS = {
+    "swiglu": {"nanofast": nanofast.ops.swiglu, "torch": lambda g, u: F.silu(g) * u},
+    "geglu tanh": {"nanofast": lambda g, u: nanofast.ops.geglu(g, u, approximate="tanh"),
+                   "torch": lambda g, u: F.gelu(g, approximate="tanh") * u},
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(GLU_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("op", list(GLUS))
+@pytest.mark.parametrize("provider", ["nanofast", "torch"])
+def test_glu(benchmark, record, device, case, dtype, op, provider):
+    """A gated MLP's act(gate) * up forward and backward (the two halves of one gate_up projection, read
+    in place), against torch's activation and product."""
+    N, C = GLU_CONFIGS[case]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, 2 * C, generator=g).to(device=device, dtype=dtype)
+    gate, up = (t.requires_grad_() for t in x.chunk(2, dim=-1))
+    dy = torch.randn(N, C, generator=g).to(device=device, dtype=dtype)
+    fn = GLUS[op][provider]
+    if provider != "torch":
+        rows = slice(0, min(N, 256))
+        _check_parity(op, ("y", "dgate", "dup"), fn, GLUS[op]["torch"],
+                      [gate[rows].detach().requires_grad_(), up[rows].detach().requires_grad_()], dy[rows], True, {})
+    timed(benchmark, lambda: _run(fn, [gate, up], dy, True, {}), device)
+    # compulsory traffic: forward reads gate and up, writes y; backward reads gate, up and dy, writes two
+    record(benchmark, op=op, case=f"{case} {N}x{C}", mode="fwdbwd", dtype=dtype, provider=provider, device=device,
+           work=8 * N * C * x.element_size(), unit="GB/s")
+
+
 LINEAR_CONFIGS = {"cpu-config": (768, 128, 512), "gpu-config": (16384, 384, 1536)}  # the MLP's c_fc: N, in, out
 LINEAR = {"nanofast": nanofast.ops.linear, "torch": F.linear}
 

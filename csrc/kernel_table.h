@@ -155,7 +155,8 @@ struct AttentionBackwardArgs {
   int num_threads;
 };
 
-// Elementwise GELU over n contiguous elements: out = gelu(x), or out = dy * gelu'(x) when backward.
+// Elementwise GELU over n contiguous elements (tanh: its tanh approximation): out = gelu(x), or
+// out = dy * gelu'(x) when backward.
 // With `grad` (n elements of the accumulation type), the forward also writes gelu'(x) there, and the
 // backward reads it instead of x (x may then be null): out = dy * grad, the same bits, no erf or exp.
 struct GeluArgs {
@@ -166,6 +167,27 @@ struct GeluArgs {
   void* out;
   int num_threads;
   void* grad = nullptr;
+  bool tanh = false;
+};
+
+// The activations of gated MLPs: act(gate) * up.
+enum Activation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2 };
+
+// A gated MLP's activation over (N, C) rows of gate and up (row strides, unit column stride):
+// out = act(gate) * up, or in the backward dgate = dy * up * act'(gate) and dup = dy * act(gate).
+struct GluArgs {
+  int dtype;
+  int activation;  // an Activation
+  int64_t N, C;
+  const void* gate;
+  int64_t gate_row_stride;
+  const void* up;
+  int64_t up_row_stride;
+  const void* dy;  // backward: contiguous (N, C)
+  void* out;       // forward: contiguous (N, C)
+  void* dgate;     // backward: contiguous (N, C)
+  void* dup;       // backward: contiguous (N, C)
+  int num_threads;
 };
 
 // Dropout of n contiguous elements keyed by seed (element i kept iff the generator keeps offset i);
@@ -258,6 +280,8 @@ struct KernelTable {
   void (*dropout)(const DropoutArgs&) = nullptr;
   void (*gelu_forward)(const GeluArgs&) = nullptr;
   void (*gelu_backward)(const GeluArgs&) = nullptr;
+  void (*glu_forward)(const GluArgs&) = nullptr;
+  void (*glu_backward)(const GluArgs&) = nullptr;
   // Returns the gradient norm before clipping, or -1 when max_grad_norm <= 0.
   double (*adamw_step)(const AdamWArgs&) = nullptr;
   void (*gemm_f32)(const GemmArgs&) = nullptr;       // only where has_gemm_f32

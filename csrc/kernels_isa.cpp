@@ -7,6 +7,7 @@
 #include "gelu.h"
 #include "gemm.h"
 #include "gemm_bf16.h"
+#include "glu.h"
 #include "kernel_table.h"
 #include "layer_norm.h"
 #include "rms_norm.h"
@@ -32,6 +33,8 @@ KernelTable make_table() {
   t.dropout = &dropout;
   t.gelu_forward = &gelu_forward;
   t.gelu_backward = &gelu_backward;
+  t.glu_forward = &glu_forward;
+  t.glu_backward = &glu_backward;
   t.adamw_step = &adamw_step;
 #if NF_HAS_GEMM_F32
   t.has_gemm_f32 = true;

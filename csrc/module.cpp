@@ -227,7 +227,7 @@ void attention_backward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK
   kernels().attention_backward(a);
 }
 
-void gelu(int dtype, int64_t n, uintptr_t x, uintptr_t dy, uintptr_t out, int num_threads, uintptr_t grad) {
+void gelu(int dtype, int64_t n, uintptr_t x, uintptr_t dy, uintptr_t out, int num_threads, uintptr_t grad, bool tanh) {
   nanofast::GeluArgs a{};
   a.dtype = dtype;
   a.n = n;
@@ -236,8 +236,32 @@ void gelu(int dtype, int64_t n, uintptr_t x, uintptr_t dy, uintptr_t out, int nu
   a.out = ptr<void>(out);
   a.num_threads = num_threads;
   a.grad = ptr<void>(grad);
+  a.tanh = tanh;
   if (dy) kernels().gelu_backward(a);
   else kernels().gelu_forward(a);
+}
+
+// The forward with dy == 0 (out written), else the backward (dgate and dup written).
+void glu(int dtype, int activation, int64_t N, int64_t C, uintptr_t gate, int64_t gate_row_stride, uintptr_t up,
+         int64_t up_row_stride, uintptr_t dy, uintptr_t out, uintptr_t dgate, uintptr_t dup, int num_threads) {
+  if (activation < nanofast::kSilu || activation > nanofast::kGeluTanh)
+    throw std::invalid_argument("glu: unknown activation code " + std::to_string(activation));
+  nanofast::GluArgs a{};
+  a.dtype = dtype;
+  a.activation = activation;
+  a.N = N;
+  a.C = C;
+  a.gate = ptr<const void>(gate);
+  a.gate_row_stride = gate_row_stride;
+  a.up = ptr<const void>(up);
+  a.up_row_stride = up_row_stride;
+  a.dy = ptr<const void>(dy);
+  a.out = ptr<void>(out);
+  a.dgate = ptr<void>(dgate);
+  a.dup = ptr<void>(dup);
+  a.num_threads = num_threads;
+  if (dy) kernels().glu_backward(a);
+  else kernels().glu_forward(a);
 }
 
 void dropout(int dtype, int64_t n, uintptr_t x, uintptr_t out, uint64_t seed, double p, int num_threads) {
@@ -377,9 +401,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_backward", &attention_backward, release());
   m.def("dropout_mask", &dropout_mask, release());
   m.def("dropout", &dropout, release(), "out = x * keep(seed, i) / (1 - p); the backward is the same call on dy");
-  m.def("gelu", &gelu, release(), "forward with dy == 0, else backward; grad: gelu'(x) saved by the forward",
+  m.def("gelu", &gelu, release(),
+        "forward with dy == 0, else backward; grad: gelu'(x) saved by the forward; tanh: the tanh approximation",
         py::arg("dtype"), py::arg("n"), py::arg("x"), py::arg("dy"), py::arg("out"), py::arg("num_threads"),
-        py::arg("grad") = 0);
+        py::arg("grad") = 0, py::arg("tanh") = false);
+  m.def("glu", &glu, release(), "act(gate) * up (activation 0 silu, 1 gelu, 2 gelu tanh); backward when dy != 0");
   m.def("gemm", &gemm, release(),
         "float32 C = A @ B (+ bias) through strides; false (nothing done) where the ISA has no GEMM");
   m.def("has_gemm", &nanofast::use_gemm_f32,

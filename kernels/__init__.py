@@ -3,12 +3,14 @@
 Two layers:
 
 * Launchers, no autograd, plain tensors in and out: ``layer_norm_forward``, ``layer_norm_backward``,
-  ``rms_norm_forward``, ``rms_norm_backward`` (with an optional residual add),
+  ``rms_norm_forward``, ``rms_norm_backward`` (with an optional residual add), ``glu_forward``,
+  ``glu_backward`` (the gated MLP's activation),
   ``attention_forward``, ``attention_backward``, and ``dropout_mask`` (the attention-dropout mask,
   from the attention kernels' own helper). Each checks its arguments (nanofast.ops.checks) and runs
   the submodule's launcher, which nanofast.ops' CUDA backend calls directly, its arguments checked.
-* Autograd-capable functions with torch's signatures: ``layer_norm``, ``rms_norm`` and
-  ``scaled_dot_product_attention``: nanofast.ops' autograd formulas with the Triton launchers.
+* Autograd-capable functions with torch's (or nanofast.ops') signatures: ``layer_norm``, ``rms_norm``,
+  ``swiglu``, ``geglu`` and ``scaled_dot_product_attention``: nanofast.ops' autograd formulas with
+  the Triton launchers.
 
 Importing this package needs neither triton nor a GPU: triton is imported by the submodules, which
 load on first use. Without triton, ``HAS_TRITON`` is False and every function raises RuntimeError.
@@ -29,8 +31,9 @@ HAS_TRITON = _has_triton()
 
 __all__ = [
     "HAS_TRITON",
-    "layer_norm", "rms_norm", "scaled_dot_product_attention",
+    "layer_norm", "rms_norm", "swiglu", "geglu", "scaled_dot_product_attention",
     "layer_norm_forward", "layer_norm_backward", "rms_norm_forward", "rms_norm_backward",
+    "glu_forward", "glu_backward",
     "attention_forward", "attention_backward", "dropout_mask",
 ]
 
@@ -104,6 +107,19 @@ def rms_norm_backward(dy, dh, x, weight, rstd, weight_offset=0.0, cast_before_we
                                                   residual_dtype, need_weight_grad, **kwargs)
 
 
+def glu_forward(gate, up, activation, **kwargs):
+    """act(gate) * up for gate and up of one shape (unit last stride, any row strides): activation
+    "silu" (SwiGLU), "gelu" or "gelu_tanh" (GEGLU). The result is contiguous in gate's shape."""
+    _checks().glu_args("nanofast.kernels.glu_forward", gate, up, activation, _triton_backend(), launcher=True)
+    return submodule("glu").glu_forward(gate, up, activation, **kwargs)
+
+
+def glu_backward(dy, gate, up, activation, **kwargs):
+    """(dgate, dup) = (dy * up * act'(gate), dy * act(gate)), contiguous in gate's shape."""
+    _checks().glu_args("nanofast.kernels.glu_backward", gate, up, activation, _triton_backend(), dy, launcher=True)
+    return submodule("glu").glu_backward(dy, gate, up, activation, **kwargs)
+
+
 def attention_forward(q, k, v, is_causal, scale, dropout_p=0.0, seed=0, **kwargs):
     """(out, lse) for q (B, H, Tq, D), k and v (B, H, Tk, D), any strides.
 
@@ -147,6 +163,20 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, weight_offset=0.
     from nanofast.ops.rms_norm import rms_norm_on
     return rms_norm_on(_triton_backend(), "nanofast.kernels.rms_norm", input, normalized_shape, weight, eps,
                        weight_offset, cast_before_weight)
+
+
+def swiglu(gate, up):
+    """nanofast.ops.swiglu (F.silu(gate) * up) on the Triton kernel (autograd-capable)."""
+    from nanofast.ops.glu import glu_on
+    return glu_on(_triton_backend(), "nanofast.kernels.swiglu", gate, up, "silu")
+
+
+def geglu(gate, up, approximate="none"):
+    """nanofast.ops.geglu (F.gelu(gate, approximate=approximate) * up) on the Triton kernel."""
+    from nanofast.ops.checks import check_approximate
+    from nanofast.ops.glu import glu_on
+    check_approximate("nanofast.kernels.geglu", approximate)
+    return glu_on(_triton_backend(), "nanofast.kernels.geglu", gate, up, "gelu" if approximate == "none" else "gelu_tanh")
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,

@@ -69,7 +69,8 @@ def test_compile_fullgraph_current_model_layers():
     def f(x, r, w):
         h, y = ops.add_rms_norm(x, r, (x.shape[-1],), w, 1e-6, cast_before_weight=True)
         z = ops.rms_norm(y, (x.shape[-1],), w, weight_offset=1.0)
-        return (z * h).sum()
+        m = ops.swiglu(z, h) + ops.geglu(h, z, approximate="tanh") + ops.gelu(z, approximate="tanh")
+        return (m * h).sum()
 
     g = torch.Generator().manual_seed(0)
     args = [torch.randn(3, 5, 32, generator=g), torch.randn(3, 5, 32, generator=g), torch.randn(32, generator=g)]

@@ -173,3 +173,78 @@ def test_rms_norm_bad_inputs():
         K.rms_norm_forward(x, torch.randn(4, 7, device=DEVICE), None, EPS)
     with pytest.raises(ValueError, match="rstd must be"):
         K.rms_norm_backward(x, None, x, None, torch.ones(3, device=DEVICE))
+
+
+# ==================================================================================================
+# The gated MLP's activations (SwiGLU, GEGLU)
+# ==================================================================================================
+
+GLU_SHAPES = [(37, 24), (5, 100), (3, 7), (1, 1), (9, 130)] if not HAS_CUDA else \
+    [(4096, 1536), (333, 2816), (7, 1), (1, 65)]
+GLUS = {"silu": lambda g, u: torch.nn.functional.silu(g) * u,
+        "gelu": lambda g, u: torch.nn.functional.gelu(g) * u,
+        "gelu_tanh": lambda g, u: torch.nn.functional.gelu(g, approximate="tanh") * u}
+
+
+def _glu_torch(act, gate, up, dy):
+    gate, up = (t.detach().clone().requires_grad_() for t in (gate, up))
+    y = GLUS[act](gate, up)
+    return [y.detach()] + list(torch.autograd.grad(y, (gate, up), dy))
+
+
+def _glu_check(act, gate, up, dy):
+    ours = [K.glu_forward(gate, up, act)] + list(K.glu_backward(dy, gate, up, act))
+    theirs = _glu_torch(act, gate, up, dy)
+    ref = _glu_torch(act, gate.double(), up.double(), dy.double())
+    for name, o, t, r in zip(("y", "dgate", "dup"), ours, theirs, ref):
+        assert o.dtype == t.dtype and o.shape == t.shape, name
+        assert_parity(f"{act} {name}", o, t, r, _slack(o, r))
+
+
+@pytest.mark.parametrize("N,C", GLU_SHAPES)
+@pytest.mark.parametrize("act", GLUS)
+@pytest.mark.parametrize("dtype", [F32, BF16] + ([torch.float16] if HAS_CUDA else []))
+def test_glu(N, C, act, dtype):
+    g = torch.Generator().manual_seed(N * C)
+    gate, up, dy = ((_rnd(g, N, C) * s).to(DEVICE, dtype) for s in (3, 1, 1))
+    _glu_check(act, gate, up, dy)
+
+
+def test_glu_halves_of_one_projection_and_autograd():
+    N, C = (512, 1536) if HAS_CUDA else (6, 40)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, N, 2 * C, generator=g).to(DEVICE).requires_grad_()
+    gate, up = x.chunk(2, dim=-1)  # row stride 2C, read in place
+    dy = torch.randn(2, N, C, generator=g).to(DEVICE)
+    _glu_check("silu", gate.detach(), up.detach(), dy)
+    y = K.swiglu(gate, up) + K.geglu(gate, up, approximate="tanh")
+    (dx,) = torch.autograd.grad(y, x, dy)
+    xr = x.detach().double().requires_grad_()
+    gr, ur = xr.chunk(2, dim=-1)
+    yr = GLUS["silu"](gr, ur) + GLUS["gelu_tanh"](gr, ur)
+    (dxr,) = torch.autograd.grad(yr, xr, dy.double())
+    assert (y.double() - yr).abs().max().item() < 1e-4 and (dx.double() - dxr).abs().max().item() < 1e-4
+
+
+def test_glu_agrees_with_the_cpu_kernels():
+    if HAS_CUDA:
+        pytest.skip("compares CPU tensors through both backends")
+    g = torch.Generator().manual_seed(6)
+    gate, up, dy = (_rnd(g, 9, 70).float() * s for s in (3, 1, 1))
+    for act in GLUS:
+        tri = [K.glu_forward(gate, up, act), *K.glu_backward(dy, gate, up, act)]
+        ours = [cpu.glu_forward(gate, up, act), *cpu.glu_backward(dy, gate, up, act)]
+        for a, c in zip(tri, ours):
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5, msg=act)
+
+
+def test_glu_bad_inputs():
+    x = torch.randn(4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="activation must be"):
+        K.glu_forward(x, x, "relu")
+    with pytest.raises(ValueError, match=r"up has shape \(4, 7\)"):
+        K.glu_forward(x, x[:, :7], "silu")
+    with pytest.raises(ValueError, match="unit stride"):
+        K.glu_forward(x.t(), x.t(), "silu")
+    with pytest.raises(TypeError, match="float32"):
+        K.swiglu(x.double(), x.double())

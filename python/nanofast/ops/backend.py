@@ -38,7 +38,12 @@ Launchers (every shape below is a tensor's; "stats" means backend.stats_dtype(x.
         seed: an int, a one-element int64 tensor (seed.py), or None without dropout.
     attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed) -> (dq, dk, dv)
         each in its input's layout where that is dense (_layout.empty_grad_like).
-    gelu_forward(x) -> y,  gelu_backward(dy, x) -> dx       (exact erf GELU)
+    gelu_forward(x, approximate) -> y,  gelu_backward(dy, x, approximate) -> dx
+        exact erf GELU (approximate "none") or its tanh approximation ("tanh").
+    glu_forward(gate, up, activation) -> act(gate) * up
+    glu_backward(dy, gate, up, activation) -> (dgate, dup)
+        activation "silu" (SwiGLU), "gelu" or "gelu_tanh" (GEGLU); gate and up of one shape and dtype,
+        any leading dimensions, a unit last stride; outputs contiguous in gate's shape.
     dropout_mask(seed, batch, heads, q_len, k_len, p) -> bool (batch, heads, q_len, k_len)
         the keep mask the attention kernels apply for that seed.
     dropout(x, p, seed) -> y                                 (only where RUNS_DROPOUT)

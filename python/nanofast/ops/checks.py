@@ -69,6 +69,12 @@ def check_seed(fn, seed):
     return seed
 
 
+def check_approximate(fn, approximate):
+    """GELU's approximate: 'none' (the erf form) or 'tanh', as torch.nn.functional.gelu takes it."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"{fn}: approximate must be 'none' or 'tanh', got {approximate!r}")
+
+
 # ---- LayerNorm ----
 
 def _param_fits(p, input, on_cpu, C):
@@ -280,6 +286,31 @@ def layer_norm_backward_args(fn, dy, x, weight, mean, rstd, backend):
         if tuple(s.shape) != (N,) or s.dtype != stats or s.device != x.device:
             raise ValueError(f"{fn}: {name} must be {stats} of shape ({N},) on {x.device}, got {s.dtype} "
                              f"{tuple(s.shape)} on {s.device}")
+
+
+# ---- gated MLP activations ----
+
+def glu_args(fn, gate, up, activation, backend=None, dy=None, launcher=False):
+    """gate and up (and the backward's dy): one shape, dtype and device, and for a launcher (launcher
+    True) a unit last stride (the ops pack the others); activation one of the kernels'."""
+    if activation not in ("silu", "gelu", "gelu_tanh"):
+        raise ValueError(f"{fn}: activation must be 'silu', 'gelu' or 'gelu_tanh', got {activation!r}")
+    check_tensor("gate", gate, fn, backend)
+    check_tensor("up", up, fn, backend)
+    check_same(fn, "gate", gate, "up", up)
+    if tuple(up.shape) != tuple(gate.shape):
+        raise ValueError(f"{fn}: up has shape {tuple(up.shape)} but gate has shape {tuple(gate.shape)}; they must "
+                         "match (no broadcasting)")
+    if gate.dim() == 0:
+        raise ValueError(f"{fn}: gate and up must have at least one dimension, got shape ()")
+    if dy is not None:
+        check_tensor("dy", dy, fn, backend)
+        check_same(fn, "gate", gate, "dy", dy)
+        if tuple(dy.shape) != tuple(gate.shape):
+            raise ValueError(f"{fn}: dy has shape {tuple(dy.shape)} but gate has shape {tuple(gate.shape)}")
+    if launcher:
+        for name, t in (("gate", gate), ("up", up)):
+            _check_rows(fn, name, t, backend)
 
 
 # ---- linear ----

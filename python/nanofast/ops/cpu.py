@@ -233,22 +233,23 @@ def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, see
     return dq, dk, dv
 
 
-def _gelu(x, dy):
+def _gelu(x, dy, approximate):
     """gelu(x), or dy * gelu'(x) when dy is given."""
     x, dy = _packed(x), _packed(dy)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.numel():
-        _C.gelu(_DTYPE_CODE[x.dtype], x.numel(), x.data_ptr(), _ptr(dy), out.data_ptr(), _threads())
+        _C.gelu(_DTYPE_CODE[x.dtype], x.numel(), x.data_ptr(), _ptr(dy), out.data_ptr(), _threads(),
+                tanh=approximate == "tanh")
     return out
 
 
-def gelu_forward(x):
-    return _gelu(x, None)
+def gelu_forward(x, approximate="none"):
+    return _gelu(x, None, approximate)
 
 
-def gelu_backward(dy, x):
+def gelu_backward(dy, x, approximate="none"):
     """dy * gelu'(x)."""
-    return _gelu(x, dy)
+    return _gelu(x, dy, approximate)
 
 
 def gelu_forward_saving_grad(x):
@@ -270,6 +271,36 @@ def gelu_backward_from_grad(dy, grad):
     if dy.numel():
         _C.gelu(_DTYPE_CODE[dy.dtype], dy.numel(), 0, dy.data_ptr(), out.data_ptr(), _threads(), grad.data_ptr())
     return out
+
+
+_ACTIVATION_CODE = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+
+
+def glu_forward(gate, up, activation):
+    """act(gate) * up over the last dimension (unit stride) of gate and up (one shape, any leading
+    dimensions), contiguous in gate's shape."""
+    C = gate.shape[-1]
+    gate, N, g_stride = _rows(gate)
+    up, _, u_stride = _rows(up)
+    out = torch.empty(gate.shape, dtype=gate.dtype)
+    if out.numel():
+        _C.glu(_DTYPE_CODE[gate.dtype], _ACTIVATION_CODE[activation], N, C, gate.data_ptr(), g_stride, up.data_ptr(),
+               u_stride, 0, out.data_ptr(), 0, 0, _threads())
+    return out
+
+
+def glu_backward(dy, gate, up, activation):
+    """(dgate, dup) = (dy * up * act'(gate), dy * act(gate)), contiguous in gate's shape."""
+    C = gate.shape[-1]
+    gate, N, g_stride = _rows(gate)
+    up, _, u_stride = _rows(up)
+    dy = dy.contiguous()
+    dgate = torch.empty(gate.shape, dtype=gate.dtype)
+    dup = torch.empty(gate.shape, dtype=gate.dtype)
+    if dy.numel():
+        _C.glu(_DTYPE_CODE[gate.dtype], _ACTIVATION_CODE[activation], N, C, gate.data_ptr(), g_stride, up.data_ptr(),
+               u_stride, dy.data_ptr(), 0, dgate.data_ptr(), dup.data_ptr(), _threads())
+    return dgate, dup
 
 
 # Below about 2M multiply-adds (or 4 rows) packing the operands and starting threads cost more than

@@ -1,6 +1,6 @@
 """The CUDA backend, as backend.py describes it: nanofast.kernels' Triton launchers for LayerNorm,
-RMSNorm and attention, torch's own kernels for GELU (already memory-bound on a GPU), and no dropout or linear
-launchers (nanofast.ops hands those to torch on CUDA tensors).
+RMSNorm, the gated MLP's activations and attention, torch's own kernels for GELU (already memory-bound
+on a GPU), and no dropout or linear launchers (nanofast.ops hands those to torch on CUDA tensors).
 
 nanofast.kernels and triton are imported on the first launch, so that `import nanofast` needs neither
 triton nor a GPU. The launchers here are the Triton ones without argument checks: nanofast.ops has
@@ -85,12 +85,20 @@ def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, see
                                                     seed_value(seed))
 
 
-def gelu_forward(x):
-    return torch.ops.aten.gelu(x)
+def gelu_forward(x, approximate="none"):
+    return torch.ops.aten.gelu(x, approximate=approximate)
 
 
-def gelu_backward(dy, x):
-    return torch.ops.aten.gelu_backward(dy, x)
+def gelu_backward(dy, x, approximate="none"):
+    return torch.ops.aten.gelu_backward(dy, x, approximate=approximate)
+
+
+def glu_forward(gate, up, activation, launch=None):
+    return _kernels("glu").glu_forward(gate, up, activation, **_launch(launch))
+
+
+def glu_backward(dy, gate, up, activation, launch=None):
+    return _kernels("glu").glu_backward(dy, gate, up, activation, **_launch(launch))
 
 
 def dropout_mask(seed, batch, heads, q_len, k_len, p):

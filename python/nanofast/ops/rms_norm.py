@@ -35,7 +35,9 @@ from .formula import differentiable_grads, register_formula
 @torch.library.custom_op("nanofast::rms_norm_fwd", mutates_args=())
 def rms_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], eps: float, weight_offset: float,
                  cast_before_weight: bool, out_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
-    return backend_for(x).rms_norm_forward(x, residual, weight, eps, weight_offset, cast_before_weight, out_dtype)
+    residual = None if residual is None else unit_last_stride(residual)
+    return backend_for(x).rms_norm_forward(unit_last_stride(x), residual, weight, eps, weight_offset,
+                                           cast_before_weight, out_dtype)
 
 
 @rms_norm_fwd.register_fake
@@ -49,8 +51,8 @@ def _(x, residual, weight, eps, weight_offset, cast_before_weight, out_dtype):
 def rms_norm_bwd(dy: Tensor, dh: Optional[Tensor], x: Tensor, weight: Optional[Tensor], rstd: Tensor,
                  weight_offset: float, cast_before_weight: bool, residual_dtype: Optional[torch.dtype],
                  need_weight_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    return backend_for(x).rms_norm_backward(dy, dh, x, weight, rstd, weight_offset, cast_before_weight, residual_dtype,
-                                            need_weight_grad)
+    return backend_for(x).rms_norm_backward(unit_last_stride(dy), dh, unit_last_stride(x), weight, rstd, weight_offset,
+                                            cast_before_weight, residual_dtype, need_weight_grad)
 
 
 @rms_norm_bwd.register_fake
