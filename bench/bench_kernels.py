@@ -1,4 +1,4 @@
-"""Kernel benchmarks: LayerNorm and attention, forward and forward+backward, float32 and bfloat16, at
+"""Kernel benchmarks: LayerNorm, attention and the other ops, forward and forward+backward, float32 and bfloat16, at
 nanoGPT's CPU-config and GPU-config shapes plus sweeps, against torch eager, torch.compile and a naive
 implementation, on the CPU and (where present) CUDA. Run with `pytest --benchmark`.
 
@@ -202,6 +202,88 @@ def test_add_layer_norm(benchmark, record, device, case, dtypes, provider):
            provider=provider, device=device, work=N * C * (5 * xs + 2 * rs + 2 * ys), unit="GB/s")
 
 
+# RMSNorm rows: nanoGPT's configs, and a SmolLM2-135M fine-tuning step's (B=4, T=512, C=576)
+RMS_NORM_CONFIGS = {"cpu-config": (768, 128), "gpu-config": (16384, 384), "smollm2": (2048, 576)}
+
+
+def _llama_rms_norm(x, w, eps=1e-6):
+    """Hugging Face's LlamaRMSNorm.forward, torch's composed equivalent."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+RMS_NORM = {"nanofast": lambda x, w: nanofast.ops.rms_norm(x, x.shape[-1:], w, 1e-6, cast_before_weight=True),
+            "torch": _llama_rms_norm}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(RMS_NORM_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("provider", list(RMS_NORM))
+def test_rms_norm(benchmark, record, device, case, dtype, provider):
+    """RMSNorm forward and backward as Llama, Qwen2 and Mistral compute it (the statistic in float32, the
+    normalised rows cast back before the weight), against Hugging Face's module's torch code."""
+    N, C = RMS_NORM_CONFIGS[case]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, C, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    w = (torch.randn(C, generator=g) * 0.1 + 1).to(device=device, dtype=dtype).requires_grad_()
+    dy = torch.randn(N, C, generator=g).to(device=device, dtype=dtype)
+    fn = RMS_NORM[provider]
+    if provider != "torch":
+        rows = slice(0, min(N, 512))
+        _check_parity("rms_norm", ("y", "dx", "dweight"), fn, _llama_rms_norm, [x[rows].detach().requires_grad_(), w],
+                      dy[rows], True, {})
+    timed(benchmark, lambda: _run(fn, [x, w], dy, True, {}), device)
+    # compulsory traffic: forward reads x, writes y; backward reads x and dy, writes dx
+    record(benchmark, op="rms_norm", case=f"{case} {N}x{C}", mode="fwdbwd", dtype=dtype, provider=provider,
+           device=device, work=5 * N * C * x.element_size(), unit="GB/s")
+
+
+def _unfused_add_rms_norm(x, r, w, out_dtype):
+    h = x + r
+    return h, _llama_rms_norm(h, w).to(out_dtype)
+
+
+ADD_RMS_NORM = {"nanofast": lambda x, r, w, out_dtype: nanofast.ops.add_rms_norm(
+    x, r, x.shape[-1:], w, 1e-6, out_dtype, cast_before_weight=True), "torch": _unfused_add_rms_norm}
+
+
+def _add_rms_fwdbwd(fn, x, r, w, dh, dy, out_dtype):
+    h, y = fn(x, r, w, out_dtype)
+    return [h, y] + list(torch.autograd.grad([h, y], [x, r, w], [dh, dy]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(RMS_NORM_CONFIGS))
+@pytest.mark.parametrize("dtypes", list(ADD_LN_DTYPES))
+@pytest.mark.parametrize("provider", list(ADD_RMS_NORM))
+def test_add_rms_norm(benchmark, record, device, case, dtypes, provider):
+    """A Llama decoder layer's residual add and the RMSNorm after it, forward and backward, against
+    torch's add and Hugging Face's LlamaRMSNorm code."""
+    N, C = RMS_NORM_CONFIGS[case]
+    xd, rd, yd = ADD_LN_DTYPES[dtypes]
+    g = torch.Generator().manual_seed(0)
+    make = lambda dt, *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dt)  # noqa: E731
+    x, r, w = make(xd, N, C), make(rd, N, C), make(xd, C)
+    for t in (x, r, w):
+        t.requires_grad_()
+    dh, dy = make(xd, N, C), make(yd, N, C)
+    fn = ADD_RMS_NORM[provider]
+    if provider != "torch":
+        rows = slice(0, min(N, 512))
+        sl = [x[rows].detach().requires_grad_(), r[rows].detach().requires_grad_(), w, dh[rows], dy[rows]]
+        ours = _add_rms_fwdbwd(fn, *sl, yd)
+        theirs = _add_rms_fwdbwd(_unfused_add_rms_norm, *sl, yd)
+        ref = _add_rms_fwdbwd(_unfused_add_rms_norm, *[t.detach().double().requires_grad_(t.requires_grad)
+                                                       for t in sl], torch.float64)
+        _assert_parity_all("add_rms_norm", ("h", "y", "dx", "dresidual", "dweight"), ours, theirs, ref)
+    timed(benchmark, lambda: _add_rms_fwdbwd(fn, x, r, w, dh, dy, yd), device)
+    xs, rs, ys = x.element_size(), r.element_size(), dy.element_size()
+    record(benchmark, op="add + rms_norm", case=f"{case} {N}x{C}", mode="fwdbwd", dtype=dtypes, provider=provider,
+           device=device, work=N * C * (5 * xs + 2 * rs + 2 * ys), unit="GB/s")
+
+
 GELU_CONFIGS = {"cpu-config": (768, 512), "gpu-config": (16384, 1536)}  # the MLP's hidden activations
 GELU = {"nanofast": nanofast.ops.gelu, "torch": F.gelu}
 
@@ -224,6 +306,64 @@ def test_gelu(benchmark, record, device, case, dtype, provider):
     # compulsory traffic: forward reads x, writes y; backward reads x and dy, writes dx
     record(benchmark, op="gelu", case=f"{case} {N}x{C}", mode="fwdbwd", dtype=dtype, provider=provider,
            device=device, work=5 * N * C * x.element_size(), unit="GB/s")
+
+
+GELU_TANH = {"nanofast": lambda x: nanofast.ops.gelu(x, approximate="tanh"),
+             "torch": lambda x: F.gelu(x, approximate="tanh")}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(GELU_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("provider", list(GELU_TANH))
+def test_gelu_tanh(benchmark, record, device, case, dtype, provider):
+    """GELU's tanh approximation (GPT-2's "gelu_new") forward and backward on the MLP's hidden
+    activations."""
+    N, C = GELU_CONFIGS[case]
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(N, C, generator=g) * 2).to(device=device, dtype=dtype).requires_grad_()
+    dy = torch.randn(N, C, generator=g).to(device=device, dtype=dtype)
+    fn = GELU_TANH[provider]
+    if provider != "torch":
+        rows = slice(0, min(N, 256))
+        _check_parity("gelu tanh", ("y", "dx"), fn, GELU_TANH["torch"], [x[rows].detach().requires_grad_()], dy[rows],
+                      True, {})
+    timed(benchmark, lambda: _run(fn, [x], dy, True, {}), device)
+    record(benchmark, op="gelu tanh", case=f"{case} {N}x{C}", mode="fwdbwd", dtype=dtype, provider=provider,
+           device=device, work=5 * N * C * x.element_size(), unit="GB/s")
+
+
+# the gated MLP's hidden activations: nanoGPT's 4C widths, and a SmolLM2-135M step's (2048 rows of 1536)
+GLU_CONFIGS = {"cpu-config": (768, 512), "gpu-config": (16384, 1536), "smollm2": (2048, 1536)}
+GLUS = {
+    "swiglu": {"nanofast": nanofast.ops.swiglu, "torch": lambda g, u: F.silu(g) * u},
+    "geglu tanh": {"nanofast": lambda g, u: nanofast.ops.geglu(g, u, approximate="tanh"),
+                   "torch": lambda g, u: F.gelu(g, approximate="tanh") * u},
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(GLU_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("op", list(GLUS))
+@pytest.mark.parametrize("provider", ["nanofast", "torch"])
+def test_glu(benchmark, record, device, case, dtype, op, provider):
+    """A gated MLP's act(gate) * up forward and backward (the two halves of one gate_up projection, read
+    in place), against torch's activation and product."""
+    N, C = GLU_CONFIGS[case]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, 2 * C, generator=g).to(device=device, dtype=dtype)
+    gate, up = (t.requires_grad_() for t in x.chunk(2, dim=-1))
+    dy = torch.randn(N, C, generator=g).to(device=device, dtype=dtype)
+    fn = GLUS[op][provider]
+    if provider != "torch":
+        rows = slice(0, min(N, 256))
+        _check_parity(op, ("y", "dgate", "dup"), fn, GLUS[op]["torch"],
+                      [gate[rows].detach().requires_grad_(), up[rows].detach().requires_grad_()], dy[rows], True, {})
+    timed(benchmark, lambda: _run(fn, [gate, up], dy, True, {}), device)
+    # compulsory traffic: forward reads gate and up, writes y; backward reads gate, up and dy, writes two
+    record(benchmark, op=op, case=f"{case} {N}x{C}", mode="fwdbwd", dtype=dtype, provider=provider, device=device,
+           work=8 * N * C * x.element_size(), unit="GB/s")
 
 
 LINEAR_CONFIGS = {"cpu-config": (768, 128, 512), "gpu-config": (16384, 384, 1536)}  # the MLP's c_fc: N, in, out

@@ -79,6 +79,50 @@ struct AddLayerNormBackwardArgs {
   int num_threads;
 };
 
+// RMSNorm over (N, C) rows, optionally after a residual add: h = x (+ residual), y = h * rstd * w with
+// rstd = 1 / sqrt(mean(h^2) + eps) and w = weight + weight_offset (1 where there is no weight).
+// cast_before_weight rounds h * rstd to x's dtype before the weight multiplies it (Hugging Face's
+// LlamaRMSNorm); otherwise y is rounded once (torch's F.rms_norm, Gemma's (1 + weight)). With a
+// residual, x, h and weight share one dtype and the residual and y may be bfloat16 beside float32 rows
+// (as AddLayerNormForwardArgs); without one, all three dtypes are x's.
+struct RmsNormForwardArgs {
+  int dtype, residual_dtype, y_dtype;
+  int64_t N, C;
+  const void* x;
+  int64_t x_row_stride;
+  const void* residual;  // may be null: a plain RMSNorm of x
+  int64_t residual_row_stride;
+  const void* weight;  // may be null
+  void* h;             // contiguous (N, C), written when there is a residual
+  void* y;             // contiguous (N, C)
+  void* rstd;          // (N,), accumulation type
+  double eps;
+  double weight_offset;
+  bool cast_before_weight;
+  int num_threads;
+};
+
+// dx = dh + rstd * (g - xhat * mean(g * xhat)) with g = dy * w and xhat = x * rstd; dweight is the sum
+// over rows of dy * xhat (xhat rounded as the forward rounded it). x is the forward's h where it had a
+// residual, whose gradient is dx again in the residual's dtype.
+struct RmsNormBackwardArgs {
+  int dtype, residual_dtype, y_dtype;
+  int64_t N, C;
+  const void* dy;
+  int64_t dy_row_stride;
+  const void* dh;  // may be null; contiguous (N, C) otherwise
+  const void* x;
+  int64_t x_row_stride;
+  const void* weight;  // may be null
+  const void* rstd;
+  void* dx;         // contiguous (N, C)
+  void* dresidual;  // may be null: no residual, or the caller reuses dx (same dtype)
+  void* dweight;    // may be null: not needed
+  double weight_offset;
+  bool cast_before_weight;
+  int num_threads;
+};
+
 // A (B, NH, T, HS) tensor: data pointer and the element strides of its first three dims; the last
 // dim must have stride 1.
 struct Strided4 {
@@ -111,7 +155,8 @@ struct AttentionBackwardArgs {
   int num_threads;
 };
 
-// Elementwise GELU over n contiguous elements: out = gelu(x), or out = dy * gelu'(x) when backward.
+// Elementwise GELU over n contiguous elements (tanh: its tanh approximation): out = gelu(x), or
+// out = dy * gelu'(x) when backward.
 // With `grad` (n elements of the accumulation type), the forward also writes gelu'(x) there, and the
 // backward reads it instead of x (x may then be null): out = dy * grad, the same bits, no erf or exp.
 struct GeluArgs {
@@ -122,6 +167,27 @@ struct GeluArgs {
   void* out;
   int num_threads;
   void* grad = nullptr;
+  bool tanh = false;
+};
+
+// The activations of gated MLPs: act(gate) * up.
+enum Activation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2 };
+
+// A gated MLP's activation over (N, C) rows of gate and up (row strides, unit column stride):
+// out = act(gate) * up, or in the backward dgate = dy * up * act'(gate) and dup = dy * act(gate).
+struct GluArgs {
+  int dtype;
+  int activation;  // an Activation
+  int64_t N, C;
+  const void* gate;
+  int64_t gate_row_stride;
+  const void* up;
+  int64_t up_row_stride;
+  const void* dy;  // backward: contiguous (N, C)
+  void* out;       // forward: contiguous (N, C)
+  void* dgate;     // backward: contiguous (N, C)
+  void* dup;       // backward: contiguous (N, C)
+  int num_threads;
 };
 
 // Dropout of n contiguous elements keyed by seed (element i kept iff the generator keeps offset i);
@@ -203,6 +269,9 @@ struct KernelTable {
   // false if the dtype combination is not one of the fused kernel's (the caller falls back).
   bool (*add_layer_norm_forward)(const AddLayerNormForwardArgs&) = nullptr;
   bool (*add_layer_norm_backward)(const AddLayerNormBackwardArgs&) = nullptr;
+  // false if the dtype combination is not one of the kernel's (the caller falls back).
+  bool (*rms_norm_forward)(const RmsNormForwardArgs&) = nullptr;
+  bool (*rms_norm_backward)(const RmsNormBackwardArgs&) = nullptr;
   void (*attention_forward)(const AttentionForwardArgs&) = nullptr;
   void (*attention_backward)(const AttentionBackwardArgs&) = nullptr;
   // Writes the (B, NH, TQ, TK) keep-mask (1 = kept) the attention kernels apply for this seed.
@@ -211,6 +280,8 @@ struct KernelTable {
   void (*dropout)(const DropoutArgs&) = nullptr;
   void (*gelu_forward)(const GeluArgs&) = nullptr;
   void (*gelu_backward)(const GeluArgs&) = nullptr;
+  void (*glu_forward)(const GluArgs&) = nullptr;
+  void (*glu_backward)(const GluArgs&) = nullptr;
   // Returns the gradient norm before clipping, or -1 when max_grad_norm <= 0.
   double (*adamw_step)(const AdamWArgs&) = nullptr;
   void (*gemm_f32)(const GemmArgs&) = nullptr;       // only where has_gemm_f32

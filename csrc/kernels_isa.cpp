@@ -7,8 +7,10 @@
 #include "gelu.h"
 #include "gemm.h"
 #include "gemm_bf16.h"
+#include "glu.h"
 #include "kernel_table.h"
 #include "layer_norm.h"
+#include "rms_norm.h"
 
 #define NF_STR2(x) #x
 #define NF_STR(x) NF_STR2(x)
@@ -23,12 +25,16 @@ KernelTable make_table() {
   t.layer_norm_backward = &layer_norm_backward;
   t.add_layer_norm_forward = &add_layer_norm_forward;
   t.add_layer_norm_backward = &add_layer_norm_backward;
+  t.rms_norm_forward = &rms_norm_forward;
+  t.rms_norm_backward = &rms_norm_backward;
   t.attention_forward = &attention_forward;
   t.attention_backward = &attention_backward;
   t.dropout_mask = &dropout_mask;
   t.dropout = &dropout;
   t.gelu_forward = &gelu_forward;
   t.gelu_backward = &gelu_backward;
+  t.glu_forward = &glu_forward;
+  t.glu_backward = &glu_backward;
   t.adamw_step = &adamw_step;
 #if NF_HAS_GEMM_F32
   t.has_gemm_f32 = true;

@@ -419,7 +419,8 @@ void layer_norm_backward_rows(const LayerNormBackwardArgs& a, const acc_t<T>* wv
 
 // Reduces the per-chunk partials of dweight and dbias pairwise (a fixed tree, so the order never
 // depends on the threads, and the rounding error grows with log2(chunks) rather than chunks),
-// vectorised along the columns, then writes them out (dw or db may be null).
+// vectorised along the columns, then writes them out (dw or db may be null; pdb too, with db: RMSNorm
+// has no bias).
 template <class T>
 void layer_norm_reduce_param_grads(acc_t<T>* pdw, acc_t<T>* pdb, int64_t chunks, int64_t C, T* dw, T* db,
                                    int num_threads) {
@@ -429,6 +430,7 @@ void layer_norm_reduce_param_grads(acc_t<T>* pdw, acc_t<T>* pdb, int64_t chunks,
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (chunks * C > 262144)
     for (int64_t k = 0; k < chunks - stride; k += 2 * stride) {
       for (A* part : {pdw, pdb}) {
+        if (!part) continue;
         A* dst = part + k * C;
         const A* src = part + (k + stride) * C;
         int64_t c = 0;

@@ -121,6 +121,58 @@ bool add_layer_norm_backward(int dtype, int residual_dtype, int y_dtype, int64_t
   return kernels().add_layer_norm_backward(a);
 }
 
+// Both return false for a dtype combination the kernel does not take (nothing is written).
+bool rms_norm_forward(int dtype, int residual_dtype, int y_dtype, int64_t N, int64_t C, uintptr_t x,
+                      int64_t x_row_stride, uintptr_t residual, int64_t residual_row_stride, uintptr_t weight,
+                      uintptr_t h, uintptr_t y, uintptr_t rstd, double eps, double weight_offset,
+                      bool cast_before_weight, int num_threads) {
+  nanofast::RmsNormForwardArgs a{};
+  a.dtype = dtype;
+  a.residual_dtype = residual_dtype;
+  a.y_dtype = y_dtype;
+  a.N = N;
+  a.C = C;
+  a.x = ptr<const void>(x);
+  a.x_row_stride = x_row_stride;
+  a.residual = ptr<const void>(residual);
+  a.residual_row_stride = residual_row_stride;
+  a.weight = ptr<const void>(weight);
+  a.h = ptr<void>(h);
+  a.y = ptr<void>(y);
+  a.rstd = ptr<void>(rstd);
+  a.eps = eps;
+  a.weight_offset = weight_offset;
+  a.cast_before_weight = cast_before_weight;
+  a.num_threads = num_threads;
+  return kernels().rms_norm_forward(a);
+}
+
+bool rms_norm_backward(int dtype, int residual_dtype, int y_dtype, int64_t N, int64_t C, uintptr_t dy,
+                       int64_t dy_row_stride, uintptr_t dh, uintptr_t x, int64_t x_row_stride, uintptr_t weight,
+                       uintptr_t rstd, uintptr_t dx, uintptr_t dresidual, uintptr_t dweight, double weight_offset,
+                       bool cast_before_weight, int num_threads) {
+  nanofast::RmsNormBackwardArgs a{};
+  a.dtype = dtype;
+  a.residual_dtype = residual_dtype;
+  a.y_dtype = y_dtype;
+  a.N = N;
+  a.C = C;
+  a.dy = ptr<const void>(dy);
+  a.dy_row_stride = dy_row_stride;
+  a.dh = ptr<const void>(dh);
+  a.x = ptr<const void>(x);
+  a.x_row_stride = x_row_stride;
+  a.weight = ptr<const void>(weight);
+  a.rstd = ptr<const void>(rstd);
+  a.dx = ptr<void>(dx);
+  a.dresidual = ptr<void>(dresidual);
+  a.dweight = ptr<void>(dweight);
+  a.weight_offset = weight_offset;
+  a.cast_before_weight = cast_before_weight;
+  a.num_threads = num_threads;
+  return kernels().rms_norm_backward(a);
+}
+
 void attention_forward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK, int64_t HS, int64_t HSV, uintptr_t q,
                        Strides3 qs, uintptr_t k, Strides3 ks, uintptr_t v, Strides3 vs, uintptr_t out, Strides3 os,
                        uintptr_t lse, double scale, bool causal, double dropout_p, uint64_t seed, int num_threads) {
@@ -175,7 +227,7 @@ void attention_backward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK
   kernels().attention_backward(a);
 }
 
-void gelu(int dtype, int64_t n, uintptr_t x, uintptr_t dy, uintptr_t out, int num_threads, uintptr_t grad) {
+void gelu(int dtype, int64_t n, uintptr_t x, uintptr_t dy, uintptr_t out, int num_threads, uintptr_t grad, bool tanh) {
   nanofast::GeluArgs a{};
   a.dtype = dtype;
   a.n = n;
@@ -184,8 +236,32 @@ void gelu(int dtype, int64_t n, uintptr_t x, uintptr_t dy, uintptr_t out, int nu
   a.out = ptr<void>(out);
   a.num_threads = num_threads;
   a.grad = ptr<void>(grad);
+  a.tanh = tanh;
   if (dy) kernels().gelu_backward(a);
   else kernels().gelu_forward(a);
+}
+
+// The forward with dy == 0 (out written), else the backward (dgate and dup written).
+void glu(int dtype, int activation, int64_t N, int64_t C, uintptr_t gate, int64_t gate_row_stride, uintptr_t up,
+         int64_t up_row_stride, uintptr_t dy, uintptr_t out, uintptr_t dgate, uintptr_t dup, int num_threads) {
+  if (activation < nanofast::kSilu || activation > nanofast::kGeluTanh)
+    throw std::invalid_argument("glu: unknown activation code " + std::to_string(activation));
+  nanofast::GluArgs a{};
+  a.dtype = dtype;
+  a.activation = activation;
+  a.N = N;
+  a.C = C;
+  a.gate = ptr<const void>(gate);
+  a.gate_row_stride = gate_row_stride;
+  a.up = ptr<const void>(up);
+  a.up_row_stride = up_row_stride;
+  a.dy = ptr<const void>(dy);
+  a.out = ptr<void>(out);
+  a.dgate = ptr<void>(dgate);
+  a.dup = ptr<void>(dup);
+  a.num_threads = num_threads;
+  if (dy) kernels().glu_backward(a);
+  else kernels().glu_forward(a);
 }
 
 void dropout(int dtype, int64_t n, uintptr_t x, uintptr_t out, uint64_t seed, double p, int num_threads) {
@@ -319,13 +395,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("layer_norm_backward", &layer_norm_backward, release());
   m.def("add_layer_norm_forward", &add_layer_norm_forward, release());
   m.def("add_layer_norm_backward", &add_layer_norm_backward, release());
+  m.def("rms_norm_forward", &rms_norm_forward, release());
+  m.def("rms_norm_backward", &rms_norm_backward, release());
   m.def("attention_forward", &attention_forward, release());
   m.def("attention_backward", &attention_backward, release());
   m.def("dropout_mask", &dropout_mask, release());
   m.def("dropout", &dropout, release(), "out = x * keep(seed, i) / (1 - p); the backward is the same call on dy");
-  m.def("gelu", &gelu, release(), "forward with dy == 0, else backward; grad: gelu'(x) saved by the forward",
+  m.def("gelu", &gelu, release(),
+        "forward with dy == 0, else backward; grad: gelu'(x) saved by the forward; tanh: the tanh approximation",
         py::arg("dtype"), py::arg("n"), py::arg("x"), py::arg("dy"), py::arg("out"), py::arg("num_threads"),
-        py::arg("grad") = 0);
+        py::arg("grad") = 0, py::arg("tanh") = false);
+  m.def("glu", &glu, release(), "act(gate) * up (activation 0 silu, 1 gelu, 2 gelu tanh); backward when dy != 0");
   m.def("gemm", &gemm, release(),
         "float32 C = A @ B (+ bias) through strides; false (nothing done) where the ISA has no GEMM");
   m.def("has_gemm", &nanofast::use_gemm_f32,

@@ -60,3 +60,26 @@ def test_gpt_compiles_fullgraph_with_the_fused_ops():
         torch.testing.assert_close(loss_c, loss_e, rtol=0, atol=0)
         for (name, a), b in zip(compiled.named_parameters(), eager.parameters()):
             torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_compile_fullgraph_current_model_layers():
+    # the layers of Llama-style models: RMSNorm, add + RMSNorm, ... recorded as custom ops, with a backward
+    torch._dynamo.reset()
+
+    def f(x, r, w):
+        h, y = ops.add_rms_norm(x, r, (x.shape[-1],), w, 1e-6, cast_before_weight=True)
+        z = ops.rms_norm(y, (x.shape[-1],), w, weight_offset=1.0)
+        m = ops.swiglu(z, h) + ops.geglu(h, z, approximate="tanh") + ops.gelu(z, approximate="tanh")
+        return (m * h).sum()
+
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(3, 5, 32, generator=g), torch.randn(3, 5, 32, generator=g), torch.randn(32, generator=g)]
+    eager_args = [a.clone().requires_grad_() for a in args]
+    compiled_args = [a.clone().requires_grad_() for a in args]
+    eager = f(*eager_args)
+    eager.backward()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*compiled_args)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(compiled_args, eager_args):
+        torch.testing.assert_close(a.grad, b.grad)

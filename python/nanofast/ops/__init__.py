@@ -11,8 +11,10 @@ from .attention import dropout_mask, scaled_dot_product_attention
 from .checks import UnsupportedArgument
 from .dropout import dropout
 from .gelu import gelu
+from .glu import geglu, swiglu
 from .layer_norm import layer_norm
 from .linear import linear
+from .rms_norm import add_rms_norm, rms_norm
 
-__all__ = ["layer_norm", "add_layer_norm", "scaled_dot_product_attention", "dropout_mask", "gelu", "dropout", "linear",
-           "UnsupportedArgument"]
+__all__ = ["layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm", "scaled_dot_product_attention", "dropout_mask",
+           "gelu", "swiglu", "geglu", "dropout", "linear", "UnsupportedArgument"]

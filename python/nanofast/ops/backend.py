@@ -21,13 +21,29 @@ Launchers (every shape below is a tensor's; "stats" means backend.stats_dtype(x.
     add_layer_norm_backward(dy, dh, h, weight, mean, rstd, residual_dtype, need_weight_grad,
                             need_bias_grad) -> (dx, dresidual, dw, db)
         dh (h's gradient) may be None; dresidual may be dx itself when the residual has h's dtype.
+    rms_norm_forward(x, residual, weight, eps, weight_offset, cast_before_weight, out_dtype) -> (h, y, rstd)
+        over the last dimension (unit stride) of any leading dimensions: h = x + residual in x's dtype
+        (empty (0,) when residual is None), y = h * rstd * (weight + weight_offset) in out_dtype (x's
+        without a residual), h * rstd rounded to x's dtype first where cast_before_weight; h and y
+        contiguous in x's shape; rstd (N,) stats. With a residual, fused for the (x, residual, y) dtypes
+        in ADD_RMS_NORM_DTYPES (None: all), composed (compose.py) for the others.
+    rms_norm_backward(dy, dh, x, weight, rstd, weight_offset, cast_before_weight, residual_dtype,
+                      need_weight_grad) -> (dx, dresidual, dw)
+        x: the forward's x, or its h where it had a residual of residual_dtype (None: no residual);
+        dh (h's gradient) may be None. dx contiguous in x's shape; dresidual empty without a
+        residual or where it would be dx (a residual of x's dtype); dw (C,) or empty where not needed.
     attention_forward(q, k, v, is_causal, scale, dropout_p, seed) -> (out, lse)
         q (B, H, Tq, D), k (B, H, Tk, D), v (B, H, Tk, Dv), any strides with a unit last one; out
         (B, H, Tq, Dv) laid out as (B, Tq, H, Dv) (_layout.empty_bthd); lse (B, H, Tq) stats.
         seed: an int, a one-element int64 tensor (seed.py), or None without dropout.
     attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed) -> (dq, dk, dv)
         each in its input's layout where that is dense (_layout.empty_grad_like).
-    gelu_forward(x) -> y,  gelu_backward(dy, x) -> dx       (exact erf GELU; only where RUNS_GELU)
+    gelu_forward(x, approximate) -> y,  gelu_backward(dy, x, approximate) -> dx  (only where RUNS_GELU)
+        exact erf GELU (approximate "none") or its tanh approximation ("tanh").
+    glu_forward(gate, up, activation) -> act(gate) * up
+    glu_backward(dy, gate, up, activation) -> (dgate, dup)
+        activation "silu" (SwiGLU), "gelu" or "gelu_tanh" (GEGLU); gate and up of one shape and dtype,
+        any leading dimensions, a unit last stride; outputs contiguous in gate's shape.
     dropout_mask(seed, batch, heads, q_len, k_len, p) -> bool (batch, heads, q_len, k_len)
         the keep mask the attention kernels apply for that seed.
     dropout(x, p, seed) -> y                                 (only where RUNS_DROPOUT)
@@ -46,6 +62,7 @@ Capabilities (data, read by checks.py and the ops):
                                the input (the gradients then come in the parameters' dtype)
     MAX_BATCH_HEADS            attention's largest batch * heads (None: no limit)
     ADD_LAYER_NORM_DTYPES      the (x, residual, y) dtypes the fused add + LayerNorm kernel takes
+    ADD_RMS_NORM_DTYPES        the same for add + RMSNorm (None: every combination)
     RUNS_GELU, RUNS_DROPOUT, RUNS_LINEAR  False: nanofast.ops hands those ops to torch.nn.functional
     stats_dtype(dtype)         the dtype of the saved LayerNorm statistics and attention's lse
 """

@@ -69,6 +69,12 @@ def check_seed(fn, seed):
     return seed
 
 
+def check_approximate(fn, approximate):
+    """GELU's approximate: 'none' (the erf form) or 'tanh', as torch.nn.functional.gelu takes it."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"{fn}: approximate must be 'none' or 'tanh', got {approximate!r}")
+
+
 # ---- LayerNorm ----
 
 def _param_fits(p, input, on_cpu, C):
@@ -103,6 +109,19 @@ def layer_norm_args(input, normalized_shape, weight, bias, eps, fn="nanofast.ops
     check_tensor("input", input, fn, backend)
     if backend is None:
         backend = backend_of_device(input)
+    normalized_shape = _normalized_shape(fn, input, normalized_shape)
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        check_tensor(name, p, fn, backend)
+        (check_same_device if backend.LAYER_NORM_PARAMS_ANY_DTYPE else check_same)(fn, "input", input, name, p)
+        if tuple(p.shape) != normalized_shape:
+            raise ValueError(f"{fn}: {name} has shape {tuple(p.shape)} but normalized_shape is {normalized_shape}")
+    return normalized_shape, _eps(fn, eps)
+
+
+def _normalized_shape(fn, input, normalized_shape):
+    """normalized_shape as a tuple of ints that equals input's last dimensions."""
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
     elif not isinstance(normalized_shape, tuple):
@@ -116,23 +135,17 @@ def layer_norm_args(input, normalized_shape, weight, bias, eps, fn="nanofast.ops
     if k == 0 or input.dim() < k or tuple(input.shape[input.dim() - k:]) != normalized_shape:
         raise ValueError(f"{fn}: normalized_shape {normalized_shape} must equal the last dimensions of input, "
                          f"which has shape {tuple(input.shape)}")
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is None:
-            continue
-        check_tensor(name, p, fn, backend)
-        (check_same_device if backend.LAYER_NORM_PARAMS_ANY_DTYPE else check_same)(fn, "input", input, name, p)
-        if tuple(p.shape) != normalized_shape:
-            raise ValueError(f"{fn}: {name} has shape {tuple(p.shape)} but normalized_shape is {normalized_shape}")
+    return normalized_shape
+
+
+def _eps(fn, eps):
     eps = float(eps)
     if not eps >= 0.0:
         raise ValueError(f"{fn}: eps must be a non-negative number, got {eps}")
-    return normalized_shape, eps
+    return eps
 
 
-def add_layer_norm_args(input, residual, normalized_shape, weight, bias, eps, out_dtype):
-    """layer_norm_args' checks plus the residual's and out_dtype's; returns (normalized_shape, eps,
-    out_dtype)."""
-    fn = "nanofast.ops.add_layer_norm"
+def _check_residual(fn, input, residual):
     check_tensor("input", input, fn)
     check_tensor("residual", residual, fn)
     if tuple(residual.shape) != tuple(input.shape):
@@ -142,13 +155,95 @@ def add_layer_norm_args(input, residual, normalized_shape, weight, bias, eps, ou
     if torch.promote_types(input.dtype, residual.dtype) != input.dtype:
         raise TypeError(f"{fn}: residual has dtype {residual.dtype}, which would promote input's {input.dtype}; "
                         "the sum keeps input's dtype, so the residual must have it or a lower precision")
-    normalized_shape, eps = layer_norm_args(input, normalized_shape, weight, bias, eps)
+
+
+def _out_dtype(fn, input, out_dtype):
+    """out_dtype, input's dtype where it is None."""
     if out_dtype is None:
-        out_dtype = input.dtype
-    elif not isinstance(out_dtype, torch.dtype) or out_dtype not in backend_of_device(input).DTYPES:
+        return input.dtype
+    if not isinstance(out_dtype, torch.dtype) or out_dtype not in backend_of_device(input).DTYPES:
         raise TypeError(f"{fn}: out_dtype must be one of {backend_of_device(input).DTYPES} on {input.device.type}, "
                         f"got {out_dtype!r}")
-    return normalized_shape, eps, out_dtype
+    return out_dtype
+
+
+def add_layer_norm_args(input, residual, normalized_shape, weight, bias, eps, out_dtype):
+    """layer_norm_args' checks plus the residual's and out_dtype's; returns (normalized_shape, eps,
+    out_dtype)."""
+    fn = "nanofast.ops.add_layer_norm"
+    _check_residual(fn, input, residual)
+    normalized_shape, eps = layer_norm_args(input, normalized_shape, weight, bias, eps)
+    return normalized_shape, eps, _out_dtype(fn, input, out_dtype)
+
+
+# ---- RMSNorm ----
+
+def rms_norm_args(input, normalized_shape, weight, eps, weight_offset, fn="nanofast.ops.rms_norm", backend=None):
+    """Checks the arguments; returns (normalized_shape as a tuple, eps, weight_offset) as floats, eps
+    defaulting to torch.nn.functional.rms_norm's (the machine epsilon of the statistic's dtype)."""
+    shape = _everyday_layer_norm(input, normalized_shape, weight, None, backend)
+    if shape is None:
+        check_tensor("input", input, fn, backend)
+        shape = _normalized_shape(fn, input, normalized_shape)
+        if weight is not None:
+            check_tensor("weight", weight, fn, backend)
+            check_same(fn, "input", input, "weight", weight)
+            if tuple(weight.shape) != shape:
+                raise ValueError(f"{fn}: weight has shape {tuple(weight.shape)} but normalized_shape is {shape}")
+    if eps is None:
+        eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
+    weight_offset = float(weight_offset)
+    if not math.isfinite(weight_offset):
+        raise ValueError(f"{fn}: weight_offset must be a finite number, got {weight_offset}")
+    return shape, _eps(fn, eps), weight_offset
+
+
+def add_rms_norm_args(input, residual, normalized_shape, weight, eps, weight_offset, out_dtype):
+    """rms_norm_args' checks plus the residual's and out_dtype's; returns (normalized_shape, eps,
+    weight_offset, out_dtype)."""
+    fn = "nanofast.ops.add_rms_norm"
+    _check_residual(fn, input, residual)
+    return *rms_norm_args(input, normalized_shape, weight, eps, weight_offset, fn), _out_dtype(fn, input, out_dtype)
+
+
+def _check_rows(fn, name, t, backend, shape=None):
+    check_tensor(name, t, fn, backend)
+    if t.dim() == 0 or (t.shape[-1] > 1 and t.stride(-1) != 1):
+        raise ValueError(f"{fn}: {name} must have a last dimension of unit stride, got shape {tuple(t.shape)} and "
+                         f"strides {t.stride()}")
+    if shape is not None and tuple(t.shape) != shape:
+        raise ValueError(f"{fn}: {name} has shape {tuple(t.shape)}, expected {shape}")
+
+
+def rms_norm_forward_args(fn, x, residual, weight, out_dtype, backend):
+    """The RMSNorm forward launcher's arguments (backend.py's contract)."""
+    _check_rows(fn, "x", x, backend)
+    if residual is not None:
+        _check_rows(fn, "residual", residual, backend, tuple(x.shape))
+        check_same_device(fn, "x", x, "residual", residual)
+    elif out_dtype != x.dtype:
+        raise TypeError(f"{fn}: out_dtype {out_dtype} must be x's dtype {x.dtype} without a residual")
+    if weight is not None:
+        _check_param(fn, "weight", weight, x.shape[-1], x, backend)
+
+
+def rms_norm_backward_args(fn, dy, dh, x, weight, rstd, residual_dtype, backend):
+    """The RMSNorm backward launcher's arguments (backend.py's contract)."""
+    _check_rows(fn, "x", x, backend)
+    _check_rows(fn, "dy", dy, backend, tuple(x.shape))
+    check_same_device(fn, "x", x, "dy", dy)
+    if dh is not None:
+        if residual_dtype is None:
+            raise ValueError(f"{fn}: dh (h's gradient) is given but residual_dtype is None (no residual)")
+        _check_rows(fn, "dh", dh, backend, tuple(x.shape))
+        check_same(fn, "x", x, "dh", dh)
+    if weight is not None:
+        _check_param(fn, "weight", weight, x.shape[-1], x, backend)
+    N = math.prod(x.shape[:-1])
+    stats = backend.stats_dtype(x.dtype)
+    if tuple(rstd.shape) != (N,) or rstd.dtype != stats or rstd.device != x.device:
+        raise ValueError(f"{fn}: rstd must be {stats} of shape ({N},) on {x.device}, got {rstd.dtype} "
+                         f"{tuple(rstd.shape)} on {rstd.device}")
 
 
 def _check_2d(fn, name, t, backend, C=None):
@@ -191,6 +286,31 @@ def layer_norm_backward_args(fn, dy, x, weight, mean, rstd, backend):
         if tuple(s.shape) != (N,) or s.dtype != stats or s.device != x.device:
             raise ValueError(f"{fn}: {name} must be {stats} of shape ({N},) on {x.device}, got {s.dtype} "
                              f"{tuple(s.shape)} on {s.device}")
+
+
+# ---- gated MLP activations ----
+
+def glu_args(fn, gate, up, activation, backend=None, dy=None, launcher=False):
+    """gate and up (and the backward's dy): one shape, dtype and device, and for a launcher (launcher
+    True) a unit last stride (the ops pack the others); activation one of the kernels'."""
+    if activation not in ("silu", "gelu", "gelu_tanh"):
+        raise ValueError(f"{fn}: activation must be 'silu', 'gelu' or 'gelu_tanh', got {activation!r}")
+    check_tensor("gate", gate, fn, backend)
+    check_tensor("up", up, fn, backend)
+    check_same(fn, "gate", gate, "up", up)
+    if tuple(up.shape) != tuple(gate.shape):
+        raise ValueError(f"{fn}: up has shape {tuple(up.shape)} but gate has shape {tuple(gate.shape)}; they must "
+                         "match (no broadcasting)")
+    if gate.dim() == 0:
+        raise ValueError(f"{fn}: gate and up must have at least one dimension, got shape ()")
+    if dy is not None:
+        check_tensor("dy", dy, fn, backend)
+        check_same(fn, "gate", gate, "dy", dy)
+        if tuple(dy.shape) != tuple(gate.shape):
+            raise ValueError(f"{fn}: dy has shape {tuple(dy.shape)} but gate has shape {tuple(gate.shape)}")
+    if launcher:
+        for name, t in (("gate", gate), ("up", up)):
+            _check_rows(fn, name, t, backend)
 
 
 # ---- linear ----

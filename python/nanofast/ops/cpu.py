@@ -8,7 +8,8 @@ import torch
 
 from .. import _C
 from .._layout import empty_bthd, empty_grad_like
-from .compose import composed_add_layer_norm_backward, composed_add_layer_norm_forward
+from .compose import (composed_add_layer_norm_backward, composed_add_layer_norm_forward, composed_add_rms_norm_backward,
+                      composed_add_rms_norm_forward)
 from .seed import seed_value
 
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
@@ -26,6 +27,8 @@ RUNS_LINEAR = True
 # (x, residual, y) dtypes the fused add + LayerNorm kernel takes; add_layer_norm_* compose the others
 ADD_LAYER_NORM_DTYPES = frozenset({(torch.float64,) * 3, (torch.bfloat16,) * 3} | {
     (torch.float32, r, y) for r in (torch.float32, torch.bfloat16) for y in (torch.float32, torch.bfloat16)})
+# (x, residual, y) dtypes the fused add + RMSNorm kernel takes (add + LayerNorm's); rms_norm_* compose the others
+ADD_RMS_NORM_DTYPES = ADD_LAYER_NORM_DTYPES
 
 
 def stats_dtype(dtype):
@@ -148,6 +151,56 @@ def add_layer_norm_backward(dy, dh, h, weight, mean, rstd, residual_dtype, need_
     return dx, dres, dw, db
 
 
+def rms_norm_forward(x, residual, weight, eps, weight_offset, cast_before_weight, out_dtype):
+    """(h, y, rstd) over the last dimension of x (and of residual, of x's shape), any leading dimensions:
+    h = x + residual in x's dtype (empty without a residual), y its RMSNorm in out_dtype (x's dtype
+    without a residual); h and y contiguous in x's shape."""
+    if residual is not None and (x.dtype, residual.dtype, out_dtype) not in ADD_RMS_NORM_DTYPES:
+        return composed_add_rms_norm_forward(rms_norm_forward, x, residual, weight, eps, weight_offset,
+                                             cast_before_weight, out_dtype)
+    C = x.shape[-1]
+    x, N, x_stride = _rows(x)
+    weight = _packed(weight)
+    h = torch.empty(x.shape if residual is not None else (0,), dtype=x.dtype)
+    y = torch.empty(x.shape, dtype=out_dtype)
+    rstd = torch.empty(N, dtype=stats_dtype(x.dtype))
+    if residual is not None:
+        residual, _, r_stride = _rows(residual)
+    if x.numel():
+        code = _DTYPE_CODE[x.dtype]
+        _C.rms_norm_forward(code, code if residual is None else _DTYPE_CODE[residual.dtype], _DTYPE_CODE[out_dtype],
+                            N, C, x.data_ptr(), x_stride, _ptr(residual), 0 if residual is None else r_stride,
+                            _ptr(weight), h.data_ptr(), y.data_ptr(), rstd.data_ptr(), float(eps),
+                            float(weight_offset), bool(cast_before_weight), _threads())
+    return h, y, rstd
+
+
+def rms_norm_backward(dy, dh, x, weight, rstd, weight_offset, cast_before_weight, residual_dtype, need_weight_grad):
+    """(dx, dresidual, dweight) in x's shape (x: the forward's h where it had a residual, whose dtype is
+    residual_dtype, else None); dresidual is empty without a residual or where it would equal dx (a
+    residual of x's dtype), dweight where not needed."""
+    if residual_dtype is not None and (x.dtype, residual_dtype, dy.dtype) not in ADD_RMS_NORM_DTYPES:
+        return composed_add_rms_norm_backward(rms_norm_backward, dy, dh, x, weight, rstd, weight_offset,
+                                              cast_before_weight, residual_dtype, need_weight_grad)
+    C = x.shape[-1]
+    x, N, x_stride = _rows(x)
+    dy, _, dy_stride = _rows(dy)
+    weight, rstd, dh = _packed(weight), _packed(rstd), _packed(dh)
+    dx = torch.empty(x.shape, dtype=x.dtype)
+    separate = residual_dtype is not None and residual_dtype != x.dtype
+    dres = torch.empty(x.shape, dtype=residual_dtype) if separate else x.new_empty((0,))
+    need_weight_grad = need_weight_grad and weight is not None
+    dw = (torch.empty if N else torch.zeros)(C if need_weight_grad else 0, dtype=x.dtype)
+    if x.numel():
+        code = _DTYPE_CODE[x.dtype]
+        _C.rms_norm_backward(code, _DTYPE_CODE[residual_dtype] if separate else code, _DTYPE_CODE[dy.dtype], N, C,
+                             dy.data_ptr(), dy_stride, _ptr(dh), x.data_ptr(), x_stride, _ptr(weight),
+                             rstd.data_ptr(), dx.data_ptr(), dres.data_ptr() if separate else 0,
+                             dw.data_ptr() if need_weight_grad else 0, float(weight_offset), bool(cast_before_weight),
+                             _threads())
+    return dx, dres, dw
+
+
 def attention_forward(q, k, v, is_causal, scale, dropout_p, seed):
     B, NH, TQ, HS = q.shape
     TK, HSV = k.shape[2], v.shape[3]
@@ -181,22 +234,23 @@ def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, see
     return dq, dk, dv
 
 
-def _gelu(x, dy):
+def _gelu(x, dy, approximate):
     """gelu(x), or dy * gelu'(x) when dy is given."""
     x, dy = _packed(x), _packed(dy)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.numel():
-        _C.gelu(_DTYPE_CODE[x.dtype], x.numel(), x.data_ptr(), _ptr(dy), out.data_ptr(), _threads())
+        _C.gelu(_DTYPE_CODE[x.dtype], x.numel(), x.data_ptr(), _ptr(dy), out.data_ptr(), _threads(),
+                tanh=approximate == "tanh")
     return out
 
 
-def gelu_forward(x):
-    return _gelu(x, None)
+def gelu_forward(x, approximate="none"):
+    return _gelu(x, None, approximate)
 
 
-def gelu_backward(dy, x):
+def gelu_backward(dy, x, approximate="none"):
     """dy * gelu'(x)."""
-    return _gelu(x, dy)
+    return _gelu(x, dy, approximate)
 
 
 def gelu_forward_saving_grad(x):
@@ -218,6 +272,36 @@ def gelu_backward_from_grad(dy, grad):
     if dy.numel():
         _C.gelu(_DTYPE_CODE[dy.dtype], dy.numel(), 0, dy.data_ptr(), out.data_ptr(), _threads(), grad.data_ptr())
     return out
+
+
+_ACTIVATION_CODE = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+
+
+def glu_forward(gate, up, activation):
+    """act(gate) * up over the last dimension (unit stride) of gate and up (one shape, any leading
+    dimensions), contiguous in gate's shape."""
+    C = gate.shape[-1]
+    gate, N, g_stride = _rows(gate)
+    up, _, u_stride = _rows(up)
+    out = torch.empty(gate.shape, dtype=gate.dtype)
+    if out.numel():
+        _C.glu(_DTYPE_CODE[gate.dtype], _ACTIVATION_CODE[activation], N, C, gate.data_ptr(), g_stride, up.data_ptr(),
+               u_stride, 0, out.data_ptr(), 0, 0, _threads())
+    return out
+
+
+def glu_backward(dy, gate, up, activation):
+    """(dgate, dup) = (dy * up * act'(gate), dy * act(gate)), contiguous in gate's shape."""
+    C = gate.shape[-1]
+    gate, N, g_stride = _rows(gate)
+    up, _, u_stride = _rows(up)
+    dy = dy.contiguous()
+    dgate = torch.empty(gate.shape, dtype=gate.dtype)
+    dup = torch.empty(gate.shape, dtype=gate.dtype)
+    if dy.numel():
+        _C.glu(_DTYPE_CODE[gate.dtype], _ACTIVATION_CODE[activation], N, C, gate.data_ptr(), g_stride, up.data_ptr(),
+               u_stride, dy.data_ptr(), 0, dgate.data_ptr(), dup.data_ptr(), _threads())
+    return dgate, dup
 
 
 # Below about 2M multiply-adds (or 4 rows) packing the operands and starting threads cost more than
