@@ -21,12 +21,18 @@ Launchers (every shape below is a tensor's; "stats" means backend.stats_dtype(x.
     add_layer_norm_backward(dy, dh, h, weight, mean, rstd, residual_dtype, need_weight_grad,
                             need_bias_grad) -> (dx, dresidual, dw, db)
         dh (h's gradient) may be None; dresidual may be dx itself when the residual has h's dtype.
-    attention_forward(q, k, v, is_causal, scale, dropout_p, seed) -> (out, lse)
-        q (B, H, Tq, D), k (B, H, Tk, D), v (B, H, Tk, Dv), any strides with a unit last one; out
-        (B, H, Tq, Dv) laid out as (B, Tq, H, Dv) (_layout.empty_bthd); lse (B, H, Tq) stats.
-        seed: an int, a one-element int64 tensor (seed.py), or None without dropout.
-    attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed) -> (dq, dk, dv)
-        each in its input's layout where that is dense (_layout.empty_grad_like).
+    attention_forward(q, k, v, is_causal, scale, dropout_p, seed, attn_mask=None, window=0) -> (out, lse)
+        q (B, H, Tq, D), k (B, Hkv, Tk, D), v (B, Hkv, Tk, Dv), any strides with a unit last one, Hkv
+        dividing H (query head h reads key/value head h // (H // Hkv)); out (B, H, Tq, Dv) laid out as
+        (B, Tq, H, Dv) (_layout.empty_bthd); lse (B, H, Tq) stats, +inf for a query that sees no key
+        (its output row is 0). seed: an int, a one-element int64 tensor (seed.py), or None without
+        dropout. attn_mask: None, or bool / additive, 2-D to 4-D, broadcastable to (B, H, Tq, Tk), any
+        strides (read in place: _layout.mask_strides); window: 0, or with is_causal the sliding
+        window (query i sees keys i - window < j <= i).
+    attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed, attn_mask=None,
+                       window=0) -> (dq, dk, dv)
+        each in its input's layout where that is dense (_layout.empty_grad_like); dk, dv summed over
+        each key/value head's group of query heads.
     gelu_forward(x) -> y,  gelu_backward(dy, x) -> dx       (exact erf GELU; only where RUNS_GELU)
     dropout_mask(seed, batch, heads, q_len, k_len, p) -> bool (batch, heads, q_len, k_len)
         the keep mask the attention kernels apply for that seed.
@@ -42,6 +48,7 @@ Capabilities (data, read by checks.py and the ops):
     DTYPES                     the floating-point dtypes the kernels take
     MAX_HEAD_DIM               attention's largest head size
     VALUE_HEAD_DIM_MAY_DIFFER  whether v's head size may differ from q's and k's
+    ATTENTION_MASKS            whether attention takes attn_mask, window and fewer key/value heads
     LAYER_NORM_PARAMS_ANY_DTYPE  whether LayerNorm's weight and bias may have another of DTYPES than
                                the input (the gradients then come in the parameters' dtype)
     MAX_BATCH_HEADS            attention's largest batch * heads (None: no limit)
