@@ -150,7 +150,7 @@ def attention_on(backend, fn, query, key, value, attn_mask, dropout_p, is_causal
     """scaled_dot_product_attention on a given backend (None: the tensors'; nanofast.kernels passes the
     Triton one, for CPU tensors too), with fn naming the function in error messages."""
     dropout_p, scale = attention_args(query, key, value, attn_mask, dropout_p, scale, enable_gqa, fn, backend)
-    window = window_arg(fn, window, is_causal, backend or backend_for(query))
+    window = window_arg(fn, window, is_causal)
     seed = draw_seed(query.device) if dropout_p > 0 else None
     q, k, v = (unit_last_stride(t) for t in (query, key, value))
     if backend is None and torch.compiler.is_compiling():

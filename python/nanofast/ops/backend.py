@@ -48,7 +48,6 @@ Capabilities (data, read by checks.py and the ops):
     DTYPES                     the floating-point dtypes the kernels take
     MAX_HEAD_DIM               attention's largest head size
     VALUE_HEAD_DIM_MAY_DIFFER  whether v's head size may differ from q's and k's
-    ATTENTION_MASKS            whether attention takes attn_mask, window and fewer key/value heads
     LAYER_NORM_PARAMS_ANY_DTYPE  whether LayerNorm's weight and bias may have another of DTYPES than
                                the input (the gradients then come in the parameters' dtype)
     MAX_BATCH_HEADS            attention's largest batch * heads (None: no limit)

@@ -239,8 +239,6 @@ def _check_qkv(fn, query, key, value, backend, enable_gqa=True):
     if NKV != NH and (NKV == 0 or NH % NKV != 0):
         raise ValueError(f"{fn}: grouped-query attention needs key/value heads that divide the query heads, got "
                          f"{shapes}")
-    if NKV != NH and not backend.ATTENTION_MASKS:
-        raise UnsupportedArgument(f"{fn}: grouped-query attention is not supported on {backend.NAME} yet ({shapes})")
     if key.shape[3] != HS:
         raise ValueError(f"{fn}: key head_dim {key.shape[3]} must equal query head_dim {HS} "
                          f"(query {tuple(query.shape)}, key {tuple(key.shape)})")
@@ -258,7 +256,7 @@ def _check_qkv(fn, query, key, value, backend, enable_gqa=True):
                          f"{B} * {NH}")
 
 
-def _check_mask(fn, attn_mask, query, key, backend):
+def _check_mask(fn, attn_mask, query, key):
     """attn_mask as torch takes it: bool (True: the key takes part) or additive floating point (float32
     or query's dtype), 2-D to 4-D and broadcastable to (batch, heads, query len, key len)."""
     if not isinstance(attn_mask, torch.Tensor):
@@ -273,15 +271,12 @@ def _check_mask(fn, attn_mask, query, key, backend):
     if not 2 <= len(shape) <= 4 or any(s not in (1, t) for s, t in zip(shape[::-1], target[::-1])):
         raise ValueError(f"{fn}: attn_mask of shape {shape} does not broadcast to (batch, heads, query len, key len) "
                          f"= {target}")
-    backend = backend or backend_of_device(query)
-    if not backend.ATTENTION_MASKS:
-        raise UnsupportedArgument(f"{fn}: attn_mask is not supported on {backend.NAME} yet (got {shape})")
     if attn_mask.requires_grad and torch.is_grad_enabled():
         raise UnsupportedArgument(f"{fn}: attn_mask requires grad, but nanofast gives the mask no gradient; detach "
                                   "it, or use torch.nn.functional.scaled_dot_product_attention for a learned mask")
 
 
-def window_arg(fn, window, is_causal, backend=None):
+def window_arg(fn, window, is_causal):
     """The sliding window (a nanofast extension): None (or 0) for none, else a positive int that narrows
     the causal mask to query i seeing keys i - window < j <= i. Returned as an int, 0 for none."""
     if window is None:
@@ -291,8 +286,6 @@ def window_arg(fn, window, is_causal, backend=None):
     if window and not is_causal:
         raise ValueError(f"{fn}: window={window} is a sliding window over the causal mask (query i sees keys "
                          "i - window < j <= i); pass is_causal=True with it")
-    if window and backend is not None and not backend.ATTENTION_MASKS:
-        raise UnsupportedArgument(f"{fn}: window is not supported on {backend.NAME} yet")
     return window
 
 
@@ -302,7 +295,7 @@ def attention_args(query, key, value, attn_mask, dropout_p, scale, enable_gqa=Fa
     The window, a nanofast extension, is checked by window_arg."""
     _check_qkv(fn, query, key, value, backend, enable_gqa)
     if attn_mask is not None:
-        _check_mask(fn, attn_mask, query, key, backend)
+        _check_mask(fn, attn_mask, query, key)
     dropout_p = check_probability(fn, "dropout_p", dropout_p)
     HS = query.shape[3]
     if scale is None:
@@ -317,8 +310,8 @@ def attention_forward_args(fn, q, k, v, dropout_p, seed, backend, attn_mask=None
     """The attention forward launcher's arguments (backend.py's contract)."""
     _check_qkv(fn, q, k, v, backend)
     if attn_mask is not None:
-        _check_mask(fn, attn_mask, q, k, backend)
-    window_arg(fn, window, is_causal, backend)
+        _check_mask(fn, attn_mask, q, k)
+    window_arg(fn, window, is_causal)
     check_probability(fn, "dropout_p", dropout_p)
     check_seed(fn, seed)
 

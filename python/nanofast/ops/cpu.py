@@ -19,7 +19,6 @@ NAME = "nanofast's CPU backend"
 DTYPES = tuple(_DTYPE_CODE)
 MAX_HEAD_DIM = 256
 VALUE_HEAD_DIM_MAY_DIFFER = True
-ATTENTION_MASKS = True  # attn_mask, window and grouped-query attention
 LAYER_NORM_PARAMS_ANY_DTYPE = False
 MAX_BATCH_HEADS = None
 RUNS_DROPOUT = True

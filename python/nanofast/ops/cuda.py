@@ -23,7 +23,6 @@ NAME = "nanofast's CUDA backend (Triton)"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128  # the attention kernels keep a head's row in one tile
 VALUE_HEAD_DIM_MAY_DIFFER = False
-ATTENTION_MASKS = False  # attn_mask, window and grouped-query attention: not yet in the Triton kernels
 LAYER_NORM_PARAMS_ANY_DTYPE = True  # e.g. float32 weights on bfloat16 rows
 MAX_BATCH_HEADS = 65535  # the attention kernels' second grid dimension
 RUNS_DROPOUT = False
@@ -77,15 +76,14 @@ def add_layer_norm_backward(dy, dh, h, weight, mean, rstd, residual_dtype, need_
 
 
 def attention_forward(q, k, v, is_causal, scale, dropout_p, seed, attn_mask=None, window=0, launch=None):
-    # (attn_mask and window: always None and 0 while ATTENTION_MASKS is False)
-    return _kernels("attention").attention_forward(q, k, v, is_causal, scale, dropout_p, _seed(seed),
+    return _kernels("attention").attention_forward(q, k, v, is_causal, scale, dropout_p, _seed(seed), attn_mask, window,
                                                    **_launch(launch))
 
 
 def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed, attn_mask=None, window=0,
                        launch=None):
     return _kernels("attention").attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p,
-                                                    _seed(seed), **_launch(launch))
+                                                    _seed(seed), attn_mask, window, **_launch(launch))
 
 
 def _seed(seed):
