@@ -97,6 +97,59 @@ def test_attention(benchmark, record, device, case, shape, mode, dtype, provider
            work=attention_flops(B, H, T, D, True, backward), unit="GFLOP/s")
 
 
+# The attention calls of Hugging Face models (issue 17's families: B=8, T=128, 256 wide; SmolLM2-135M at
+# B=4, T=512): (B, H, Hkv, T, D, padding, causal, window). Both sides get what transformers passes on the
+# CPU: with padding or a window one (B, 1, T, T) bool mask holding every rule (causal included, is_causal
+# off), else is_causal; grouped key/value heads with enable_gqa.
+ATTN_MASK_CONFIGS = {
+    "bert-padding": (8, 8, 8, 128, 32, True, False, None),
+    "qwen2-gqa": (8, 8, 2, 128, 32, False, True, None),
+    "qwen2-gqa-padding": (8, 8, 2, 128, 32, True, True, None),
+    "smollm2-gqa": (4, 9, 3, 512, 64, False, True, None),
+    "mistral-window-as-mask": (4, 8, 2, 512, 32, False, True, 128),
+}
+
+
+def _hf_mask(B, T, padding, causal, window, g):
+    """The bool mask transformers builds, or None where it passes is_causal instead."""
+    if not (padding or window):
+        return None
+    lengths = torch.randint(T // 2, T + 1, (B,), generator=g) if padding else torch.full((B,), T)
+    keep = (torch.arange(T) < lengths[:, None]).view(B, 1, 1, T)
+    ones = torch.ones(T, T, dtype=torch.bool)
+    if causal:
+        keep = keep & ones.tril()
+    if window:
+        keep = keep & ones.triu(1 - window)
+    return keep.expand(B, 1, T, T).contiguous()
+
+
+@pytest.mark.parametrize("case", list(ATTN_MASK_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("provider", ["nanofast", "torch"])
+def test_attention_masks(benchmark, record, case, dtype, provider):
+    """Attention forward and backward with a padding mask, grouped-query heads and a sliding window passed
+    as a mask, on the CPU, against torch's F.scaled_dot_product_attention on the same arguments."""
+    B, H, Hkv, T, D, padding, causal, window = ATTN_MASK_CONFIGS[case]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, T, H, D, generator=g).to(dtype).transpose(1, 2).requires_grad_()
+    k, v = (torch.randn(B, T, Hkv, D, generator=g).to(dtype).transpose(1, 2).requires_grad_() for _ in range(2))
+    dout = torch.randn(B, H, T, D, generator=g).to(dtype)
+    mask = _hf_mask(B, T, padding, causal, window, g)
+    kwargs = dict(attn_mask=mask, is_causal=causal and mask is None, enable_gqa=Hkv != H)
+    fn = ATTENTION[provider]
+    if provider != "torch":  # one key/value head and its query heads of the first sequence, against float64
+        G = H // Hkv
+        sl = [t[:1, :n].detach().requires_grad_() for t, n in ((q, G), (k, 1), (v, 1))]
+        sl_kwargs = dict(kwargs, attn_mask=None if mask is None else mask[:1])
+        _check_parity("masked attention", ("out", "dq", "dk", "dv"), fn, attention_reference, sl, dout[:1, :G], True,
+                      sl_kwargs)
+    timed(benchmark, lambda: _run(fn, [q, k, v], dout, True, kwargs), "cpu")
+    record(benchmark, op="attention (HF masks, GQA)", case=f"{case} B{B} H{H}/{Hkv} T{T} D{D}", mode="fwdbwd",
+           dtype=dtype, provider=provider, device="cpu", work=attention_flops(B, H, T, D, causal, True),
+           unit="GFLOP/s")
+
+
 @pytest.mark.parametrize("device,case,shape,mode,dtype,provider",
                          _cases(LN_CONFIGS, LN_SWEEP, "C"))
 def test_layer_norm(benchmark, record, device, case, shape, mode, dtype, provider):

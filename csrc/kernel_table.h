@@ -6,10 +6,10 @@
 
 namespace nanofast {
 
-enum DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2 };
+enum DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kBool = 3 };  // kBool: attention masks only
 
 // Shapes use llm.c's names: rows N and channels C for LayerNorm; batch B, heads NH, query and key
-// lengths TQ and TK, head size HS (query/key) and HSV (value) for attention.
+// lengths TQ and TK, head size HS (query/key) and HSV (value), key/value heads NKV for attention.
 struct LayerNormForwardArgs {
   int dtype;
   int64_t N, C;
@@ -130,11 +130,26 @@ struct Strided4 {
   int64_t sb, sh, st;
 };
 
+// An attention mask as torch's scaled_dot_product_attention takes it, read in place as a (B, NH, TQ, TK)
+// tensor: element strides, 0 along the dims it is broadcast over. kBool: key j takes part in query i's
+// softmax iff the byte is nonzero; a float dtype: the value is added to the scaled score (-inf excludes).
+struct AttentionMask {
+  const void* ptr;  // null: no mask
+  int dtype;        // kBool, or kFloat32 / kFloat64 / kBFloat16
+  int64_t sb, sh, sq, sk;
+};
+
+// Query head h reads key/value head h / (NH / NKV) (grouped-query attention; NKV == NH without it).
+// Keys a query sees: those the mask keeps, and by position j <= i with causal, i - window < j with a
+// window (window > 0, always with causal: Mistral's sliding window). A query that sees no key gets a
+// zero output and lse = +inf (so the backward's exp(s - lse) is 0 for it), as torch returns zeros.
 struct AttentionForwardArgs {
   int dtype;
-  int64_t B, NH, TQ, TK, HS, HSV;
-  Strided4 q, k, v, out;  // out.ptr is written
+  int64_t B, NH, TQ, TK, HS, HSV, NKV;
+  Strided4 q, k, v, out;  // out.ptr is written; k and v have NKV heads
   void* lse;              // (B, NH, TQ) contiguous, accumulation type; natural-log logsumexp
+  AttentionMask mask;
+  int64_t window;  // 0: none
   double scale;
   bool causal;       // key j is visible to query i iff j <= i (torch's is_causal)
   double dropout_p;  // the keep test compares in float32 (as Triton does); the rescale uses it in full
@@ -144,10 +159,12 @@ struct AttentionForwardArgs {
 
 struct AttentionBackwardArgs {
   int dtype;
-  int64_t B, NH, TQ, TK, HS, HSV;
+  int64_t B, NH, TQ, TK, HS, HSV, NKV;
   Strided4 q, k, v, out, dout;
   const void* lse;
-  Strided4 dq, dk, dv;  // written
+  Strided4 dq, dk, dv;  // written; dk and dv have NKV heads, each the sum over its group's query heads
+  AttentionMask mask;
+  int64_t window;
   double scale;
   bool causal;
   double dropout_p;  // the keep test compares in float32 (as Triton does); the rescale uses it in full

@@ -29,6 +29,12 @@ nanofast::Strided4 strided(uintptr_t p, const Strides3& s) {
   return {ptr<const void>(p), std::get<0>(s), std::get<1>(s), std::get<2>(s)};
 }
 
+// An attention mask: its data pointer (0: none), dtype code and (B, NH, TQ, TK) element strides.
+using Strides4 = std::tuple<int64_t, int64_t, int64_t, int64_t>;
+nanofast::AttentionMask attention_mask(uintptr_t p, int dtype, const Strides4& s) {
+  return {ptr<const void>(p), dtype, std::get<0>(s), std::get<1>(s), std::get<2>(s), std::get<3>(s)};
+}
+
 // Each binding fills its kernel's argument struct member by member (value-initialised first, so a
 // member added later starts at zero): a reordered struct cannot mix the arguments up.
 void layer_norm_forward(int dtype, int64_t N, int64_t C, uintptr_t x, int64_t x_row_stride, uintptr_t weight,
@@ -173,13 +179,16 @@ bool rms_norm_backward(int dtype, int residual_dtype, int y_dtype, int64_t N, in
   return kernels().rms_norm_backward(a);
 }
 
-void attention_forward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK, int64_t HS, int64_t HSV, uintptr_t q,
-                       Strides3 qs, uintptr_t k, Strides3 ks, uintptr_t v, Strides3 vs, uintptr_t out, Strides3 os,
-                       uintptr_t lse, double scale, bool causal, double dropout_p, uint64_t seed, int num_threads) {
+void attention_forward(int dtype, int64_t B, int64_t NH, int64_t NKV, int64_t TQ, int64_t TK, int64_t HS, int64_t HSV,
+                       uintptr_t q, Strides3 qs, uintptr_t k, Strides3 ks, uintptr_t v, Strides3 vs, uintptr_t out,
+                       Strides3 os, uintptr_t lse, uintptr_t mask, int mask_dtype, Strides4 ms, int64_t window,
+                       double scale, bool causal, double dropout_p, uint64_t seed, int num_threads) {
+  if (NKV <= 0 || NH % NKV != 0) throw std::invalid_argument("attention_forward: NKV must divide NH");
   nanofast::AttentionForwardArgs a{};
   a.dtype = dtype;
   a.B = B;
   a.NH = NH;
+  a.NKV = NKV;
   a.TQ = TQ;
   a.TK = TK;
   a.HS = HS;
@@ -189,6 +198,8 @@ void attention_forward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK,
   a.v = strided(v, vs);
   a.out = strided(out, os);
   a.lse = ptr<void>(lse);
+  a.mask = attention_mask(mask, mask_dtype, ms);
+  a.window = window;
   a.scale = scale;
   a.causal = causal;
   a.dropout_p = dropout_p;
@@ -197,15 +208,18 @@ void attention_forward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK,
   kernels().attention_forward(a);
 }
 
-void attention_backward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK, int64_t HS, int64_t HSV, uintptr_t q,
-                        Strides3 qs, uintptr_t k, Strides3 ks, uintptr_t v, Strides3 vs, uintptr_t out, Strides3 os,
-                        uintptr_t dout, Strides3 dos, uintptr_t lse, uintptr_t dq, Strides3 dqs, uintptr_t dk,
-                        Strides3 dks, uintptr_t dv, Strides3 dvs, double scale, bool causal, double dropout_p,
-                        uint64_t seed, int num_threads) {
+void attention_backward(int dtype, int64_t B, int64_t NH, int64_t NKV, int64_t TQ, int64_t TK, int64_t HS, int64_t HSV,
+                        uintptr_t q, Strides3 qs, uintptr_t k, Strides3 ks, uintptr_t v, Strides3 vs, uintptr_t out,
+                        Strides3 os, uintptr_t dout, Strides3 dos, uintptr_t lse, uintptr_t dq, Strides3 dqs,
+                        uintptr_t dk, Strides3 dks, uintptr_t dv, Strides3 dvs, uintptr_t mask, int mask_dtype,
+                        Strides4 ms, int64_t window, double scale, bool causal, double dropout_p, uint64_t seed,
+                        int num_threads) {
+  if (NKV <= 0 || NH % NKV != 0) throw std::invalid_argument("attention_backward: NKV must divide NH");
   nanofast::AttentionBackwardArgs a{};
   a.dtype = dtype;
   a.B = B;
   a.NH = NH;
+  a.NKV = NKV;
   a.TQ = TQ;
   a.TK = TK;
   a.HS = HS;
@@ -219,6 +233,8 @@ void attention_backward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK
   a.dq = strided(dq, dqs);
   a.dk = strided(dk, dks);
   a.dv = strided(dv, dvs);
+  a.mask = attention_mask(mask, mask_dtype, ms);
+  a.window = window;
   a.scale = scale;
   a.causal = causal;
   a.dropout_p = dropout_p;

@@ -120,25 +120,30 @@ def glu_backward(dy, gate, up, activation, **kwargs):
     return submodule("glu").glu_backward(dy, gate, up, activation, **kwargs)
 
 
-def attention_forward(q, k, v, is_causal, scale, dropout_p=0.0, seed=0, **kwargs):
-    """(out, lse) for q (B, H, Tq, D), k and v (B, H, Tk, D), any strides.
+def attention_forward(q, k, v, is_causal, scale, dropout_p=0.0, seed=0, attn_mask=None, window=0, **kwargs):
+    """(out, lse) for q (B, H, Tq, D), k and v (B, Hkv, Tk, D) (Hkv dividing H), any strides.
 
     out: (B, H, Tq, D), q's dtype, laid out as (B, Tq, H, D) (a transpose(1, 2) view);
-    lse: (B, H, Tq) float32 contiguous, natural log. Keyword ``tf32=True`` allows TF32 dots for
-    float32 inputs (default: the NANOFAST_TF32=1 environment variable, else IEEE float32).
+    lse: (B, H, Tq) float32 contiguous, natural log (+inf for a query that sees no key). attn_mask:
+    None, bool or additive, broadcastable to (B, H, Tq, Tk); window: 0, or with is_causal the sliding
+    window. Keyword ``tf32=True`` allows TF32 dots for float32 inputs (default: the NANOFAST_TF32=1
+    environment variable, else IEEE float32).
     """
     _checks().attention_forward_args("nanofast.kernels.attention_forward", q, k, v, dropout_p, seed,
-                                     _triton_backend())
-    return submodule("attention").attention_forward(q, k, v, is_causal, scale, dropout_p, seed, **kwargs)
+                                     _triton_backend(), attn_mask, window, is_causal)
+    return submodule("attention").attention_forward(q, k, v, is_causal, scale, dropout_p, seed, attn_mask, window,
+                                                    **kwargs)
 
 
-def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p=0.0, seed=0, **kwargs):
+def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p=0.0, seed=0, attn_mask=None, window=0,
+                       **kwargs):
     """(dq, dk, dv), each with its input's shape and dtype, in its input's layout where that is dense with a
-    unit last stride, else laid out as (B, T, H, D). Deterministic."""
+    unit last stride, else laid out as (B, T, H, D); dk and dv summed over each key/value head's query
+    heads. Deterministic."""
     _checks().attention_backward_args("nanofast.kernels.attention_backward", dout, q, k, v, out, lse, dropout_p,
-                                      seed, _triton_backend())
+                                      seed, _triton_backend(), attn_mask, window, is_causal)
     return submodule("attention").attention_backward(
-        dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed, **kwargs)
+        dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed, attn_mask, window, **kwargs)
 
 
 def dropout_mask(seed, batch, heads, q_len, k_len, p, **kwargs):
@@ -180,14 +185,15 @@ def geglu(gate, up, approximate="none"):
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                                 scale=None, enable_gqa=False):
+                                 scale=None, enable_gqa=False, *, window=None):
     """torch.nn.functional.scaled_dot_product_attention on the Triton flash-attention kernels.
 
     Inputs (B, H, T, D), strided views allowed; causal is top-left aligned (key j visible to query i
-    iff j <= i). Dropout uses a seed drawn from torch's CPU generator, so torch.manual_seed makes it
+    iff j <= i). attn_mask, enable_gqa and window as nanofast.ops.scaled_dot_product_attention takes
+    them. Dropout uses a seed drawn from torch's CPU generator, so torch.manual_seed makes it
     reproducible and the mask equals nanofast.ops.dropout_mask for that seed. The result is a
     (B, H, Tq, D) view of a (B, Tq, H, D) buffer.
     """
     from nanofast.ops.attention import attention_on
     return attention_on(_triton_backend(), "nanofast.kernels.scaled_dot_product_attention", query, key, value,
-                        attn_mask, dropout_p, is_causal, scale, enable_gqa)
+                        attn_mask, dropout_p, is_causal, scale, enable_gqa, window)

@@ -197,8 +197,11 @@ def _t(*shape, dtype=torch.float32):
 
 @pytest.mark.parametrize("call,exc,match", [
     (lambda: ops.scaled_dot_product_attention(_t(1, 2, 3, 4), _t(1, 2, 3, 4), _t(1, 2, 3, 4),
-                                              attn_mask=torch.ones(3, 3, dtype=torch.bool)),
-     NotImplementedError, r"attn_mask is not supported \(got \(3, 3\)\)"),
+                                              attn_mask=torch.ones(3, 4, dtype=torch.bool)),
+     ValueError, r"attn_mask of shape \(3, 4\) does not broadcast to .* = \(1, 2, 3, 3\)"),
+    (lambda: ops.scaled_dot_product_attention(_t(1, 2, 3, 4), _t(1, 2, 3, 4), _t(1, 2, 3, 4),
+                                              attn_mask=torch.zeros(3, 3, requires_grad=True)),
+     NotImplementedError, r"attn_mask requires grad"),
     (lambda: ops.scaled_dot_product_attention(_t(1, 2, 3, 4), _t(1, 2, 3, 5), _t(1, 2, 3, 4)),
      ValueError, r"key head_dim 5 must equal query head_dim 4"),
     (lambda: ops.scaled_dot_product_attention(_t(1, 2, 3, 4), _t(1, 3, 3, 4), _t(1, 3, 3, 4)),

@@ -55,6 +55,11 @@ CASES = {
     "attention_dropout": (_seeded(lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, dropout_p=0.3,
                                                                                    is_causal=True)),
                           [(1, 2, 4, 3), (1, 2, 5, 3), (1, 2, 5, 4)]),
+    # a padding mask, a sliding window and grouped-query attention (two query heads per key/value head)
+    "attention_masked_gqa_window": (
+        lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, torch.tensor([[True] * 4 + [False]]), is_causal=True,
+                                                         enable_gqa=True, window=3),
+        [(1, 4, 5, 3), (1, 2, 5, 3), (1, 2, 5, 4)]),
 }
 
 

@@ -98,6 +98,24 @@ def test_rms_norm_triton_ops_match_the_cpu_ops(residual):
     _close(grads, ref_grads, 2e-5)
 
 
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_masked_grouped_attention_triton_ops_match_the_cpu_ops(mask_dtype):
+    # a (B, 1, 1, Tk) padding mask, two query heads per key/value head, a sliding window, dropout
+    B, H, Hkv, T, D = 2, 4, 2, 29, 16
+    q, do = _randn(B, H, T, D, seed=15), _randn(B, H, T, D, seed=16)
+    k, v = _randn(B, Hkv, T, D, seed=17), _randn(B, Hkv, T, D, seed=18)
+    keep = (torch.arange(T) < torch.tensor([T, 11])[:, None]).view(B, 1, 1, T)
+    mask = keep if mask_dtype == torch.bool else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    seed = torch.tensor([12345])
+    ours = nf.sdpa_fwd_triton(q, k, v, True, 0.3, 0.2, seed.to(DEVICE), mask.to(DEVICE), 9)
+    ref = nf.sdpa_fwd(q.cpu(), k.cpu(), v.cpu(), True, 0.3, 0.2, seed, mask, 9)
+    _close(ours, ref, 2e-5)
+    grads = nf.sdpa_bwd_triton(do, q, k, v, ours[0], ours[1], True, 0.3, 0.2, seed.to(DEVICE), mask.to(DEVICE), 9)
+    ref_grads = nf.sdpa_bwd(do.cpu(), q.cpu(), k.cpu(), v.cpu(), ref[0], ref[1], True, 0.3, 0.2, seed, mask, 9)
+    assert [g.shape for g in grads] == [g.shape for g in ref_grads]
+    _close(grads, ref_grads, 2e-5)
+
+
 # ---- the launchers are traceable: fake tensors, a recording launch ----
 
 class _Recorder:
@@ -156,6 +174,15 @@ def test_cuda_launchers_are_traceable():
     bwd = _fake_launches(lambda launch: cuda.attention_backward(
         *(_e(2, 3, 40, 24) for _ in range(5)), _e(2, 3, 40), False, 0.2, 0.1, seed(),
         launch=launch))
+    assert bwd == ["_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"]
+    # a broadcast mask (stride 0 read from the fake's strides), grouped heads and a window
+    q, kv = (lambda: torch.empty(2, 4, 40, 24)), (lambda: torch.empty(2, 2, 40, 24))  # noqa: E731
+    mask = lambda: torch.ones(2, 1, 1, 40, dtype=torch.bool)  # noqa: E731
+    fwd = _fake_launches(lambda launch: cuda.attention_forward(q(), kv(), kv(), True, 0.2, 0.1, seed(), mask(), 8,
+                                                               launch=launch))
+    assert fwd == ["_attn_fwd_kernel"]
+    bwd = _fake_launches(lambda launch: cuda.attention_backward(
+        q(), q(), kv(), kv(), q(), torch.empty(2, 4, 40), True, 0.2, 0.1, seed(), mask(), 8, launch=launch))
     assert bwd == ["_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"]
 
 

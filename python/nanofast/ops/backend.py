@@ -32,12 +32,18 @@ Launchers (every shape below is a tensor's; "stats" means backend.stats_dtype(x.
         x: the forward's x, or its h where it had a residual of residual_dtype (None: no residual);
         dh (h's gradient) may be None. dx contiguous in x's shape; dresidual empty without a
         residual or where it would be dx (a residual of x's dtype); dw (C,) or empty where not needed.
-    attention_forward(q, k, v, is_causal, scale, dropout_p, seed) -> (out, lse)
-        q (B, H, Tq, D), k (B, H, Tk, D), v (B, H, Tk, Dv), any strides with a unit last one; out
-        (B, H, Tq, Dv) laid out as (B, Tq, H, Dv) (_layout.empty_bthd); lse (B, H, Tq) stats.
-        seed: an int, a one-element int64 tensor (seed.py), or None without dropout.
-    attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed) -> (dq, dk, dv)
-        each in its input's layout where that is dense (_layout.empty_grad_like).
+    attention_forward(q, k, v, is_causal, scale, dropout_p, seed, attn_mask=None, window=0) -> (out, lse)
+        q (B, H, Tq, D), k (B, Hkv, Tk, D), v (B, Hkv, Tk, Dv), any strides with a unit last one, Hkv
+        dividing H (query head h reads key/value head h // (H // Hkv)); out (B, H, Tq, Dv) laid out as
+        (B, Tq, H, Dv) (_layout.empty_bthd); lse (B, H, Tq) stats, +inf for a query that sees no key
+        (its output row is 0). seed: an int, a one-element int64 tensor (seed.py), or None without
+        dropout. attn_mask: None, or bool / additive, 2-D to 4-D, broadcastable to (B, H, Tq, Tk), any
+        strides (read in place: _layout.mask_strides); window: 0, or with is_causal the sliding
+        window (query i sees keys i - window < j <= i).
+    attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed, attn_mask=None,
+                       window=0) -> (dq, dk, dv)
+        each in its input's layout where that is dense (_layout.empty_grad_like); dk, dv summed over
+        each key/value head's group of query heads.
     gelu_forward(x, approximate) -> y,  gelu_backward(dy, x, approximate) -> dx  (only where RUNS_GELU)
         exact erf GELU (approximate "none") or its tanh approximation ("tanh").
     glu_forward(gate, up, activation) -> act(gate) * up

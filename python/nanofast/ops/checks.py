@@ -10,8 +10,8 @@ from .backend import backend_of_device
 
 
 class UnsupportedArgument(NotImplementedError, ValueError):
-    """An argument torch's function takes that nanofast does not support yet (attn_mask, enable_gqa).
-    Both a NotImplementedError and a ValueError, so callers may catch either."""
+    """An argument torch's function takes that nanofast does not support yet (an attn_mask that
+    requires grad). Both a NotImplementedError and a ValueError, so callers may catch either."""
 
 
 def _describe(t):
@@ -337,7 +337,9 @@ def linear_args(input, weight, bias, mixed=False):
 
 # ---- attention ----
 
-def _check_qkv(fn, query, key, value, backend):
+def _check_qkv(fn, query, key, value, backend, enable_gqa=True):
+    """enable_gqa: whether key and value may have fewer heads than query (grouped-query attention);
+    the launchers take that whenever the shapes say so."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_tensor(name, t, fn, backend)
         if t.dim() != 4:
@@ -347,10 +349,16 @@ def _check_qkv(fn, query, key, value, backend):
     if backend is None:
         backend = backend_of_device(query)
     B, NH, TQ, HS = query.shape
-    HSV = value.shape[3]
-    if key.shape[0] != B or key.shape[1] != NH or value.shape[0] != B or value.shape[1] != NH:
-        raise ValueError(f"{fn}: query {tuple(query.shape)}, key {tuple(key.shape)} and value {tuple(value.shape)} "
-                         "must agree in batch and heads")
+    NKV, HSV = key.shape[1], value.shape[3]
+    shapes = f"query {tuple(query.shape)}, key {tuple(key.shape)} and value {tuple(value.shape)}"
+    if key.shape[0] != B or value.shape[0] != B or value.shape[1] != NKV:
+        raise ValueError(f"{fn}: {shapes} must agree in batch and heads (key and value in heads)")
+    if NKV != NH and not enable_gqa:
+        raise ValueError(f"{fn}: {shapes} must agree in batch and heads (or pass enable_gqa=True for grouped-query "
+                         "attention)")
+    if NKV != NH and (NKV == 0 or NH % NKV != 0):
+        raise ValueError(f"{fn}: grouped-query attention needs key/value heads that divide the query heads, got "
+                         f"{shapes}")
     if key.shape[3] != HS:
         raise ValueError(f"{fn}: key head_dim {key.shape[3]} must equal query head_dim {HS} "
                          f"(query {tuple(query.shape)}, key {tuple(key.shape)})")
@@ -368,16 +376,46 @@ def _check_qkv(fn, query, key, value, backend):
                          f"{B} * {NH}")
 
 
+def _check_mask(fn, attn_mask, query, key):
+    """attn_mask as torch takes it: bool (True: the key takes part) or additive floating point (float32
+    or query's dtype), 2-D to 4-D and broadcastable to (batch, heads, query len, key len)."""
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"{fn}: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+        raise TypeError(f"{fn}: attn_mask must be bool, float32 or query's dtype ({query.dtype}), got "
+                        f"{attn_mask.dtype}")
+    check_same_device(fn, "query", query, "attn_mask", attn_mask)
+    B, NH, TQ, _ = query.shape
+    target = (B, NH, TQ, key.shape[2])
+    shape = tuple(attn_mask.shape)
+    if not 2 <= len(shape) <= 4 or any(s not in (1, t) for s, t in zip(shape[::-1], target[::-1])):
+        raise ValueError(f"{fn}: attn_mask of shape {shape} does not broadcast to (batch, heads, query len, key len) "
+                         f"= {target}")
+    if attn_mask.requires_grad and torch.is_grad_enabled():
+        raise UnsupportedArgument(f"{fn}: attn_mask requires grad, but nanofast gives the mask no gradient; detach "
+                                  "it, or use torch.nn.functional.scaled_dot_product_attention for a learned mask")
+
+
+def window_arg(fn, window, is_causal):
+    """The sliding window (a nanofast extension): None (or 0) for none, else a positive int that narrows
+    the causal mask to query i seeing keys i - window < j <= i. Returned as an int, 0 for none."""
+    if window is None:
+        return 0
+    if type(window) is not int or window < 0:
+        raise ValueError(f"{fn}: window must be a positive int or None, got {window!r}")
+    if window and not is_causal:
+        raise ValueError(f"{fn}: window={window} is a sliding window over the causal mask (query i sees keys "
+                         "i - window < j <= i); pass is_causal=True with it")
+    return window
+
+
 def attention_args(query, key, value, attn_mask, dropout_p, scale, enable_gqa=False,
                    fn="nanofast.ops.scaled_dot_product_attention", backend=None):
-    """Checks the arguments; returns (dropout_p, scale) as floats, scale defaulting to 1/sqrt(head_dim)."""
+    """Checks the arguments; returns (dropout_p, scale) as floats, scale defaulting to 1/sqrt(head_dim).
+    The window, a nanofast extension, is checked by window_arg."""
+    _check_qkv(fn, query, key, value, backend, enable_gqa)
     if attn_mask is not None:
-        shape = tuple(attn_mask.shape) if isinstance(attn_mask, torch.Tensor) else type(attn_mask).__name__
-        raise UnsupportedArgument(f"{fn}: attn_mask is not supported (got {shape}); use is_causal=True for causal "
-                                  "masking, or torch.nn.functional.scaled_dot_product_attention for arbitrary masks")
-    if enable_gqa:
-        raise UnsupportedArgument(f"{fn}: enable_gqa is not supported; repeat the key/value heads first")
-    _check_qkv(fn, query, key, value, backend)
+        _check_mask(fn, attn_mask, query, key)
     dropout_p = check_probability(fn, "dropout_p", dropout_p)
     HS = query.shape[3]
     if scale is None:
@@ -388,16 +426,20 @@ def attention_args(query, key, value, attn_mask, dropout_p, scale, enable_gqa=Fa
     return dropout_p, scale
 
 
-def attention_forward_args(fn, q, k, v, dropout_p, seed, backend):
+def attention_forward_args(fn, q, k, v, dropout_p, seed, backend, attn_mask=None, window=0, is_causal=False):
     """The attention forward launcher's arguments (backend.py's contract)."""
     _check_qkv(fn, q, k, v, backend)
+    if attn_mask is not None:
+        _check_mask(fn, attn_mask, q, k)
+    window_arg(fn, window, is_causal)
     check_probability(fn, "dropout_p", dropout_p)
     check_seed(fn, seed)
 
 
-def attention_backward_args(fn, dout, q, k, v, out, lse, dropout_p, seed, backend):
+def attention_backward_args(fn, dout, q, k, v, out, lse, dropout_p, seed, backend, attn_mask=None, window=0,
+                            is_causal=False):
     """The attention backward launcher's arguments (backend.py's contract)."""
-    attention_forward_args(fn, q, k, v, dropout_p, seed, backend)
+    attention_forward_args(fn, q, k, v, dropout_p, seed, backend, attn_mask, window, is_causal)
     B, H, Tq, _ = q.shape
     expected = (B, H, Tq, v.shape[3])
     if tuple(dout.shape) != expected or tuple(out.shape) != expected:

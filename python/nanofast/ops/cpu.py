@@ -7,12 +7,13 @@ tensors into the pointer-and-stride form the C++ side takes. Arguments are check
 import torch
 
 from .. import _C
-from .._layout import empty_bthd, empty_grad_like
+from .._layout import empty_bthd, empty_grad_like, mask_strides
 from .compose import (composed_add_layer_norm_backward, composed_add_layer_norm_forward, composed_add_rms_norm_backward,
                       composed_add_rms_norm_forward)
 from .seed import seed_value
 
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
+_MASK_CODE = {**_DTYPE_CODE, torch.bool: 3}
 
 # ---- capabilities (read by checks.py and the ops; see backend.py) ----
 NAME = "nanofast's CPU backend"
@@ -201,36 +202,46 @@ def rms_norm_backward(dy, dh, x, weight, rstd, weight_offset, cast_before_weight
     return dx, dres, dw
 
 
-def attention_forward(q, k, v, is_causal, scale, dropout_p, seed):
+def _mask_args(attn_mask, B, NH, TQ, TK):
+    """The C++ kernels' mask arguments: pointer (0: none), dtype code, (B, NH, TQ, TK) strides."""
+    if attn_mask is None:
+        return 0, 0, (0, 0, 0, 0)
+    code = _MASK_CODE[attn_mask.dtype]
+    return attn_mask.data_ptr(), code, mask_strides(attn_mask, B, NH, TQ, TK)
+
+
+def attention_forward(q, k, v, is_causal, scale, dropout_p, seed, attn_mask=None, window=0):
     B, NH, TQ, HS = q.shape
-    TK, HSV = k.shape[2], v.shape[3]
+    NKV, TK, HSV = k.shape[1], k.shape[2], v.shape[3]
     out = empty_bthd(B, NH, TQ, HSV, q)
     lse = torch.empty(B, NH, TQ, dtype=stats_dtype(q.dtype))
     if out.numel() and TK == 0:  # softmax over no keys: torch returns zeros
         out.zero_()
         lse.fill_(float("-inf"))
     elif out.numel():
-        _C.attention_forward(_DTYPE_CODE[q.dtype], B, NH, TQ, TK, HS, HSV, q.data_ptr(), _strides3(q),
+        _C.attention_forward(_DTYPE_CODE[q.dtype], B, NH, NKV, TQ, TK, HS, HSV, q.data_ptr(), _strides3(q),
                              k.data_ptr(), _strides3(k), v.data_ptr(), _strides3(v), out.data_ptr(), _strides3(out),
-                             lse.data_ptr(), float(scale), bool(is_causal), float(dropout_p), seed_value(seed), _threads())
+                             lse.data_ptr(), *_mask_args(attn_mask, B, NH, TQ, TK), int(window), float(scale),
+                             bool(is_causal), float(dropout_p), seed_value(seed), _threads())
     return out, lse
 
 
-def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed, grads=None):
+def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed, attn_mask=None, window=0,
+                       grads=None):
     """(dq, dk, dv). `grads` (this backend only) may name three tensors of q's, k's and v's shapes and dtype, any strides
     with a unit last one, for the kernel to write into (nanofast.fused_block passes views of one
     (B, T, 3C) buffer, so the gradient of the qkv matmul's output needs no concatenation)."""
     B, NH, TQ, HS = q.shape
     lse = _packed(lse)
-    TK, HSV = k.shape[2], v.shape[3]
+    NKV, TK, HSV = k.shape[1], k.shape[2], v.shape[3]
     dq, dk, dv = grads if grads is not None else (empty_grad_like(q), empty_grad_like(k), empty_grad_like(v))
     if B * NH * TQ * TK == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    _C.attention_backward(_DTYPE_CODE[q.dtype], B, NH, TQ, TK, HS, HSV, q.data_ptr(), _strides3(q), k.data_ptr(),
+    _C.attention_backward(_DTYPE_CODE[q.dtype], B, NH, NKV, TQ, TK, HS, HSV, q.data_ptr(), _strides3(q), k.data_ptr(),
                           _strides3(k), v.data_ptr(), _strides3(v), out.data_ptr(), _strides3(out), dout.data_ptr(),
                           _strides3(dout), lse.data_ptr(), dq.data_ptr(), _strides3(dq), dk.data_ptr(), _strides3(dk),
-                          dv.data_ptr(), _strides3(dv), float(scale), bool(is_causal), float(dropout_p),
-                          seed_value(seed), _threads())
+                          dv.data_ptr(), _strides3(dv), *_mask_args(attn_mask, B, NH, TQ, TK), int(window),
+                          float(scale), bool(is_causal), float(dropout_p), seed_value(seed), _threads())
     return dq, dk, dv
 
 

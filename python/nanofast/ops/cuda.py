@@ -88,14 +88,15 @@ def rms_norm_backward(dy, dh, x, weight, rstd, weight_offset, cast_before_weight
                                                  residual_dtype, need_weight_grad, **_launch(launch))
 
 
-def attention_forward(q, k, v, is_causal, scale, dropout_p, seed, launch=None):
-    return _kernels("attention").attention_forward(q, k, v, is_causal, scale, dropout_p, _seed(seed),
+def attention_forward(q, k, v, is_causal, scale, dropout_p, seed, attn_mask=None, window=0, launch=None):
+    return _kernels("attention").attention_forward(q, k, v, is_causal, scale, dropout_p, _seed(seed), attn_mask, window,
                                                    **_launch(launch))
 
 
-def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed, launch=None):
+def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed, attn_mask=None, window=0,
+                       launch=None):
     return _kernels("attention").attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p,
-                                                    _seed(seed), **_launch(launch))
+                                                    _seed(seed), attn_mask, window, **_launch(launch))
 
 
 def _seed(seed):
