@@ -25,6 +25,15 @@ def served(t):
     return backend is not None and t.dtype in backend.DTYPES
 
 
+def layer_norm_served(input, weight, bias):
+    """served(input), with parameters whose dtype the backend's LayerNorm takes beside it (under CPU
+    autocast a float32 LayerNorm sees bfloat16 rows: torch's then)."""
+    if not served(input):
+        return False
+    backend = backend_of_device(input)
+    return backend.LAYER_NORM_PARAMS_ANY_DTYPE or all(p is None or p.dtype == input.dtype for p in (weight, bias))
+
+
 def check_tensor(name, t, fn, backend=None):
     """t is a tensor of a dtype the backend (default: its device's) takes."""
     if not isinstance(t, torch.Tensor):
