@@ -87,6 +87,26 @@ def _inputs(family, padded, dtype=torch.float32):
     return kw
 
 
+# what patch must have put in place in each family (besides attention, checked by the no-fallback rule)
+SERVED = {
+    "gpt2": (nanofast.nn.Conv1D, nanofast.nn.LayerNorm, nanofast.nn.GELU),
+    "llama": (nanofast.nn.Linear, nanofast.nn.RMSNorm, "gated"),
+    "qwen2-gqa": (nanofast.nn.Linear, nanofast.nn.RMSNorm, "gated"),
+    "mistral-window": (nanofast.nn.Linear, nanofast.nn.RMSNorm, "gated"),
+    "bert": (nanofast.nn.Linear, nanofast.nn.LayerNorm, nanofast.nn.GELU),
+    "vit": (nanofast.nn.Linear, nanofast.nn.LayerNorm, nanofast.nn.GELU),
+}
+
+
+def _assert_served(family, model):
+    for kind in SERVED[family]:
+        if kind == "gated":
+            assert any(type(m.__dict__.get("forward")).__name__ == "_GatedMLPForward" for m in model.modules())
+        else:
+            assert any(type(m) is kind for m in model.modules()), kind
+    assert model.config._attn_implementation == "nanofast"
+
+
 def _loss_and_grads(model, inputs):
     model.zero_grad(set_to_none=True)
     loss = model(**inputs).loss
@@ -108,6 +128,7 @@ def test_patched_family_matches_unpatched(family, padded):
     ref = FAMILIES[family]().eval()  # dropout off: the two models would draw other masks
     model = nanofast.patch(copy.deepcopy(ref))
     assert model.state_dict().keys() == ref.state_dict().keys()
+    _assert_served(family, model)
     ref64 = copy.deepcopy(ref).double()
     inputs = _inputs(family, padded)
     inputs64 = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
@@ -150,6 +171,20 @@ def test_patch_keeps_parameters_and_unpatch_restores():
     assert dict(model.named_modules()).keys() == modules.keys()
     assert all(m is modules[n] for n, m in model.named_modules())
     assert model.config._attn_implementation == implementation
+
+
+def test_unpatch_restores_a_llama():
+    torch.manual_seed(0)
+    model = _llama()
+    before = {n: type(m) for n, m in model.named_modules()}
+    inputs = _inputs("llama", padded=True)
+    ref = model(**inputs).loss
+    nanofast.patch(model)
+    assert any(isinstance(m, nanofast.nn.RMSNorm) for m in model.modules())
+    nanofast.unpatch(model)
+    assert {n: type(m) for n, m in model.named_modules()} == before
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert torch.equal(model(**inputs).loss, ref)
 
 
 def test_unpatched_model_is_not_routed():

@@ -81,3 +81,11 @@ class Conv1D(torch.nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return ops.linear(input, self.weight.t(), self.bias)
+
+
+class GELU(torch.nn.GELU):
+    """A drop-in for torch.nn.GELU (the erf form, or approximate='tanh': GPT-2's "gelu_new") on
+    nanofast.ops.gelu."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return ops.gelu(input, approximate=self.approximate)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import nn as nf_nn
-from . import patch_attention
+from . import ops, patch_attention
 
 _torch_sdpa = F.scaled_dot_product_attention
 _route_lock = threading.Lock()
@@ -97,12 +97,89 @@ def _conv1d(child):
     return conv
 
 
+def _is_rms_norm(m):
+    """torch.nn.RMSNorm, and the RMSNorm modules of transformers' models: a 1-D weight and an epsilon
+    (variance_epsilon: Llama, Qwen2, Mistral...; eps: Gemma's, which scales by (1 + weight))."""
+    if type(m) is torch.nn.RMSNorm:
+        return True
+    w = getattr(m, "weight", None)
+    return (type(m).__name__.endswith("RMSNorm") and isinstance(w, torch.nn.Parameter) and w.dim() == 1
+            and (hasattr(m, "variance_epsilon") or hasattr(m, "eps")) and not list(m.children()))
+
+
+def _rms_norm(child):
+    if type(child) is torch.nn.RMSNorm:
+        norm = nf_nn.RMSNorm(child.normalized_shape, child.eps, child.elementwise_affine, device="meta")
+    elif hasattr(child, "variance_epsilon"):  # Llama's: the normalised rows rounded to the input's dtype first
+        norm = nf_nn.RMSNorm(child.weight.shape, child.variance_epsilon, device="meta", cast_before_weight=True)
+    else:  # Gemma's: x * rsqrt(mean(x^2) + eps) * (1 + weight) in float32, rounded once
+        norm = nf_nn.RMSNorm(child.weight.shape, child.eps, device="meta", weight_offset=1.0)
+    norm.weight = child.weight
+    return norm
+
+
+_GELU_APPROXIMATION = {"GELUActivation": "none", "NewGELUActivation": "tanh", "GELUTanh": "tanh",
+                       "PytorchGELUTanh": "tanh"}  # transformers' activation classes
+
+
+def _is_gelu(m):
+    return (type(m) is torch.nn.GELU or type(m).__name__ in _GELU_APPROXIMATION) and not list(m.parameters())
+
+
+def _gelu(child):
+    if type(child) is torch.nn.GELU:
+        return nf_nn.GELU(child.approximate)
+    return nf_nn.GELU(_GELU_APPROXIMATION[type(child).__name__])
+
+
 # In the order they are tried; patch()'s keyword arguments name the kinds.
 _RECOGNISERS = [
     ("layer_norm", _is_layer_norm, _layer_norm),
     ("linear", _is_linear, _linear),
     ("linear", _is_conv1d, _conv1d),
+    ("rms_norm", _is_rms_norm, _rms_norm),
+    ("activation", _is_gelu, _gelu),
 ]
+
+
+def _gated_activation(m):
+    """The gated MLP a module computes, down_proj(act(gate_proj(x)) * up_proj(x)) (Llama, Qwen2, Mistral,
+    Gemma...), as the activation's name for nanofast.ops' gated kernels; None for other modules."""
+    if not all(isinstance(getattr(m, n, None), torch.nn.Module) for n in ("gate_proj", "up_proj", "down_proj")):
+        return None
+    act = getattr(m, "act_fn", None)
+    name = type(act).__name__
+    if name in ("SiLU", "SiLUActivation"):
+        return "silu"
+    if name in _GELU_APPROXIMATION or isinstance(act, torch.nn.GELU):
+        approximate = getattr(act, "approximate", None) or _GELU_APPROXIMATION.get(name, "none")
+        return "gelu" if approximate == "none" else "gelu_tanh"
+    return None
+
+
+class _GatedMLPForward:
+    """A gated MLP's forward with the gate's activation and the product in one nanofast kernel, forward
+    and backward (nanofast.ops.swiglu / geglu). A module-level class, so that patched models pickle."""
+
+    def __init__(self, module, activation):
+        self.module, self.activation = module, activation
+
+    def __call__(self, x):
+        m = self.module
+        gate, up = m.gate_proj(x), m.up_proj(x)
+        if self.activation == "silu":
+            h = ops.swiglu(gate, up)
+        else:
+            h = ops.geglu(gate, up, approximate="none" if self.activation == "gelu" else "tanh")
+        return m.down_proj(h)
+
+
+def _route_gated_mlps(model, forwards):
+    for name, m in model.named_modules():
+        activation = _gated_activation(m)
+        if activation is not None and not isinstance(m.__dict__.get("forward"), _GatedMLPForward):
+            m.forward = _GatedMLPForward(m, activation)
+            forwards.append(name)
 
 
 def _swap(module, kinds, swapped, prefix=""):
@@ -119,8 +196,8 @@ def _swap(module, kinds, swapped, prefix=""):
             _swap(child, kinds, swapped, qualified + ".")
 
 
-def patch(model: torch.nn.Module, layer_norm: bool = True, attention: bool = True,
-          linear: bool = True) -> torch.nn.Module:
+def patch(model: torch.nn.Module, layer_norm: bool = True, attention: bool = True, linear: bool = True,
+          rms_norm: bool = True, mlp: bool = True) -> torch.nn.Module:
     """Make `model` run nanofast's kernels, in place, and return it (nanofast.unpatch undoes it).
 
     layer_norm: replace torch.nn.LayerNorm submodules by nanofast.nn.LayerNorm, keeping the parameters.
@@ -128,10 +205,18 @@ def patch(model: torch.nn.Module, layer_norm: bool = True, attention: bool = Tru
     cannot serve go to torch, with one warning per reason.
     linear: replace torch.nn.Linear and transformers' Conv1D submodules by nanofast.nn.Linear /
     nanofast.nn.Conv1D (nanofast's GEMMs where the CPU has them), keeping the parameters.
+    rms_norm: replace torch.nn.RMSNorm and transformers' RMSNorm modules (Llama's, Gemma's roundings) by
+    nanofast.nn.RMSNorm, keeping the weight.
+    mlp: run gated MLPs (gate_proj, up_proj, down_proj with a SiLU or GELU act_fn) with the activation
+    and product fused (ops.swiglu / ops.geglu), and GELU activation modules (torch's, transformers'
+    exact and tanh forms) on nanofast.ops.gelu.
     """
-    kinds = {k for k, on in (("layer_norm", layer_norm), ("linear", linear)) if on}
+    kinds = {k for k, on in (("layer_norm", layer_norm), ("linear", linear), ("rms_norm", rms_norm),
+                             ("activation", mlp)) if on}
     swapped = model.__dict__.setdefault("_nanofast_swapped", {})
     _swap(model, kinds, swapped)
+    if mlp:
+        _route_gated_mlps(model, model.__dict__.setdefault("_nanofast_forwards", []))
     if attention:
         if patch_attention.is_transformers_model(model):
             patch_attention.use_for_transformers_model(model)
@@ -146,6 +231,8 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     for qualified, original in model.__dict__.pop("_nanofast_swapped", {}).items():
         parent_name, _, name = qualified.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, name, original)
+    for name in model.__dict__.pop("_nanofast_forwards", []):
+        model.get_submodule(name).__dict__.pop("forward", None)
     if isinstance(model.__dict__.get("forward"), _RoutedForward):
         del model.forward  # the instance attribute; the class's forward shows through again
     patch_attention.restore_transformers_model(model)
