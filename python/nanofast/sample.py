@@ -40,6 +40,7 @@ DEFAULTS = dict(
     dtype='auto',  # 'auto', 'float32', 'bfloat16' or 'float16'
     compile=False,  # torch.compile the model
     kernels='nanofast',  # 'nanofast' or 'torch'
+    use_cache=True,  # keep the context's keys and values: each new token reads only itself
     data_dir='',  # where to look for the dataset's meta.pkl of a nanoGPT checkpoint ('' = the usual places)
 )
 # -----------------------------------------------------------------------------
@@ -163,7 +164,8 @@ def sample(config, out=None):
     with torch.no_grad():
         with ctx:
             for k in range(c['num_samples']):
-                y = model.generate(x, c['max_new_tokens'], temperature=c['temperature'], top_k=top_k)
+                y = model.generate(x, c['max_new_tokens'], temperature=c['temperature'], top_k=top_k,
+                                   use_cache=c['use_cache'])
                 text = codec.decode(y[0].tolist())
                 samples.append(text)
                 print(text, file=out)
