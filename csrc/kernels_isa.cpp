@@ -7,6 +7,7 @@
 #include "gelu.h"
 #include "gemm.h"
 #include "gemm_bf16.h"
+#include "gemv.h"
 #include "kernel_table.h"
 #include "layer_norm.h"
 
@@ -30,6 +31,7 @@ KernelTable make_table() {
   t.gelu_forward = &gelu_forward;
   t.gelu_backward = &gelu_backward;
   t.adamw_step = &adamw_step;
+  t.gemv = &gemv;
 #if NF_HAS_GEMM_F32
   t.has_gemm_f32 = true;
   t.gemm_f32 = &gemm_f32;

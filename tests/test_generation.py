@@ -5,9 +5,10 @@ import importlib.util
 import pytest
 import torch
 
-from nanofast import generation
+from nanofast import _C, generation
 from nanofast.generation import KVCache, LayerCache, forward_cached
 from nanofast.model import GPT, GPTConfig
+from nanofast.ops import cpu
 from nanofast.testing import assert_parity
 
 KERNELS = ["nanofast", "torch"]
@@ -42,6 +43,18 @@ def test_same_tokens_as_without_cache(kernels, batch, temperature, top_k):
             cached, uncached = both_ways(model, idx, 25, seed, temperature=temperature, top_k=top_k)
             assert cached.shape == (batch, prompt_len + 25) and torch.equal(cached[:, :prompt_len], idx)
             assert torch.equal(cached, uncached), (seed, prompt_len)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_same_tokens_through_the_matrix_vector_kernel(batch):
+    """Weights large enough that a step's products run nanofast's matrix-vector kernel (ops/cpu.py:
+    uses_gemv), while the prefill's and the uncached path's rows run the GEMM or torch's matmul."""
+    model = tiny_model(n_embd=128, n_head=4, vocab_size=300)
+    assert cpu.uses_gemv(batch, 4 * 128, 128, torch.float32) == _C.has_gemv()
+    idx = torch.randint(0, 300, (batch, 6), generator=torch.Generator().manual_seed(3))
+    for seed in range(2):
+        cached, uncached = both_ways(model, idx, 14, seed, temperature=1.0, top_k=50)
+        assert torch.equal(cached, uncached)
 
 
 def teacher_forced_logits(model, tokens, use_cache):
