@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanofast import _C, generation
-from nanofast.generation import KVCache, LayerCache, forward_cached
+from nanofast.generation import KVCache, LayerCache, cast_weights_to_bfloat16, forward_cached
 from nanofast.model import GPT, GPTConfig
 from nanofast.ops import cpu
 from nanofast.testing import assert_parity
@@ -138,6 +138,27 @@ def test_bfloat16_autocast_logits_match_within_parity_rule():
         ref = teacher_forced_logits(model.double(), tokens, False)
     assert cached.dtype == uncached.dtype == torch.bfloat16
     assert_parity("cached logits under autocast", cached, uncached, ref)
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_bfloat16_weights_give_autocasts_tokens_and_logits(kernels):
+    """Weights stored in bfloat16 are what autocast rounds the float32 ones to before each product: the
+    same logits, bit for bit, and the same tokens, through the matrix-vector kernel and the GEMMs."""
+    model = tiny_model(kernels, n_embd=128, n_head=4, vocab_size=300)
+    cast = cast_weights_to_bfloat16(tiny_model(kernels, n_embd=128, n_head=4, vocab_size=300))
+    assert cast.lm_head.weight.dtype == torch.bfloat16 and cast.transformer.h[0].mlp.c_fc.weight.dtype == torch.bfloat16
+    assert cast.transformer.wte.weight.dtype == torch.float32  # the embedding keeps its float32 values
+    assert cast.transformer.h[0].mlp.c_fc.bias.dtype == torch.float32
+    tokens = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for use_cache in (True, False):
+            assert torch.equal(teacher_forced_logits(cast, tokens, use_cache),
+                               teacher_forced_logits(model, tokens, use_cache))
+        for seed in range(2):
+            torch.manual_seed(seed)
+            want = model.generate(tokens[:, :4], 20, temperature=0.9, top_k=40)
+            torch.manual_seed(seed)
+            assert torch.equal(cast.generate(tokens[:, :4], 20, temperature=0.9, top_k=40), want)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

@@ -10,8 +10,12 @@ embeddings are absolute, so every kept token then sits one position earlier than
 values were computed, and they depend on that position through every layer: the cache cannot be
 shifted, it is rebuilt by a prefill over the cropped context. Each step past block_size therefore
 costs what a step without the cache costs, and draws the same tokens.
+
+A step reads every weight once, so on the CPU the weights' bytes bound its speed:
+cast_weights_to_bfloat16 halves them for sampling under bfloat16 autocast.
 """
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 
@@ -115,3 +119,16 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=
             logits = forward_cached(model, idx[:, -block_size:], cache)
         idx = torch.cat((idx, next_token(logits, temperature, top_k)), dim=1)
     return idx
+
+
+def cast_weights_to_bfloat16(model):
+    """Stores the weights of model's linear layers (lm_head included) in bfloat16, in place, and returns
+    model: for sampling under torch.autocast("cpu", dtype=torch.bfloat16), which rounds each weight to
+    bfloat16 before its product anyway. The products, and so the tokens, are autocast's over the float32
+    weights, and each step reads half the bytes. Biases, LayerNorms and the embeddings stay float32 (the
+    token embedding is no longer tied to lm_head). The result is for inference: its weights no longer
+    train, and it runs only under bfloat16 autocast."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.weight.dtype != torch.bfloat16:
+            module.weight = nn.Parameter(module.weight.detach().to(torch.bfloat16), requires_grad=False)
+    return model
