@@ -36,17 +36,18 @@ class LayerCache:
         values of every filled position, views of the buffers. Several positions at once only into an
         empty cache (a prefill): the attention kernels' causal masks are top-left aligned, so later
         positions are added one at a time."""
-        B, H, T, D = k.shape
-        L = self.length
-        if L and T != 1:
+        T, L = k.shape[2], self.length
+        if L == 0:  # a prefill: buffers for these keys (the last ones, unless their shape or dtype differs)
+            B, H, _, D = k.shape
+            if self.k is None or self.k.shape != (B, H, self.capacity, D) or self.k.dtype != k.dtype \
+                    or self.k.device != k.device or self.v.shape[3] != v.shape[3]:
+                self.k = k.new_empty(B, H, self.capacity, D)
+                self.v = v.new_empty(B, H, self.capacity, v.shape[3])
+        elif T != 1:
             raise ValueError(f"LayerCache.append: k has {T} positions and the cache holds {L}; after the "
                              "prefill the cache takes one position per step")
         if L + T > self.capacity:
             raise ValueError(f"LayerCache.append: {L} cached + {T} new positions > capacity {self.capacity}")
-        if self.k is None or self.k.shape[:2] != (B, H) or self.k.shape[3] != D or self.k.dtype != k.dtype \
-                or self.k.device != k.device:
-            self.k = k.new_empty(B, H, self.capacity, D)
-            self.v = v.new_empty(B, H, self.capacity, v.shape[3])
         self.k[:, :, L:L + T].copy_(k)
         self.v[:, :, L:L + T].copy_(v)
         self.length = L + T

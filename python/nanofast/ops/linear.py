@@ -23,7 +23,7 @@ from torch import Tensor
 from . import cpu
 from .backend import backend_for
 from .checks import linear_args, served
-from .formula import differentiable_grads, register_formula, stand_in
+from .formula import differentiable_grads, eager_apply, register_formula, stand_in
 
 
 @torch.library.custom_op("nanofast::linear_fwd", mutates_args=())
@@ -138,5 +138,5 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
     if torch.compiler.is_compiling():  # (never under autocast: see _bfloat16_autocast)
         y = linear_fwd(x, weight, bias)
     else:
-        y = _EagerLinear.apply(x, weight, bias, dtype, backend)
+        y = eager_apply(_EagerLinear, x, weight, bias, dtype, backend)
     return y if input.dim() == 2 else y.view(*input.shape[:-1], weight.shape[0])
