@@ -723,8 +723,100 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
   }
 }
 
+// ---- One query row (sampling's decode step): ----
+// the query blocks above would multiply a block of 32 or 64 rows holding one, after packing every key
+// and value of the head. Here the one row reads each key and value once, straight from the input
+// (a view of a key/value cache), and the keys of a head are split into fixed spans of kDecodeKeys, so
+// that the threads have work at batch 1: each span keeps its own maximum, sum and weighted values,
+// which are then combined span by span in order (the split depends on the number of keys alone, so the
+// bits do not depend on the threads).
+constexpr int64_t kDecodeKeys = 256;
+
+// q . k over HS elements of the storage type, the query already in the accumulation type.
+template <class T, class A>
+inline A decode_dot(const A* q, const T* k, int64_t HS) {
+  constexpr int W = lanes<A>();
+  vec<A> acc{};
+  int64_t c = 0;
+  for (; c + W <= HS; c += W) acc += vload(q + c) * vload_as(k + c);
+  A tail = 0;
+  for (; c < HS; ++c) tail += q[c] * to_acc(k[c]);
+  return vsum(acc) + tail;
+}
+
+// o += p * v over HSV elements; o is padded to a multiple of the vector width.
+template <class T, class A>
+inline void decode_axpy(A* o, A p, const T* v, int64_t HSV) {
+  constexpr int W = lanes<A>();
+  const vec<A> pv = vbroadcast<A>(p);
+  int64_t c = 0;
+  for (; c + W <= HSV; c += W) vstore(o + c, vload(o + c) + pv * vload_as(v + c));
+  for (; c < HSV; ++c) o[c] += p * to_acc(v[c]);
+}
+
+template <class T>
+void attention_decode_impl(const AttentionForwardArgs& a) {
+  using A = acc_t<T>;
+  constexpr int W = lanes<A>();
+  const int64_t B = a.B, NH = a.NH, HS = a.HS, HSV = a.HSV;
+  const int64_t keys = visible_keys(a.causal, 1, a.TK);
+  const int64_t spans = (keys + kDecodeKeys - 1) / kDecodeKeys, tasks = B * NH * spans;
+  const int64_t HSp = round_up(HS, W), HSVp = round_up(HSV, W);
+  const A scale = A(a.scale);
+  std::vector<A> span_max(tasks), span_sum(tasks), span_out(tasks * HSVp, A(0));
+  const bool parallel = B * NH * keys * (HS + HSV) >= (int64_t(1) << 15);
+#pragma omp parallel num_threads(a.num_threads) if (parallel)
+  {
+    std::vector<A> q(HSp), S(round_up(kDecodeKeys, W));
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t bh = task / spans, b = bh / NH, h = bh % NH;
+      const int64_t j0 = (task % spans) * kDecodeKeys, n = std::min(kDecodeKeys, keys - j0);
+      convert_row(head_ptr<T>(a.q, b, h), q.data(), HS);
+      const T* k = head_ptr<T>(a.k, b, h) + j0 * a.k.st;
+      for (int64_t j = 0; j < n; ++j) S[j] = decode_dot(q.data(), k + j * a.k.st, HS);
+      const int64_t ncols = round_up(n, W);
+      const A m = scale_mask_rowmax(S.data(), ncols, n, scale);
+      A* o = span_out.data() + task * HSVp;
+      span_max[task] = m;
+      if (m == -std::numeric_limits<A>::infinity()) continue;  // nothing to add (sum and values stay 0)
+      span_sum[task] = exp_row(S.data(), ncols, m);
+      const T* v = head_ptr<T>(a.v, b, h) + j0 * a.v.st;
+      for (int64_t j = 0; j < n; ++j) decode_axpy(o, S[j], v + j * a.v.st, HSV);
+    }
+  }
+  // Combine each head's spans: rescale each to the largest maximum (std::max skips a NaN maximum, whose
+  // span's factor is then NaN and reaches the sum), as the online softmax does block by block.
+  A* lse = static_cast<A*>(a.lse);
+  std::vector<A> o(HSVp);
+  for (int64_t bh = 0; bh < B * NH; ++bh) {
+    A m = -std::numeric_limits<A>::infinity();
+    for (int64_t s = 0; s < spans; ++s) m = std::max(m, span_max[bh * spans + s]);
+    A l = 0;
+    std::fill(o.begin(), o.end(), A(0));
+    if (m != -std::numeric_limits<A>::infinity())
+      for (int64_t s = 0; s < spans; ++s) {
+        const int64_t t = bh * spans + s;
+        if (span_max[t] == -std::numeric_limits<A>::infinity()) continue;
+        const A f = std::exp(span_max[t] - m);
+        l += span_sum[t] * f;
+        const vec<A> fv = vbroadcast<A>(f);
+        for (int64_t c = 0; c < HSVp; c += W)
+          vstore(o.data() + c, vload(o.data() + c) + fv * vload(span_out.data() + t * HSVp + c));
+      }
+    store_row_scaled(head_ptr_mut<T>(a.out, bh / NH, bh % NH), o.data(), HSV, A(1) / l);
+    lse[bh] = m + std::log(l);
+  }
+}
+
 inline void attention_forward(const AttentionForwardArgs& a) {
-  with_storage_type(a.dtype, [&](auto t) { attention_forward_impl<decltype(t)>(a); });
+  // The decode path reads keys with neither a mask, a window nor grouped heads (sampling's own calls);
+  // other one-row calls take the general path.
+  const bool decode = a.TQ == 1 && a.dropout_p == 0 && a.mask.ptr == nullptr && a.window == 0 && a.NKV == a.NH;
+  with_storage_type(a.dtype, [&](auto t) {
+    if (decode) attention_decode_impl<decltype(t)>(a);
+    else attention_forward_impl<decltype(t)>(a);
+  });
 }
 
 inline void attention_backward(const AttentionBackwardArgs& a) {

@@ -274,6 +274,27 @@ struct GemmBf16Args {
   int num_threads;
 };
 
+// y (M, N) = x (M, K) @ W (N, K)^T (+ bias) for a few rows of x (sampling's matrix-vector products).
+// x's and W's rows have unit column strides. Products in float32 (every operand float32) or, with
+// bf16_products, in bfloat16 (x, W and the bias float32 or bfloat16, each rounded to bfloat16 on the way
+// in); float32 sums; y float32 or bfloat16. Dtypes are kFloat32 or kBFloat16 codes.
+struct GemvArgs {
+  int64_t M, N, K;
+  const void* x;
+  int64_t x_rs;
+  int x_dtype;
+  const void* w;
+  int64_t w_rs;
+  int w_dtype;
+  const void* bias;  // (N,), may be null
+  int bias_dtype;
+  void* y;
+  int64_t ldy;
+  int y_dtype;
+  bool bf16_products;
+  int num_threads;
+};
+
 // One instruction set's kernels, filled member by member in kernels_isa.cpp. The GEMMs exist only on
 // some instruction sets: has_gemm_f32 and has_gemm_bf16 say whether this table has them (their
 // pointers are null otherwise).
@@ -303,6 +324,7 @@ struct KernelTable {
   double (*adamw_step)(const AdamWArgs&) = nullptr;
   void (*gemm_f32)(const GemmArgs&) = nullptr;       // only where has_gemm_f32
   void (*gemm_bf16)(const GemmBf16Args&) = nullptr;  // only where has_gemm_bf16
+  void (*gemv)(const GemvArgs&) = nullptr;
 };
 
 // The best table this CPU supports, or the one named by NANOFAST_ISA / select_isa().
@@ -315,5 +337,7 @@ bool gemm_preferred();
 // Whether matmuls use nanofast's GEMMs: the selected table has one and gemm_preferred().
 bool use_gemm_f32();
 bool use_gemm_bf16();
+// Whether matrix-vector products use nanofast's (every instruction set has one): gemm_preferred().
+bool use_gemv();
 
 }  // namespace nanofast

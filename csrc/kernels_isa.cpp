@@ -7,6 +7,7 @@
 #include "gelu.h"
 #include "gemm.h"
 #include "gemm_bf16.h"
+#include "gemv.h"
 #include "glu.h"
 #include "kernel_table.h"
 #include "layer_norm.h"
@@ -36,6 +37,7 @@ KernelTable make_table() {
   t.glu_forward = &glu_forward;
   t.glu_backward = &glu_backward;
   t.adamw_step = &adamw_step;
+  t.gemv = &gemv;
 #if NF_HAS_GEMM_F32
   t.has_gemm_f32 = true;
   t.gemm_f32 = &gemm_f32;

@@ -352,6 +352,41 @@ bool gemm_bf16(int64_t M, int64_t N, int64_t K, uintptr_t a, int64_t a_rs, int64
   return true;
 }
 
+void gemv(int64_t M, int64_t N, int64_t K, uintptr_t x, int64_t x_rs, int x_dtype, uintptr_t w, int64_t w_rs,
+          int w_dtype, uintptr_t bias, int bias_dtype, uintptr_t y, int64_t ldy, int y_dtype, bool bf16_products,
+          int num_threads) {
+  auto check = [](const char* name, int dtype) {
+    if (dtype != nanofast::kFloat32 && dtype != nanofast::kBFloat16)
+      throw std::invalid_argument(std::string("gemv: ") + name +
+                                  " must be float32 (0) or bfloat16 (2), got dtype code " + std::to_string(dtype));
+  };
+  check("x", x_dtype);
+  check("w", w_dtype);
+  check("y", y_dtype);
+  if (bias) check("bias", bias_dtype);
+  if (!bf16_products && (x_dtype != nanofast::kFloat32 || w_dtype != nanofast::kFloat32 ||
+                         y_dtype != nanofast::kFloat32 || (bias && bias_dtype != nanofast::kFloat32)))
+    throw std::invalid_argument("gemv: float32 products need float32 x, w, bias and y");
+  nanofast::GemvArgs g{};
+  g.M = M;
+  g.N = N;
+  g.K = K;
+  g.x = ptr<const void>(x);
+  g.x_rs = x_rs;
+  g.x_dtype = x_dtype;
+  g.w = ptr<const void>(w);
+  g.w_rs = w_rs;
+  g.w_dtype = w_dtype;
+  g.bias = ptr<const void>(bias);
+  g.bias_dtype = bias ? bias_dtype : nanofast::kFloat32;
+  g.y = ptr<void>(y);
+  g.ldy = ldy;
+  g.y_dtype = y_dtype;
+  g.bf16_products = bf16_products;
+  g.num_threads = num_threads;
+  kernels().gemv(g);
+}
+
 // ptrs: (param, grad, exp_avg, exp_avg_sq, step) per tensor; settings: (lr, weight_decay, beta1, beta2,
 // eps) per tensor.
 double adamw_step(const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& sizes,
@@ -433,6 +468,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("has_gemm_bf16", &nanofast::use_gemm_bf16,
         "whether bfloat16 matmuls use nanofast's GEMM: the selected instruction set has AVX512-BF16 and the "
         "CPU is not Intel's, or NANOFAST_GEMM=1");
+  m.def("gemv", &gemv, release(),
+        "y = x @ W^T (+ bias) for a few rows of x (unit column strides), W read once; float32 products, or "
+        "bf16_products with x, W, bias float32 or bfloat16 (rounded on the way in); y float32 or bfloat16");
+  m.def("has_gemv", &nanofast::use_gemv,
+        "whether matrix-vector products use nanofast's: the CPU is not Intel's, or NANOFAST_GEMM=1");
   m.def("adamw_step", &adamw_step, release(), "clip (max_grad_norm > 0) and AdamW-step float32 tensors");
   m.def("retain_freed_memory", &retain_freed_memory, "glibc malloc: no mmap-ed blocks, no heap trimming");
   m.def("philox_uniform", &nanofast::philox_uniform, "the dropout generator's uniform at (seed, offset)");

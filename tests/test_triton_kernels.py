@@ -273,6 +273,24 @@ def test_attention_float32(B, H, Tq, Tk, D, causal):
     assert out.transpose(1, 2).is_contiguous()
 
 
+def test_attention_one_query_row_against_a_cache_view():
+    """Sampling's decode step on CUDA: one query row against the first L positions of a key/value
+    cache's preallocated (B, H, capacity, D) buffers (head stride capacity * D), not causal."""
+    B, H, cap, D, L = (2, 12, 1024, 64, 700) if HAS_CUDA else (2, 2, 24, 16, 13)
+    g = torch.Generator().manual_seed(12)
+    k_buf = torch.randn(B, H, cap, D, generator=g).to(DEVICE)
+    v_buf = torch.randn(B, H, cap, D, generator=g).to(DEVICE)
+    q = torch.randn(B, 1, H, D, generator=g).to(DEVICE).transpose(1, 2)
+    k, v = k_buf[:, :, :L], v_buf[:, :, :L]
+    # (bfloat16 on the GPU only: the kernel rounds P to bfloat16 for its P V dot, which with a single
+    # query row can exceed twice torch's error by more than the interpreter's slack)
+    for dtype in (torch.float32, torch.bfloat16) if HAS_CUDA else (torch.float32,):
+        qd, kd, vd = (t.to(dtype) for t in (q, k, v))
+        ours = K.scaled_dot_product_attention(qd, kd, vd)
+        ref = attention_reference(qd.double(), kd.double(), vd.double())
+        assert_parity("out", ours, F.scaled_dot_product_attention(qd, kd, vd), ref, SLACK)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_strided_views_and_scale(causal):
     B, H, T, D = (2, 6, 200, 64) if HAS_CUDA else (1, 2, 17, 24)

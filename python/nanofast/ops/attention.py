@@ -26,7 +26,7 @@ from ..testing import attention_reference
 from . import cpu, cuda
 from .backend import backend_for
 from .checks import attention_args, dropout_mask_args, window_arg
-from .formula import differentiable_grads, register_formula
+from .formula import differentiable_grads, eager_apply, register_formula
 from .seed import draw_seed
 
 
@@ -156,8 +156,8 @@ def attention_on(backend, fn, query, key, value, attn_mask, dropout_p, is_causal
     if backend is None and torch.compiler.is_compiling():
         return (sdpa_fwd_triton if q.is_cuda else sdpa_fwd)(q, k, v, bool(is_causal), scale, dropout_p, seed, attn_mask,
                                                             window)[0]
-    return _EagerAttention.apply(q, k, v, bool(is_causal), scale, dropout_p, seed, attn_mask, window,
-                                 backend or backend_for(q))
+    return eager_apply(_EagerAttention, q, k, v, bool(is_causal), scale, dropout_p, seed, attn_mask, window,
+                       backend or backend_for(q))
 
 
 def dropout_mask(seed: int, batch: int, heads: int, q_len: int, k_len: int, p: float) -> Tensor:

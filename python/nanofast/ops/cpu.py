@@ -316,7 +316,7 @@ def glu_backward(dy, gate, up, activation):
 
 
 # Below about 2M multiply-adds (or 4 rows) packing the operands and starting threads cost more than
-# torch's whole call (a matrix-vector product while sampling, say): torch's matmul takes those.
+# torch's whole call: torch's matmul takes those (a few rows against a weight: the matrix-vector kernel).
 GEMM_MIN_MACS = 1 << 21
 GEMM_MIN_ROWS = 4
 
@@ -330,6 +330,43 @@ def uses_gemm(M, N, K, dtype):
 
 
 _GEMM_BF16_OPERANDS = (torch.float32, torch.bfloat16)
+
+# Up to this many rows (sequences sampled at once) a product against a weight of at least
+# GEMV_MIN_WEIGHTS elements runs nanofast's matrix-vector kernel (csrc/gemv.h), which reads each weight
+# row once for all of them, where the GEMMs would pack the weight first. Below that size the call around
+# the kernel costs as much as torch's whole product.
+GEMV_MAX_ROWS = 8
+GEMV_MIN_WEIGHTS = 1 << 15
+
+
+def uses_gemv(M, N, K, dtype):
+    """Whether an (M, K) @ W^T product with W (N, K) computed in dtype runs nanofast's matrix-vector
+    kernel (where W's rows are contiguous): a few rows, a weight of some size, float32 or bfloat16
+    products, on every CPU but Intel's (whose torch has MKL's own AVX-512 code) unless NANOFAST_GEMM says
+    otherwise."""
+    return 0 < M <= GEMV_MAX_ROWS and N * K >= GEMV_MIN_WEIGHTS and \
+        (dtype is torch.float32 or dtype is torch.bfloat16) and _C.has_gemv()
+
+
+def _gemv(a, b, bias, dtype, out_dtype):
+    """mm's product by csrc/gemv.h where it applies (b is W^T: b.stride(0) == 1), else None."""
+    if b.stride(0) != 1 or not uses_gemv(a.shape[0], b.shape[1], a.shape[1], dtype):
+        return None
+    if dtype is torch.float32:
+        if not (a.dtype is b.dtype is out_dtype is dtype and (bias is None or bias.dtype is dtype)):
+            return None
+    elif not (a.dtype in _GEMM_BF16_OPERANDS and b.dtype in _GEMM_BF16_OPERANDS and out_dtype in _GEMM_BF16_OPERANDS
+              and (bias is None or bias.dtype in _GEMM_BF16_OPERANDS)):
+        return None
+    (M, K), N = a.shape, b.shape[1]
+    if a.stride(1) != 1:
+        a = a.contiguous()
+    bias = _packed(bias)
+    out = torch.empty(M, N, dtype=out_dtype)
+    _C.gemv(M, N, K, a.data_ptr(), a.stride(0), _DTYPE_CODE[a.dtype], b.data_ptr(), b.stride(1), _DTYPE_CODE[b.dtype],
+            _ptr(bias), 0 if bias is None else _DTYPE_CODE[bias.dtype], out.data_ptr(), N, _DTYPE_CODE[out_dtype],
+            dtype is torch.bfloat16, _threads())
+    return out
 
 
 def has_gemm_bf16():
@@ -346,9 +383,16 @@ def mm(a, b, bias=None, dtype=None, out_dtype=None):
     rounded to bfloat16 as autocast's casts would, and sum in float32: nanofast's bfloat16 GEMM rounds
     while packing (no cast copies) and can return the float32 sums unrounded (out_dtype=float32, for
     weight gradients). Elsewhere torch's matmul runs on the cast operands. The GEMMs' results are
-    contiguous, and their bits depend neither on a's or b's strides nor on the number of threads."""
+    contiguous, and their bits depend neither on a's or b's strides nor on the number of threads.
+
+    A few rows against a weight (b = W^T, uses_gemv) run nanofast's matrix-vector kernel instead, in
+    either dtype."""
     (M, K), N = a.shape, b.shape[1]
     dtype = dtype or a.dtype
+    if M <= GEMV_MAX_ROWS:
+        out = _gemv(a, b, bias, dtype, out_dtype or dtype)
+        if out is not None:
+            return out
     if dtype is torch.float32 and b.dtype is a.dtype is dtype and out_dtype in (None, dtype) and \
             uses_gemm(M, N, K, dtype):
         out = torch.empty(M, N, dtype=torch.float32)

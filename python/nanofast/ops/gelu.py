@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .backend import backend_for
 from .checks import check_approximate, check_tensor
-from .formula import differentiable_grads, register_formula
+from .formula import differentiable_grads, eager_apply, register_formula
 
 
 @torch.library.custom_op("nanofast::gelu_fwd", mutates_args=())
@@ -77,4 +77,4 @@ def gelu(input: Tensor, approximate: str = "none") -> Tensor:
     x = input.contiguous()
     if torch.compiler.is_compiling():
         return gelu_fwd(x, approximate)
-    return _EagerGelu.apply(x, approximate, backend_for(x))
+    return eager_apply(_EagerGelu, x, approximate, backend_for(x))
