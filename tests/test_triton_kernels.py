@@ -660,7 +660,7 @@ PTR = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "X", "Y", "W", "B", "DY", "DX
 F32PTR = {"LSE", "Delta", "Mean", "Rstd", "DW_PART", "DB_PART", "PART"}
 FLOATS = {"qk_scale", "sm_scale", "dropout_p", "drop_scale", "eps"}
 
-def compile_(fn, dt, constexprs, num_warps, num_stages=1, floats="fp32"):
+def compile_(fn, dt, constexprs, num_warps, num_stages=1, floats="fp32", mask="*i1"):
     sig, attrs, constexprs = {}, {}, dict(constexprs)
     for i, n in enumerate(fn.arg_names):
         if n.startswith("stride_") and n.endswith("d"):
@@ -669,7 +669,7 @@ def compile_(fn, dt, constexprs, num_warps, num_stages=1, floats="fp32"):
             sig[n] = "constexpr"
             continue
         sig[n] = ("*" + dt if n in PTR or n == "OUT" else "*fp32" if n in F32PTR else "*i8" if n == "MASK"
-                  else "*i64" if n == "SEED" else floats if n in FLOATS else "i32")
+                  else mask if n == "MASKP" else "*i64" if n == "SEED" else floats if n in FLOATS else "i32")
         if sig[n].startswith("*") or n.startswith("stride_"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     triton.compile(ASTSource(fn, sig, constexprs, attrs), target=target,
@@ -682,8 +682,11 @@ for dt, tdt, floats in (("bf16", torch.bfloat16, "fp32"), ("fp32", torch.float32
     fake = type("FakeCudaTensor", (), {"is_cuda": True, "dtype": tdt})()
     for kname, fn in (("fwd", A._attn_fwd_kernel), ("dkdv", A._attn_bwd_dkdv_kernel), ("dq", A._attn_bwd_dq_kernel)):
         bm, bn, bd, w, st = A._config(fake, 80, kname, True)
-        compile_(fn, dt, dict(HEAD_DIM=80, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IS_CAUSAL=True, HAS_DROPOUT=True,
-                              DOT_PREC="ieee" if dt == "fp32" else "tf32", UPCAST=False), w, st, floats=floats)
+        # no mask tensor; a bool mask (torch.bool: *i1) with a window; an additive mask in the inputs' dtype
+        for mask_kind, window, mask in ((0, False, "*i1"), (1, True, "*i1"), (2, False, "*" + dt)):
+            compile_(fn, dt, dict(HEAD_DIM=80, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IS_CAUSAL=True, HAS_WINDOW=window,
+                                  MASK_KIND=mask_kind, HAS_DROPOUT=True, DOT_PREC="ieee" if dt == "fp32" else "tf32",
+                                  UPCAST=False), w, st, floats=floats, mask=mask)
 compile_(A._attn_bwd_preprocess_kernel, "bf16", dict(HEAD_DIM=80, BLOCK_M=64, BLOCK_D=128), 4)
 compile_(A._dropout_mask_kernel, "bf16", dict(BLOCK_M=32, BLOCK_N=128), 4)
 for one, bn, bm in ((True, 512, 8), (False, 2048, 2)):
@@ -700,8 +703,9 @@ print("all compiled")
 @pytest.mark.slow
 def test_kernels_compile_for_sm90():
     """Compile every kernel for an H100 (sm_90) without a GPU: catches what the interpreter lets through
-    (type rules of the compiler, unsupported ops), with dropout on, a padded head dim, both dtypes, and
-    float arguments in float64 as torch.compile passes them to the triton_ops' kernels."""
+    (type rules of the compiler, unsupported ops), with dropout on, a padded head dim, both dtypes, bool
+    and additive attention masks and a window, and float arguments in float64 as torch.compile passes
+    them to the triton_ops' kernels."""
     if importlib.util.find_spec("triton.backends.nvidia") is None:
         pytest.skip("this triton has no NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -176,13 +176,13 @@ def test_cuda_launchers_are_traceable():
         launch=launch))
     assert bwd == ["_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"]
     # a broadcast mask (stride 0 read from the fake's strides), grouped heads and a window
-    q, kv = (lambda: torch.empty(2, 4, 40, 24)), (lambda: torch.empty(2, 2, 40, 24))  # noqa: E731
-    mask = lambda: torch.ones(2, 1, 1, 40, dtype=torch.bool)  # noqa: E731
+    q, kv = (lambda: _e(2, 4, 40, 24)), (lambda: _e(2, 2, 40, 24))  # noqa: E731
+    mask = lambda: _e(2, 1, 1, 40, dtype=torch.bool)  # noqa: E731
     fwd = _fake_launches(lambda launch: cuda.attention_forward(q(), kv(), kv(), True, 0.2, 0.1, seed(), mask(), 8,
                                                                launch=launch))
     assert fwd == ["_attn_fwd_kernel"]
     bwd = _fake_launches(lambda launch: cuda.attention_backward(
-        q(), q(), kv(), kv(), q(), torch.empty(2, 4, 40), True, 0.2, 0.1, seed(), mask(), 8, launch=launch))
+        q(), q(), kv(), kv(), q(), _e(2, 4, 40), True, 0.2, 0.1, seed(), mask(), 8, launch=launch))
     assert bwd == ["_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"]
 
 
