@@ -70,7 +70,10 @@ def test_compile_fullgraph_current_model_layers():
         h, y = ops.add_rms_norm(x, r, (x.shape[-1],), w, 1e-6, cast_before_weight=True)
         z = ops.rms_norm(y, (x.shape[-1],), w, weight_offset=1.0)
         m = ops.swiglu(z, h) + ops.geglu(h, z, approximate="tanh") + ops.gelu(z, approximate="tanh")
-        return (m * h).sum()
+        angles = torch.arange(x.shape[1], dtype=x.dtype)[:, None] * torch.ones(x.shape[-1] // 2)  # (T, D / 2)
+        emb = torch.cat((angles, angles), dim=-1)[None]  # (1, T, D), as LlamaRotaryEmbedding returns
+        q, k = ops.apply_rotary_pos_emb(m[:, None], h[:, None], emb.cos(), emb.sin())
+        return (q * k).sum()
 
     g = torch.Generator().manual_seed(0)
     args = [torch.randn(3, 5, 32, generator=g), torch.randn(3, 5, 32, generator=g), torch.randn(32, generator=g)]

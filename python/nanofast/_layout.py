@@ -35,3 +35,11 @@ def unit_last_stride(t):
     """t, or a packed copy where its last dimension is strided: the kernels need that one packed, the
     other strides are free."""
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def empty_rows_like(t, dtype):
+    """An empty tensor of t's shape in dtype, in t's layout where t is dense (a rotary embedding keeps
+    q's (B, T, H, D) memory, as torch's elementwise ops do), contiguous where that layout would not
+    have a unit last stride."""
+    out = torch.empty_like(t, dtype=dtype)
+    return out if out.stride(-1) == 1 or out.shape[-1] <= 1 else torch.empty(t.shape, dtype=dtype, device=t.device)
