@@ -323,3 +323,73 @@ def test_rotary_bad_inputs():
                          cos[:, None, :5, :5][..., :4])
     with pytest.raises(ValueError, match="both None"):
         K.rotary_backward(None, None, cos, cos)
+
+
+# ==================================================================================================
+# Compiled for a GPU without one
+# ==================================================================================================
+
+_AOT_SCRIPT = r'''
+import importlib.util, os, sys
+root = sys.argv[1]
+spec = importlib.util.spec_from_file_location("kx", os.path.join(root, "__init__.py"), submodule_search_locations=[root])
+m = importlib.util.module_from_spec(spec); sys.modules["kx"] = m; spec.loader.exec_module(m)
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+import kx.rmsnorm as RN, kx.glu as GL, kx.rope as RP
+target = GPUTarget("cuda", 90, 32)
+
+def compile_(fn, types, constexprs, num_warps=4, f32_ptrs=("Rstd", "DW_PART")):
+    """types: the dtype of each pointer argument by name, f32_ptrs the float32 ones; the others are
+    integers, or floats by their names."""
+    sig, attrs = {}, {}
+    for i, n in enumerate(fn.arg_names):
+        if n in constexprs:
+            sig[n] = "constexpr"
+        elif n in ("eps", "weight_offset"):
+            sig[n] = "fp32"
+        elif n in types or n in f32_ptrs:
+            sig[n] = "*" + types.get(n, "fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[n] = "i32"
+    triton.compile(ASTSource(fn, sig, constexprs, attrs), target=target, options=dict(num_warps=num_warps))
+    print("compiled", fn.__name__, types, constexprs, flush=True)
+
+for x, y in (("bf16", "bf16"), ("fp32", "bf16"), ("fp16", "fp16")):
+    io = dict(X=x, R=y, W=x, H=x, Y=y, DY=y, DH=x, DX=x, DRES=y)
+    for one, bn, bm in ((True, 1024, 4), (False, 2048, 2)):
+        flags = dict(HAS_W=True, CAST=True, BLOCK_M=bm, BLOCK_N=bn, ONE_BLOCK=one)
+        compile_(RN._rms_norm_fwd_kernel, io, dict(flags, HAS_RES=True), 8)
+        compile_(RN._rms_norm_bwd_kernel, io, dict(flags, HAS_DH=True, HAS_DRES=True, NEED_DW=True), 8)
+    for act in (0, 1, 2):
+        for backward in (False, True):
+            compile_(GL._glu_kernel, dict(G=x, U=x, DY=x, OUT=x, DUP=x),
+                     dict(ACT=act, BACKWARD=backward, BLOCK_M=16, BLOCK_N=128))
+    for interleaved in (False, True):
+        for backward in (False, True):
+            compile_(RP._rope_kernel, dict(Q=x, OQ=y, K=x, OK=y, COS="fp32" if y == "fp32" else x,
+                                           SIN="fp32" if y == "fp32" else x),
+                     dict(INTERLEAVED=interleaved, BACKWARD=backward, BLOCK_M=16, BLOCK_H=64, BLOCK_P=16))
+print("all compiled")
+'''
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """Compile this file's kernels for an H100 (sm_90) without a GPU: what the interpreter lets through
+    (the compiler's type rules, unsupported ops), for 16-bit and mixed dtypes and every flag."""
+    import importlib.util
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("this triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    kernels = pathlib.Path(__file__).resolve().parents[1] / "kernels"
+    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(kernels)], capture_output=True, text=True, env=env,
+                       timeout=900)
+    assert r.returncode == 0 and "all compiled" in r.stdout, r.stdout[-3000:] + r.stderr[-5000:]
