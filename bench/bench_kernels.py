@@ -419,6 +419,58 @@ def test_glu(benchmark, record, device, case, dtype, op, provider):
            work=8 * N * C * x.element_size(), unit="GB/s")
 
 
+# B, H, H of k and v, T, D: nanoGPT's configs with a Llama-style rotary embedding, and a SmolLM2-135M
+# fine-tuning step's attention (9 heads, 3 key/value heads)
+ROPE_CONFIGS = {"cpu-config": (12, 4, 4, 64, 32), "gpu-config": (64, 6, 6, 256, 64), "smollm2": (4, 9, 3, 512, 64)}
+
+
+def _rotate_half(x):
+    return torch.cat((-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]), dim=-1)
+
+
+def _hf_apply_rotary_pos_emb(q, k, cos, sin):
+    """Hugging Face's apply_rotary_pos_emb (unsqueeze_dim=1), torch's composed equivalent."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+ROPE = {"nanofast": nanofast.ops.apply_rotary_pos_emb, "torch": _hf_apply_rotary_pos_emb}
+
+
+def _rope_fwdbwd(fn, q, k, cos, sin, dq, dk):
+    qe, ke = fn(q, k, cos, sin)
+    return [qe, ke] + list(torch.autograd.grad([qe, ke], [q, k], [dq, dk]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(ROPE_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("provider", list(ROPE))
+def test_rotary(benchmark, record, device, case, dtype, provider):
+    """The rotary position embedding of q and k (Llama's rotate_half), forward and backward, on the
+    projections' (B, T, H, D) memory viewed as (B, H, T, D), against Hugging Face's torch code."""
+    B, H, Hk, T, D = ROPE_CONFIGS[case]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, T, H, D, generator=g).to(device=device, dtype=dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, T, Hk, D, generator=g).to(device=device, dtype=dtype).transpose(1, 2).requires_grad_()
+    angles = torch.arange(T)[:, None] * (1e4 ** (-torch.arange(0, D, 2) / D))
+    emb = torch.cat((angles, angles), dim=-1).expand(B, T, D)
+    cos, sin = emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype)
+    dq, dk = torch.randn(q.shape, generator=g).to(device, dtype), torch.randn(k.shape, generator=g).to(device, dtype)
+    fn = ROPE[provider]
+    if provider != "torch":
+        sl = [q[:1].detach().requires_grad_(), k[:1].detach().requires_grad_(), cos[:1], sin[:1], dq[:1], dk[:1]]
+        ours = _rope_fwdbwd(fn, *sl)
+        theirs = _rope_fwdbwd(_hf_apply_rotary_pos_emb, *sl)
+        ref = _rope_fwdbwd(_hf_apply_rotary_pos_emb, *[t.detach().double().requires_grad_(t.requires_grad)
+                                                       for t in sl])
+        _assert_parity_all("rotary", ("q_embed", "k_embed", "dq", "dk"), ours, theirs, ref)
+    timed(benchmark, lambda: _rope_fwdbwd(fn, q, k, cos, sin, dq, dk), device)
+    # compulsory traffic: forward reads q and k, writes their rotations; backward the same on the gradients
+    record(benchmark, op="rotary q,k", case=f"{case} B{B} H{H}/{Hk} T{T} D{D}", mode="fwdbwd", dtype=dtype,
+           provider=provider, device=device, work=4 * (q.numel() + k.numel()) * q.element_size(), unit="GB/s")
+
+
 LINEAR_CONFIGS = {"cpu-config": (768, 128, 512), "gpu-config": (16384, 384, 1536)}  # the MLP's c_fc: N, in, out
 LINEAR = {"nanofast": nanofast.ops.linear, "torch": F.linear}
 

@@ -207,6 +207,35 @@ struct GluArgs {
   int num_threads;
 };
 
+// One tensor of a rotary embedding: (n0, n1, n2, D) rows with element strides over the leading dims
+// (the last dim has unit stride), its output's strides, and cos's and sin's strides over the same
+// leading dims (0 where they broadcast).
+struct RopeTensor {
+  int64_t n0, n1, n2;
+  const void* x;
+  int64_t xs0, xs1, xs2;
+  void* out;
+  int64_t os0, os1, os2;
+  int64_t cs0, cs1, cs2;
+};
+
+// The rotary position embedding of q and k in one pass: out = x * cos + rotate(x) * sin over the first
+// R columns (rotate: (-x2, x1) over the two halves, or over each pair (2i, 2i + 1) when interleaved),
+// the columns past R copied. backward applies the transposed map (the rotation by -theta) to the
+// outputs' gradients. cos and sin are R wide with unit last strides; x, cos and out have the dtypes
+// dtype, cos_dtype and out_dtype (all one, or bfloat16 beside float32 cos and out: forward's x, or
+// backward's dx).
+struct RopeArgs {
+  int dtype, cos_dtype, out_dtype;
+  int64_t D, R;
+  const void* cos;
+  const void* sin;
+  RopeTensor t[2];  // q and k; a tensor without rows is skipped
+  bool interleaved;
+  bool backward;
+  int num_threads;
+};
+
 // Dropout of n contiguous elements keyed by seed (element i kept iff the generator keeps offset i);
 // the same call on the output gradient is the backward.
 struct DropoutArgs {
@@ -320,6 +349,8 @@ struct KernelTable {
   void (*gelu_backward)(const GeluArgs&) = nullptr;
   void (*glu_forward)(const GluArgs&) = nullptr;
   void (*glu_backward)(const GluArgs&) = nullptr;
+  // false if the dtype combination is not one of the kernel's
+  bool (*rope)(const RopeArgs&) = nullptr;
   // Returns the gradient norm before clipping, or -1 when max_grad_norm <= 0.
   double (*adamw_step)(const AdamWArgs&) = nullptr;
   void (*gemm_f32)(const GemmArgs&) = nullptr;       // only where has_gemm_f32

@@ -12,6 +12,7 @@
 #include "kernel_table.h"
 #include "layer_norm.h"
 #include "rms_norm.h"
+#include "rope.h"
 
 #define NF_STR2(x) #x
 #define NF_STR(x) NF_STR2(x)
@@ -36,6 +37,7 @@ KernelTable make_table() {
   t.gelu_backward = &gelu_backward;
   t.glu_forward = &glu_forward;
   t.glu_backward = &glu_backward;
+  t.rope = &rope;
   t.adamw_step = &adamw_step;
   t.gemv = &gemv;
 #if NF_HAS_GEMM_F32

@@ -62,25 +62,28 @@ template <class A> struct SumPair {
   SumPair operator+(const SumPair& o) const { return {a + o.a, b + o.b}; }
 };
 
-// The sum of a row, and of its squared deviations from mean, in the accumulation type (bfloat16 rows
-// are widened as they are read).
-template <class T> inline acc_t<T> row_sum(const T* row, int64_t C) {
+// The sum of f(x) over a row (f: the identity, or a square for RMSNorm), and the sum of its squared
+// deviations from mean, in the accumulation type (bfloat16 rows are widened as they are read).
+template <class T, class F> inline acc_t<T> row_sum_of(const T* row, int64_t C, F f) {
   using A = acc_t<T>;
-  return row_blocked_sum<A>(C, [row](int64_t c0, int64_t c1) {
+  return row_blocked_sum<A>(C, [row, f](int64_t c0, int64_t c1) {
     constexpr int W = lanes<A>();
     const T* x = row + c0;
     const int64_t n = c1 - c0;
     vec<A> s0{}, s1{};
     int64_t c = 0;
     for (; c + 2 * W <= n; c += 2 * W) {
-      s0 += vload_as(x + c);
-      s1 += vload_as(x + c + W);
+      s0 += f(vload_as(x + c));
+      s1 += f(vload_as(x + c + W));
     }
-    for (; c + W <= n; c += W) s0 += vload_as(x + c);
+    for (; c + W <= n; c += W) s0 += f(vload_as(x + c));
     A s = vsum(s0 + s1);
-    for (; c < n; ++c) s += to_acc(x[c]);
+    for (; c < n; ++c) s += f(to_acc(x[c]));
     return s;
   });
+}
+template <class T> inline acc_t<T> row_sum(const T* row, int64_t C) {
+  return row_sum_of(row, C, [](auto v) { return v; });
 }
 
 template <class T> inline acc_t<T> row_centered_sq_sum(const T* row, acc_t<T> mean, int64_t C) {

@@ -280,6 +280,42 @@ void glu(int dtype, int activation, int64_t N, int64_t C, uintptr_t gate, int64_
   else kernels().glu_forward(a);
 }
 
+nanofast::RopeTensor rope_tensor(const Strides3& sizes, uintptr_t x, const Strides3& xs, uintptr_t out,
+                                 const Strides3& os, const Strides3& cs) {
+  nanofast::RopeTensor t{};
+  std::tie(t.n0, t.n1, t.n2) = sizes;
+  t.x = ptr<const void>(x);
+  std::tie(t.xs0, t.xs1, t.xs2) = xs;
+  t.out = ptr<void>(out);
+  std::tie(t.os0, t.os1, t.os2) = os;
+  std::tie(t.cs0, t.cs1, t.cs2) = cs;
+  return t;
+}
+
+// Returns false for a dtype combination the kernel does not take (nothing is written).
+bool rope(int dtype, int cos_dtype, int out_dtype, int64_t D, int64_t R, uintptr_t cos, uintptr_t sin, Strides3 q_sizes,
+          uintptr_t q, Strides3 q_strides, uintptr_t q_out, Strides3 q_out_strides, Strides3 q_cos_strides,
+          Strides3 k_sizes, uintptr_t k, Strides3 k_strides, uintptr_t k_out, Strides3 k_out_strides,
+          Strides3 k_cos_strides, bool interleaved, bool backward, int num_threads) {
+  if (R < 0 || R > D || R % 2)
+    throw std::invalid_argument("rope: the rotary dim must be even and at most the head dim, got R=" +
+                                std::to_string(R) + ", D=" + std::to_string(D));
+  nanofast::RopeArgs a{};
+  a.dtype = dtype;
+  a.cos_dtype = cos_dtype;
+  a.out_dtype = out_dtype;
+  a.D = D;
+  a.R = R;
+  a.cos = ptr<const void>(cos);
+  a.sin = ptr<const void>(sin);
+  a.t[0] = rope_tensor(q_sizes, q, q_strides, q_out, q_out_strides, q_cos_strides);
+  a.t[1] = rope_tensor(k_sizes, k, k_strides, k_out, k_out_strides, k_cos_strides);
+  a.interleaved = interleaved;
+  a.backward = backward;
+  a.num_threads = num_threads;
+  return kernels().rope(a);
+}
+
 void dropout(int dtype, int64_t n, uintptr_t x, uintptr_t out, uint64_t seed, double p, int num_threads) {
   nanofast::DropoutArgs a{};
   a.dtype = dtype;
@@ -451,6 +487,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_forward", &attention_forward, release());
   m.def("attention_backward", &attention_backward, release());
   m.def("dropout_mask", &dropout_mask, release());
+  m.def("rope", &rope, release(), "rotary embedding of q and k (backward: the transposed map)");
   m.def("dropout", &dropout, release(), "out = x * keep(seed, i) / (1 - p); the backward is the same call on dy");
   m.def("gelu", &gelu, release(),
         "forward with dy == 0, else backward; grad: gelu'(x) saved by the forward; tanh: the tanh approximation",

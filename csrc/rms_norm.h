@@ -31,26 +31,7 @@ template <class T> inline acc_t<T> round_to(acc_t<T> v) { return to_acc(from_acc
 
 // The sum of a row's squares in the accumulation type, blocked as layer_norm's row sums.
 template <class T> inline acc_t<T> row_sq_sum(const T* row, int64_t C) {
-  using A = acc_t<T>;
-  return row_blocked_sum<A>(C, [row](int64_t c0, int64_t c1) {
-    constexpr int W = lanes<A>();
-    const T* x = row + c0;
-    const int64_t n = c1 - c0;
-    vec<A> s0{}, s1{};
-    int64_t c = 0;
-    for (; c + 2 * W <= n; c += 2 * W) {
-      const vec<A> u = vload_as(x + c), v = vload_as(x + c + W);
-      s0 += u * u;
-      s1 += v * v;
-    }
-    for (; c + W <= n; c += W) {
-      const vec<A> u = vload_as(x + c);
-      s0 += u * u;
-    }
-    A s = vsum(s0 + s1);
-    for (; c < n; ++c) s += to_acc(x[c]) * to_acc(x[c]);
-    return s;
-  });
+  return row_sum_of(row, C, [](auto v) { return v * v; });
 }
 
 // The multiplier of each column: weight + weight_offset, or 1 without a weight.

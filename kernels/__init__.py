@@ -4,13 +4,13 @@ Two layers:
 
 * Launchers, no autograd, plain tensors in and out: ``layer_norm_forward``, ``layer_norm_backward``,
   ``rms_norm_forward``, ``rms_norm_backward`` (with an optional residual add), ``glu_forward``,
-  ``glu_backward`` (the gated MLP's activation),
+  ``glu_backward`` (the gated MLP's activation), ``rotary_forward``, ``rotary_backward``,
   ``attention_forward``, ``attention_backward``, and ``dropout_mask`` (the attention-dropout mask,
   from the attention kernels' own helper). Each checks its arguments (nanofast.ops.checks) and runs
   the submodule's launcher, which nanofast.ops' CUDA backend calls directly, its arguments checked.
 * Autograd-capable functions with torch's (or nanofast.ops') signatures: ``layer_norm``, ``rms_norm``,
-  ``swiglu``, ``geglu`` and ``scaled_dot_product_attention``: nanofast.ops' autograd formulas with
-  the Triton launchers.
+  ``swiglu``, ``geglu``, ``apply_rotary_pos_emb`` and ``scaled_dot_product_attention``: nanofast.ops'
+  autograd formulas with the Triton launchers.
 
 Importing this package needs neither triton nor a GPU: triton is imported by the submodules, which
 load on first use. Without triton, ``HAS_TRITON`` is False and every function raises RuntimeError.
@@ -31,9 +31,9 @@ HAS_TRITON = _has_triton()
 
 __all__ = [
     "HAS_TRITON",
-    "layer_norm", "rms_norm", "swiglu", "geglu", "scaled_dot_product_attention",
+    "layer_norm", "rms_norm", "swiglu", "geglu", "apply_rotary_pos_emb", "scaled_dot_product_attention",
     "layer_norm_forward", "layer_norm_backward", "rms_norm_forward", "rms_norm_backward",
-    "glu_forward", "glu_backward",
+    "glu_forward", "glu_backward", "rotary_forward", "rotary_backward",
     "attention_forward", "attention_backward", "dropout_mask",
 ]
 
@@ -120,6 +120,23 @@ def glu_backward(dy, gate, up, activation, **kwargs):
     return submodule("glu").glu_backward(dy, gate, up, activation, **kwargs)
 
 
+def rotary_forward(q, k, cos, sin, interleaved=False, **kwargs):
+    """(q_embed, k_embed): x * cos + rotate(x) * sin over the first cos.shape[-1] columns of q and k (up
+    to 4 dims, unit last stride), the others copied; cos and sin have q's number of dims and broadcast
+    over each one's leading dims. The results have the dtype q's and cos's promote to and q's and k's
+    layouts where those are dense."""
+    _checks().rotary_launcher_args("nanofast.kernels.rotary_forward", q, k, cos, sin, _triton_backend())
+    return submodule("rope").rotary_forward(q, k, cos, sin, interleaved, **kwargs)
+
+
+def rotary_backward(dq, dk, cos, sin, interleaved=False, dtype=None, **kwargs):
+    """(dq, dk): the transposed rotation of the outputs' gradients, in dtype (default: theirs); either may
+    be None (an empty (0,) result)."""
+    _checks().rotary_launcher_args("nanofast.kernels.rotary_backward", dq, dk, cos, sin, _triton_backend())
+    dtype = (dq if dq is not None else dk).dtype if dtype is None else dtype
+    return submodule("rope").rotary_backward(dq, dk, cos, sin, interleaved, dtype, **kwargs)
+
+
 def attention_forward(q, k, v, is_causal, scale, dropout_p=0.0, seed=0, attn_mask=None, window=0, **kwargs):
     """(out, lse) for q (B, H, Tq, D), k and v (B, Hkv, Tk, D) (Hkv dividing H), any strides.
 
@@ -182,6 +199,13 @@ def geglu(gate, up, approximate="none"):
     from nanofast.ops.glu import glu_on
     check_approximate("nanofast.kernels.geglu", approximate)
     return glu_on(_triton_backend(), "nanofast.kernels.geglu", gate, up, "gelu" if approximate == "none" else "gelu_tanh")
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1, *, interleaved=False):
+    """nanofast.ops.apply_rotary_pos_emb (Hugging Face's function) on the Triton kernel."""
+    from nanofast.ops.rotary import rotary_on
+    return rotary_on(_triton_backend(), "nanofast.kernels.apply_rotary_pos_emb", q, k, cos, sin, unsqueeze_dim,
+                     interleaved)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,

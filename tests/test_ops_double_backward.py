@@ -21,6 +21,11 @@ def _seeded(fn):
     return call
 
 
+def _rotary(q, k, interleaved=False):
+    angles = torch.arange(8, dtype=q.dtype).view(2, 4, 1) * 0.3 + torch.arange(4) * 0.1  # (batch, seq, 4 of 6)
+    return ops.apply_rotary_pos_emb(q, k, angles.cos(), angles.sin(), interleaved=interleaved)
+
+
 CASES = {
     "layer_norm": (lambda x, w, b: ops.layer_norm(x, (6,), w, b), [(4, 6), (6,), (6,)]),
     "layer_norm_2d_shape": (lambda x, w, b: ops.layer_norm(x, (2, 3), w.view(2, 3), b.view(2, 3)),
@@ -46,6 +51,8 @@ CASES = {
     "swiglu": (ops.swiglu, [(3, 5), (3, 5)]),
     "geglu": (ops.geglu, [(3, 5), (3, 5)]),
     "geglu_tanh": (lambda g, u: ops.geglu(g, u, approximate="tanh"), [(3, 5), (3, 5)]),
+    "rotary": (lambda q, k: torch.add(*_rotary(q, k)), [(2, 3, 4, 6), (2, 1, 4, 6)]),
+    "rotary_interleaved_q_only": (lambda q, k: _rotary(q, k, interleaved=True)[0], [(2, 3, 4, 6), (2, 1, 4, 6)]),
     "linear": (ops.linear, [(2, 3, 5), (4, 5), (4,)]),
     "linear_no_bias": (ops.linear, [(3, 5), (4, 5)]),
     "dropout": (_seeded(lambda x: ops.dropout(x, 0.3)), [(4, 6)]),

@@ -11,6 +11,7 @@ from nanofast.ops import cpu  # noqa: E402
 from nanofast.testing import ATOL, ATOL_TRITON_GPU, assert_parity  # noqa: E402
 
 from test_ops_rms_norm import VARIANTS, _model_rms_norm  # noqa: E402
+from test_ops_rotary import cos_sin, hf_apply_rotary_pos_emb  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -248,3 +249,147 @@ def test_glu_bad_inputs():
         K.glu_forward(x.t(), x.t(), "silu")
     with pytest.raises(TypeError, match="float32"):
         K.swiglu(x.double(), x.double())
+
+
+# ==================================================================================================
+# The rotary position embedding
+# ==================================================================================================
+
+ROPE_CASES = [(2, 4, 2, 7, 16), (1, 3, 3, 5, 8), (1, 2, 1, 1, 2), (2, 2, 1, 9, 40)] if not HAS_CUDA else \
+    [(4, 32, 8, 512, 128), (2, 9, 3, 257, 64), (1, 2, 1, 1, 2), (3, 12, 12, 333, 80)]
+
+
+def _rope_run(fn, q, k, cos, sin, dq, dk, **kw):
+    q, k = (t.detach().clone().requires_grad_() for t in (q, k))
+    qe, ke = fn(q, k, cos, sin, **kw)
+    torch.autograd.backward([qe, ke], [dq.to(qe.dtype), dk.to(ke.dtype)])
+    return qe.detach(), ke.detach(), q.grad, k.grad
+
+
+def _rope_check(B, H, Hk, T, D, dtype, cos_dtype, interleaved, R=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = _rnd(g, B, T, H, D).to(DEVICE, dtype).transpose(1, 2)  # the models' layout
+    k = _rnd(g, B, Hk, T, D).to(DEVICE, dtype)
+    dq, dk = _rnd(g, *q.shape).to(DEVICE), _rnd(g, *k.shape).to(DEVICE)
+    cos, sin = (t.to(DEVICE) for t in cos_sin(B, T, R or D, cos_dtype, interleaved))
+    kw = dict(interleaved=interleaved)
+    ours = _rope_run(K.apply_rotary_pos_emb, q, k, cos, sin, dq, dk, **kw)
+    theirs = _rope_run(hf_apply_rotary_pos_emb, q, k, cos, sin, dq, dk, **kw)
+    ref = _rope_run(hf_apply_rotary_pos_emb, *(t.double() for t in (q, k, cos, sin, dq, dk)), **kw)
+    for name, o, t, r in zip(("q_embed", "k_embed", "dq", "dk"), ours, theirs, ref):
+        assert o.dtype == t.dtype and o.shape == t.shape, name
+        assert_parity(f"rotary {name}", o, t, r, _slack(o, r))
+    assert ours[0].stride() == q.stride()  # q's (B, T, H, D) memory kept
+
+
+@pytest.mark.parametrize("B,H,Hk,T,D", ROPE_CASES)
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
+def test_rotary_float32(B, H, Hk, T, D, interleaved):
+    _rope_check(B, H, Hk, T, D, F32, F32, interleaved)
+
+
+@pytest.mark.parametrize("dtypes", [(BF16, BF16), (BF16, F32)] + ([(torch.float16, torch.float16)] if HAS_CUDA else []),
+                         ids=lambda d: "-".join(str(t)[6:] for t in d))
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
+def test_rotary_half(dtypes, interleaved):
+    _rope_check(*ROPE_CASES[0], *dtypes, interleaved)
+
+
+def test_rotary_partial_and_agrees_with_the_cpu_kernels():
+    _rope_check(*ROPE_CASES[-1], F32, F32, False, R=16)
+    _rope_check(*ROPE_CASES[-1], F32, F32, True, R=16)
+    if HAS_CUDA:
+        return
+    g = torch.Generator().manual_seed(7)
+    q, k = _rnd(g, 2, 3, 5, 12).float(), _rnd(g, 2, 1, 5, 12).float()
+    cos, sin = (t.unsqueeze(1) for t in cos_sin(2, 5, 8, F32))
+    for interleaved in (False, True):
+        tri = K.rotary_forward(q, k, cos, sin, interleaved) + K.rotary_backward(q, None, cos, sin, interleaved)
+        ours = cpu.rotary_forward(q, k, cos, sin, interleaved) + cpu.rotary_backward(q, None, cos, sin, interleaved,
+                                                                                     F32)
+        for a, c in zip(tri, ours):
+            torch.testing.assert_close(a, c, rtol=1e-6, atol=1e-6)
+
+
+def test_rotary_bad_inputs():
+    q = torch.randn(2, 4, 5, 8, device=DEVICE)
+    cos = torch.randn(2, 5, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="even last dim"):
+        K.apply_rotary_pos_emb(q, q, cos[..., :7], cos[..., :7])
+    with pytest.raises(TypeError, match="float32"):
+        K.apply_rotary_pos_emb(q.double(), q.double(), cos.double(), cos.double())
+    with pytest.raises(ValueError, match="unit stride"):
+        K.rotary_forward(q.transpose(2, 3)[..., :5, :], None, cos[:, None, :5, :5][..., :4],
+                         cos[:, None, :5, :5][..., :4])
+    with pytest.raises(ValueError, match="both None"):
+        K.rotary_backward(None, None, cos, cos)
+
+
+# ==================================================================================================
+# Compiled for a GPU without one
+# ==================================================================================================
+
+_AOT_SCRIPT = r'''
+import importlib.util, os, sys
+root = sys.argv[1]
+spec = importlib.util.spec_from_file_location("kx", os.path.join(root, "__init__.py"), submodule_search_locations=[root])
+m = importlib.util.module_from_spec(spec); sys.modules["kx"] = m; spec.loader.exec_module(m)
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+import kx.rmsnorm as RN, kx.glu as GL, kx.rope as RP
+target = GPUTarget("cuda", 90, 32)
+
+def compile_(fn, types, constexprs, num_warps=4, f32_ptrs=("Rstd", "DW_PART")):
+    """types: the dtype of each pointer argument by name, f32_ptrs the float32 ones; the others are
+    integers, or floats by their names."""
+    sig, attrs = {}, {}
+    for i, n in enumerate(fn.arg_names):
+        if n in constexprs:
+            sig[n] = "constexpr"
+        elif n in ("eps", "weight_offset"):
+            sig[n] = "fp32"
+        elif n in types or n in f32_ptrs:
+            sig[n] = "*" + types.get(n, "fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[n] = "i32"
+    triton.compile(ASTSource(fn, sig, constexprs, attrs), target=target, options=dict(num_warps=num_warps))
+    print("compiled", fn.__name__, types, constexprs, flush=True)
+
+for x, y in (("bf16", "bf16"), ("fp32", "bf16"), ("fp16", "fp16")):
+    io = dict(X=x, R=y, W=x, H=x, Y=y, DY=y, DH=x, DX=x, DRES=y)
+    for one, bn, bm in ((True, 1024, 4), (False, 2048, 2)):
+        flags = dict(HAS_W=True, CAST=True, BLOCK_M=bm, BLOCK_N=bn, ONE_BLOCK=one)
+        compile_(RN._rms_norm_fwd_kernel, io, dict(flags, HAS_RES=True), 8)
+        compile_(RN._rms_norm_bwd_kernel, io, dict(flags, HAS_DH=True, HAS_DRES=True, NEED_DW=True), 8)
+    for act in (0, 1, 2):
+        for backward in (False, True):
+            compile_(GL._glu_kernel, dict(G=x, U=x, DY=x, OUT=x, DUP=x),
+                     dict(ACT=act, BACKWARD=backward, BLOCK_M=16, BLOCK_N=128))
+    for interleaved in (False, True):
+        for backward in (False, True):
+            compile_(RP._rope_kernel, dict(Q=x, OQ=y, K=x, OK=y, COS="fp32" if y == "fp32" else x,
+                                           SIN="fp32" if y == "fp32" else x),
+                     dict(INTERLEAVED=interleaved, BACKWARD=backward, BLOCK_M=16, BLOCK_H=64, BLOCK_P=16))
+print("all compiled")
+'''
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """Compile this file's kernels for an H100 (sm_90) without a GPU: what the interpreter lets through
+    (the compiler's type rules, unsupported ops), for 16-bit and mixed dtypes and every flag."""
+    import importlib.util
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("this triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    kernels = pathlib.Path(__file__).resolve().parents[1] / "kernels"
+    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(kernels)], capture_output=True, text=True, env=env,
+                       timeout=900)
+    assert r.returncode == 0 and "all compiled" in r.stdout, r.stdout[-3000:] + r.stderr[-5000:]

@@ -44,3 +44,11 @@ def mask_strides(mask, B, H, Tq, Tk):
     n = mask.dim()
     sizes, strides = (1,) * (4 - n) + tuple(mask.shape), (0,) * (4 - n) + tuple(mask.stride())
     return tuple(0 if size == 1 else stride for size, stride in zip(sizes, strides))
+
+
+def empty_rows_like(t, dtype):
+    """An empty tensor of t's shape in dtype, in t's layout where t is dense (a rotary embedding keeps
+    q's (B, T, H, D) memory, as torch's elementwise ops do), contiguous where that layout would not
+    have a unit last stride."""
+    out = torch.empty_like(t, dtype=dtype)
+    return out if out.stride(-1) == 1 or out.shape[-1] <= 1 else torch.empty(t.shape, dtype=dtype, device=t.device)

@@ -50,6 +50,13 @@ Launchers (every shape below is a tensor's; "stats" means backend.stats_dtype(x.
     glu_backward(dy, gate, up, activation) -> (dgate, dup)
         activation "silu" (SwiGLU), "gelu" or "gelu_tanh" (GEGLU); gate and up of one shape and dtype,
         any leading dimensions, a unit last stride; outputs contiguous in gate's shape.
+    rotary_forward(q, k, cos, sin, interleaved) -> (q_embed, k_embed)
+        q, k: up to 4 dims with a unit last stride; cos, sin: q's number of dims, broadcasting over
+        the leading dims of each, last dim R (even, at most the head dim). x * cos + rotate(x) * sin
+        over the first R columns, the others copied, in promote_types(q.dtype, cos.dtype), laid out
+        as q and k where they are dense (_layout.empty_rows_like).
+    rotary_backward(dq, dk, cos, sin, interleaved, dtype) -> (dq, dk)
+        the transposed map in dtype (q's); dq or dk may be None (an empty (0,) result).
     dropout_mask(seed, batch, heads, q_len, k_len, p) -> bool (batch, heads, q_len, k_len)
         the keep mask the attention kernels apply for that seed.
     dropout(x, p, seed) -> y                                 (only where RUNS_DROPOUT)

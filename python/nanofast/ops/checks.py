@@ -322,6 +322,70 @@ def glu_args(fn, gate, up, activation, backend=None, dy=None, launcher=False):
             _check_rows(fn, name, t, backend)
 
 
+# ---- rotary position embedding ----
+
+def _rotary_tensors(fn, q, k, cos, sin, backend, cos_name="cos"):
+    """q and k of one dtype, device, number of dims (1 to 4) and head dim D; cos and sin of one shape and
+    dtype (q's, or float32 beside 16-bit q and k), an even last dim R of at most D, and q's number of
+    dims, broadcasting over the leading dims of q and of k without enlarging them. cos_name: what to
+    call cos in messages."""
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        check_tensor(name, t, fn, backend)
+    check_same(fn, "q", q, "k", k)
+    check_same(fn, "cos", cos, "sin", sin)
+    check_same_device(fn, "q", q, "cos", cos)
+    if tuple(sin.shape) != tuple(cos.shape):
+        raise ValueError(f"{fn}: sin has shape {tuple(sin.shape)} but cos has shape {tuple(cos.shape)}")
+    if not 1 <= q.dim() <= 4 or k.dim() != q.dim():
+        raise ValueError(f"{fn}: q and k must have 1 to 4 dims, the same number, got q {tuple(q.shape)} and k "
+                         f"{tuple(k.shape)}")
+    D, R = q.shape[-1], cos.shape[-1]
+    if k.shape[-1] != D:
+        raise ValueError(f"{fn}: k's head dim must equal q's, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if R % 2 or R > D:
+        raise ValueError(f"{fn}: cos and sin must have an even last dim of at most q's head dim {D}, got "
+                         f"{cos_name} {tuple(cos.shape)}")
+    if cos.dtype != q.dtype and not (cos.dtype == torch.float32 and q.dtype in (torch.bfloat16, torch.float16)):
+        raise TypeError(f"{fn}: cos has dtype {cos.dtype} but q has dtype {q.dtype}; cos and sin must have q's dtype, "
+                        "or float32 beside 16-bit q and k")
+    for name, t in (("q", q), ("k", k)):
+        lead = tuple(t.shape[:-1])
+        if cos.dim() != t.dim() or any(c not in (1, n) for c, n in zip(cos.shape[:-1], lead)):
+            raise ValueError(f"{fn}: {cos_name} {tuple(cos.shape)} does not broadcast over {name}'s leading dims: "
+                             f"{name} has shape {tuple(t.shape)}")
+
+
+def rotary_args(fn, q, k, cos, sin, unsqueeze_dim, backend=None):
+    """Checks the arguments of apply_rotary_pos_emb; returns cos and sin unsqueezed at unsqueeze_dim, as
+    Hugging Face's function does before broadcasting them against q and k."""
+    for name, t in (("cos", cos), ("sin", sin)):
+        check_tensor(name, t, fn, backend)
+        if t.requires_grad and torch.is_grad_enabled():
+            raise UnsupportedArgument(f"{fn}: {name} requires grad, but the gradients of cos and sin are not "
+                                      "computed; build them under torch.no_grad() (as Hugging Face's rotary "
+                                      "embeddings do) or detach them")
+    if tuple(sin.shape) != tuple(cos.shape):
+        raise ValueError(f"{fn}: sin has shape {tuple(sin.shape)} but cos has shape {tuple(cos.shape)}")
+    try:
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    except (IndexError, RuntimeError, TypeError):
+        raise ValueError(f"{fn}: unsqueeze_dim {unsqueeze_dim!r} is not a dim to insert into cos of shape "
+                         f"{tuple(cos.shape)}") from None
+    _rotary_tensors(fn, q, k, cos, sin, backend, f"cos unsqueezed at {unsqueeze_dim}")
+    return cos, sin
+
+
+def rotary_launcher_args(fn, q, k, cos, sin, backend):
+    """The rotary launchers' arguments (backend.py's contract): q or k may be None (not both), cos and
+    sin already broadcastable; q and k with a unit last stride."""
+    if q is None and k is None:
+        raise ValueError(f"{fn}: q and k are both None")
+    _rotary_tensors(fn, q if q is not None else k, k if k is not None else q, cos, sin, backend)
+    for name, t in (("q", q), ("k", k)):
+        if t is not None:
+            _check_rows(fn, name, t, backend)
+
+
 # ---- linear ----
 
 def linear_args(input, weight, bias, mixed=False):

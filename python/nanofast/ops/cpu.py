@@ -7,7 +7,7 @@ tensors into the pointer-and-stride form the C++ side takes. Arguments are check
 import torch
 
 from .. import _C
-from .._layout import empty_bthd, empty_grad_like, mask_strides
+from .._layout import empty_bthd, empty_grad_like, empty_rows_like, mask_strides
 from .compose import (composed_add_layer_norm_backward, composed_add_layer_norm_forward, composed_add_rms_norm_backward,
                       composed_add_rms_norm_forward)
 from .seed import seed_value
@@ -313,6 +313,48 @@ def glu_backward(dy, gate, up, activation):
         _C.glu(_DTYPE_CODE[gate.dtype], _ACTIVATION_CODE[activation], N, C, gate.data_ptr(), g_stride, up.data_ptr(),
                u_stride, dy.data_ptr(), 0, dgate.data_ptr(), dup.data_ptr(), _threads())
     return dgate, dup
+
+
+def _as_4d(t):
+    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))  # a view: leading dims of 1
+
+
+def _rotary(q, k, cos, sin, interleaved, backward, out_dtype):
+    """The rotation (or with backward its transpose) of q and k, either of which may be None (an empty
+    (0,) result). cos and sin broadcast over the leading dims of each (as nanofast.ops.checks.rotary_args
+    says); the results are laid out as their inputs where those are dense (empty_rows_like)."""
+    if cos.stride() != sin.stride() or cos.stride(-1) != 1:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    R = cos.shape[-1]
+    cos4 = _as_4d(cos)
+    outs, args = [], []
+    for t in (q, k):
+        if t is None or t.numel() == 0:
+            outs.append(cos.new_empty((0,), dtype=out_dtype) if t is None else torch.empty_like(t, dtype=out_dtype))
+            args += [(0, 0, 0), 0, (0, 0, 0), 0, (0, 0, 0), (0, 0, 0)]
+            continue
+        t4 = _as_4d(t)
+        out = empty_rows_like(t, out_dtype)
+        outs.append(out)
+        c4 = cos4.expand(*t4.shape[:3], R)
+        args += [tuple(t4.shape[:3]), t4.data_ptr(), _strides3(t4), out.data_ptr(), _strides3(_as_4d(out)),
+                 _strides3(c4)]
+    src = q if q is not None else k
+    if not _C.rope(_DTYPE_CODE[src.dtype], _DTYPE_CODE[cos.dtype], _DTYPE_CODE[out_dtype], src.shape[-1], R,
+                   cos.data_ptr(), sin.data_ptr(), *args, bool(interleaved), backward, _threads()):
+        raise TypeError(f"rotary embedding: no kernel for {src.dtype} rows with {cos.dtype} cos and sin")
+    return outs[0], outs[1]
+
+
+def rotary_forward(q, k, cos, sin, interleaved):
+    """(q * cos + rotate(q) * sin, the same for k) over the first cos.shape[-1] columns, the others
+    copied, in the dtype q's and cos's promote to."""
+    return _rotary(q, k, cos, sin, interleaved, False, torch.promote_types(q.dtype, cos.dtype))
+
+
+def rotary_backward(dq, dk, cos, sin, interleaved, dtype):
+    """The inputs' gradients in dtype (q's): the transposed rotation of dq and dk (either may be None)."""
+    return _rotary(dq, dk, cos, sin, interleaved, True, dtype)
 
 
 # Below about 2M multiply-adds (or 4 rows) packing the operands and starting threads cost more than

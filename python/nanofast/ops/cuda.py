@@ -1,7 +1,7 @@
 """The CUDA backend, as backend.py describes it: nanofast.kernels' Triton launchers for LayerNorm,
-RMSNorm, the gated MLP's activations and attention, and no GELU, dropout or linear launchers:
-nanofast.ops hands those to torch on CUDA tensors, where torch.compile fuses them with their neighbours
-(a kernel of nanofast's would stop that).
+RMSNorm, the gated MLP's activations, the rotary embedding and attention, and no GELU, dropout or
+linear launchers: nanofast.ops hands those to torch on CUDA tensors, where torch.compile fuses them
+with their neighbours (a kernel of nanofast's would stop that).
 
 nanofast.kernels and triton are imported on the first launch, so that `import nanofast` needs neither
 triton nor a GPU. The launchers here are the Triton ones without argument checks: nanofast.ops has
@@ -111,6 +111,14 @@ def glu_forward(gate, up, activation, launch=None):
 
 def glu_backward(dy, gate, up, activation, launch=None):
     return _kernels("glu").glu_backward(dy, gate, up, activation, **_launch(launch))
+
+
+def rotary_forward(q, k, cos, sin, interleaved, launch=None):
+    return _kernels("rope").rotary_forward(q, k, cos, sin, interleaved, **_launch(launch))
+
+
+def rotary_backward(dq, dk, cos, sin, interleaved, dtype, launch=None):
+    return _kernels("rope").rotary_backward(dq, dk, cos, sin, interleaved, dtype, **_launch(launch))
 
 
 def dropout_mask(seed, batch, heads, q_len, k_len, p):
