@@ -13,6 +13,7 @@ from .dropout import dropout
 from .gelu import gelu
 from .layer_norm import layer_norm
 from .linear import linear
+from .linear_cross_entropy import linear_cross_entropy
 
 __all__ = ["layer_norm", "add_layer_norm", "scaled_dot_product_attention", "dropout_mask", "gelu", "dropout", "linear",
-           "UnsupportedArgument"]
+           "linear_cross_entropy", "UnsupportedArgument"]
