@@ -507,6 +507,85 @@ def test_linear(benchmark, record, case, dtype, provider):
            provider=provider, device="cpu", work=6 * N * K * M, unit="GFLOP/s")
 
 
+# (rows, in, classes): nanoGPT's CPU and GPU configs (shakespeare_char's 65 characters) and a GPT-2-shaped
+# head (its vocabulary, 768 wide) at a small batch: B * T = 1024
+CROSS_ENTROPY_CONFIGS = {"cpu-config": (768, 128, 65), "gpu-config": (16384, 384, 65), "gpt2-vocab": (1024, 768, 50304)}
+CROSS_ENTROPY = {"nanofast": nanofast.ops.linear_cross_entropy,
+                 "torch": lambda x, w, t: F.cross_entropy(F.linear(x, w), t)}
+
+# One forward+backward in a fresh interpreter: a small call first (which loads the code paths), then
+# the peak resident set size reset (/proc/self/clear_refs), then the measured call. Prints the growth
+# of the peak over the resident size before that call, in bytes.
+_PEAK_RSS_OF_ONE_CALL = r"""
+import contextlib, sys
+import torch, torch.nn.functional as F
+import nanofast
+provider, N, C, V, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+fn = nanofast.ops.linear_cross_entropy if provider == "nanofast" else lambda x, w, t: F.cross_entropy(F.linear(x, w), t)
+ctx = contextlib.nullcontext if dtype == "float32" else lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+def kib(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+def call(n):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, C, generator=g).requires_grad_()
+    w = (torch.randn(V, C, generator=g) / C ** 0.5).requires_grad_()
+    t = torch.randint(V, (n,), generator=g)
+    def run():
+        with ctx():
+            loss = fn(x, w, t)
+        return torch.autograd.grad(loss, (x, w))
+    return run
+call(64)()
+run = call(N)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = kib("VmRSS")
+grads = run()
+print((kib("VmHWM") - base) * 1024)
+"""
+
+
+def _peak_rss_growth(provider, N, C, V, dtype):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", _PEAK_RSS_OF_ONE_CALL, provider, str(N), str(C), str(V),
+                        "float32" if dtype == torch.float32 else "bfloat16"], capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr
+    return int(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", list(CROSS_ENTROPY_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16-autocast"])
+@pytest.mark.parametrize("provider", list(CROSS_ENTROPY))
+def test_cross_entropy(benchmark, record, case, dtype, provider):
+    """A language model's head and loss, forward and backward (x's and W's gradients): nanofast's fused
+    linear + cross-entropy, a chunk of rows at a time with the logits never stored whole, against
+    torch's F.linear then F.cross_entropy, on float32 x and W, in float32 and under bfloat16 autocast.
+    Rate: the three products' FLOPs. Peak memory: the growth of the peak resident set size over one
+    call in a fresh process (after a small call that loads the code paths), with glibc's default
+    malloc; it includes the gradients returned (x's and W's), alike on both sides."""
+    N, C, V = CROSS_ENTROPY_CONFIGS[case]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, C, generator=g).requires_grad_()
+    w = (torch.randn(V, C, generator=g) / C ** 0.5).requires_grad_()
+    t = torch.randint(V, (N,), generator=g)
+    fn, ref_fn = CROSS_ENTROPY[provider], CROSS_ENTROPY["torch"]
+    if dtype == torch.bfloat16:
+        fn, ref_fn = _autocast_bf16(fn), _autocast_bf16(ref_fn)
+    dloss = torch.tensor(1.0)
+    if provider != "torch":
+        rows = slice(0, 256)
+        _check_parity("linear_cross_entropy", ("loss", "dx", "dweight"), lambda x, w: fn(x, w, t[rows]),
+                      lambda x, w: ref_fn(x, w, t[rows]), [x[rows].detach().requires_grad_(), w], dloss, True, {})
+    timed(benchmark, lambda: _run(lambda x, w: fn(x, w, t), [x, w], dloss, True, {}), "cpu")
+    record(benchmark, op="linear + cross-entropy", case=f"{case} {N}x{C} -> {V}", mode="fwdbwd", dtype=dtype,
+           provider=provider, device="cpu", work=6 * N * C * V, unit="GFLOP/s",
+           peak_bytes=_peak_rss_growth(provider, N, C, V, dtype))
+
+
 DROPOUT = {"nanofast": nanofast.ops.dropout, "torch": lambda x, p: F.dropout(x, p, True)}
 
 

@@ -309,3 +309,85 @@ def test_optimizer_step(benchmark, record, config, provider):
     n = sum(p.numel() for p in params)
     record(benchmark, op="optimizer step", case=f"{config} {n / 1e6:.2f}M params", mode="clip+AdamW",
            dtype=torch.float32, provider=provider, device="cpu", work=36 * n, unit="GB/s")
+
+
+# The fused loss lever (GPT.use_fused_loss: lm_head and the cross-entropy a chunk of rows at a time with
+# nanofast.ops.linear_cross_entropy, against lm_head's logits then F.cross_entropy), in a fresh
+# interpreter per side: a small forward+backward (which loads the code paths), then the peak resident
+# set size reset (/proc/self/clear_refs) and one forward+backward at the full batch, whose growth of the
+# peak over the resident size before it is the memory figure (activations, logits and gradients; glibc's
+# default malloc); then training steps, the best of a few rounds in seconds per step.
+_FUSED_LOSS_STEP = r"""
+import contextlib, json, sys, time
+import torch
+from nanofast.model import GPT, GPTConfig
+from nanofast.training import optimizer_step
+fused, dtype = sys.argv[1] == "with", getattr(torch, sys.argv[2])
+cfg, warmup, rounds = json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+B, vocab = cfg.pop("batch_size"), cfg.pop("vocab_size")
+torch.manual_seed(1337)
+model = GPT(GPTConfig(**cfg, vocab_size=vocab, bias=False, kernels="nanofast")).use_fused_loss(fused)
+opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+ctx = contextlib.nullcontext if dtype == torch.float32 else lambda: torch.amp.autocast("cpu", dtype=dtype)
+scaler = torch.amp.GradScaler("cpu", enabled=False)
+g = torch.Generator().manual_seed(0)
+X, Y = (torch.randint(vocab, (B, cfg["block_size"]), generator=g) for _ in range(2))
+def kib(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+def forward_backward(x, y):
+    with ctx():
+        _, loss = model(x, y)
+    loss.backward()
+    return loss.detach()
+forward_backward(X[:1, :16], Y[:1, :16])
+model.zero_grad(set_to_none=True)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = kib("VmRSS")
+loss = float(forward_backward(X, Y))
+peak = (kib("VmHWM") - base) * 1024
+optimizer_step(model, opt, scaler, 1.0)
+def step():
+    forward_backward(X, Y)
+    optimizer_step(model, opt, scaler, 1.0)
+for _ in range(warmup):
+    step()
+best = float("inf")
+for _ in range(rounds):
+    t = time.perf_counter()
+    step()
+    best = min(best, time.perf_counter() - t)
+print(json.dumps(dict(peak=peak, seconds=best, loss=loss)))
+"""
+FUSED_LOSS_CONFIGS = {
+    "gpu-config": dict(CONFIGS["gpu-config"], vocab_size=VOCAB),
+    # GPT-2 124M's shape and vocabulary at a small batch: B * T = 1024
+    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=128, batch_size=8, dropout=0.0, vocab_size=50304),
+}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.parametrize("config", list(FUSED_LOSS_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_fused_loss_lever(record, config, dtype):
+    """kernels=nanofast on the CPU with the fused loss ("with") and without: time per step and the peak
+    memory of a forward+backward. The sides alternate, each twice, and keep their best process; the
+    first forward+backward of each must give the same loss on both sides."""
+    cfg = FUSED_LOSS_CONFIGS[config]
+    best, peak, losses = {}, {}, {}
+    for side in ("without", "with") * 2:
+        p = subprocess.run([sys.executable, "-c", _FUSED_LOSS_STEP, side, str(dtype)[6:], json.dumps(cfg), "1", "2"],
+                           capture_output=True, text=True, timeout=1800)
+        assert p.returncode == 0, p.stderr
+        out = json.loads(p.stdout.strip().splitlines()[-1])
+        best[side] = min(best.get(side, float("inf")), out["seconds"])
+        peak[side] = min(peak.get(side, float("inf")), out["peak"])
+        losses[side] = out["loss"]
+    assert abs(losses["with"] - losses["without"]) <= LOSS_RTOL[dtype] * abs(losses["without"]), losses
+    L, H, C, T, B = (cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size"))
+    case = f"{config} {L}L {C}d B{B} T{T} vocab {cfg['vocab_size']}"
+    for side in best:
+        record.seconds(best[side], 2, op="train step: fused loss", case=case, mode="fwd+bwd+clip+AdamW",
+                       dtype=dtype, provider=side, device="cpu", work=B * T * 1e6, unit="ktok/s",
+                       peak_bytes=peak[side])

@@ -35,10 +35,12 @@ class Recorder:
         stats = benchmark.stats.stats
         self.seconds(stats.median, stats.rounds, **case)
 
-    def seconds(self, seconds, rounds, *, op, case, mode, dtype, provider, device, work, unit):
-        """A time measured outside pytest-benchmark (in a subprocess, for a process-wide setting)."""
+    def seconds(self, seconds, rounds, *, op, case, mode, dtype, provider, device, work, unit, peak_bytes=None):
+        """A time measured outside pytest-benchmark (in a subprocess, for a process-wide setting).
+        peak_bytes: a memory figure measured beside it (listed under the table; the case says how)."""
         _records.append(dict(op=op, case=case, mode=mode, dtype=str(dtype).replace("torch.", ""), provider=provider,
-                             device=device, seconds=seconds, rate=work / seconds / 1e9, unit=unit, rounds=rounds))
+                             device=device, seconds=seconds, rate=work / seconds / 1e9, unit=unit, rounds=rounds,
+                             peak_bytes=peak_bytes))
 
 
 @pytest.fixture
@@ -99,7 +101,7 @@ def _table():
             cpu, gpu = entries.get((p, "cpu")), entries.get((p, "cuda"))
             speedup = f"{cpu['seconds'] / gpu['seconds']:.1f}x" if cpu and gpu else ("no CUDA" if not has_cuda else "-")
             lines.append("| " + " | ".join(list(key) + [p] + cells + [speedup]) + " |")
-    return "\n".join(lines + _training_ratios() + (["", *_notes] if _notes else []))
+    return "\n".join(lines + _training_ratios() + _peak_memory() + (["", *_notes] if _notes else []))
 
 
 def _training_ratios():
@@ -111,6 +113,19 @@ def _training_ratios():
         if provider == "nanofast" and dtype != "float32" and base:
             lines.append(f"\ntrain step {case} ({device}): nanofast {dtype} {r['seconds'] * 1e3:.2f} ms vs torch "
                          f"kernels float32 {base['seconds'] * 1e3:.2f} ms: {base['seconds'] / r['seconds']:.2f}x")
+    return lines
+
+
+def _peak_memory():
+    """The memory figures recorded beside the times, one line each, with the ratio to the baseline's."""
+    rows = [r for r in _records if r.get("peak_bytes") is not None]
+    lines = ["\npeak memory (how it was measured: see the benchmark's docstring):"] if rows else []
+    by_key = {(_key(r), r["provider"], r["device"]): r for r in rows}
+    for r in rows:
+        base = by_key.get((_key(r), "torch", r["device"])) or by_key.get((_key(r), BASELINE_OF_LEVER, r["device"]))
+        ratio = f" ({r['peak_bytes'] / base['peak_bytes']:.2f}x the baseline's)" if base and base is not r else ""
+        lines.append(f"- {r['op']}, {r['case']}, {r['mode']}, {r['dtype']}, {r['provider']} ({r['device']}): "
+                     f"{r['peak_bytes'] / 2**20:.1f} MiB{ratio}")
     return lines
 
 

@@ -324,6 +324,30 @@ struct GemvArgs {
   int num_threads;
 };
 
+// Cross-entropy over rows of logits (the accumulation type: dtype kFloat32 or kFloat64): each row's
+// loss and, when grad, the gradient of the loss written over the row, scaled by row_scale[i] (1 where
+// row_scale is null). Rows whose target is ignore_index get loss 0 and a zero gradient. The targets are
+// checked first: one outside [0, V) (and not ignore_index) stops the kernel before it writes anything.
+struct CrossEntropyRowsArgs {
+  int dtype;
+  int64_t N, V;
+  void* logits;  // (N, V), row stride ld, unit column stride
+  int64_t ld;
+  const int64_t* target;  // (N,)
+  int64_t ignore_index;
+  double label_smoothing;
+  const void* row_scale;  // (N,) of dtype, may be null
+  bool grad;
+  void* loss;  // (N,) of dtype
+  int num_threads;
+};
+
+struct CrossEntropyRowsResult {
+  double loss_sum;  // the rows' losses summed in row order
+  int64_t count;    // rows whose target is not ignore_index
+  int64_t bad_row;  // the first row with a target out of range (nothing computed), else -1
+};
+
 // One instruction set's kernels, filled member by member in kernels_isa.cpp. The GEMMs exist only on
 // some instruction sets: has_gemm_f32 and has_gemm_bf16 say whether this table has them (their
 // pointers are null otherwise).
@@ -356,6 +380,7 @@ struct KernelTable {
   void (*gemm_f32)(const GemmArgs&) = nullptr;       // only where has_gemm_f32
   void (*gemm_bf16)(const GemmBf16Args&) = nullptr;  // only where has_gemm_bf16
   void (*gemv)(const GemvArgs&) = nullptr;
+  CrossEntropyRowsResult (*cross_entropy_rows)(const CrossEntropyRowsArgs&) = nullptr;
 };
 
 // The best table this CPU supports, or the one named by NANOFAST_ISA / select_isa().

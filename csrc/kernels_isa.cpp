@@ -3,6 +3,7 @@
 #include "adamw.h"
 #include "add_layer_norm.h"
 #include "attention.h"
+#include "cross_entropy.h"
 #include "dropout.h"
 #include "gelu.h"
 #include "gemm.h"
@@ -40,6 +41,7 @@ KernelTable make_table() {
   t.rope = &rope;
   t.adamw_step = &adamw_step;
   t.gemv = &gemv;
+  t.cross_entropy_rows = &cross_entropy_rows;
 #if NF_HAS_GEMM_F32
   t.has_gemm_f32 = true;
   t.gemm_f32 = &gemm_f32;

@@ -473,6 +473,29 @@ void dropout_mask(uint64_t seed, int64_t B, int64_t NH, int64_t TQ, int64_t TK, 
   kernels().dropout_mask(seed, B, NH, TQ, TK, p, ptr<uint8_t>(out), num_threads);
 }
 
+// Returns (the rows' loss sum, the count of rows not ignored, the first row with an out-of-range target
+// or -1).
+std::tuple<double, int64_t, int64_t> cross_entropy_rows(int dtype, int64_t N, int64_t V, uintptr_t logits, int64_t ld,
+                                                        uintptr_t target, int64_t ignore_index, double label_smoothing,
+                                                        uintptr_t row_scale, bool grad, uintptr_t loss,
+                                                        int num_threads) {
+  nanofast::CrossEntropyRowsArgs a{};
+  a.dtype = dtype;
+  a.N = N;
+  a.V = V;
+  a.logits = ptr<void>(logits);
+  a.ld = ld;
+  a.target = ptr<const int64_t>(target);
+  a.ignore_index = ignore_index;
+  a.label_smoothing = label_smoothing;
+  a.row_scale = ptr<const void>(row_scale);
+  a.grad = grad;
+  a.loss = ptr<void>(loss);
+  a.num_threads = num_threads;
+  const nanofast::CrossEntropyRowsResult r = kernels().cross_entropy_rows(a);
+  return {r.loss_sum, r.count, r.bad_row};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -511,6 +534,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("has_gemv", &nanofast::use_gemv,
         "whether matrix-vector products use nanofast's: the CPU is not Intel's, or NANOFAST_GEMM=1");
   m.def("adamw_step", &adamw_step, release(), "clip (max_grad_norm > 0) and AdamW-step float32 tensors");
+  m.def("cross_entropy_rows", &cross_entropy_rows, release(),
+        "each row's cross-entropy and (grad) its gradient over the logits; (loss sum, count, bad row or -1)");
   m.def("retain_freed_memory", &retain_freed_memory, "glibc malloc: no mmap-ed blocks, no heap trimming");
   m.def("philox_uniform", &nanofast::philox_uniform, "the dropout generator's uniform at (seed, offset)");
   m.def("isa", [] { return std::string(kernels().isa); }, "the instruction set the kernels run with");

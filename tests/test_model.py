@@ -73,7 +73,7 @@ def test_init_and_weight_tying():
 @pytest.mark.parametrize("kernels", KERNELS)
 def test_forward_and_loss(kernels):
     torch.manual_seed(0)
-    m = GPT(tiny(kernels))
+    m = GPT(tiny(kernels)).use_fused_loss(False)  # the logits too (test_fused_loss: without them)
     idx = torch.randint(0, 37, (3, 16))
     logits, loss = m(idx, torch.randint(0, 37, (3, 16)))
     assert logits.shape == (3, 16, 37)
@@ -88,7 +88,7 @@ def test_forward_and_loss(kernels):
 def test_nanofast_kernels_match_torch(bias):
     torch.manual_seed(0)
     ref = GPT(tiny("torch", bias=bias))
-    nf = GPT(tiny("nanofast", bias=bias))
+    nf = GPT(tiny("nanofast", bias=bias)).use_fused_loss(False)  # the logits too (test_fused_loss: without them)
     nf.load_state_dict(ref.state_dict())
     idx = torch.randint(0, 37, (4, 16))
     tgt = torch.randint(0, 37, (4, 16))
@@ -100,6 +100,45 @@ def test_nanofast_kernels_match_torch(bias):
     torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-4, atol=1e-5)
     for n in out[0][1]:
         torch.testing.assert_close(out[1][1][n], out[0][1][n], rtol=1e-3, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_loss(autocast):
+    """nanofast's kernels on the CPU compute lm_head and the loss together (ops.linear_cross_entropy): no
+    logits, the loss and every gradient (wte's, tied to lm_head, included) as with torch's kernels."""
+    torch.manual_seed(0)
+    ref = GPT(tiny("torch"))
+    nf = GPT(tiny("nanofast"))
+    nf.load_state_dict(ref.state_dict())
+    idx, tgt = torch.randint(0, 37, (4, 16)), torch.randint(0, 37, (4, 16))
+    tgt[1, 3:7] = -1  # ignored, as nanoGPT's -1
+    out = []
+    for m in (ref, nf):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits, loss = m(idx, tgt)
+        loss.backward()
+        out.append((logits, loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    assert out[0][0].shape == (4, 16, 37) and out[1][0] is None
+    assert nf.lm_head.weight is nf.transformer.wte.weight
+    tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(out[1][1], out[0][1], **tol)
+    for n in out[0][2]:
+        torch.testing.assert_close(out[1][2][n], out[0][2][n], **tol, msg=n)
+    # evaluation (no autograd), and the same loss as the unfused head
+    nf.eval()
+    with torch.no_grad():
+        fused = nf(idx, tgt)[1]
+        logits, unfused = nf.use_fused_loss(False)(idx, tgt)
+    torch.testing.assert_close(fused, unfused)
+    assert logits.shape == (4, 16, 37)
+
+
+def test_fused_loss_leaves_a_hooked_head_alone():
+    m = GPT(tiny("nanofast"))
+    seen = []
+    m.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    logits, _ = m(torch.randint(0, 37, (2, 16)), torch.randint(0, 37, (2, 16)))
+    assert seen == [(2, 16, 37)] and logits.shape == (2, 16, 37)
 
 
 def test_nanofast_kernels_are_called_with_strided_views(monkeypatch):

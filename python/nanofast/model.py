@@ -284,6 +284,7 @@ class GPT(nn.Module):
         # Weight tying: the output projection reuses the token embedding matrix. The state_dict still
         # lists both names (one tensor), as nanoGPT's does.
         self.transformer.wte.weight = self.lm_head.weight
+        self.fused_loss = True  # lm_head and the loss in chunks where it can (use_fused_loss)
 
         # Initialisation: N(0, 0.02) for every Linear and Embedding weight, zero biases; then the
         # projections that write into the residual stream (attn.c_proj, mlp.c_proj) get their std
@@ -319,9 +320,24 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
+    def use_fused_loss(self, enabled=True):
+        """Whether forward, given targets, computes lm_head and the loss together with
+        nanofast.ops.linear_cross_entropy (kernels='nanofast', CPU tensors, lm_head the model's own
+        without hooks): a chunk of rows at a time, so the (B, T, vocab) logits are never stored, and
+        forward returns None in their place. Off: nanoGPT's (logits, loss). Returns self."""
+        self.fused_loss = bool(enabled)
+        return self
+
+    def _fuses_loss(self, x):
+        head = self.lm_head
+        return (self.fused_loss and self.config.kernels == "nanofast" and x.is_cpu
+                and type(head) is nanofast_nn.Linear and not _has_hooks(head))
+
     def forward(self, idx, targets=None):
-        """idx: (B, T) token ids. With targets (B, T): logits (B, T, vocab) and the mean cross-entropy
-        (targets of -1 are ignored). Without: logits of the last position only, (B, 1, vocab), and None."""
+        """idx: (B, T) token ids. With targets (B, T): (logits (B, T, vocab), the mean cross-entropy),
+        targets of -1 ignored; where the loss is fused (use_fused_loss, on by default with nanofast's
+        kernels on the CPU) the logits are not computed and come back as None. Without targets: the
+        logits of the last position only, (B, 1, vocab), and None."""
         B, T = idx.shape
         assert T <= self.config.block_size, f"sequence of length {T} is longer than block_size {self.config.block_size}"
         pos = torch.arange(T, dtype=torch.long, device=idx.device)
@@ -333,6 +349,9 @@ class GPT(nn.Module):
         if targets is None:
             # generating: only the next token's distribution is needed ([-1] keeps the time axis)
             return self.lm_head(x[:, [-1], :]), None
+        if self._fuses_loss(x):
+            head = self.lm_head
+            return None, ops.linear_cross_entropy(x, head.weight, targets, head.bias, ignore_index=-1)
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss

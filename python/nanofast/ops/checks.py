@@ -532,3 +532,51 @@ def dropout_mask_args(fn, seed, batch, heads, q_len, k_len, p):
         if int(n) < 0:
             raise ValueError(f"{fn}: {name} must be >= 0, got {n}")
     return check_seed(fn, seed), int(batch), int(heads), int(q_len), int(k_len), p
+
+
+# ---- linear + cross-entropy ----
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def linear_cross_entropy_args(input, weight, target, bias, ignore_index, label_smoothing, reduction, mixed=False):
+    """Checks the arguments; returns (ignore_index, label_smoothing, reduction) normalised. mixed: under
+    autocast, where input, weight and bias may differ in dtype."""
+    fn = "nanofast.ops.linear_cross_entropy"
+    check_tensor("input", input, fn)
+    check_tensor("weight", weight, fn)
+    (check_same_device if mixed else check_same)(fn, "input", input, "weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"{fn}: weight must be 2-D (classes, in_features), got shape {tuple(weight.shape)}")
+    if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{fn}: input's last dimension must equal weight's in_features: input has shape "
+                         f"{tuple(input.shape)}, weight {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, fn)
+        (check_same_device if mixed else check_same)(fn, "input", input, "bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{fn}: bias must have shape ({weight.shape[0]},) to match weight {tuple(weight.shape)}, "
+                             f"got {tuple(bias.shape)}")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{fn}: target must be a torch.Tensor of class indices, got {type(target).__name__}")
+    if target.dtype != torch.int64:
+        raise TypeError(f"{fn}: target must hold class indices as torch.int64 (class probabilities are not "
+                        f"supported), got {_describe(target)}")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(f"{fn}: target must have input's shape without its last dimension, "
+                         f"{tuple(input.shape[:-1])}: input has shape {tuple(input.shape)}, target {tuple(target.shape)}")
+    check_same_device(fn, "input", input, "target", target)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{fn}: ignore_index must be an int, got {ignore_index!r}")
+    label_smoothing = check_probability(fn, "label_smoothing", label_smoothing)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    return ignore_index, label_smoothing, reduction
+
+
+def target_out_of_range(fn, target, row, classes, ignore_index):
+    """The error for a target outside [0, classes) that is not ignore_index (an IndexError, as torch's)."""
+    value = int(target.reshape(-1)[row])
+    return IndexError(f"{fn}: target {value} at position {row} of target (shape {tuple(target.shape)}) is out of "
+                      f"range for {classes} classes (weight's first dimension) and is not ignore_index "
+                      f"({ignore_index})")

@@ -4,10 +4,13 @@ Tensors in, raw pointers, sizes and strides out: this layer allocates the output
 tensors into the pointer-and-stride form the C++ side takes. Arguments are checked by the callers
 (checks.py), against the capabilities written here.
 """
+import functools
+
 import torch
 
 from .. import _C
 from .._layout import empty_bthd, empty_grad_like, empty_rows_like, mask_strides
+from . import chunked_cross_entropy
 from .compose import (composed_add_layer_norm_backward, composed_add_layer_norm_forward, composed_add_rms_norm_backward,
                       composed_add_rms_norm_forward)
 from .seed import seed_value
@@ -416,7 +419,7 @@ def has_gemm_bf16():
     return _C.has_gemm_bf16()
 
 
-def mm(a, b, bias=None, dtype=None, out_dtype=None):
+def mm(a, b, bias=None, dtype=None, out_dtype=None, out=None, accumulate=False):
     """a @ b (+ bias) for 2-D tensors, any strides, with the products in `dtype` (default: a's) and the
     result in `out_dtype` (default: dtype).
 
@@ -428,35 +431,45 @@ def mm(a, b, bias=None, dtype=None, out_dtype=None):
     contiguous, and their bits depend neither on a's or b's strides nor on the number of threads.
 
     A few rows against a weight (b = W^T, uses_gemv) run nanofast's matrix-vector kernel instead, in
-    either dtype."""
+    either dtype.
+
+    out: an (M, N) tensor with a unit column stride to write the result into (its dtype is the
+    result's), returned; accumulate: out += a @ b instead (bias ignored)."""
     (M, K), N = a.shape, b.shape[1]
     dtype = dtype or a.dtype
-    if M <= GEMV_MAX_ROWS:
-        out = _gemv(a, b, bias, dtype, out_dtype or dtype)
-        if out is not None:
-            return out
-    if dtype is torch.float32 and b.dtype is a.dtype is dtype and out_dtype in (None, dtype) and \
+    if M <= GEMV_MAX_ROWS and out is None and not accumulate:
+        few_rows = _gemv(a, b, bias, dtype, out_dtype or dtype)
+        if few_rows is not None:
+            return few_rows
+    if out is not None:
+        out_dtype = out.dtype
+    gemm_out = out is None or out.stride(1) == 1 or N == 1
+    if dtype is torch.float32 and b.dtype is a.dtype is dtype and out_dtype in (None, dtype) and gemm_out and \
             uses_gemm(M, N, K, dtype):
-        out = torch.empty(M, N, dtype=torch.float32)
+        out = torch.empty(M, N, dtype=torch.float32) if out is None else out
         bias = _packed(bias)
         (a_rs, a_cs), (b_rs, b_cs) = a.stride(), b.stride()
-        _C.gemm(M, N, K, a.data_ptr(), a_rs, a_cs, b.data_ptr(), b_rs, b_cs, out.data_ptr(), N, _ptr(bias), False,
-                _threads())
+        _C.gemm(M, N, K, a.data_ptr(), a_rs, a_cs, b.data_ptr(), b_rs, b_cs, out.data_ptr(), out.stride(0),
+                _ptr(bias), accumulate, _threads())
         return out
     out_dtype = out_dtype or dtype
     if dtype is torch.bfloat16 and a.dtype in _GEMM_BF16_OPERANDS and b.dtype in _GEMM_BF16_OPERANDS and \
-            out_dtype in _GEMM_BF16_OPERANDS and (bias is None or bias.dtype in _GEMM_BF16_OPERANDS) and \
-            uses_gemm(M, N, K, dtype):
-        out = torch.empty(M, N, dtype=out_dtype)
+            out_dtype in _GEMM_BF16_OPERANDS and (bias is None or bias.dtype in _GEMM_BF16_OPERANDS) and gemm_out and \
+            not (accumulate and out_dtype is not torch.float32) and uses_gemm(M, N, K, dtype):
+        out = torch.empty(M, N, dtype=out_dtype) if out is None else out
         bias = _packed(bias)
         (a_rs, a_cs), (b_rs, b_cs) = a.stride(), b.stride()
         _C.gemm_bf16(M, N, K, a.data_ptr(), a_rs, a_cs, _DTYPE_CODE[a.dtype], b.data_ptr(), b_rs, b_cs,
-                     _DTYPE_CODE[b.dtype], out.data_ptr(), N, _DTYPE_CODE[out_dtype], _ptr(bias),
-                     0 if bias is None else _DTYPE_CODE[bias.dtype], False, _threads())
+                     _DTYPE_CODE[b.dtype], out.data_ptr(), out.stride(0), _DTYPE_CODE[out_dtype], _ptr(bias),
+                     0 if bias is None else _DTYPE_CODE[bias.dtype], accumulate, _threads())
         return out
     a, b = a.to(dtype), b.to(dtype)
-    out = torch.mm(a, b) if bias is None else torch.addmm(bias.to(dtype), a, b)
-    return out.to(out_dtype)
+    if accumulate and out.dtype is dtype:
+        return out.addmm_(a, b)
+    result = torch.mm(a, b) if bias is None or accumulate else torch.addmm(bias.to(dtype), a, b)
+    if out is None:
+        return result.to(out_dtype)
+    return out.add_(result) if accumulate else out.copy_(result)
 
 
 def linear(x, weight, bias=None, dtype=None):
@@ -490,3 +503,22 @@ def dropout_mask(seed, batch, heads, q_len, k_len, p):
     if out.numel():
         _C.dropout_mask(int(seed), batch, heads, q_len, k_len, float(p), out.data_ptr(), _threads())
     return out.view(torch.bool)
+
+
+def cross_entropy_rows(logits, target, ignore_index, label_smoothing, row_scale, grad, loss):
+    """The row pass of linear_cross_entropy (chunked_cross_entropy's `rows`) in one C++ sweep per row."""
+    N, V = logits.shape
+    if N == 0:
+        return 0.0, 0, -1
+    return _C.cross_entropy_rows(_DTYPE_CODE[logits.dtype], N, V, logits.data_ptr(), logits.stride(0),
+                                 target.data_ptr(), int(ignore_index), float(label_smoothing), _ptr(row_scale),
+                                 bool(grad), loss.data_ptr(), _threads())
+
+
+def _gemm_operand(weight, dtype):
+    return weight  # mm rounds float32 operands to bfloat16 itself (while packing, or through torch's casts)
+
+
+_chunk_pieces = (mm, cross_entropy_rows, _gemm_operand)
+linear_cross_entropy_forward = functools.partial(chunked_cross_entropy.forward, *_chunk_pieces)
+linear_cross_entropy_backward = functools.partial(chunked_cross_entropy.backward, *_chunk_pieces)

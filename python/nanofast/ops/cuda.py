@@ -17,6 +17,7 @@ import functools
 
 import torch
 
+from . import chunked_cross_entropy
 from .compose import composed_add_layer_norm_backward, composed_add_layer_norm_forward
 
 # ---- capabilities (read by checks.py and the ops; see backend.py) ----
@@ -123,3 +124,9 @@ def rotary_backward(dq, dk, cos, sin, interleaved, dtype, launch=None):
 
 def dropout_mask(seed, batch, heads, q_len, k_len, p):
     return _kernels("attention").dropout_mask(seed, batch, heads, q_len, k_len, p)
+
+
+# linear_cross_entropy: torch's matmuls and the row pass in torch ops, a chunk of rows at a time
+_chunk_pieces = (chunked_cross_entropy.torch_mm, chunked_cross_entropy.torch_rows, chunked_cross_entropy.torch_operand)
+linear_cross_entropy_forward = functools.partial(chunked_cross_entropy.forward, *_chunk_pieces)
+linear_cross_entropy_backward = functools.partial(chunked_cross_entropy.backward, *_chunk_pieces)
