@@ -127,3 +127,27 @@ def test_patched_float16_model_runs_on_torchs_kernels():
     assert isinstance(model[0], nanofast.nn.Linear) and isinstance(model[1], nanofast.nn.LayerNorm)
     x = torch.randn(4, 16).half()
     assert torch.equal(model(x), ref(x))
+
+
+def test_other_threads_are_not_routed(monkeypatch):
+    """While a patched model runs, a call of F.scaled_dot_product_attention from another thread (an
+    unpatched model, say) still reaches torch's."""
+    import threading
+
+    calls = []
+    real = nanofast.ops.scaled_dot_product_attention
+    monkeypatch.setattr(nanofast.ops, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(threading.get_ident()) or real(*a, **k))
+    q = torch.randn(1, 2, 5, 4)
+    other = {}
+
+    class Model(torch.nn.Module):
+        def forward(self, q):
+            t = threading.Thread(target=lambda: other.setdefault("out", F.scaled_dot_product_attention(q, q, q)))
+            t.start()
+            t.join()
+            return F.scaled_dot_product_attention(q, q, q)
+
+    out = nanofast.patch(Model())(q)
+    assert calls == [threading.get_ident()]  # the patched model's own call only
+    torch.testing.assert_close(other["out"], out, rtol=1e-5, atol=1e-6)
