@@ -132,7 +132,8 @@ def rotary_forward(q, k, cos, sin, interleaved=False, **kwargs):
 def rotary_backward(dq, dk, cos, sin, interleaved=False, dtype=None, **kwargs):
     """(dq, dk): the transposed rotation of the outputs' gradients, in dtype (default: theirs); either may
     be None (an empty (0,) result)."""
-    _checks().rotary_launcher_args("nanofast.kernels.rotary_backward", dq, dk, cos, sin, _triton_backend())
+    _checks().rotary_launcher_args("nanofast.kernels.rotary_backward", dq, dk, cos, sin, _triton_backend(),
+                                   backward=True)
     dtype = (dq if dq is not None else dk).dtype if dtype is None else dtype
     return submodule("rope").rotary_backward(dq, dk, cos, sin, interleaved, dtype, **kwargs)
 

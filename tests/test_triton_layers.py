@@ -318,11 +318,13 @@ def test_rotary_bad_inputs():
         K.apply_rotary_pos_emb(q, q, cos[..., :7], cos[..., :7])
     with pytest.raises(TypeError, match="float32"):
         K.apply_rotary_pos_emb(q.double(), q.double(), cos.double(), cos.double())
+    qt = torch.randn(2, 4, 8, 5, device=DEVICE).transpose(2, 3)  # (2, 4, 5, 8), a strided last dim
     with pytest.raises(ValueError, match="unit stride"):
-        K.rotary_forward(q.transpose(2, 3)[..., :5, :], None, cos[:, None, :5, :5][..., :4],
-                         cos[:, None, :5, :5][..., :4])
-    with pytest.raises(ValueError, match="both None"):
+        K.rotary_forward(qt, qt, cos[:, None], cos[:, None])
+    with pytest.raises(ValueError, match=r"q and k must be tensors \(one may be None\), got NoneType and NoneType"):
         K.rotary_backward(None, None, cos, cos)
+    with pytest.raises(ValueError, match="q and k must be tensors, got Tensor and NoneType"):
+        K.rotary_forward(q, None, cos[:, None], cos[:, None])
 
 
 # ==================================================================================================

@@ -375,11 +375,12 @@ def rotary_args(fn, q, k, cos, sin, unsqueeze_dim, backend=None):
     return cos, sin
 
 
-def rotary_launcher_args(fn, q, k, cos, sin, backend):
-    """The rotary launchers' arguments (backend.py's contract): q or k may be None (not both), cos and
-    sin already broadcastable; q and k with a unit last stride."""
-    if q is None and k is None:
-        raise ValueError(f"{fn}: q and k are both None")
+def rotary_launcher_args(fn, q, k, cos, sin, backend, backward=False):
+    """The rotary launchers' arguments (backend.py's contract): cos and sin already broadcastable, q and
+    k with a unit last stride; in the backward one of them (the outputs' gradients) may be None."""
+    if (q is None or k is None) and not (backward and (q is not None or k is not None)):
+        raise ValueError(f"{fn}: q and k must be tensors{' (one may be None)' if backward else ''}, got "
+                         f"{type(q).__name__} and {type(k).__name__}")
     _rotary_tensors(fn, q if q is not None else k, k if k is not None else q, cos, sin, backend)
     for name, t in (("q", q), ("k", k)):
         if t is not None:
