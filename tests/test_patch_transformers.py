@@ -149,8 +149,10 @@ def test_patched_family_under_bfloat16_autocast(family):
     ref = FAMILIES[family]().eval()
     model = nanofast.patch(copy.deepcopy(ref))
     inputs = _inputs(family, padded=family != "vit")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+        warnings.filterwarnings("error", message="nanofast.patch")  # no fallback under autocast either
         loss, grads = _loss_and_grads(model, inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         ref_loss, ref_grads = _loss_and_grads(ref, inputs)
     assert abs(float(loss) - float(ref_loss)) <= 2e-2 * abs(float(ref_loss))
     for n, g in ref_grads.items():  # bfloat16 rounding of every product: a relative bound on each gradient

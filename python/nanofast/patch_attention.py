@@ -10,6 +10,7 @@ import importlib
 import sys
 import warnings
 
+import torch
 import torch.nn.functional as F
 
 from . import ops
@@ -32,7 +33,13 @@ def unsupported_reason(query, key, value, attn_mask, dropout_p, scale, enable_gq
 
 
 def sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, fallback=_torch_sdpa):
-    """F.scaled_dot_product_attention on nanofast where it can, on `fallback` (torch's) elsewhere."""
+    """F.scaled_dot_product_attention on nanofast where it can, on `fallback` (torch's) elsewhere. Under
+    autocast the inputs are cast to autocast's dtype first, as autocast does for torch's (a rotary
+    embedding in float32 beside bfloat16 values, say)."""
+    device = query.device.type
+    if torch.is_autocast_enabled(device) and query.is_floating_point():
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = (t.to(dtype) for t in (query, key, value))
     reason = unsupported_reason(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     if reason is None:
         if attn_mask is None and not enable_gqa:  # the arguments every version of nanofast.ops takes
