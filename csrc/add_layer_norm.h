@@ -172,14 +172,14 @@ void add_layer_norm_backward_impl(const AddLayerNormBackwardArgs& a) {
           vec<A> sg{}, sgx{};
           int64_t c = 0;
           for (; c + W <= C; c += W) {
-            const vec<A> g = vload_as(dyr + c) * vload(wv.data() + c);
+            const vec<A> g = rounded(vload_as(dyr + c) * vload(wv.data() + c));
             sg += g;
             sgx += g * (vload_as(hr + c) - mu);
           }
           sum_g = vsum(sg);
           sum_gx = vsum(sgx);
           for (; c < C; ++c) {
-            const A g = to_acc(dyr[c]) * wv[c];
+            const A g = rounded(to_acc(dyr[c]) * wv[c]);
             sum_g += g;
             sum_gx += g * (to_acc(hr[c]) - mu);
           }
@@ -192,7 +192,7 @@ void add_layer_norm_backward_impl(const AddLayerNormBackwardArgs& a) {
         int64_t c = 0;
         for (; c + W <= C; c += W) {
           const vec<A> d = vload_as(dyr + c), xh = (vload_as(hr + c) - mu) * rs;
-          vec<A> v = (d * vload(wv.data() + c) - mean_g - xh * mean_gx) * rs;
+          vec<A> v = (rounded(d * vload(wv.data() + c)) - mean_g - xh * mean_gx) * rs;
           if (dhr) v += vload_as(dhr + c);
           vput(dxr + c, v, stream_dx);
           if (drr) vput(drr + c, v, stream_dres);
@@ -203,7 +203,7 @@ void add_layer_norm_backward_impl(const AddLayerNormBackwardArgs& a) {
         }
         for (; c < C; ++c) {
           const A d = to_acc(dyr[c]), xh = (to_acc(hr[c]) - mu) * rs;
-          A v = (d * wv[c] - mean_g - xh * mean_gx) * rs;
+          A v = (rounded(d * wv[c]) - mean_g - xh * mean_gx) * rs;
           if (dhr) v += to_acc(dhr[c]);
           dxr[c] = from_acc<TX>(v);
           if (drr) drr[c] = from_acc<TR>(v);

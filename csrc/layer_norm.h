@@ -116,13 +116,13 @@ SumPair<A> row_grad_sums_blocked(const TY* dy, const A* w, const TX* x, A mu, in
     vec<A> sg{}, sgx{};
     int64_t c = c0;
     for (; c + W <= c1; c += W) {
-      const vec<A> g = vload_as(dy + c) * vload(w + c);
+      const vec<A> g = rounded(vload_as(dy + c) * vload(w + c));
       sg += g;
       sgx += g * (vload_as(x + c) - mu);
     }
     A sum_g = vsum(sg), sum_gx = vsum(sgx);
     for (; c < c1; ++c) {
-      const A g = to_acc(dy[c]) * w[c];
+      const A g = rounded(to_acc(dy[c]) * w[c]);
       sum_g += g;
       sum_gx += g * (to_acc(x[c]) - mu);
     }
@@ -307,7 +307,7 @@ void layer_norm_backward_chunk_regs(const TY* dy, int64_t dy_row_stride, const T
     vec<float> xh[NV], sg{}, sgx{};
     for (int i = 0; i < NV; ++i) {
       xh[i] = (vload_as(xr + i * W) - mu) * rs;
-      const vec<float> g = vload_as(dyr + i * W) * vload(wv + i * W);
+      const vec<float> g = rounded(vload_as(dyr + i * W) * vload(wv + i * W));
       sg += g;
       sgx += g * xh[i];
     }
@@ -315,7 +315,7 @@ void layer_norm_backward_chunk_regs(const TY* dy, int64_t dy_row_stride, const T
     // pass 2: dx (g again from dy: a load costs less than NV more registers); the partials
     for (int i = 0; i < NV; ++i) {
       const vec<float> d = vload_as(dyr + i * W);
-      vec<float> v = (d * vload(wv + i * W) - mean_g - xh[i] * mean_gx) * rs;
+      vec<float> v = (rounded(d * vload(wv + i * W)) - mean_g - xh[i] * mean_gx) * rs;
       if (dh) v += vload_as(dh + n * C + i * W);
       vstore_as(dx + n * C + i * W, v);
       if (dres) vstore_as(dres + n * C + i * W, v);
@@ -382,15 +382,16 @@ void layer_norm_backward_rows(const LayerNormBackwardArgs& a, const acc_t<T>* wv
           vec<A> sg{}, sgx{};
           int64_t c = 0;
           for (; c + W <= C; c += W) {
-            const vec<A> gv = vload(dyr + c) * vload(wv + c);
+            const vec<A> gv = rounded(vload(dyr + c) * vload(wv + c));
             sg += gv;
             sgx += gv * (vload(xr + c) - mu);
           }
           sum_g = vsum(sg);
           sum_gx = vsum(sgx);
           for (; c < C; ++c) {
-            sum_g += dyr[c] * wv[c];
-            sum_gx += dyr[c] * wv[c] * (xr[c] - mu);
+            const A g = rounded(dyr[c] * wv[c]);
+            sum_g += g;
+            sum_gx += g * (xr[c] - mu);
           }
         }
         const A mean_g = sum_g / A(C), mean_gx = sum_gx * rs / A(C);
@@ -399,7 +400,7 @@ void layer_norm_backward_rows(const LayerNormBackwardArgs& a, const acc_t<T>* wv
         int64_t c = 0;
         for (; c + W <= C; c += W) {
           const vec<A> d = vload(dyr + c), xh = (vload(xr + c) - mu) * rs;
-          vput(dxr + c, (d * vload(wv + c) - mean_g - xh * mean_gx) * rs, stream);
+          vput(dxr + c, (rounded(d * vload(wv + c)) - mean_g - xh * mean_gx) * rs, stream);
           if (pdw) {
             vstore(pdw + c, vload(pdw + c) + d * xh);
             vstore(pdb + c, vload(pdb + c) + d);
@@ -407,7 +408,7 @@ void layer_norm_backward_rows(const LayerNormBackwardArgs& a, const acc_t<T>* wv
         }
         for (; c < C; ++c) {
           const A xh = (xr[c] - mu) * rs;
-          dxr[c] = (dyr[c] * wv[c] - mean_g - xh * mean_gx) * rs;
+          dxr[c] = (rounded(dyr[c] * wv[c]) - mean_g - xh * mean_gx) * rs;
           if (pdw) {
             pdw[c] += dyr[c] * xh;
             pdb[c] += dyr[c];

@@ -52,6 +52,23 @@ template <class A> inline void vstore(A* p, vec<A> v) { std::memcpy(p, &v, sizeo
 // in inner loops; a lane-by-lane loop is worse still (GCC inserts lane after lane).
 template <class A> inline vec<A> vbroadcast(A s) { return s - vec<A>{}; }
 
+// v as rounded, never contracted into the operation that consumes it. With FMA the compiler may turn
+// a * b - c into one rounding: a product two passes must see alike (LayerNorm's g = dy * w, summed in
+// one pass and its mean subtracted from it in the next) would be rounded in one and exact in the other.
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_assoc_barrier)
+#define NF_HAS_ASSOC_BARRIER 1
+#endif
+#endif
+template <class V> inline V rounded(V v) {
+#if defined(NF_HAS_ASSOC_BARRIER)
+  return __builtin_assoc_barrier(v);
+#else
+  asm("" : "+m"(v));  // through memory: the value the product rounded to
+  return v;
+#endif
+}
+
 // Horizontal reductions, as a tree of shuffles: log2(lanes) dependent steps. (A plain loop over the
 // lanes is a dependent chain the compiler may not reassociate, and it costs more than the row it sums.)
 #if defined(__AVX512F__)
