@@ -83,11 +83,14 @@ void add_layer_norm_forward_impl(const AddLayerNormForwardArgs& a) {
           const vec<A> d = vload_as(hr[r] + c) - mean[r];
           q[r] += d * d;
         }
+    bool over[R], any_over = false;  // rows whose sums overflow, redone in their scales after pass 3
     for (int r = 0; r < R; ++r) {
       A var = vsum(q[r]);
       for (c = c_tail; c < C; ++c) var += (to_acc(hr[r][c]) - mean[r]) * (to_acc(hr[r][c]) - mean[r]);
       if (wide) var = row_centered_sq_sum(hr[r], mean[r], C);
-      rstd[r] = layer_norm_rstd(hr[r], mean[r], var, C, A(a.eps));
+      over[r] = !std::isfinite(var);
+      any_over |= over[r];
+      rstd[r] = A(1) / std::sqrt(var / A(C) + A(a.eps));
       mean_out[n0 + r] = mean[r];
       rstd_out[n0 + r] = rstd[r];
     }
@@ -98,6 +101,13 @@ void add_layer_norm_forward_impl(const AddLayerNormForwardArgs& a) {
              stream_y);
     for (int r = 0; r < R; ++r)
       for (c = c_tail; c < C; ++c) yr[r][c] = from_acc<TY>((to_acc(hr[r][c]) - mean[r]) * rstd[r] * wv[c] + bv[c]);
+    if (any_over) {
+      if (stream_y) stream_fence();  // the streamed rows before one is stored over
+      for (int r = 0; r < R; ++r)
+        if (over[r])
+          layer_norm_forward_scaled_row(hr[r], C, wv.data(), bv.data(), A(a.eps), yr[r], mean_out + n0 + r,
+                                        rstd_out + n0 + r);
+    }
   };
   const int64_t groups = N / 4;
 #pragma omp parallel num_threads(a.num_threads) if (N * C > 32768)
@@ -162,10 +172,26 @@ void add_layer_norm_backward_impl(const AddLayerNormBackwardArgs& a) {
         const TX* hr = h + n * C;
         const TX* dhr = dh ? dh + n * C : nullptr;
         const A mu = mean[n], rs = rstd[n];
+        TX* dxr = dx + n * C;
+        TR* drr = dres ? dres + n * C : nullptr;
+        // one column's dx (v before dh is added) and parameter-gradient partials
+        auto put = [&](int64_t c, A v, A d, A xh) {
+          if (dhr) v += to_acc(dhr[c]);
+          dxr[c] = from_acc<TX>(v);
+          if (drr) drr[c] = from_acc<TR>(v);
+          if (pdw) {
+            pdw[c] += d * xh;
+            pdb[c] += d;
+          }
+        };
+        if (rs < layer_norm_scaled_rstd_below<A>()) {  // deviations that may overflow: layer_norm_scaled.h
+          layer_norm_backward_scaled_row(dyr, wv.data(), hr, mu, rs, C, put);
+          continue;
+        }
         // pass 1: the row means of g = dy * w and of g * xhat
         A sum_g, sum_gx;
         if (C > kLayerNormFlatSumMax) {
-          const SumPair<A> sums = row_grad_sums_blocked(dyr, wv.data(), hr, mu, C);
+          const SumPair<A> sums = row_grad_sums_blocked(dyr, wv.data(), hr, C, [mu](auto v) { return v - mu; });
           sum_g = sums.a;
           sum_gx = sums.b;
         } else {
@@ -187,8 +213,6 @@ void add_layer_norm_backward_impl(const AddLayerNormBackwardArgs& a) {
         const A mean_g = sum_g / A(C), mean_gx = sum_gx * rs / A(C);
         // pass 2: dx = dh + rstd * (g - mean(g) - xhat * mean(g * xhat)), in x's dtype and the residual's;
         // the parameter-gradient partials
-        TX* dxr = dx + n * C;
-        TR* drr = dres ? dres + n * C : nullptr;
         int64_t c = 0;
         for (; c + W <= C; c += W) {
           const vec<A> d = vload_as(dyr + c), xh = (vload_as(hr + c) - mu) * rs;
@@ -203,14 +227,7 @@ void add_layer_norm_backward_impl(const AddLayerNormBackwardArgs& a) {
         }
         for (; c < C; ++c) {
           const A d = to_acc(dyr[c]), xh = (to_acc(hr[c]) - mu) * rs;
-          A v = (rounded(d * wv[c]) - mean_g - xh * mean_gx) * rs;
-          if (dhr) v += to_acc(dhr[c]);
-          dxr[c] = from_acc<TX>(v);
-          if (drr) drr[c] = from_acc<TR>(v);
-          if (pdw) {
-            pdw[c] += d * xh;
-            pdb[c] += d;
-          }
+          put(c, (rounded(d * wv[c]) - mean_g - xh * mean_gx) * rs, d, xh);
         }
       }
     }

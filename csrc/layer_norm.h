@@ -8,6 +8,8 @@
 #include <vector>
 
 #include "kernel_table.h"
+#include "layer_norm_scaled.h"
+#include "row_sums.h"
 #include "scalar_types.h"
 #include "simd.h"
 
@@ -30,130 +32,6 @@ template <> struct RowView<float> {
 template <> struct RowView<double> {
   const double* load(const double* src, int64_t) { return src; }
 };
-
-// Rows wider than this are summed in fixed blocks whose partial sums are then added pairwise: one
-// vector accumulator carried across a very long row grows until every addend loses most of its bits.
-// Rows up to it keep the flat sum, its speed and its bits.
-constexpr int64_t kLayerNormFlatSumMax = 8192;
-constexpr int64_t kLayerNormSumBlock = 4096;
-
-// The sum over a row of C elements of block(c0, c1), the flat sum of the columns [c0, c1): one block
-// for rows up to kLayerNormFlatSumMax, else blocks of kLayerNormSumBlock combined in a pairwise tree
-// (a stack of completed subtrees, merged as a binary counter carries). The order depends on C alone,
-// never on the threads, and the rounding error grows with log2 of the blocks rather than with C.
-template <class S, class F> S row_blocked_sum(int64_t C, F&& block) {
-  if (C <= kLayerNormFlatSumMax) return block(int64_t(0), C);
-  S stack[64];
-  int depth = 0;
-  int64_t blocks = 0;
-  for (int64_t c0 = 0; c0 < C; c0 += kLayerNormSumBlock) {
-    S s = block(c0, std::min(C, c0 + kLayerNormSumBlock));
-    for (int64_t m = ++blocks; !(m & 1); m >>= 1) s = stack[--depth] + s;
-    stack[depth++] = s;
-  }
-  S s = stack[--depth];
-  while (depth) s = stack[--depth] + s;
-  return s;
-}
-
-// Two sums carried together through row_blocked_sum.
-template <class A> struct SumPair {
-  A a, b;
-  SumPair operator+(const SumPair& o) const { return {a + o.a, b + o.b}; }
-};
-
-// The sum of f(x) over a row (f: the identity, or a square for RMSNorm), and the sum of its squared
-// deviations from mean, in the accumulation type (bfloat16 rows are widened as they are read).
-template <class T, class F> inline acc_t<T> row_sum_of(const T* row, int64_t C, F f) {
-  using A = acc_t<T>;
-  return row_blocked_sum<A>(C, [row, f](int64_t c0, int64_t c1) {
-    constexpr int W = lanes<A>();
-    const T* x = row + c0;
-    const int64_t n = c1 - c0;
-    vec<A> s0{}, s1{};
-    int64_t c = 0;
-    for (; c + 2 * W <= n; c += 2 * W) {
-      s0 += f(vload_as(x + c));
-      s1 += f(vload_as(x + c + W));
-    }
-    for (; c + W <= n; c += W) s0 += f(vload_as(x + c));
-    A s = vsum(s0 + s1);
-    for (; c < n; ++c) s += f(to_acc(x[c]));
-    return s;
-  });
-}
-template <class T> inline acc_t<T> row_sum(const T* row, int64_t C) {
-  return row_sum_of(row, C, [](auto v) { return v; });
-}
-
-template <class T> inline acc_t<T> row_centered_sq_sum(const T* row, acc_t<T> mean, int64_t C) {
-  using A = acc_t<T>;
-  return row_blocked_sum<A>(C, [row, mean](int64_t c0, int64_t c1) {
-    constexpr int W = lanes<A>();
-    const T* x = row + c0;
-    const int64_t n = c1 - c0;
-    vec<A> s0{};
-    int64_t c = 0;
-    for (; c + W <= n; c += W) {
-      vec<A> d = vload_as(x + c) - mean;
-      s0 += d * d;
-    }
-    A s = vsum(s0);
-    for (; c < n; ++c) {
-      A d = to_acc(x[c]) - mean;
-      s += d * d;
-    }
-    return s;
-  });
-}
-
-// The sums over a row of g = dy * w and of g * (x - mean), blocked as row_blocked_sum: the two row
-// means of the backward on rows wider than kLayerNormFlatSumMax (narrower rows keep their flat loop).
-template <class TY, class TX, class A>
-SumPair<A> row_grad_sums_blocked(const TY* dy, const A* w, const TX* x, A mu, int64_t C) {
-  return row_blocked_sum<SumPair<A>>(C, [=](int64_t c0, int64_t c1) {
-    constexpr int W = lanes<A>();
-    vec<A> sg{}, sgx{};
-    int64_t c = c0;
-    for (; c + W <= c1; c += W) {
-      const vec<A> g = rounded(vload_as(dy + c) * vload(w + c));
-      sg += g;
-      sgx += g * (vload_as(x + c) - mu);
-    }
-    A sum_g = vsum(sg), sum_gx = vsum(sgx);
-    for (; c < c1; ++c) {
-      const A g = rounded(to_acc(dy[c]) * w[c]);
-      sum_g += g;
-      sum_gx += g * (to_acc(x[c]) - mu);
-    }
-    return SumPair<A>{sum_g, sum_gx};
-  });
-}
-
-// 1 / sqrt(variance + eps) from a row's sum of squared deviations. When that sum overflows though the
-// row is finite (a deviation beyond about 1e19 in float32), rstd would be 0 and y the bias; as
-// normalising is scale-invariant, the sum is then taken again in the row's own scale, a power of two
-// so that the scaling is exact.
-template <class T>
-inline acc_t<T> layer_norm_rstd(const T* row, acc_t<T> mean, acc_t<T> sq_sum, int64_t C, acc_t<T> eps) {
-  using A = acc_t<T>;
-  if (!std::isinf(sq_sum) || !std::isfinite(mean)) return A(1) / std::sqrt(sq_sum / A(C) + eps);
-  A max_dev = 0;
-  for (int64_t c = 0; c < C; ++c) max_dev = std::max(max_dev, std::abs(to_acc(row[c]) - mean));
-  int e;
-  std::frexp(max_dev, &e);  // max_dev < 2^e
-  const A down = std::ldexp(A(1), -e);
-  const A scaled = row_blocked_sum<A>(C, [&](int64_t c0, int64_t c1) {
-    A s = 0;
-    for (int64_t c = c0; c < c1; ++c) {
-      const A d = (to_acc(row[c]) - mean) * down;
-      s += d * d;
-    }
-    return s;
-  });
-  // var + eps = 2^(2e) * (scaled / C + eps * 2^(-2e))
-  return std::ldexp(A(1) / std::sqrt(scaled / A(C) + eps * down * down), -e);
-}
 
 // A parameter vector widened once to the accumulation type, `identity` everywhere when it is missing
 // (weight 1, bias 0), so the row loops have no branches.
@@ -181,7 +59,9 @@ inline void layer_norm_forward_row_regs(const T* xr, const A* w, const A* b, T* 
     r[i] -= mean;
     (i & 1 ? q1 : q0) += r[i] * r[i];
   }
-  const A rstd = layer_norm_rstd(xr, mean, vsum(q0 + q1), NV * W, eps);
+  const A sq_sum = vsum(q0 + q1);
+  if (!std::isfinite(sq_sum) && layer_norm_forward_scaled_row(xr, NV * W, w, b, eps, yr, mean_out, rstd_out)) return;
+  const A rstd = A(1) / std::sqrt(sq_sum / A(NV * W) + eps);
   for (int i = 0; i < NV; ++i) vstore_as(yr + i * W, r[i] * rstd * vload(w + i * W) + vload(b + i * W));
   *mean_out = mean;
   *rstd_out = rstd;
@@ -243,7 +123,11 @@ void layer_norm_forward_impl(const LayerNormForwardArgs& a) {
       // pass 1: mean; pass 2: variance around it (two passes over an L1-resident row, more accurate
       // than E[x^2] - E[x]^2 for rows with a large mean).
       const A mean = row_sum(xr, C) / A(C);
-      const A rstd = layer_norm_rstd(xr, mean, row_centered_sq_sum(xr, mean, C), C, A(a.eps));
+      const A sq_sum = row_centered_sq_sum(xr, mean, C);
+      if (!std::isfinite(sq_sum) &&
+          layer_norm_forward_scaled_row(xr, C, wv.data(), bv.data(), A(a.eps), y + n * C, mean_out + n, rstd_out + n))
+        continue;
+      const A rstd = A(1) / std::sqrt(sq_sum / A(C) + A(a.eps));
       mean_out[n] = mean;
       rstd_out[n] = rstd;
       // pass 3: normalise, scale and shift.
@@ -298,11 +182,17 @@ void layer_norm_backward_chunk_regs(const TY* dy, int64_t dy_row_stride, const T
                                     const TX* dh, const float* wv, const float* mean, const float* rstd, TX* dx,
                                     TR* dres, int64_t n0, int64_t n1, float* pdw, float* pdb) {
   constexpr int W = lanes<float>(), C = NV * W;
+  const float scaled_below = layer_norm_scaled_rstd_below<float>();
+  bool any_scaled = false;
   vec<float> dw[NV] = {}, db[NV] = {};
   for (int64_t n = n0; n < n1; ++n) {
     const TY* dyr = dy + n * dy_row_stride;
     const TX* xr = x + n * x_row_stride;
     const float mu = mean[n], rs = rstd[n];
+    if (rs < scaled_below) {  // taken after the others, below
+      any_scaled = true;
+      continue;
+    }
     // pass 1: xhat; the row means of g and of g * xhat
     vec<float> xh[NV], sg{}, sgx{};
     for (int i = 0; i < NV; ++i) {
@@ -330,6 +220,19 @@ void layer_norm_backward_chunk_regs(const TY* dy, int64_t dy_row_stride, const T
       vstore(pdw + i * W, dw[i]);
       vstore(pdb + i * W, db[i]);
     }
+  if (any_scaled)
+    for (int64_t n = n0; n < n1; ++n)
+      if (rstd[n] < scaled_below)
+        layer_norm_backward_scaled_row(dy + n * dy_row_stride, wv, x + n * x_row_stride, mean[n], rstd[n], C,
+                                       [&](int64_t c, float v, float d, float xh) {
+                                         if (dh) v += to_acc(dh[n * C + c]);
+                                         dx[n * C + c] = from_acc<TX>(v);
+                                         if (dres) dres[n * C + c] = from_acc<TR>(v);
+                                         if (pdw) {
+                                           pdw[c] += d * xh;
+                                           pdb[c] += d;
+                                         }
+                                       });
 }
 
 // The backward over all rows; NV > 0 selects the register-resident row for float32 rows of NV vectors.
@@ -346,6 +249,7 @@ void layer_norm_backward_rows(const LayerNormBackwardArgs& a, const acc_t<T>* wv
   T* dx = static_cast<T*>(a.dx);
   const bool need_param_grads = parts.dw != nullptr;
   const int64_t rows_per_chunk = parts.chunk_rows, chunks = parts.chunks;
+  const A scaled_below = layer_norm_scaled_rstd_below<A>();
   const bool stream =
       NV == 0 && std::is_same<T, float>::value && stream_output(dx, N * C * int64_t(sizeof(T)), C * int64_t(sizeof(T)));
 #pragma omp parallel num_threads(a.num_threads) if (N * C > 32768)
@@ -371,11 +275,23 @@ void layer_norm_backward_rows(const LayerNormBackwardArgs& a, const acc_t<T>* wv
         const A* xr = xview.load(x + n * a.x_row_stride, C);
         const A* dyr = dyview.load(dy + n * a.dy_row_stride, C);
         const A mu = mean[n], rs = rstd[n];
+        A* dxr = std::is_same<T, A>::value ? reinterpret_cast<A*>(dx + n * C) : dx_row.data();
+        if (rs < scaled_below) {
+          layer_norm_backward_scaled_row(dyr, wv, xr, mu, rs, C, [&](int64_t c, A v, A d, A xh) {
+            dxr[c] = v;
+            if (pdw) {
+              pdw[c] += d * xh;
+              pdb[c] += d;
+            }
+          });
+          if (!std::is_same<T, A>::value) convert_row(dxr, dx + n * C, C);
+          continue;
+        }
         // pass 1: the two row means the input gradient needs, of g = dy * w and of g * xhat.
         // (xhat and g are recomputed in pass 2: loads from L1 are cheaper than storing them.)
         A sum_g, sum_gx;
         if (C > kLayerNormFlatSumMax) {
-          const SumPair<A> sums = row_grad_sums_blocked(dyr, wv, xr, mu, C);
+          const SumPair<A> sums = row_grad_sums_blocked(dyr, wv, xr, C, [mu](auto v) { return v - mu; });
           sum_g = sums.a;
           sum_gx = sums.b;
         } else {
@@ -396,7 +312,6 @@ void layer_norm_backward_rows(const LayerNormBackwardArgs& a, const acc_t<T>* wv
         }
         const A mean_g = sum_g / A(C), mean_gx = sum_gx * rs / A(C);
         // pass 2: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); parameter-gradient partials.
-        A* dxr = std::is_same<T, A>::value ? reinterpret_cast<A*>(dx + n * C) : dx_row.data();
         int64_t c = 0;
         for (; c + W <= C; c += W) {
           const vec<A> d = vload(dyr + c), xh = (vload(xr + c) - mu) * rs;

@@ -11,6 +11,7 @@
 #include "add_layer_norm.h"
 #include "kernel_table.h"
 #include "layer_norm.h"
+#include "row_sums.h"
 #include "scalar_types.h"
 #include "simd.h"
 
@@ -32,6 +33,30 @@ template <class T> inline acc_t<T> round_to(acc_t<T> v) { return to_acc(from_acc
 // The sum of a row's squares in the accumulation type, blocked as layer_norm's row sums.
 template <class T> inline acc_t<T> row_sq_sum(const T* row, int64_t C) {
   return row_sum_of(row, C, [](auto v) { return v * v; });
+}
+
+// 1 / sqrt(mean(x^2) + eps) from a row's sum of squares. When that sum overflows though the row is
+// finite (an element beyond about 1e19 in float32), rstd would be 0 and y zero; as normalising is
+// scale-invariant, the sum is then taken again in the row's own scale, a power of two so that the
+// scaling is exact.
+template <class T> inline acc_t<T> rms_norm_rstd(const T* row, acc_t<T> sq_sum, int64_t C, acc_t<T> eps) {
+  using A = acc_t<T>;
+  if (!std::isinf(sq_sum)) return A(1) / std::sqrt(sq_sum / A(C) + eps);
+  A max_abs = 0;
+  for (int64_t c = 0; c < C; ++c) max_abs = std::max(max_abs, std::abs(to_acc(row[c])));
+  int e;
+  std::frexp(max_abs, &e);  // max_abs < 2^e
+  const A down = std::ldexp(A(1), -e);
+  const A scaled = row_blocked_sum<A>(C, [&](int64_t c0, int64_t c1) {
+    A s = 0;
+    for (int64_t c = c0; c < c1; ++c) {
+      const A d = to_acc(row[c]) * down;
+      s += d * d;
+    }
+    return s;
+  });
+  // mean(x^2) + eps = 2^(2e) * (scaled / C + eps * 2^(-2e))
+  return std::ldexp(A(1) / std::sqrt(scaled / A(C) + eps * down * down), -e);
 }
 
 // The multiplier of each column: weight + weight_offset, or 1 without a weight.
@@ -88,8 +113,7 @@ void rms_norm_forward_impl(const RmsNormForwardArgs& a) {
       } else {
         ss = row_sq_sum(xr, C);
       }
-      // layer_norm's 1 / sqrt(var + eps) around a mean of 0, rescaled where the squares overflow
-      const A r = layer_norm_rstd(xr, A(0), ss, C, A(a.eps));
+      const A r = rms_norm_rstd(xr, ss, C, A(a.eps));
       rstd_out[n] = r;
       TY* yr = y + n * C;
       int64_t c = 0;

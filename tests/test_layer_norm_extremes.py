@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import nanofast
 import nanofast.kernels as K
 from nanofast import ops
+from nanofast.testing import assert_parity
 
 # (leading shape of the rows, whether the input is a strided view): many rows, 3-D, non-contiguous
 SIZE_ONE_SHAPES = [((1,), False), ((7,), False), ((1000,), False), ((3, 17), False), ((2, 129), True)]
@@ -82,3 +83,77 @@ def test_size_one_triton(dtype):
         y = K.layer_norm(xl, (1,), wl, bl, 1e-5)
         y.backward(dy)
         _assert_size_one_exact(y.detach(), xl.grad, x, b, f"Triton {tuple(x.shape)} w={w is not None}")
+
+
+def _overflowing_rows(C, kind, seed=0):
+    """(4, C) float32 rows; rows 0 and 2 are finite but overflow float32 arithmetic, 1 and 3 are ordinary."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, C, generator=g, dtype=torch.float64) * 2 + 0.5
+    if kind == "sum":  # |x| near 1e36, one sign: the row's sum overflows
+        huge = (torch.randn(2, C, generator=g, dtype=torch.float64) * 0.5 + 3) * 1e36
+    elif kind == "deviation":  # values near +-3e38 around a mean near 1.2e38: x - mean overflows
+        sign = torch.where(torch.rand(2, C, generator=g) < 0.7, 1.0, -1.0).double()
+        huge = sign * (3e38 - torch.rand(2, C, generator=g, dtype=torch.float64) * 1e37)
+    else:  # deviations near 1e20: only the sum of their squares overflows
+        huge = torch.randn(2, C, generator=g, dtype=torch.float64) * 1e20
+    x[0::2] = huge
+    w, b = (torch.randn(C, generator=g, dtype=torch.float64) for _ in range(2))
+    dy = torch.randn(4, C, generator=g, dtype=torch.float64)
+    return x.float(), w.float(), b.float(), dy.float()
+
+
+def _per_row_scale(x):
+    """2^-e per row with max|x| in [2^(e-1), 2^e): rows times it are exact and of order 1."""
+    _, e = torch.frexp(x.double().abs().amax(-1, keepdim=True))
+    return torch.ldexp(torch.ones_like(e, dtype=torch.float64), -e)
+
+
+def _check_against_scaled_rows(run, x, w, b, dy, eps=1e-5):
+    """Checks run(x, w, b, dy, eps) -> (y, dx, dw, db) by the parity rule against float64 and torch's
+    float32 on the rows scaled to order 1 (LayerNorm is scale-invariant; torch gives NaN on the rows
+    themselves). dx is compared in the scaled rows' units."""
+    s = _per_row_scale(x)
+    ours = run(x, w, b, dy, eps)
+    ref = _run_torch(x.double() * s, w.double(), b.double(), dy.double(), eps * s * s)
+    torch32 = _run_torch((x.double() * s).float(), w, b, dy, (eps * s * s).float())
+    for name, o, t, r, unit in zip(["y", "dx", "dweight", "dbias"], ours, torch32, ref, [1, 1 / s, 1, 1]):
+        assert_parity(name, (o.double() * unit).float() if name == "dx" else o, t, r)
+
+
+def _run_torch(x, w, b, dy, eps):
+    """F.layer_norm row by row (eps differs per row), forward and backward."""
+    xl, wl, bl = _leaves(x, w, b)
+    y = torch.cat([F.layer_norm(xl[i:i + 1], xl.shape[-1:], wl, bl, float(eps[i])) for i in range(len(x))])
+    y.backward(dy)
+    return y.detach(), xl.grad, wl.grad, bl.grad
+
+
+def _run_layer_norm(x, w, b, dy, eps):
+    xl, wl, bl = _leaves(x, w, b)
+    y = ops.layer_norm(xl, x.shape[-1:], wl, bl, eps)
+    y.backward(dy)
+    return y.detach(), xl.grad, wl.grad, bl.grad
+
+
+def _run_add_layer_norm(x, w, b, dy, eps):
+    xl, rl, wl, bl = _leaves(x, torch.zeros_like(x), w, b)
+    h, y = ops.add_layer_norm(xl, rl, x.shape[-1:], wl, bl, eps)
+    y.backward(dy)
+    assert torch.equal(rl.grad, xl.grad)
+    return y.detach(), xl.grad, wl.grad, bl.grad
+
+
+@pytest.mark.parametrize("kind", ["sum", "deviation", "squares"])
+@pytest.mark.parametrize("C", [128, 1000, 3 * 4096 + 5])  # the register row, the flat one, blocked sums
+@pytest.mark.parametrize("run", [_run_layer_norm, _run_add_layer_norm], ids=["layer_norm", "add_layer_norm"])
+def test_overflowing_rows_are_normalised(run, C, kind, isa):
+    # Normalising is scale-invariant: a finite row whose sums overflow float32 is taken in its own
+    # power-of-two scale (mean, variance, output and the backward's row means), not returned as NaN.
+    _check_against_scaled_rows(run, *_overflowing_rows(C, kind))
+
+
+def test_rows_with_inf_or_nan_still_give_nan():
+    x = torch.full((3, 128), 1e36)
+    x[0, 5], x[1, 7], x[2, 9] = float("inf"), float("nan"), -float("inf")
+    assert ops.layer_norm(x, (128,)).isnan().all(dim=1).all()
+    assert ops.add_layer_norm(x, torch.zeros_like(x), (128,))[1].isnan().all(dim=1).all()
