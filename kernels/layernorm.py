@@ -7,6 +7,9 @@ columns (ONE_BLOCK) it is read once and kept in registers; wider rows loop over 
 
 Statistics are accumulated in float32 whatever the input type, and the variance is the two-pass
 ``mean((x - mean)^2)`` rather than ``E[x^2] - mean^2``, which cancels badly for rows far from zero.
+Wide rows are summed in super-blocks combined by trees (SUPER_BLOCKS), so no accumulator runs along a
+long row. A finite row whose sums overflow float32 is taken in its own power-of-two scales
+(_layer_norm_stats; the backward: _xhat_scales), behind one test per row block.
 The forward saves mean and rstd = 1/sqrt(var + eps) (float32, one per row) for the backward.
 Divisions and the square root are the correctly rounded div_rn and sqrt_rn: a GPU's default `/` and
 tl.sqrt are approximate (2 ulp), which turns mean(x) != x at C = 1 into dx = rstd * 1 ulp, about
@@ -36,6 +39,112 @@ def _affine(y, W, B, cols, col_mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
     return y
 
 
+# Rows wider than one block are summed in super-blocks of SUPER_BLOCKS column blocks, each reduced to
+# one partial per row by a tree, and the partials are added into PARTIALS slots in turn, then reduced
+# by a tree: in a fixed order set by C and BLOCK_N, and no accumulator runs along more than a short
+# stretch of the row (one carried across a row of millions of elements loses most of its addends' bits).
+SUPER_BLOCKS = 8
+PARTIALS = 32
+FLT_MAX = 3.4028234663852886e38
+
+
+@triton.jit
+def _exp2i(n):
+    """2.0 ** n in float32 for int32 n in [-126, 127]: exact, from the exponent bits."""
+    return ((n + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _exponent(a):
+    """The e with a < 2 ** e for a finite a >= 0 (from its exponent bits; -126 for 0 and denormals)."""
+    return ((a.to(tl.int32, bitcast=True) >> 23) & 255) - 126
+
+
+@triton.jit
+def _scaled(x, d1, ms, d2, mask, POW: tl.constexpr):
+    """v = (x * d1 - ms) * d2 over a tile (0 in its padding), and v ** POW."""
+    v = tl.where(mask, (x * d1[:, None] - ms[:, None]) * d2[:, None], 0.0)
+    if POW == 2:
+        return v, v * v
+    else:
+        return v, v
+
+
+@triton.jit
+def _fold(partials, acc, s0, BLOCK_N: tl.constexpr):
+    """partials with the super-block starting at column s0 added in: acc's row sums into its slot."""
+    slot = (s0 // (BLOCK_N * SUPER_BLOCKS)) % PARTIALS
+    return partials + tl.where(tl.arange(0, PARTIALS)[None, :] == slot, tl.sum(acc, axis=1)[:, None], 0.0)
+
+
+@triton.jit
+def _row_moments(x_rows, x, row_mask, C, d1, ms, d2, POW: tl.constexpr, ONE_BLOCK: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Per row, the sum of v ** POW and the max of |v|, v = (x * d1 - ms) * d2: from the tile x when the
+    row is one block, else read from x_rows block by block and summed as SUPER_BLOCKS describes."""
+    if ONE_BLOCK:
+        cols = tl.arange(0, BLOCK_N)
+        v, p = _scaled(x, d1, ms, d2, row_mask[:, None] & (cols < C)[None, :], POW)
+        return tl.sum(p, axis=1), tl.max(tl.abs(v), axis=1)
+    else:
+        partials = tl.zeros([BLOCK_M, PARTIALS], dtype=tl.float32)
+        vmax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for s0 in range(0, C, BLOCK_N * SUPER_BLOCKS):
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for c0 in range(s0, tl.minimum(s0 + BLOCK_N * SUPER_BLOCKS, C), BLOCK_N):
+                cols = c0 + tl.arange(0, BLOCK_N)
+                mask = row_mask[:, None] & (cols < C)[None, :]
+                xt = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                v, p = _scaled(xt, d1, ms, d2, mask, POW)
+                acc += p
+                vmax = tl.maximum(vmax, tl.max(tl.abs(v), axis=1))
+            partials = _fold(partials, acc, s0, BLOCK_N)
+        return tl.sum(partials, axis=1), vmax
+
+
+@triton.jit
+def _layer_norm_stats(x_rows, x, row_mask, C, eps, ONE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """A row block's statistics: (mean, rstd) to save, and (d1, ms, d2, rs) with xhat = (x * d1 - ms) * d2 * rs.
+
+    Ordinary rows: d1 = d2 = 1, ms = mean, rs = rstd (the plain two-pass arithmetic). A finite row whose
+    sums overflow (|x| near 1e36 at C = 128, x - mean near +-3e38) is taken in power-of-two scales, the
+    row's (d1) and then its deviations' (d2), so that every scaling is exact: normalising is
+    scale-invariant. Rows holding inf or NaN keep the plain arithmetic, which propagates them.
+    """
+    one = tl.full([BLOCK_M], 1.0, tl.float32)
+    zero = tl.zeros([BLOCK_M], dtype=tl.float32)
+    s1, amax = _row_moments(x_rows, x, row_mask, C, one, zero, one, 1, ONE_BLOCK, BLOCK_M, BLOCK_N)
+    mean = tl.math.div_rn(s1, C * 1.0)
+    sq, _ = _row_moments(x_rows, x, row_mask, C, one, mean, one, 2, ONE_BLOCK, BLOCK_M, BLOCK_N)
+    rstd = tl.math.div_rn(one, tl.sqrt_rn(tl.math.div_rn(sq, C * 1.0) + eps))
+    d1, ms, d2, rs = one, mean, one, rstd
+    over = row_mask & ~(sq <= FLT_MAX) & (amax <= FLT_MAX)
+    if tl.max(over.to(tl.int32), axis=0) > 0:
+        e1 = tl.where(over, tl.minimum(_exponent(amax), 126), 0)
+        d1 = _exp2i(-e1)
+        s1s, _ = _row_moments(x_rows, x, row_mask, C, d1, zero, one, 1, ONE_BLOCK, BLOCK_M, BLOCK_N)
+        mss = tl.math.div_rn(s1s, C * 1.0)
+        _, dmax = _row_moments(x_rows, x, row_mask, C, d1, mss, one, 1, ONE_BLOCK, BLOCK_M, BLOCK_N)
+        e2 = tl.where(over, _exponent(dmax), 0)
+        d2s = _exp2i(-e2)
+        sqs, _ = _row_moments(x_rows, x, row_mask, C, d1, mss, d2s, 2, ONE_BLOCK, BLOCK_M, BLOCK_N)
+        # |x - mean| < 2^e: var + eps = 2^(2e) * (sqs / C + eps * 2^(-2e)); the powers of two in halves
+        e = e1 + e2
+        ea, eb = e // 2, e - e // 2
+        eps_s = eps * _exp2i(-ea) * _exp2i(-ea) * _exp2i(-eb) * _exp2i(-eb)
+        flat = dmax == 0  # every deviation 0: xhat = 0 and the variance is eps alone
+        rss = tl.where(flat, 0.0, tl.math.div_rn(one, tl.sqrt_rn(tl.math.div_rn(sqs, C * 1.0) + eps_s)))
+        e1a = e1 // 2
+        mean = tl.where(over, mss * _exp2i(e1a) * _exp2i(e1 - e1a), mean)
+        rstd = tl.where(over, tl.where(flat, tl.math.div_rn(one, tl.sqrt_rn(eps)), rss * _exp2i(-ea) * _exp2i(-eb)),
+                        rstd)
+        ms = tl.where(over, mss, ms)
+        d2 = tl.where(over, d2s, one)
+        rs = tl.where(over, rss, rs)
+    return mean, rstd, d1, ms, d2, rs
+
+
 @triton.jit
 def _layer_norm_fwd_kernel(
     X,  # pointer to the input, (N, C), row stride stride_x, column stride 1
@@ -63,41 +172,22 @@ def _layer_norm_fwd_kernel(
         col_mask = cols < C
         mask = row_mask[:, None] & col_mask[None, :]
         x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.math.div_rn(tl.sum(x, axis=1), C * 1.0)
-        # Padding columns must not count towards the variance.
-        xc = tl.where(mask, x - mean[:, None], 0.0)
-        var = tl.math.div_rn(tl.sum(xc * xc, axis=1), C * 1.0)
-        rstd = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), tl.sqrt_rn(var + eps))
-        y = xc * rstd[:, None]
-        y = _affine(y, W, B, cols, col_mask, HAS_W, HAS_B)
+    else:
+        x = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # unused: the passes read the row block by block
+    mean, rstd, d1, ms, d2, rs = _layer_norm_stats(x_rows, x, row_mask, C, eps, ONE_BLOCK, BLOCK_M, BLOCK_N)
+    # Normalise and write: (x - mean) * rstd for ordinary rows.
+    if ONE_BLOCK:
+        xhat, _ = _scaled(x, d1, ms, d2, mask, 1)
+        y = _affine(xhat * rs[:, None], W, B, cols, col_mask, HAS_W, HAS_B)
         tl.store(y_rows + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     else:
-        # Pass 1: mean. Accumulate a (BLOCK_M, BLOCK_N) tile and reduce once at the end, which is
-        # both faster and more accurate than a running scalar sum.
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_N):
-            cols = c0 + tl.arange(0, BLOCK_N)
-            mask = row_mask[:, None] & (cols < C)[None, :]
-            acc += tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.math.div_rn(tl.sum(acc, axis=1), C * 1.0)
-        # Pass 2: variance around the mean (the re-read mostly hits L2).
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_N):
-            cols = c0 + tl.arange(0, BLOCK_N)
-            mask = row_mask[:, None] & (cols < C)[None, :]
-            x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            xc = tl.where(mask, x - mean[:, None], 0.0)
-            acc += xc * xc
-        var = tl.math.div_rn(tl.sum(acc, axis=1), C * 1.0)
-        rstd = tl.math.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), tl.sqrt_rn(var + eps))
-        # Pass 3: normalise and write.
         for c0 in range(0, C, BLOCK_N):
             cols = c0 + tl.arange(0, BLOCK_N)
             col_mask = cols < C
             mask = row_mask[:, None] & col_mask[None, :]
             x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            y = (x - mean[:, None]) * rstd[:, None]
-            y = _affine(y, W, B, cols, col_mask, HAS_W, HAS_B)
+            xhat, _ = _scaled(x, d1, ms, d2, mask, 1)
+            y = _affine(xhat * rs[:, None], W, B, cols, col_mask, HAS_W, HAS_B)
             tl.store(y_rows + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     tl.store(Mean + rows, mean, mask=row_mask)
     tl.store(Rstd + rows, rstd, mask=row_mask)
@@ -119,13 +209,23 @@ def _rounded_product(a, b, ON_GPU: tl.constexpr):
 
 
 @triton.jit
-def _load_xhat_dy_g(X, DY, W, rows64, cols, mask, col_mask, mean, rstd, stride_x, stride_dy, HAS_W: tl.constexpr,
-                    ON_GPU: tl.constexpr):
+def _xhat_scales(mean, rstd):
+    """(dn, mean * dn, rstd / dn) with xhat = (x * dn - mean * dn) * (rstd / dn): dn = 1 for ordinary rows
+    (the plain (x - mean) * rstd), and the power of two near rstd where rstd < 2^-63, so that x - mean,
+    which may then overflow, is taken in the row's scale."""
+    k = tl.where((rstd < 1.0842021724855044e-19) & (rstd > 0), tl.minimum(1 - _exponent(rstd), 126), 0)
+    dn = _exp2i(-k)
+    return dn, mean * dn, rstd * _exp2i(k)
+
+
+@triton.jit
+def _load_xhat_dy_g(X, DY, W, rows64, cols, mask, col_mask, dn, mean_dn, rstd_up, stride_x, stride_dy,
+                    HAS_W: tl.constexpr, ON_GPU: tl.constexpr):
     """One (BLOCK_M, BLOCK_N) tile of a wide row block: xhat, dy and g = dy * w, in float32. The
     wide-row backward reads each tile twice (once per pass) rather than keep the row on chip."""
     x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    xhat = tl.where(mask, (x * dn[:, None] - mean_dn[:, None]) * rstd_up[:, None], 0.0)
     if HAS_W:
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
         g = _rounded_product(dy, tl.broadcast_to(w[None, :], dy.shape), ON_GPU)
@@ -175,7 +275,8 @@ def _layer_norm_bwd_kernel(
             dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
             rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
-            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            dn, mean_dn, rstd_up = _xhat_scales(mean, rstd)
+            xhat = tl.where(mask, (x * dn[:, None] - mean_dn[:, None]) * rstd_up[:, None], 0.0)
             if HAS_W:
                 g = _rounded_product(dy, tl.broadcast_to(w[None, :], dy.shape), ON_GPU)
             else:
@@ -199,27 +300,33 @@ def _layer_norm_bwd_kernel(
             rows64 = rows.to(tl.int64)[:, None]
             mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
             rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
-            # Pass 1: the two row means that dx needs.
-            acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for c0 in range(0, C, BLOCK_N):
-                cols = c0 + tl.arange(0, BLOCK_N)
-                col_mask = cols < C
-                mask = row_mask[:, None] & col_mask[None, :]
-                xhat, dy, g = _load_xhat_dy_g(X, DY, W, rows64, cols, mask, col_mask, mean, rstd, stride_x,
-                                              stride_dy, HAS_W, ON_GPU)
-                acc1 += xhat * g
-                acc2 += g
-            c1 = tl.math.div_rn(tl.sum(acc1, axis=1), C * 1.0)
-            c2 = tl.math.div_rn(tl.sum(acc2, axis=1), C * 1.0)
+            dn, mean_dn, rstd_up = _xhat_scales(mean, rstd)
+            # Pass 1: the two row means that dx needs, summed as SUPER_BLOCKS describes.
+            part1 = tl.zeros([BLOCK_M, PARTIALS], dtype=tl.float32)
+            part2 = tl.zeros([BLOCK_M, PARTIALS], dtype=tl.float32)
+            for s0 in range(0, C, BLOCK_N * SUPER_BLOCKS):
+                acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for c0 in range(s0, tl.minimum(s0 + BLOCK_N * SUPER_BLOCKS, C), BLOCK_N):
+                    cols = c0 + tl.arange(0, BLOCK_N)
+                    col_mask = cols < C
+                    mask = row_mask[:, None] & col_mask[None, :]
+                    xhat, dy, g = _load_xhat_dy_g(X, DY, W, rows64, cols, mask, col_mask, dn, mean_dn, rstd_up,
+                                                  stride_x, stride_dy, HAS_W, ON_GPU)
+                    acc1 += xhat * g
+                    acc2 += g
+                part1 = _fold(part1, acc1, s0, BLOCK_N)
+                part2 = _fold(part2, acc2, s0, BLOCK_N)
+            c1 = tl.math.div_rn(tl.sum(part1, axis=1), C * 1.0)
+            c2 = tl.math.div_rn(tl.sum(part2, axis=1), C * 1.0)
             # Pass 2: dx, and this program's partial dweight/dbias row updated in place. The partial
             # row belongs to this program alone, so the read-modify-write needs no atomics.
             for c0 in range(0, C, BLOCK_N):
                 cols = c0 + tl.arange(0, BLOCK_N)
                 col_mask = cols < C
                 mask = row_mask[:, None] & col_mask[None, :]
-                xhat, dy, g = _load_xhat_dy_g(X, DY, W, rows64, cols, mask, col_mask, mean, rstd, stride_x,
-                                              stride_dy, HAS_W, ON_GPU)
+                xhat, dy, g = _load_xhat_dy_g(X, DY, W, rows64, cols, mask, col_mask, dn, mean_dn, rstd_up,
+                                              stride_x, stride_dy, HAS_W, ON_GPU)
                 dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
                 tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
                 if NEED_DW:

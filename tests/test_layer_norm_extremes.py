@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import nanofast
 import nanofast.kernels as K
 from nanofast import ops
-from nanofast.testing import assert_parity
+from nanofast.testing import ATOL, FACTOR, assert_parity
 
 # (leading shape of the rows, whether the input is a strided view): many rows, 3-D, non-contiguous
 SIZE_ONE_SHAPES = [((1,), False), ((7,), False), ((1000,), False), ((3, 17), False), ((2, 129), True)]
@@ -157,3 +157,70 @@ def test_rows_with_inf_or_nan_still_give_nan():
     x[0, 5], x[1, 7], x[2, 9] = float("inf"), float("nan"), -float("inf")
     assert ops.layer_norm(x, (128,)).isnan().all(dim=1).all()
     assert ops.add_layer_norm(x, torch.zeros_like(x), (128,))[1].isnan().all(dim=1).all()
+
+
+def _chunked_errors(C, outputs, x, w, b, dy, eps=1e-5, chunk=1 << 24):
+    """max|t - float64 reference| for t in outputs = (y, dx, dweight, dbias) of one row (1, C), the
+    reference computed a chunk of the row at a time so that no float64 copy of the row is needed."""
+    def chunks(*ts):
+        for c0 in range(0, C, chunk):
+            yield [t.reshape(-1)[c0:c0 + chunk].double() for t in ts]
+    mean = sum(xc.sum().item() for (xc,) in chunks(x)) / C
+    var = sum(((xc - mean) ** 2).sum().item() for (xc,) in chunks(x)) / C
+    rstd = 1.0 / (var + eps) ** 0.5
+    sum_g = sum_gx = 0.0
+    for xc, wc, dyc in chunks(x, w, dy):
+        g = dyc * wc
+        sum_g += g.sum().item()
+        sum_gx += (g * (xc - mean) * rstd).sum().item()
+    errors = [0.0] * 4
+    for xc, wc, bc, dyc, *outs in chunks(x, w, b, dy, *outputs):
+        xhat = (xc - mean) * rstd
+        refs = [xhat * wc + bc, rstd * (dyc * wc - sum_g / C - xhat * sum_gx / C), dyc * xhat, dyc]
+        errors = [max(e, (o - r).abs().max().item()) for e, o, r in zip(errors, outs, refs)]
+    return errors
+
+
+@pytest.mark.slow
+def test_row_of_2_to_the_28():
+    # One row of 2^28 float32 elements (1 GiB a tensor, about 16 GB at the peak), forward and backward:
+    # within the parity rule
+    # of torch's float32 (2x its error plus the float32 slack) against float64.
+    C = 1 << 28
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, C, generator=g) * 2 + 0.5
+    w, b, dy = torch.randn(C, generator=g), torch.randn(C, generator=g), torch.randn(1, C, generator=g)
+    found = {}
+    for name, fn in [("ours", ops.layer_norm), ("torch", F.layer_norm)]:
+        xl, wl, bl = _leaves(x, w, b)
+        y = fn(xl, (C,), wl, bl, 1e-5)
+        y.backward(dy)
+        found[name] = _chunked_errors(C, (y.detach(), xl.grad, wl.grad, bl.grad), x, w, b, dy)
+        del xl, wl, bl, y
+    print(f"\n2^28 row, max error vs float64 (y, dx, dweight, dbias): ours {found['ours']}, torch {found['torch']}")
+    for name, ours, theirs in zip(["y", "dx", "dweight", "dbias"], found["ours"], found["torch"]):
+        assert ours <= FACTOR * theirs + ATOL[torch.float32], (name, ours, theirs)
+
+
+def _run_triton(x, w, b, dy, eps):
+    xl, wl, bl = _leaves(x, w, b)
+    y = K.layer_norm(xl, x.shape[-1:], wl, bl, eps)
+    y.backward(dy)
+    return y.detach(), xl.grad, wl.grad, bl.grad
+
+
+@pytest.mark.parametrize("kind", ["sum", "deviation", "squares"])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter computes the overflowing plain sums
+@pytest.mark.parametrize("C", [37, 300])  # one block in registers; the wide path (blocks of 64 here)
+def test_overflowing_rows_triton(C, kind):
+    _check_against_scaled_rows(_run_triton, *_overflowing_rows(C, kind))
+
+
+def test_triton_wide_row_sums_are_blocked():
+    # A constant row is its own mean, and any rounding error of the mean comes out times 1/sqrt(eps).
+    # Blocks of 4 columns make 256 blocks in a row of 1024: an accumulator carried along them all
+    # (the old flat sum) left y - bias = 2.6e-3; summed in super-blocks combined by trees, a fraction.
+    x = torch.full((1, 1024), 3.7)
+    b = torch.randn(1024, generator=torch.Generator().manual_seed(0))
+    y, mean, rstd = K.layer_norm_forward(x, None, b, 1e-5, block_n=4, block_m=1)
+    assert (y - b).abs().max() < 2e-4
