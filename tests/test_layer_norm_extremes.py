@@ -184,8 +184,7 @@ def _chunked_errors(C, outputs, x, w, b, dy, eps=1e-5, chunk=1 << 24):
 @pytest.mark.slow
 def test_row_of_2_to_the_28():
     # One row of 2^28 float32 elements (1 GiB a tensor, about 16 GB at the peak), forward and backward:
-    # within the parity rule
-    # of torch's float32 (2x its error plus the float32 slack) against float64.
+    # within the parity rule of torch's float32 (2x its error plus the float32 slack) against float64.
     C = 1 << 28
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, C, generator=g) * 2 + 0.5
