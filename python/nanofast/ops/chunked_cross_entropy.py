@@ -22,7 +22,7 @@ import torch
 # chunk's products read the whole weight twice and its gradient's sums once, and with fewer rows than
 # that (a wide vocabulary) the products would spend more time reading the weight than multiplying it.
 CHUNK_BYTES = 8 << 20
-CHUNK_MIN_ROWS = 256
+CHUNK_MIN_ROWS = 512
 
 
 def chunk_rows(N, V, itemsize):
@@ -85,8 +85,9 @@ def _chunks(mm, rows, operand, x, weight, bias, target, ignore_index, label_smoo
 
 def forward(mm, rows, operand, x, weight, bias, target, ignore_index, label_smoothing, reduction, dtype,
             need_input_grad, need_weight_grad, need_bias_grad):
-    """(loss, denominator, dx, dw, db): the loss as the reduction says, in loss_dtype; the 0-d
-    denominator the mean divides by (the count of rows not ignored; 1 for "sum" and "none"); and for
+    """(loss, scale, dx, dw, db): the loss as the reduction says, in loss_dtype; the 0-d derivative of
+    the loss by the rows' summed losses, in the accumulation dtype (1 / the count of rows not ignored
+    for "mean", 0 when there are none, as no row then has a gradient; 1 for "sum" and "none"); and for
     "mean" and "sum" the gradients of the rows' summed losses in the accumulation dtype, None where not
     needed ("none" computes none here: its backward recomputes the chunks with each row's weight)."""
     keep = reduction != "none"
@@ -94,17 +95,20 @@ def forward(mm, rows, operand, x, weight, bias, target, ignore_index, label_smoo
         mm, rows, operand, x, weight, bias, target, ignore_index, label_smoothing, dtype,
         need_input_grad and keep, need_weight_grad and keep, need_bias_grad and keep, None)
     out_dtype, acc = loss_dtype(x, dtype), losses.dtype
-    one = x.new_ones((), dtype=acc)
     if reduction == "none":
-        return losses.to(out_dtype), one, dx, dw, db
-    if isinstance(loss_sum, torch.Tensor):  # summed on the device
+        return losses.to(out_dtype), x.new_ones((), dtype=acc), dx, dw, db
+    if reduction == "sum":
+        loss, scale = loss_sum, 1.0
+    elif isinstance(count, torch.Tensor):  # counted on the device
         count = count.to(acc)
-        loss = loss_sum if reduction == "sum" else loss_sum / count  # 0 / 0 is NaN, as torch's mean of nothing
-    else:  # summed in float64 by the kernel: divided there too, rounded once
-        loss = loss_sum if reduction == "sum" else loss_sum / count if count else math.nan
-        loss = torch.tensor(loss, dtype=torch.float64, device=x.device)
-        count = torch.tensor(float(count), dtype=acc, device=x.device)
-    return loss.to(out_dtype), count if reduction == "mean" else one, dx, dw, db
+        loss = loss_sum / count  # 0 / 0 is NaN, as torch's mean of nothing
+        scale = torch.where(count > 0, 1 / count, 0)
+    else:  # summed in float64 by the kernel: divided there too, and rounded once
+        loss, scale = (loss_sum / count, 1 / count) if count else (math.nan, 0.0)
+    loss = loss.to(out_dtype) if isinstance(loss, torch.Tensor) else torch.tensor(loss, dtype=out_dtype,
+                                                                                 device=x.device)
+    scale = scale if isinstance(scale, torch.Tensor) else torch.tensor(scale, dtype=acc, device=x.device)
+    return loss, scale, dx, dw, db
 
 
 def backward(mm, rows, operand, dloss, x, weight, bias, target, ignore_index, label_smoothing, dtype,

@@ -35,10 +35,10 @@ def linear_cross_entropy_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
                              label_smoothing: float, reduction: str, dtype: Optional[torch.dtype],
                              need_input_grad: bool, need_weight_grad: bool,
                              need_bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    loss, denominator, dx, dw, db = backend_for(x).linear_cross_entropy_forward(
+    loss, scale, dx, dw, db = backend_for(x).linear_cross_entropy_forward(
         x, weight, bias, target, ignore_index, label_smoothing, reduction, dtype, need_input_grad, need_weight_grad,
         need_bias_grad)
-    return (loss, denominator, _empty(x) if dx is None else dx, _empty(x) if dw is None else dw,
+    return (loss, scale, _empty(x) if dx is None else dx, _empty(x) if dw is None else dw,
             _empty(x) if db is None else db)
 
 
@@ -78,8 +78,8 @@ def _(dloss, x, weight, bias, target, ignore_index, label_smoothing, dtype, need
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, target, ignore_index, label_smoothing, reduction, dtype = inputs[:8]
-    _, denominator, dx, dw, db = output
-    ctx.save_for_backward(x, weight, bias, target, denominator, dx, dw, db)
+    _, scale, dx, dw, db = output
+    ctx.save_for_backward(x, weight, bias, target, scale, dx, dw, db)
     ctx.settings = ignore_index, label_smoothing, reduction, dtype
 
 
@@ -98,7 +98,7 @@ def _reference(target, ignore_index, label_smoothing, reduction, dtype):
 def _backward(ctx, dloss, *unused):
     """The inputs' gradients (None for the non-tensor arguments); ctx.raw_backward is the raw backward
     (the custom op, or in eager mode the backend's launcher), which only "none" calls."""
-    x, weight, bias, target, denominator, dx, dw, db = ctx.saved_tensors
+    x, weight, bias, target, scale, dx, dw, db = ctx.saved_tensors
     ignore_index, label_smoothing, reduction, dtype = ctx.settings
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     need_b = need_b and bias is not None
@@ -111,9 +111,7 @@ def _backward(ctx, dloss, *unused):
         dx, dw, db = ctx.raw_backward(dloss, x, weight, bias, target, ignore_index, label_smoothing, dtype, need_x,
                                       need_w, need_b)
     else:
-        # d(loss)/d(row sum) is 1 for "sum" and 1 / count for "mean"; with no rows counted, no row has a
-        # gradient (torch's too: zeros), so the scale is 0 there rather than 1 / 0
-        scale = torch.where(denominator > 0, dloss.to(denominator.dtype) / denominator.clamp_min(1), 0)
+        scale = dloss.to(scale.dtype) * scale  # the forward's gradients are of the rows' summed losses
         dx, dw, db = (g * scale if need else None for g, need in ((dx, need_x), (dw, need_w), (db, need_b)))
     return (dx.to(x.dtype) if need_x else None, dw.to(weight.dtype) if need_w else None,
             db.to(bias.dtype) if need_b else None, *rest)
