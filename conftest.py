@@ -4,7 +4,30 @@ Plain `pytest` runs the tests in tests/ only (pyproject's testpaths) and never t
 """
 import os
 
-_BENCH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench")
+_ROOT = os.path.dirname(os.path.abspath(__file__))
+_BENCH_DIR = os.path.join(_ROOT, "bench")
+
+
+def _import_installed_kernels_package():
+    """transformers (a test and benchmark dependency) imports a package named `kernels`, Hugging Face's
+    kernel hub, where it is installed; from the repository root this checkout's kernels/ directory (the
+    sources of nanofast.kernels) would shadow it. Importing the installed one first, with the root off
+    the path, puts it in sys.modules."""
+    import importlib.util
+    import sys
+
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
+    try:
+        if "kernels" not in sys.modules and importlib.util.find_spec("kernels") is not None:
+            import kernels  # noqa: F401
+    except Exception:  # a broken optional package: transformers reports it itself
+        pass
+    finally:
+        sys.path[:] = saved
+
+
+_import_installed_kernels_package()
 
 
 def pytest_addoption(parser):

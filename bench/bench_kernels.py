@@ -1,4 +1,4 @@
-"""Kernel benchmarks: LayerNorm and attention, forward and forward+backward, float32 and bfloat16, at
+"""Kernel benchmarks: LayerNorm, attention and the other ops, forward and forward+backward, float32 and bfloat16, at
 nanoGPT's CPU-config and GPU-config shapes plus sweeps, against torch eager, torch.compile and a naive
 implementation, on the CPU and (where present) CUDA. Run with `pytest --benchmark`.
 
@@ -95,6 +95,59 @@ def test_attention(benchmark, record, device, case, shape, mode, dtype, provider
     record(benchmark, op="attention", case=case if case.startswith("sweep") else f"{case} B{B} H{H} T{T} D{D}",
            mode=mode, dtype=dtype, provider=provider, device=device,
            work=attention_flops(B, H, T, D, True, backward), unit="GFLOP/s")
+
+
+# The attention calls of Hugging Face models (issue 17's families: B=8, T=128, 256 wide; SmolLM2-135M at
+# B=4, T=512): (B, H, Hkv, T, D, padding, causal, window). Both sides get what transformers passes on the
+# CPU: with padding or a window one (B, 1, T, T) bool mask holding every rule (causal included, is_causal
+# off), else is_causal; grouped key/value heads with enable_gqa.
+ATTN_MASK_CONFIGS = {
+    "bert-padding": (8, 8, 8, 128, 32, True, False, None),
+    "qwen2-gqa": (8, 8, 2, 128, 32, False, True, None),
+    "qwen2-gqa-padding": (8, 8, 2, 128, 32, True, True, None),
+    "smollm2-gqa": (4, 9, 3, 512, 64, False, True, None),
+    "mistral-window-as-mask": (4, 8, 2, 512, 32, False, True, 128),
+}
+
+
+def _hf_mask(B, T, padding, causal, window, g):
+    """The bool mask transformers builds, or None where it passes is_causal instead."""
+    if not (padding or window):
+        return None
+    lengths = torch.randint(T // 2, T + 1, (B,), generator=g) if padding else torch.full((B,), T)
+    keep = (torch.arange(T) < lengths[:, None]).view(B, 1, 1, T)
+    ones = torch.ones(T, T, dtype=torch.bool)
+    if causal:
+        keep = keep & ones.tril()
+    if window:
+        keep = keep & ones.triu(1 - window)
+    return keep.expand(B, 1, T, T).contiguous()
+
+
+@pytest.mark.parametrize("case", list(ATTN_MASK_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("provider", ["nanofast", "torch"])
+def test_attention_masks(benchmark, record, case, dtype, provider):
+    """Attention forward and backward with a padding mask, grouped-query heads and a sliding window passed
+    as a mask, on the CPU, against torch's F.scaled_dot_product_attention on the same arguments."""
+    B, H, Hkv, T, D, padding, causal, window = ATTN_MASK_CONFIGS[case]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, T, H, D, generator=g).to(dtype).transpose(1, 2).requires_grad_()
+    k, v = (torch.randn(B, T, Hkv, D, generator=g).to(dtype).transpose(1, 2).requires_grad_() for _ in range(2))
+    dout = torch.randn(B, H, T, D, generator=g).to(dtype)
+    mask = _hf_mask(B, T, padding, causal, window, g)
+    kwargs = dict(attn_mask=mask, is_causal=causal and mask is None, enable_gqa=Hkv != H)
+    fn = ATTENTION[provider]
+    if provider != "torch":  # one key/value head and its query heads of the first sequence, against float64
+        G = H // Hkv
+        sl = [t[:1, :n].detach().requires_grad_() for t, n in ((q, G), (k, 1), (v, 1))]
+        sl_kwargs = dict(kwargs, attn_mask=None if mask is None else mask[:1])
+        _check_parity("masked attention", ("out", "dq", "dk", "dv"), fn, attention_reference, sl, dout[:1, :G], True,
+                      sl_kwargs)
+    timed(benchmark, lambda: _run(fn, [q, k, v], dout, True, kwargs), "cpu")
+    record(benchmark, op="attention (HF masks, GQA)", case=f"{case} B{B} H{H}/{Hkv} T{T} D{D}", mode="fwdbwd",
+           dtype=dtype, provider=provider, device="cpu", work=attention_flops(B, H, T, D, causal, True),
+           unit="GFLOP/s")
 
 
 @pytest.mark.parametrize("device,case,shape,mode,dtype,provider",
@@ -202,6 +255,88 @@ def test_add_layer_norm(benchmark, record, device, case, dtypes, provider):
            provider=provider, device=device, work=N * C * (5 * xs + 2 * rs + 2 * ys), unit="GB/s")
 
 
+# RMSNorm rows: nanoGPT's configs, and a SmolLM2-135M fine-tuning step's (B=4, T=512, C=576)
+RMS_NORM_CONFIGS = {"cpu-config": (768, 128), "gpu-config": (16384, 384), "smollm2": (2048, 576)}
+
+
+def _llama_rms_norm(x, w, eps=1e-6):
+    """Hugging Face's LlamaRMSNorm.forward, torch's composed equivalent."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+RMS_NORM = {"nanofast": lambda x, w: nanofast.ops.rms_norm(x, x.shape[-1:], w, 1e-6, cast_before_weight=True),
+            "torch": _llama_rms_norm}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(RMS_NORM_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("provider", list(RMS_NORM))
+def test_rms_norm(benchmark, record, device, case, dtype, provider):
+    """RMSNorm forward and backward as Llama, Qwen2 and Mistral compute it (the statistic in float32, the
+    normalised rows cast back before the weight), against Hugging Face's module's torch code."""
+    N, C = RMS_NORM_CONFIGS[case]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, C, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    w = (torch.randn(C, generator=g) * 0.1 + 1).to(device=device, dtype=dtype).requires_grad_()
+    dy = torch.randn(N, C, generator=g).to(device=device, dtype=dtype)
+    fn = RMS_NORM[provider]
+    if provider != "torch":
+        rows = slice(0, min(N, 512))
+        _check_parity("rms_norm", ("y", "dx", "dweight"), fn, _llama_rms_norm, [x[rows].detach().requires_grad_(), w],
+                      dy[rows], True, {})
+    timed(benchmark, lambda: _run(fn, [x, w], dy, True, {}), device)
+    # compulsory traffic: forward reads x, writes y; backward reads x and dy, writes dx
+    record(benchmark, op="rms_norm", case=f"{case} {N}x{C}", mode="fwdbwd", dtype=dtype, provider=provider,
+           device=device, work=5 * N * C * x.element_size(), unit="GB/s")
+
+
+def _unfused_add_rms_norm(x, r, w, out_dtype):
+    h = x + r
+    return h, _llama_rms_norm(h, w).to(out_dtype)
+
+
+ADD_RMS_NORM = {"nanofast": lambda x, r, w, out_dtype: nanofast.ops.add_rms_norm(
+    x, r, x.shape[-1:], w, 1e-6, out_dtype, cast_before_weight=True), "torch": _unfused_add_rms_norm}
+
+
+def _add_rms_fwdbwd(fn, x, r, w, dh, dy, out_dtype):
+    h, y = fn(x, r, w, out_dtype)
+    return [h, y] + list(torch.autograd.grad([h, y], [x, r, w], [dh, dy]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(RMS_NORM_CONFIGS))
+@pytest.mark.parametrize("dtypes", list(ADD_LN_DTYPES))
+@pytest.mark.parametrize("provider", list(ADD_RMS_NORM))
+def test_add_rms_norm(benchmark, record, device, case, dtypes, provider):
+    """A Llama decoder layer's residual add and the RMSNorm after it, forward and backward, against
+    torch's add and Hugging Face's LlamaRMSNorm code."""
+    N, C = RMS_NORM_CONFIGS[case]
+    xd, rd, yd = ADD_LN_DTYPES[dtypes]
+    g = torch.Generator().manual_seed(0)
+    make = lambda dt, *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dt)  # noqa: E731
+    x, r, w = make(xd, N, C), make(rd, N, C), make(xd, C)
+    for t in (x, r, w):
+        t.requires_grad_()
+    dh, dy = make(xd, N, C), make(yd, N, C)
+    fn = ADD_RMS_NORM[provider]
+    if provider != "torch":
+        rows = slice(0, min(N, 512))
+        sl = [x[rows].detach().requires_grad_(), r[rows].detach().requires_grad_(), w, dh[rows], dy[rows]]
+        ours = _add_rms_fwdbwd(fn, *sl, yd)
+        theirs = _add_rms_fwdbwd(_unfused_add_rms_norm, *sl, yd)
+        ref = _add_rms_fwdbwd(_unfused_add_rms_norm, *[t.detach().double().requires_grad_(t.requires_grad)
+                                                       for t in sl], torch.float64)
+        _assert_parity_all("add_rms_norm", ("h", "y", "dx", "dresidual", "dweight"), ours, theirs, ref)
+    timed(benchmark, lambda: _add_rms_fwdbwd(fn, x, r, w, dh, dy, yd), device)
+    xs, rs, ys = x.element_size(), r.element_size(), dy.element_size()
+    record(benchmark, op="add + rms_norm", case=f"{case} {N}x{C}", mode="fwdbwd", dtype=dtypes, provider=provider,
+           device=device, work=N * C * (5 * xs + 2 * rs + 2 * ys), unit="GB/s")
+
+
 GELU_CONFIGS = {"cpu-config": (768, 512), "gpu-config": (16384, 1536)}  # the MLP's hidden activations
 GELU = {"nanofast": nanofast.ops.gelu, "torch": F.gelu}
 
@@ -224,6 +359,116 @@ def test_gelu(benchmark, record, device, case, dtype, provider):
     # compulsory traffic: forward reads x, writes y; backward reads x and dy, writes dx
     record(benchmark, op="gelu", case=f"{case} {N}x{C}", mode="fwdbwd", dtype=dtype, provider=provider,
            device=device, work=5 * N * C * x.element_size(), unit="GB/s")
+
+
+GELU_TANH = {"nanofast": lambda x: nanofast.ops.gelu(x, approximate="tanh"),
+             "torch": lambda x: F.gelu(x, approximate="tanh")}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(GELU_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("provider", list(GELU_TANH))
+def test_gelu_tanh(benchmark, record, device, case, dtype, provider):
+    """GELU's tanh approximation (GPT-2's "gelu_new") forward and backward on the MLP's hidden
+    activations."""
+    N, C = GELU_CONFIGS[case]
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(N, C, generator=g) * 2).to(device=device, dtype=dtype).requires_grad_()
+    dy = torch.randn(N, C, generator=g).to(device=device, dtype=dtype)
+    fn = GELU_TANH[provider]
+    if provider != "torch":
+        rows = slice(0, min(N, 256))
+        _check_parity("gelu tanh", ("y", "dx"), fn, GELU_TANH["torch"], [x[rows].detach().requires_grad_()], dy[rows],
+                      True, {})
+    timed(benchmark, lambda: _run(fn, [x], dy, True, {}), device)
+    record(benchmark, op="gelu tanh", case=f"{case} {N}x{C}", mode="fwdbwd", dtype=dtype, provider=provider,
+           device=device, work=5 * N * C * x.element_size(), unit="GB/s")
+
+
+# the gated MLP's hidden activations: nanoGPT's 4C widths, and a SmolLM2-135M step's (2048 rows of 1536)
+GLU_CONFIGS = {"cpu-config": (768, 512), "gpu-config": (16384, 1536), "smollm2": (2048, 1536)}
+GLUS = {
+    "swiglu": {"nanofast": nanofast.ops.swiglu, "torch": lambda g, u: F.silu(g) * u},
+    "geglu tanh": {"nanofast": lambda g, u: nanofast.ops.geglu(g, u, approximate="tanh"),
+                   "torch": lambda g, u: F.gelu(g, approximate="tanh") * u},
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(GLU_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("op", list(GLUS))
+@pytest.mark.parametrize("provider", ["nanofast", "torch"])
+def test_glu(benchmark, record, device, case, dtype, op, provider):
+    """A gated MLP's act(gate) * up forward and backward (the two halves of one gate_up projection, read
+    in place), against torch's activation and product."""
+    N, C = GLU_CONFIGS[case]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, 2 * C, generator=g).to(device=device, dtype=dtype)
+    gate, up = (t.requires_grad_() for t in x.chunk(2, dim=-1))
+    dy = torch.randn(N, C, generator=g).to(device=device, dtype=dtype)
+    fn = GLUS[op][provider]
+    if provider != "torch":
+        rows = slice(0, min(N, 256))
+        _check_parity(op, ("y", "dgate", "dup"), fn, GLUS[op]["torch"],
+                      [gate[rows].detach().requires_grad_(), up[rows].detach().requires_grad_()], dy[rows], True, {})
+    timed(benchmark, lambda: _run(fn, [gate, up], dy, True, {}), device)
+    # compulsory traffic: forward reads gate and up, writes y; backward reads gate, up and dy, writes two
+    record(benchmark, op=op, case=f"{case} {N}x{C}", mode="fwdbwd", dtype=dtype, provider=provider, device=device,
+           work=8 * N * C * x.element_size(), unit="GB/s")
+
+
+# B, H, H of k and v, T, D: nanoGPT's configs with a Llama-style rotary embedding, and a SmolLM2-135M
+# fine-tuning step's attention (9 heads, 3 key/value heads)
+ROPE_CONFIGS = {"cpu-config": (12, 4, 4, 64, 32), "gpu-config": (64, 6, 6, 256, 64), "smollm2": (4, 9, 3, 512, 64)}
+
+
+def _rotate_half(x):
+    return torch.cat((-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]), dim=-1)
+
+
+def _hf_apply_rotary_pos_emb(q, k, cos, sin):
+    """Hugging Face's apply_rotary_pos_emb (unsqueeze_dim=1), torch's composed equivalent."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+ROPE = {"nanofast": nanofast.ops.apply_rotary_pos_emb, "torch": _hf_apply_rotary_pos_emb}
+
+
+def _rope_fwdbwd(fn, q, k, cos, sin, dq, dk):
+    qe, ke = fn(q, k, cos, sin)
+    return [qe, ke] + list(torch.autograd.grad([qe, ke], [q, k], [dq, dk]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(ROPE_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("provider", list(ROPE))
+def test_rotary(benchmark, record, device, case, dtype, provider):
+    """The rotary position embedding of q and k (Llama's rotate_half), forward and backward, on the
+    projections' (B, T, H, D) memory viewed as (B, H, T, D), against Hugging Face's torch code."""
+    B, H, Hk, T, D = ROPE_CONFIGS[case]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, T, H, D, generator=g).to(device=device, dtype=dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, T, Hk, D, generator=g).to(device=device, dtype=dtype).transpose(1, 2).requires_grad_()
+    angles = torch.arange(T)[:, None] * (1e4 ** (-torch.arange(0, D, 2) / D))
+    emb = torch.cat((angles, angles), dim=-1).expand(B, T, D)
+    cos, sin = emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype)
+    dq, dk = torch.randn(q.shape, generator=g).to(device, dtype), torch.randn(k.shape, generator=g).to(device, dtype)
+    fn = ROPE[provider]
+    if provider != "torch":
+        sl = [q[:1].detach().requires_grad_(), k[:1].detach().requires_grad_(), cos[:1], sin[:1], dq[:1], dk[:1]]
+        ours = _rope_fwdbwd(fn, *sl)
+        theirs = _rope_fwdbwd(_hf_apply_rotary_pos_emb, *sl)
+        ref = _rope_fwdbwd(_hf_apply_rotary_pos_emb, *[t.detach().double().requires_grad_(t.requires_grad)
+                                                       for t in sl])
+        _assert_parity_all("rotary", ("q_embed", "k_embed", "dq", "dk"), ours, theirs, ref)
+    timed(benchmark, lambda: _rope_fwdbwd(fn, q, k, cos, sin, dq, dk), device)
+    # compulsory traffic: forward reads q and k, writes their rotations; backward the same on the gradients
+    record(benchmark, op="rotary q,k", case=f"{case} B{B} H{H}/{Hk} T{T} D{D}", mode="fwdbwd", dtype=dtype,
+           provider=provider, device=device, work=4 * (q.numel() + k.numel()) * q.element_size(), unit="GB/s")
 
 
 LINEAR_CONFIGS = {"cpu-config": (768, 128, 512), "gpu-config": (16384, 384, 1536)}  # the MLP's c_fc: N, in, out

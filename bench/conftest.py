@@ -21,10 +21,15 @@ nanofast.allocator.retain_freed_memory()
 
 RESULTS_DIR = os.environ.get("NANOFAST_BENCH_DIR", os.path.join(os.path.dirname(__file__), "results"))
 _records = []
+_notes = []
 
 
 class Recorder:
     """record(benchmark, group, provider, device, work, unit) after benchmark.pedantic(...) ran."""
+
+    def note(self, line):
+        """A line printed under the table (figures the table has no column for, such as peak memory)."""
+        _notes.append(line)
 
     def __call__(self, benchmark, **case):
         stats = benchmark.stats.stats
@@ -96,7 +101,7 @@ def _table():
             cpu, gpu = entries.get((p, "cpu")), entries.get((p, "cuda"))
             speedup = f"{cpu['seconds'] / gpu['seconds']:.1f}x" if cpu and gpu else ("no CUDA" if not has_cuda else "-")
             lines.append("| " + " | ".join(list(key) + [p] + cells + [speedup]) + " |")
-    return "\n".join(lines + _training_ratios() + _peak_memory())
+    return "\n".join(lines + _training_ratios() + _peak_memory() + (["", *_notes] if _notes else []))
 
 
 def _training_ratios():

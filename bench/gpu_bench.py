@@ -5,6 +5,9 @@
   head dims 64 and 128. Target: ours at least 0.8x torch's speed.
 * LayerNorm forward+backward (the launchers, no autograd overhead) in GB/s against the device's
   measured device-to-device copy bandwidth. Target: at least 80% of it.
+* With --only layers (not in the default run, to keep bench/gpu_check.sh's budget): the layers of
+  Llama-style models (RMSNorm, add + RMSNorm, SwiGLU, the rotary embedding of q and k), bfloat16,
+  forward+backward through autograd, against Hugging Face's torch code in eager mode.
 
 Writes a markdown table to --out and prints it together with one JSON line per measurement.
 """
@@ -128,7 +131,69 @@ def layer_norm_rows(K, copy_gbs, quick, rows, on_row):
     return rows
 
 
-def table(attn, ln, copy_gbs, header):
+def _layer_cases(K, dev="cuda", shrink=1):
+    """(name, shape, inputs, ours, torch's) at a Llama-7B-sized layer's shapes (divided by shrink, for a
+    smoke run under Triton's interpreter), each function returning one tensor (a sum of the op's
+    outputs) to differentiate."""
+    import nanofast.ops
+
+    dt = torch.bfloat16
+    N, C, Cm = 16384 // shrink**2, 4096 // shrink, 11008 // shrink
+    x, r = torch.randn(N, C, device=dev, dtype=dt), torch.randn(N, C, device=dev, dtype=dt)
+    w = torch.rand(C, device=dev, dtype=dt) + 0.5
+
+    def llama_rms(x, w):
+        h = x.float()
+        return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+    yield ("rms_norm", f"{N}x{C}", [x, w], lambda x, w: K.rms_norm(x, (C,), w, 1e-6, cast_before_weight=True),
+           llama_rms)
+    # (nanofast.ops runs CUDA tensors on the same Triton kernels as nanofast.kernels)
+    yield ("add + rms_norm", f"{N}x{C}", [x, r, w],
+           lambda x, r, w: torch.add(*nanofast.ops.add_rms_norm(x, r, (C,), w, 1e-6, cast_before_weight=True)),
+           lambda x, r, w: torch.add(x + r, llama_rms(x + r, w)))
+    gu = torch.randn(N // 4, 2 * Cm, device=dev, dtype=dt)
+    g, u = gu.chunk(2, dim=-1)
+    yield ("swiglu", f"{N // 4}x{Cm}", [g, u], K.swiglu, lambda g, u: F.silu(g) * u)
+    B, H, Hk, T, D = 8 // shrink, 32 // shrink, 8 // shrink, 2048 // shrink**2, 128 // shrink
+    q = torch.randn(B, T, H, D, device=dev, dtype=dt).transpose(1, 2)
+    k = torch.randn(B, T, Hk, D, device=dev, dtype=dt).transpose(1, 2)
+    ang = torch.arange(T, device=dev)[:, None] * (1e4 ** (-torch.arange(0, D, 2, device=dev) / D))
+    emb = torch.cat((ang, ang), dim=-1).expand(B, T, D)
+    cos, sin = emb.cos().to(dt), emb.sin().to(dt)
+
+    def hf_rope(q, k):
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        rot = lambda t: torch.cat((-t[..., D // 2:], t[..., :D // 2]), dim=-1)  # noqa: E731
+        return torch.add(*[(t * c + rot(t) * s).sum(1, keepdim=True) for t in (q, k)])
+
+    yield ("rotary q,k", f"B{B} H{H}/{Hk} T{T} D{D}", [q, k],
+           lambda q, k: torch.add(*[t.sum(1, keepdim=True) for t in K.apply_rotary_pos_emb(q, k, cos, sin)]), hf_rope)
+
+
+def layer_rows(K, quick, rows, on_row):
+    for name, shape, inputs, ours, theirs in _layer_cases(K):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        with torch.no_grad():
+            err = (ours(*inputs).float() - theirs(*inputs).float()).abs().max().item()
+        dy = torch.randn_like(ours(*inputs))
+
+        def fwdbwd(fn):
+            return lambda: torch.autograd.grad(fn(*leaves), leaves, dy)
+
+        t_o, t_t = bench(fwdbwd(ours), rep=100), bench(fwdbwd(theirs), rep=100)
+        rec = dict(kind="layer", op=name, shape=shape, dtype="bf16", ours_fwdbwd_ms=t_o, torch_fwdbwd_ms=t_t,
+                   speed_vs_torch=t_t / t_o, max_abs_diff_fwd=err)
+        log(rec)
+        rows.append(rec)
+        on_row()
+        if quick:
+            break
+    torch.cuda.empty_cache()
+    return rows
+
+
+def table(attn, ln, copy_gbs, header, layers=()):
     out = [header, ""]
     if attn:
         out += ["### Attention forward+backward, bf16, causal (target: speed vs torch >= 0.8)", "",
@@ -139,6 +204,13 @@ def table(attn, ln, copy_gbs, header):
             out.append(f"| {r['B']} | {r['H']} | {r['T']} | {r['D']} | {r['ours_fwd_ms']:.3f} | {r['torch_fwd_ms']:.3f} | "
                        f"{r['ours_fwdbwd_ms']:.3f} | {r['torch_fwdbwd_ms']:.3f} | {r['ours_tflops']:.0f} | "
                        f"{r['torch_tflops']:.0f} | {r['speed_vs_torch']:.2f} | {r['max_abs_diff_fwd']:.1e} |")
+        out.append("")
+    if layers:
+        out += ["### Current models' layers forward+backward, bf16, against Hugging Face's torch code", "",
+                "| op | shape | ours ms | torch ms | speed vs torch | max abs diff |", "|---|---|---|---|---|---|"]
+        for r in layers:
+            out.append(f"| {r['op']} | {r['shape']} | {r['ours_fwdbwd_ms']:.3f} | {r['torch_fwdbwd_ms']:.3f} | "
+                       f"{r['speed_vs_torch']:.2f} | {r['max_abs_diff_fwd']:.1e} |")
         out.append("")
     if ln:
         out += [f"### LayerNorm forward+backward (target: >= 80% of copy bandwidth, {copy_gbs:.0f} GB/s)", "",
@@ -155,7 +227,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "gpu_bench.md"))
     ap.add_argument("--quick", action="store_true", help="one attention and one LayerNorm shape")
-    ap.add_argument("--only", choices=["attention", "layer_norm"], default=None)
+    ap.add_argument("--only", choices=["attention", "layer_norm", "layers"], default=None,
+                    help="one section (layers: the current models' layers, run only when named)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_bench.py needs a CUDA device")
@@ -165,12 +238,12 @@ def main():
     header = (f"GPU: {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
               f"kernels from {where} | {time.strftime('%Y-%m-%d %H:%M:%S')}")
     print(header, flush=True)
-    attn, ln, copy_gbs = [], [], [float("nan")]
+    attn, ln, layers, copy_gbs = [], [], [], [float("nan")]
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def write_table():  # after every row: a timeout still leaves the finished rows behind
-        out.write_text(table(attn, ln, copy_gbs[0], header) + "\n")
+        out.write_text(table(attn, ln, copy_gbs[0], header, layers) + "\n")
 
     # `timeout` sends SIGTERM: turn it into SystemExit so the finally clause below still runs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
@@ -181,9 +254,11 @@ def main():
             layer_norm_rows(K, copy_gbs[0], args.quick, ln, write_table)
         if args.only in (None, "attention"):
             attention_rows(K, args.quick, attn, write_table)
+        if args.only == "layers":
+            layer_rows(K, args.quick, layers, write_table)
     finally:
         write_table()
-        print(table(attn, ln, copy_gbs[0], header), flush=True)
+        print(table(attn, ln, copy_gbs[0], header, layers), flush=True)
 
 
 if __name__ == "__main__":

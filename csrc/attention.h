@@ -9,9 +9,11 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
+#include "attention_mask.h"
 #include "kernel_table.h"
 #include "philox.h"
 #include "philox_vec.h"
@@ -284,11 +286,6 @@ template <class T> inline T* head_ptr_mut(const Strided4& t, int64_t b, int64_t 
   return const_cast<T*>(head_ptr<T>(t, b, h));
 }
 
-// Score-block bookkeeping shared by forward and backward: how many keys a query block can see.
-inline int64_t visible_keys(bool causal, int64_t q_end, int64_t TK) {
-  return causal ? std::min(TK, q_end) : TK;  // causal: key j visible to query i iff j <= i
-}
-
 // Causal diagonal blocks: the columns of key block j0 (BK wide) that queries before q_end can see,
 // rounded up to whole vectors. On a block the diagonal crosses, each slice of W query rows multiplies
 // only these columns; the rest would be masked to exactly zero, so skipping them changes no result.
@@ -359,7 +356,7 @@ template <class T>
 void attention_forward_impl(const AttentionForwardArgs& a) {
   using A = acc_t<T>;
   constexpr int W = lanes<A>();
-  const int64_t B = a.B, NH = a.NH, TQ = a.TQ, TK = a.TK, HS = a.HS, HSV = a.HSV;
+  const int64_t B = a.B, NH = a.NH, TQ = a.TQ, TK = a.TK, HS = a.HS, HSV = a.HSV, group = a.NH / a.NKV;
   const int64_t BQ = attention_block(std::max(TQ, TK)), BK = BQ;  // query rows, keys per block
   const int64_t HSp = round_up(HS, W), HSVp = round_up(HSV, W);
   const int64_t TKp = round_up(TK, BK);
@@ -368,63 +365,78 @@ void attention_forward_impl(const AttentionForwardArgs& a) {
   const A keep_scale = a.dropout_p > 0 ? A(1) / (A(1) - A(a.dropout_p)) : A(1);
   A* lse_out = static_cast<A*>(a.lse);
   constexpr bool kPairs = ScoreOperands<T>::kPairs;
+  const bool has_mask = a.mask.ptr != nullptr;
 
 #pragma omp parallel num_threads(a.num_threads)
   {
     ScoreOperands<T> QK;  // the query block's rows, the visible keys transposed
-    std::vector<A> V(TKp * HSVp), S(BQ * BK), O(BQ * HSVp), m(BQ), l(BQ);
+    std::vector<A> V(TKp * HSVp), S(BQ * BK), O(BQ * HSVp), m(BQ), l(BQ), madd(has_mask ? BK : 0);
     std::vector<float> V_pairs, P_pairs;  // bf16 on AVX512-BF16: V paired along keys, P rounded
     // Each task is one query block of one head and depends on nothing else, so the result does not
     // depend on which thread runs it; dynamic scheduling evens out the causal imbalance.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < B * NH * q_blocks; ++task) {
-      const int64_t bh = task / q_blocks, b = bh / NH, h = bh % NH;
+      const int64_t bh = task / q_blocks, b = bh / NH, h = bh % NH, hk = h / group;
       const int64_t i0 = (task % q_blocks) * BQ, rows = std::min(BQ, TQ - i0);
+      // The keys any row of the block sees by position: [kv_lo, kv_len), kv_lo a whole block.
       const int64_t kv_len = visible_keys(a.causal, i0 + rows, TK);
+      const int64_t kv_lo = std::min(first_visible_key(a.window, i0), kv_len) / BK * BK;
       const int64_t kv_len_p = round_up(kv_len, BK);
-      // Pack: Q block (rows x HSp), K transposed (HSp x kv_len_p), V (kv_len_p x HSVp).
-      QK.pack(head_ptr<T>(a.q, b, h) + i0 * a.q.st, a.q.st, rows, BQ, head_ptr<T>(a.k, b, h), a.k.st, kv_len, kv_len_p,
-              HS);
+      // Pack: Q block (rows x HSp), K transposed (HSp x keys) and V (keys x HSVp) from key kv_lo on.
+      QK.pack(head_ptr<T>(a.q, b, h) + i0 * a.q.st, a.q.st, rows, BQ, head_ptr<T>(a.k, b, hk) + kv_lo * a.k.st, a.k.st,
+              kv_len - kv_lo, kv_len_p - kv_lo, HS);
       if constexpr (kPairs) {
 #if NF_BF16_DOT
-        V_pairs.resize(kv_len_p / 2 * HSVp);
-        pack_row_pairs(head_ptr<T>(a.v, b, h), a.v.st, kv_len, HSV, V_pairs.data(), kv_len_p, HSVp);
+        V_pairs.resize((kv_len_p - kv_lo) / 2 * HSVp);
+        pack_row_pairs(head_ptr<T>(a.v, b, hk) + kv_lo * a.v.st, a.v.st, kv_len - kv_lo, HSV, V_pairs.data(),
+                       kv_len_p - kv_lo, HSVp);
         P_pairs.resize(BQ * BK / 2);
 #endif
       } else {
-        pack_rows(head_ptr<T>(a.v, b, h), a.v.st, kv_len, HSV, V.data(), kv_len_p, HSVp);
+        pack_rows(head_ptr<T>(a.v, b, hk) + kv_lo * a.v.st, a.v.st, kv_len - kv_lo, HSV, V.data(), kv_len_p - kv_lo,
+                  HSVp);
       }
       std::fill(m.begin(), m.end(), -std::numeric_limits<A>::infinity());
       std::fill(l.begin(), l.end(), A(0));
       std::fill(O.begin(), O.end(), A(0));
 
-      for (int64_t j0 = 0; j0 < kv_len; j0 += BK) {
+      for (int64_t j0 = kv_lo; j0 < kv_len; j0 += BK) {
+        const int64_t kcols = std::min(BK, TK - j0);
+        if (mask_block_empty(a.mask, b, h, i0, rows, j0, kcols)) continue;  // P is 0 on the whole block
         // Does the causal diagonal cross this block (some row sees only part of it)?
         const bool diagonal = a.causal && j0 + BK > i0 + 1;
         // S = Q K^T for this key block (on the diagonal, W rows at a time, visible columns only).
         if (!diagonal) {
-          QK.product(rows, BK, 0, j0, S.data(), BK);
+          QK.product(rows, BK, 0, j0 - kv_lo, S.data(), BK);
         } else {
           for (int64_t r0 = 0; r0 < rows; r0 += W) {
             const int64_t nr = std::min<int64_t>(W, rows - r0), nc = causal_cols(i0 + r0 + nr, j0, BK, TK, W);
-            QK.product(nr, nc, r0, j0, S.data() + r0 * BK, BK);
+            QK.product(nr, nc, r0, j0 - kv_lo, S.data() + r0 * BK, BK);
           }
         }
+        // A broadcast query dim gives every row the same mask row: read it once per block.
+        if (has_mask && a.mask.sq == 0) mask_row(a.mask, b, h, 0, j0, kcols, madd.data(), BK);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = i0 + r;
           A* s = S.data() + r * BK;
           const int64_t valid = std::max<int64_t>(0, std::min(BK, visible_keys(a.causal, i + 1, TK) - j0));
+          const int64_t lo = std::clamp<int64_t>(first_visible_key(a.window, i) - j0, 0, BK);
           // Online softmax: new running max, rescale what was accumulated, exponentiate this block.
           // Only the vectors holding visible keys are exponentiated (on the diagonal, about half the
           // row): P is exactly 0 beyond them.
           const int64_t ncols = std::min(BK, round_up(valid, W));
+          if (has_mask && a.mask.sq != 0) mask_row(a.mask, b, h, i, j0, kcols, madd.data(), BK);
           // A NaN score makes the row's maximum NaN (or is skipped by it): either way the NaN reaches l
           // and lse, as torch's softmax propagates it. std::max(m, NaN) would keep m, and a row whose
           // m stayed -inf would be skipped as empty.
-          const A block_max = scale_mask_rowmax(s, ncols, valid, scale);
+          const A* mrow = has_mask ? madd.data() : nullptr;
+          const A block_max = has_mask || lo > 0 ? scale_mask_rowmax_general(s, ncols, lo, valid, scale, mrow)
+                                                 : scale_mask_rowmax(s, ncols, valid, scale);
           const A m_new = std::isnan(block_max) ? block_max : std::max(m[r], block_max);
           std::fill(s + ncols, s + BK, A(0));
           if (m_new == -std::numeric_limits<A>::infinity()) {  // nothing visible yet in this row
+            // ... unless the maximum skipped NaN scores: then the row is NaN (l = NaN: not an empty row)
+            if (std::any_of(s, s + ncols, [](A x) { return std::isnan(x); })) m[r] = l[r] = A(NAN);
             std::fill(s, s + ncols, A(0));
             continue;
           }
@@ -434,10 +446,10 @@ void attention_forward_impl(const AttentionForwardArgs& a) {
           A* o = O.data() + r * HSVp;
           for (int64_t c = 0; c < HSVp; c += W) vstore(o + c, vload(o + c) * alpha);
           if (a.dropout_p > 0)
-            dropout_row(s, std::min<int64_t>(BK, TK - j0), a.seed, uint64_t((bh * TQ + i) * TK), j0, float(a.dropout_p),
-                        keep_scale);
+            dropout_row(s, kcols, a.seed, uint64_t((bh * TQ + i) * TK), j0, float(a.dropout_p), keep_scale);
         }
         // O += P V (on the diagonal, each row slice over the keys it can see: P is 0 beyond them).
+        const int64_t v_row = j0 - kv_lo;  // the block's first row in the packed V
         if constexpr (kPairs) {
 #if NF_BF16_DOT
           // bf16 pairs: P rounded to bfloat16 first, as the GPU kernel rounds it for its P V dot (the
@@ -447,28 +459,41 @@ void attention_forward_impl(const AttentionForwardArgs& a) {
             const int64_t nr = diagonal ? std::min<int64_t>(W, rows - r0) : rows;
             const int64_t nc = diagonal ? causal_cols(i0 + r0 + nr, j0, BK, TK, W) : BK;
             small_gemm<PairDot, false>(nr, HSVp, std::min<int64_t>(nc, kv_len_p - j0) / 2,
-                                       P_pairs.data() + r0 * (BK / 2), BK / 2, V_pairs.data() + (j0 / 2) * HSVp, HSVp,
-                                       O.data() + r0 * HSVp, HSVp, true);
+                                       P_pairs.data() + r0 * (BK / 2), BK / 2, V_pairs.data() + (v_row / 2) * HSVp,
+                                       HSVp, O.data() + r0 * HSVp, HSVp, true);
           }
 #endif
         } else if (!diagonal) {
           small_gemm<FmaDot<A>, false>(rows, HSVp, std::min<int64_t>(BK, kv_len_p - j0), S.data(), BK,
-                                       V.data() + j0 * HSVp, HSVp, O.data(), HSVp, true);
+                                       V.data() + v_row * HSVp, HSVp, O.data(), HSVp, true);
         } else {
           for (int64_t r0 = 0; r0 < rows; r0 += W) {
             const int64_t nr = std::min<int64_t>(W, rows - r0), nc = causal_cols(i0 + r0 + nr, j0, BK, TK, W);
             small_gemm<FmaDot<A>, false>(nr, HSVp, std::min<int64_t>(nc, kv_len_p - j0), S.data() + r0 * BK, BK,
-                                         V.data() + j0 * HSVp, HSVp, O.data() + r0 * HSVp, HSVp, true);
+                                         V.data() + v_row * HSVp, HSVp, O.data() + r0 * HSVp, HSVp, true);
           }
         }
       }
-      // Normalise and write out; keep the logsumexp for the backward pass.
+      // Normalise and write out; keep the logsumexp for the backward pass. A row that saw no key
+      // (l = 0: every score masked) gets zeros, as torch's softmax over such a row gives, and
+      // lse = +inf, so that the backward's exp(s - lse) is 0 on it.
       T* out = head_ptr_mut<T>(a.out, b, h) + i0 * a.out.st;
       for (int64_t r = 0; r < rows; ++r) {
-        store_row_scaled(out + r * a.out.st, O.data() + r * HSVp, HSV, A(1) / l[r]);
-        lse_out[bh * TQ + i0 + r] = m[r] + std::log(l[r]);
+        const bool seen = l[r] != A(0);
+        store_row_scaled(out + r * a.out.st, O.data() + r * HSVp, HSV, seen ? A(1) / l[r] : A(0));
+        lse_out[bh * TQ + i0 + r] = seen ? m[r] + std::log(l[r]) : std::numeric_limits<A>::infinity();
       }
     }
+  }
+}
+
+// out[c] = sum over r < n of src[r * stride + c], c < cols (a multiple of the vector width), in r's order.
+template <class A> inline void sum_rows(const A* src, int64_t stride, int64_t n, int64_t cols, A* out) {
+  constexpr int W = lanes<A>();
+  for (int64_t c = 0; c < cols; c += W) {
+    vec<A> acc = vload(src + c);
+    for (int64_t r = 1; r < n; ++r) acc += vload(src + r * stride + c);
+    vstore(out + c, acc);
   }
 }
 
@@ -476,7 +501,7 @@ template <class T>
 void attention_backward_impl(const AttentionBackwardArgs& a) {
   using A = acc_t<T>;
   constexpr int W = lanes<A>();
-  const int64_t B = a.B, NH = a.NH, TQ = a.TQ, TK = a.TK, HS = a.HS, HSV = a.HSV;
+  const int64_t B = a.B, NH = a.NH, TQ = a.TQ, TK = a.TK, HS = a.HS, HSV = a.HSV, group = a.NH / a.NKV;
   const int64_t BQ = attention_block(std::max(TQ, TK)), BK = BQ;  // query rows, keys per block
   const int64_t HSp = round_up(HS, W), HSVp = round_up(HSV, W);
   const int64_t TQp = round_up(TQ, BQ), TKp = round_up(TK, BK);
@@ -485,12 +510,20 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
   const A keep_scale = dropout ? A(1) / (A(1) - A(a.dropout_p)) : A(1);
   const A* lse_all = static_cast<const A*>(a.lse);
   constexpr bool kPairs = ScoreOperands<T>::kPairs;
+  const bool has_mask = a.mask.ptr != nullptr;
+  // Grouped-query attention: each query head's dK and dV (dK unscaled), rows padded to HSp and HSVp,
+  // summed over the group in head order after every head is done (no atomics, no thread-dependent order).
+  std::unique_ptr<A[]> dk_heads, dv_heads;
+  if (group > 1) {
+    dk_heads.reset(new A[B * NH * TK * HSp]);
+    dv_heads.reset(new A[B * NH * TK * HSVp]);
+  }
 
 #pragma omp parallel num_threads(a.num_threads)
   {
     ScoreOperands<T> QK, dOV;  // for P = exp(Q K^T - lse) and dP = dO V^T; QK.x is Q (without pairs), dOV.x dO
     std::vector<A> K(TKp * HSp), delta(TQp), dQ(TQp * HSp), P(BQ * BK), dP(BQ * BK), dK(BK * HSp), dV(BK * HSVp),
-        row_buf(TQp * HSVp);
+        row_buf(TQp * HSVp), madd(has_mask ? BK : 0);
     // bf16 on AVX512-BF16: Q, dO and K paired along their rows, and per block P^T, dS^T and dS rounded
     // to bfloat16 (as the GPU kernel rounds them for its dV, dK and dQ dots)
     std::vector<float> Q_pairs, dO_pairs, K_pairs, Pt_pairs, dSt_pairs, dS_pairs;
@@ -498,10 +531,10 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
     // atomics and no order that depends on the threads.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < B * NH; ++bh) {
-      const int64_t b = bh / NH, h = bh % NH;
+      const int64_t b = bh / NH, h = bh % NH, hk = h / group;
       const A* lse = lse_all + bh * TQ;
-      QK.pack(head_ptr<T>(a.q, b, h), a.q.st, TQ, TQp, head_ptr<T>(a.k, b, h), a.k.st, TK, TKp, HS);
-      dOV.pack(head_ptr<T>(a.dout, b, h), a.dout.st, TQ, TQp, head_ptr<T>(a.v, b, h), a.v.st, TK, TKp, HSV,
+      QK.pack(head_ptr<T>(a.q, b, h), a.q.st, TQ, TQp, head_ptr<T>(a.k, b, hk), a.k.st, TK, TKp, HS);
+      dOV.pack(head_ptr<T>(a.dout, b, h), a.dout.st, TQ, TQp, head_ptr<T>(a.v, b, hk), a.v.st, TK, TKp, HSV,
                /*need_x=*/true);  // dO's rows: delta below
       if constexpr (kPairs) {
 #if NF_BF16_DOT
@@ -513,10 +546,10 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
         dS_pairs.resize(BQ * BK / 2);
         pack_row_pairs(head_ptr<T>(a.q, b, h), a.q.st, TQ, HS, Q_pairs.data(), TQp, HSp);
         pack_row_pairs(head_ptr<T>(a.dout, b, h), a.dout.st, TQ, HSV, dO_pairs.data(), TQp, HSVp);
-        pack_row_pairs(head_ptr<T>(a.k, b, h), a.k.st, TK, HS, K_pairs.data(), TKp, HSp);
+        pack_row_pairs(head_ptr<T>(a.k, b, hk), a.k.st, TK, HS, K_pairs.data(), TKp, HSp);
 #endif
       } else {
-        pack_rows(head_ptr<T>(a.k, b, h), a.k.st, TK, HS, K.data(), TKp, HSp);
+        pack_rows(head_ptr<T>(a.k, b, hk), a.k.st, TK, HS, K.data(), TKp, HSp);
       }
       const A* Q = QK.x.data();
       const A* dO = dOV.x.data();
@@ -534,10 +567,14 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
         const int64_t kcols = std::min(BK, TK - j0);
         std::fill(dK.begin(), dK.end(), A(0));
         std::fill(dV.begin(), dV.end(), A(0));
-        // Causal: query blocks that end before this key block starts see none of it.
+        // Causal: query blocks that end before this key block starts see none of it; a window: nor do
+        // queries from j0 + kcols - 1 + window on.
         const int64_t i_start = a.causal ? std::min(TQ, j0) / BQ * BQ : 0;
-        for (int64_t i0 = i_start; i0 < TQ; i0 += BQ) {
+        const int64_t i_end = a.window > 0 ? std::min(TQ, j0 + kcols - 1 + a.window) : TQ;
+        if (has_mask && a.mask.sq == 0) mask_row(a.mask, b, h, 0, j0, kcols, madd.data(), BK);
+        for (int64_t i0 = i_start; i0 < i_end; i0 += BQ) {
           const int64_t rows = std::min(BQ, TQ - i0);
+          if (mask_block_empty(a.mask, b, h, i0, rows, j0, kcols)) continue;  // P and dS are 0 on it
           // Does the causal diagonal cross this block? Then passes 1, 2 and 4 run W query rows (or W
           // keys) at a time over the part that is visible: the rest of P and dS is exactly zero.
           const bool diagonal = a.causal && j0 + BK > i0 + 1;
@@ -562,15 +599,23 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
             A* p = P.data() + r * BK;
             A* dp = dP.data() + r * BK;
             const int64_t valid = std::max<int64_t>(0, std::min(kcols, visible_keys(a.causal, i + 1, TK) - j0));
+            const int64_t lo = std::clamp<int64_t>(first_visible_key(a.window, i) - j0, 0, BK);
             const vec<A> lse_i = vbroadcast<A>(lse[i]), delta_i = vbroadcast<A>(delta[i]);
             // exp over the vectors holding visible keys only (on the diagonal, about half the row)
             const int64_t ncols = std::min(BK, round_up(valid, W));
-            for (int64_t c = 0; c < ncols; c += W) vstore(p + c, vexp(vload(p + c) * scale - lse_i));
+            // A mask or a window's lower edge: the general row, which also zeroes dS on the keys not seen.
+            const bool general = has_mask || lo > 0;
+            if (has_mask && a.mask.sq != 0) mask_row(a.mask, b, h, i, j0, kcols, madd.data(), BK);
+            const A* mrow = has_mask ? madd.data() : nullptr;
+            if (general) masked_probs_row(p, ncols, lo, valid, scale, mrow, lse[i]);
+            else
+              for (int64_t c = 0; c < ncols; c += W) vstore(p + c, vexp(vload(p + c) * scale - lse_i));
             std::fill(p + valid, p + BK, A(0));
             // pass 3: dS = P * (dP_dropped - delta); P itself becomes the dropped P for dV.
             if (!dropout) {
               for (int64_t c = 0; c < ncols; c += W) vstore(dp + c, vload(p + c) * (vload(dp + c) - delta_i));
               // masked keys get exactly 0, not 0 * (dP - delta): a NaN delta must not reach them
+              if (general) zero_unseen(dp, ncols, lo, valid, mrow);
               std::fill(dp + valid, dp + BK, A(0));
               continue;
             }
@@ -595,6 +640,7 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
               dp[c] = p[c] * ((keep ? dp[c] * keep_scale : A(0)) - delta[i]);  // dS
               p[c] = keep ? p[c] * keep_scale : A(0);
             }
+            if (general) zero_unseen(dp, ncols, lo, valid, mrow);
             std::fill(dp + valid, dp + BK, A(0));  // masked keys: exactly 0, as above
           }
           // pass 4: dV += P_dropped^T dO, dK += dS^T Q, dQ += dS K (scale applied at the end).
@@ -647,6 +693,11 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
             }
           }
         }
+        if (group > 1) {
+          std::copy(dK.begin(), dK.begin() + kcols * HSp, dk_heads.get() + (bh * TK + j0) * HSp);
+          std::copy(dV.begin(), dV.begin() + kcols * HSVp, dv_heads.get() + (bh * TK + j0) * HSVp);
+          continue;
+        }
         T* dk = head_ptr_mut<T>(a.dk, b, h) + j0 * a.dk.st;
         T* dv = head_ptr_mut<T>(a.dv, b, h) + j0 * a.dv.st;
         for (int64_t r = 0; r < kcols; ++r) {
@@ -657,11 +708,115 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
       T* dq = head_ptr_mut<T>(a.dq, b, h);
       for (int64_t i = 0; i < TQ; ++i) store_row_scaled(dq + i * a.dq.st, dQ.data() + i * HSp, HS, scale);
     }
+    if (group > 1) {
+      // (after the loop's barrier) each key/value head's row: its group's rows summed in head order
+#pragma omp for schedule(static)
+      for (int64_t row = 0; row < B * a.NKV * TK; ++row) {
+        const int64_t bg = row / TK, t = row % TK, b = bg / a.NKV, g = bg % a.NKV;
+        const int64_t first = (b * NH + g * group) * TK + t;  // the group's first head's row
+        sum_rows(dk_heads.get() + first * HSp, TK * HSp, group, HSp, dK.data());
+        sum_rows(dv_heads.get() + first * HSVp, TK * HSVp, group, HSVp, dV.data());
+        store_row_scaled(head_ptr_mut<T>(a.dk, b, g) + t * a.dk.st, dK.data(), HS, scale);
+        store_row_scaled(head_ptr_mut<T>(a.dv, b, g) + t * a.dv.st, dV.data(), HSV, A(1));
+      }
+    }
+  }
+}
+
+// ---- One query row (sampling's decode step): ----
+// the query blocks above would multiply a block of 32 or 64 rows holding one, after packing every key
+// and value of the head. Here the one row reads each key and value once, straight from the input
+// (a view of a key/value cache), and the keys of a head are split into fixed spans of kDecodeKeys, so
+// that the threads have work at batch 1: each span keeps its own maximum, sum and weighted values,
+// which are then combined span by span in order (the split depends on the number of keys alone, so the
+// bits do not depend on the threads).
+constexpr int64_t kDecodeKeys = 256;
+
+// q . k over HS elements of the storage type, the query already in the accumulation type.
+template <class T, class A>
+inline A decode_dot(const A* q, const T* k, int64_t HS) {
+  constexpr int W = lanes<A>();
+  vec<A> acc{};
+  int64_t c = 0;
+  for (; c + W <= HS; c += W) acc += vload(q + c) * vload_as(k + c);
+  A tail = 0;
+  for (; c < HS; ++c) tail += q[c] * to_acc(k[c]);
+  return vsum(acc) + tail;
+}
+
+// o += p * v over HSV elements; o is padded to a multiple of the vector width.
+template <class T, class A>
+inline void decode_axpy(A* o, A p, const T* v, int64_t HSV) {
+  constexpr int W = lanes<A>();
+  const vec<A> pv = vbroadcast<A>(p);
+  int64_t c = 0;
+  for (; c + W <= HSV; c += W) vstore(o + c, vload(o + c) + pv * vload_as(v + c));
+  for (; c < HSV; ++c) o[c] += p * to_acc(v[c]);
+}
+
+template <class T>
+void attention_decode_impl(const AttentionForwardArgs& a) {
+  using A = acc_t<T>;
+  constexpr int W = lanes<A>();
+  const int64_t B = a.B, NH = a.NH, HS = a.HS, HSV = a.HSV;
+  const int64_t keys = visible_keys(a.causal, 1, a.TK);
+  const int64_t spans = (keys + kDecodeKeys - 1) / kDecodeKeys, tasks = B * NH * spans;
+  const int64_t HSp = round_up(HS, W), HSVp = round_up(HSV, W);
+  const A scale = A(a.scale);
+  std::vector<A> span_max(tasks), span_sum(tasks), span_out(tasks * HSVp, A(0));
+  const bool parallel = B * NH * keys * (HS + HSV) >= (int64_t(1) << 15);
+#pragma omp parallel num_threads(a.num_threads) if (parallel)
+  {
+    std::vector<A> q(HSp), S(round_up(kDecodeKeys, W));
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t bh = task / spans, b = bh / NH, h = bh % NH;
+      const int64_t j0 = (task % spans) * kDecodeKeys, n = std::min(kDecodeKeys, keys - j0);
+      convert_row(head_ptr<T>(a.q, b, h), q.data(), HS);
+      const T* k = head_ptr<T>(a.k, b, h) + j0 * a.k.st;
+      for (int64_t j = 0; j < n; ++j) S[j] = decode_dot(q.data(), k + j * a.k.st, HS);
+      const int64_t ncols = round_up(n, W);
+      const A m = scale_mask_rowmax(S.data(), ncols, n, scale);
+      A* o = span_out.data() + task * HSVp;
+      span_max[task] = m;
+      if (m == -std::numeric_limits<A>::infinity()) continue;  // nothing to add (sum and values stay 0)
+      span_sum[task] = exp_row(S.data(), ncols, m);
+      const T* v = head_ptr<T>(a.v, b, h) + j0 * a.v.st;
+      for (int64_t j = 0; j < n; ++j) decode_axpy(o, S[j], v + j * a.v.st, HSV);
+    }
+  }
+  // Combine each head's spans: rescale each to the largest maximum (std::max skips a NaN maximum, whose
+  // span's factor is then NaN and reaches the sum), as the online softmax does block by block.
+  A* lse = static_cast<A*>(a.lse);
+  std::vector<A> o(HSVp);
+  for (int64_t bh = 0; bh < B * NH; ++bh) {
+    A m = -std::numeric_limits<A>::infinity();
+    for (int64_t s = 0; s < spans; ++s) m = std::max(m, span_max[bh * spans + s]);
+    A l = 0;
+    std::fill(o.begin(), o.end(), A(0));
+    if (m != -std::numeric_limits<A>::infinity())
+      for (int64_t s = 0; s < spans; ++s) {
+        const int64_t t = bh * spans + s;
+        if (span_max[t] == -std::numeric_limits<A>::infinity()) continue;
+        const A f = std::exp(span_max[t] - m);
+        l += span_sum[t] * f;
+        const vec<A> fv = vbroadcast<A>(f);
+        for (int64_t c = 0; c < HSVp; c += W)
+          vstore(o.data() + c, vload(o.data() + c) + fv * vload(span_out.data() + t * HSVp + c));
+      }
+    store_row_scaled(head_ptr_mut<T>(a.out, bh / NH, bh % NH), o.data(), HSV, A(1) / l);
+    lse[bh] = m + std::log(l);
   }
 }
 
 inline void attention_forward(const AttentionForwardArgs& a) {
-  with_storage_type(a.dtype, [&](auto t) { attention_forward_impl<decltype(t)>(a); });
+  // The decode path reads keys with neither a mask, a window nor grouped heads (sampling's own calls);
+  // other one-row calls take the general path.
+  const bool decode = a.TQ == 1 && a.dropout_p == 0 && a.mask.ptr == nullptr && a.window == 0 && a.NKV == a.NH;
+  with_storage_type(a.dtype, [&](auto t) {
+    if (decode) attention_decode_impl<decltype(t)>(a);
+    else attention_forward_impl<decltype(t)>(a);
+  });
 }
 
 inline void attention_backward(const AttentionBackwardArgs& a) {

@@ -110,6 +110,7 @@ bool gemm_preferred() {
 
 bool use_gemm_f32() { return kernels().has_gemm_f32 && gemm_preferred(); }
 bool use_gemm_bf16() { return kernels().has_gemm_bf16 && gemm_preferred(); }
+bool use_gemv() { return gemm_preferred(); }
 
 const char* available_isas() {
   static std::string list;

@@ -1,4 +1,5 @@
-// GELU, exact form 0.5 x (1 + erf(x / sqrt 2)), forward and backward, elementwise.
+// GELU, exact form 0.5 x (1 + erf(x / sqrt 2)) or its tanh approximation (GPT-2's "gelu_new"), forward
+// and backward, elementwise.
 // Included by kernels_isa.cpp once per instruction set, inside namespace nanofast::NF_ISA.
 //
 // float32 erf is a rational approximation good to about 1 ulp (see verf); float64 calls std::erf.
@@ -54,11 +55,46 @@ template <class A> inline vec<A> gelu_deriv_vec(vec<A> x) {
   return cdf + x * pdf;
 }
 
+// exp(t), +inf where it overflows (vexp clamps there): 1 / (1 + exp(t)) is then exactly 0.
+inline vec<float> vexp_or_inf(vec<float> t) {
+  return t > 88.72283935546875f ? vbroadcast<float>(__builtin_inff()) : vexp(t);
+}
+inline vec<double> vexp_or_inf(vec<double> t) { return vexp(t); }
+
+// The tanh approximation 0.5 x (1 + tanh(z)), z = sqrt(2/pi) (x + 0.044715 x^3), and its derivative,
+// written with s = 1 / (1 + exp(-2z)) = (1 + tanh(z)) / 2: gelu = x s, gelu' = s + 2 x s (1 - s) z'.
+// 1 + tanh(z) itself would lose every digit for negative x, where tanh(z) is near -1; 1 - s is
+// exp(-2z) s, or 1 where exp(-2z) overflows and s is 0.
+template <class A> inline vec<A> gelu_tanh_parts(vec<A> x, vec<A>* deriv) {
+  constexpr A k = A(0.79788456080286535588), c = A(0.044715);
+  const vec<A> x2 = x * x;
+  const vec<A> e = vexp_or_inf(A(-2) * k * x * (A(1) + c * x2));
+  const vec<A> s = A(1) / (A(1) + e);
+  if (deriv) {
+    const vec<A> one_minus_s = e == vbroadcast<A>(__builtin_inf()) ? vbroadcast<A>(A(1)) : e * s;
+    *deriv = s + A(2) * k * x * s * one_minus_s * (A(1) + A(3) * c * x2);
+  }
+  return x * s;
+}
+template <class A> inline vec<A> gelu_tanh_vec(vec<A> x) { return gelu_tanh_parts<A>(x, nullptr); }
+template <class A> inline vec<A> gelu_tanh_deriv_vec(vec<A> x) {
+  vec<A> d;
+  gelu_tanh_parts<A>(x, &d);
+  return d;
+}
+
 // What one pass computes: out = gelu(x); the same and grad = gelu'(x); out = dy * gelu'(x) from x; or
 // out = dy * grad from the saved derivative.
 enum GeluMode { kForward, kForwardSavingGrad, kBackward, kBackwardFromGrad };
 
-template <class A, GeluMode MODE> inline vec<A> gelu_step(vec<A> x, vec<A> dy, vec<A> saved, vec<A>* grad_out) {
+template <class A, GeluMode MODE, bool TANH>
+inline vec<A> gelu_step(vec<A> x, vec<A> dy, vec<A> saved, vec<A>* grad_out) {
+  if constexpr (TANH) {
+    if constexpr (MODE == kForward) return gelu_tanh_vec<A>(x);
+    if constexpr (MODE == kForwardSavingGrad) return gelu_tanh_parts<A>(x, grad_out);
+    if constexpr (MODE == kBackward) return dy * gelu_tanh_deriv_vec<A>(x);
+    return dy * saved;
+  }
   if constexpr (MODE == kForward) return gelu_vec<A>(x);
   if constexpr (MODE == kForwardSavingGrad) {  // gelu_vec and gelu_deriv_vec sharing one erf
     const vec<A> erf1 = verf(x * GeluConst<A>::inv_sqrt2) + A(1);
@@ -71,7 +107,7 @@ template <class A, GeluMode MODE> inline vec<A> gelu_step(vec<A> x, vec<A> dy, v
 }
 
 // Elementwise over n contiguous elements, split into fixed chunks across threads.
-template <class T, GeluMode MODE>
+template <class T, GeluMode MODE, bool TANH>
 void gelu_apply(const GeluArgs& a) {
   using A = acc_t<T>;
   constexpr int W = lanes<A>();
@@ -90,7 +126,7 @@ void gelu_apply(const GeluArgs& a) {
       const vec<A> xv = READS_X ? vload_as(x + i) : vec<A>{};
       const vec<A> dv = READS_DY ? vload_as(dy + i) : vec<A>{};
       const vec<A> sv = MODE == kBackwardFromGrad ? vload(grad + i) : vec<A>{};
-      vput(out + i, gelu_step<A, MODE>(xv, dv, sv, &g), stream_out);
+      vput(out + i, gelu_step<A, MODE, TANH>(xv, dv, sv, &g), stream_out);
       if constexpr (MODE == kForwardSavingGrad) vput(grad + i, g, stream_grad);
     }
     alignas(64) A xb[W], db[W], sb[W], ob[W], gb[W];  // the tail staged through buffers
@@ -101,7 +137,7 @@ void gelu_apply(const GeluArgs& a) {
         db[j] = READS_DY && j < m ? to_acc(dy[i + j]) : A(0);
         sb[j] = MODE == kBackwardFromGrad && j < m ? grad[i + j] : A(0);
       }
-      vstore(ob, gelu_step<A, MODE>(vload(xb), vload(db), vload(sb), &g));
+      vstore(ob, gelu_step<A, MODE, TANH>(vload(xb), vload(db), vload(sb), &g));
       vstore(gb, g);
       for (int64_t j = 0; j < m; ++j) {
         out[i + j] = from_acc<T>(ob[j]);
@@ -113,7 +149,9 @@ void gelu_apply(const GeluArgs& a) {
 }
 
 template <GeluMode MODE> inline void gelu_dispatch(const GeluArgs& a) {
-  with_storage_type(a.dtype, [&](auto t) { gelu_apply<decltype(t), MODE>(a); });
+  with_storage_type(a.dtype, [&](auto t) {
+    a.tanh ? gelu_apply<decltype(t), MODE, true>(a) : gelu_apply<decltype(t), MODE, false>(a);
+  });
 }
 
 inline void gelu_forward(const GeluArgs& a) {

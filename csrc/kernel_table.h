@@ -6,10 +6,10 @@
 
 namespace nanofast {
 
-enum DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2 };
+enum DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kBool = 3 };  // kBool: attention masks only
 
 // Shapes use llm.c's names: rows N and channels C for LayerNorm; batch B, heads NH, query and key
-// lengths TQ and TK, head size HS (query/key) and HSV (value) for attention.
+// lengths TQ and TK, head size HS (query/key) and HSV (value), key/value heads NKV for attention.
 struct LayerNormForwardArgs {
   int dtype;
   int64_t N, C;
@@ -79,6 +79,50 @@ struct AddLayerNormBackwardArgs {
   int num_threads;
 };
 
+// RMSNorm over (N, C) rows, optionally after a residual add: h = x (+ residual), y = h * rstd * w with
+// rstd = 1 / sqrt(mean(h^2) + eps) and w = weight + weight_offset (1 where there is no weight).
+// cast_before_weight rounds h * rstd to x's dtype before the weight multiplies it (Hugging Face's
+// LlamaRMSNorm); otherwise y is rounded once (torch's F.rms_norm, Gemma's (1 + weight)). With a
+// residual, x, h and weight share one dtype and the residual and y may be bfloat16 beside float32 rows
+// (as AddLayerNormForwardArgs); without one, all three dtypes are x's.
+struct RmsNormForwardArgs {
+  int dtype, residual_dtype, y_dtype;
+  int64_t N, C;
+  const void* x;
+  int64_t x_row_stride;
+  const void* residual;  // may be null: a plain RMSNorm of x
+  int64_t residual_row_stride;
+  const void* weight;  // may be null
+  void* h;             // contiguous (N, C), written when there is a residual
+  void* y;             // contiguous (N, C)
+  void* rstd;          // (N,), accumulation type
+  double eps;
+  double weight_offset;
+  bool cast_before_weight;
+  int num_threads;
+};
+
+// dx = dh + rstd * (g - xhat * mean(g * xhat)) with g = dy * w and xhat = x * rstd; dweight is the sum
+// over rows of dy * xhat (xhat rounded as the forward rounded it). x is the forward's h where it had a
+// residual, whose gradient is dx again in the residual's dtype.
+struct RmsNormBackwardArgs {
+  int dtype, residual_dtype, y_dtype;
+  int64_t N, C;
+  const void* dy;
+  int64_t dy_row_stride;
+  const void* dh;  // may be null; contiguous (N, C) otherwise
+  const void* x;
+  int64_t x_row_stride;
+  const void* weight;  // may be null
+  const void* rstd;
+  void* dx;         // contiguous (N, C)
+  void* dresidual;  // may be null: no residual, or the caller reuses dx (same dtype)
+  void* dweight;    // may be null: not needed
+  double weight_offset;
+  bool cast_before_weight;
+  int num_threads;
+};
+
 // A (B, NH, T, HS) tensor: data pointer and the element strides of its first three dims; the last
 // dim must have stride 1.
 struct Strided4 {
@@ -86,11 +130,26 @@ struct Strided4 {
   int64_t sb, sh, st;
 };
 
+// An attention mask as torch's scaled_dot_product_attention takes it, read in place as a (B, NH, TQ, TK)
+// tensor: element strides, 0 along the dims it is broadcast over. kBool: key j takes part in query i's
+// softmax iff the byte is nonzero; a float dtype: the value is added to the scaled score (-inf excludes).
+struct AttentionMask {
+  const void* ptr;  // null: no mask
+  int dtype;        // kBool, or kFloat32 / kFloat64 / kBFloat16
+  int64_t sb, sh, sq, sk;
+};
+
+// Query head h reads key/value head h / (NH / NKV) (grouped-query attention; NKV == NH without it).
+// Keys a query sees: those the mask keeps, and by position j <= i with causal, i - window < j with a
+// window (window > 0, always with causal: Mistral's sliding window). A query that sees no key gets a
+// zero output and lse = +inf (so the backward's exp(s - lse) is 0 for it), as torch returns zeros.
 struct AttentionForwardArgs {
   int dtype;
-  int64_t B, NH, TQ, TK, HS, HSV;
-  Strided4 q, k, v, out;  // out.ptr is written
+  int64_t B, NH, TQ, TK, HS, HSV, NKV;
+  Strided4 q, k, v, out;  // out.ptr is written; k and v have NKV heads
   void* lse;              // (B, NH, TQ) contiguous, accumulation type; natural-log logsumexp
+  AttentionMask mask;
+  int64_t window;  // 0: none
   double scale;
   bool causal;       // key j is visible to query i iff j <= i (torch's is_causal)
   double dropout_p;  // the keep test compares in float32 (as Triton does); the rescale uses it in full
@@ -100,10 +159,12 @@ struct AttentionForwardArgs {
 
 struct AttentionBackwardArgs {
   int dtype;
-  int64_t B, NH, TQ, TK, HS, HSV;
+  int64_t B, NH, TQ, TK, HS, HSV, NKV;
   Strided4 q, k, v, out, dout;
   const void* lse;
-  Strided4 dq, dk, dv;  // written
+  Strided4 dq, dk, dv;  // written; dk and dv have NKV heads, each the sum over its group's query heads
+  AttentionMask mask;
+  int64_t window;
   double scale;
   bool causal;
   double dropout_p;  // the keep test compares in float32 (as Triton does); the rescale uses it in full
@@ -111,7 +172,8 @@ struct AttentionBackwardArgs {
   int num_threads;
 };
 
-// Elementwise GELU over n contiguous elements: out = gelu(x), or out = dy * gelu'(x) when backward.
+// Elementwise GELU over n contiguous elements (tanh: its tanh approximation): out = gelu(x), or
+// out = dy * gelu'(x) when backward.
 // With `grad` (n elements of the accumulation type), the forward also writes gelu'(x) there, and the
 // backward reads it instead of x (x may then be null): out = dy * grad, the same bits, no erf or exp.
 struct GeluArgs {
@@ -122,6 +184,56 @@ struct GeluArgs {
   void* out;
   int num_threads;
   void* grad = nullptr;
+  bool tanh = false;
+};
+
+// The activations of gated MLPs: act(gate) * up.
+enum Activation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2 };
+
+// A gated MLP's activation over (N, C) rows of gate and up (row strides, unit column stride):
+// out = act(gate) * up, or in the backward dgate = dy * up * act'(gate) and dup = dy * act(gate).
+struct GluArgs {
+  int dtype;
+  int activation;  // an Activation
+  int64_t N, C;
+  const void* gate;
+  int64_t gate_row_stride;
+  const void* up;
+  int64_t up_row_stride;
+  const void* dy;  // backward: contiguous (N, C)
+  void* out;       // forward: contiguous (N, C)
+  void* dgate;     // backward: contiguous (N, C)
+  void* dup;       // backward: contiguous (N, C)
+  int num_threads;
+};
+
+// One tensor of a rotary embedding: (n0, n1, n2, D) rows with element strides over the leading dims
+// (the last dim has unit stride), its output's strides, and cos's and sin's strides over the same
+// leading dims (0 where they broadcast).
+struct RopeTensor {
+  int64_t n0, n1, n2;
+  const void* x;
+  int64_t xs0, xs1, xs2;
+  void* out;
+  int64_t os0, os1, os2;
+  int64_t cs0, cs1, cs2;
+};
+
+// The rotary position embedding of q and k in one pass: out = x * cos + rotate(x) * sin over the first
+// R columns (rotate: (-x2, x1) over the two halves, or over each pair (2i, 2i + 1) when interleaved),
+// the columns past R copied. backward applies the transposed map (the rotation by -theta) to the
+// outputs' gradients. cos and sin are R wide with unit last strides; x, cos and out have the dtypes
+// dtype, cos_dtype and out_dtype (all one, or bfloat16 beside float32 cos and out: forward's x, or
+// backward's dx).
+struct RopeArgs {
+  int dtype, cos_dtype, out_dtype;
+  int64_t D, R;
+  const void* cos;
+  const void* sin;
+  RopeTensor t[2];  // q and k; a tensor without rows is skipped
+  bool interleaved;
+  bool backward;
+  int num_threads;
 };
 
 // Dropout of n contiguous elements keyed by seed (element i kept iff the generator keeps offset i);
@@ -191,6 +303,27 @@ struct GemmBf16Args {
   int num_threads;
 };
 
+// y (M, N) = x (M, K) @ W (N, K)^T (+ bias) for a few rows of x (sampling's matrix-vector products).
+// x's and W's rows have unit column strides. Products in float32 (every operand float32) or, with
+// bf16_products, in bfloat16 (x, W and the bias float32 or bfloat16, each rounded to bfloat16 on the way
+// in); float32 sums; y float32 or bfloat16. Dtypes are kFloat32 or kBFloat16 codes.
+struct GemvArgs {
+  int64_t M, N, K;
+  const void* x;
+  int64_t x_rs;
+  int x_dtype;
+  const void* w;
+  int64_t w_rs;
+  int w_dtype;
+  const void* bias;  // (N,), may be null
+  int bias_dtype;
+  void* y;
+  int64_t ldy;
+  int y_dtype;
+  bool bf16_products;
+  int num_threads;
+};
+
 // Cross-entropy over rows of logits (the accumulation type: dtype kFloat32 or kFloat64): each row's
 // loss and, when grad, the gradient of the loss written over the row, times grad_scale and row_scale[i]
 // (1 where row_scale is null). Rows whose target is ignore_index get loss 0 and a zero gradient. The
@@ -229,6 +362,9 @@ struct KernelTable {
   // false if the dtype combination is not one of the fused kernel's (the caller falls back).
   bool (*add_layer_norm_forward)(const AddLayerNormForwardArgs&) = nullptr;
   bool (*add_layer_norm_backward)(const AddLayerNormBackwardArgs&) = nullptr;
+  // false if the dtype combination is not one of the kernel's (the caller falls back).
+  bool (*rms_norm_forward)(const RmsNormForwardArgs&) = nullptr;
+  bool (*rms_norm_backward)(const RmsNormBackwardArgs&) = nullptr;
   void (*attention_forward)(const AttentionForwardArgs&) = nullptr;
   void (*attention_backward)(const AttentionBackwardArgs&) = nullptr;
   // Writes the (B, NH, TQ, TK) keep-mask (1 = kept) the attention kernels apply for this seed.
@@ -237,10 +373,15 @@ struct KernelTable {
   void (*dropout)(const DropoutArgs&) = nullptr;
   void (*gelu_forward)(const GeluArgs&) = nullptr;
   void (*gelu_backward)(const GeluArgs&) = nullptr;
+  void (*glu_forward)(const GluArgs&) = nullptr;
+  void (*glu_backward)(const GluArgs&) = nullptr;
+  // false if the dtype combination is not one of the kernel's
+  bool (*rope)(const RopeArgs&) = nullptr;
   // Returns the gradient norm before clipping, or -1 when max_grad_norm <= 0.
   double (*adamw_step)(const AdamWArgs&) = nullptr;
   void (*gemm_f32)(const GemmArgs&) = nullptr;       // only where has_gemm_f32
   void (*gemm_bf16)(const GemmBf16Args&) = nullptr;  // only where has_gemm_bf16
+  void (*gemv)(const GemvArgs&) = nullptr;
   CrossEntropyRowsResult (*cross_entropy_rows)(const CrossEntropyRowsArgs&) = nullptr;
 };
 
@@ -254,5 +395,7 @@ bool gemm_preferred();
 // Whether matmuls use nanofast's GEMMs: the selected table has one and gemm_preferred().
 bool use_gemm_f32();
 bool use_gemm_bf16();
+// Whether matrix-vector products use nanofast's (every instruction set has one): gemm_preferred().
+bool use_gemv();
 
 }  // namespace nanofast

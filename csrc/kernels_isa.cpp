@@ -8,8 +8,12 @@
 #include "gelu.h"
 #include "gemm.h"
 #include "gemm_bf16.h"
+#include "gemv.h"
+#include "glu.h"
 #include "kernel_table.h"
 #include "layer_norm.h"
+#include "rms_norm.h"
+#include "rope.h"
 
 #define NF_STR2(x) #x
 #define NF_STR(x) NF_STR2(x)
@@ -24,13 +28,19 @@ KernelTable make_table() {
   t.layer_norm_backward = &layer_norm_backward;
   t.add_layer_norm_forward = &add_layer_norm_forward;
   t.add_layer_norm_backward = &add_layer_norm_backward;
+  t.rms_norm_forward = &rms_norm_forward;
+  t.rms_norm_backward = &rms_norm_backward;
   t.attention_forward = &attention_forward;
   t.attention_backward = &attention_backward;
   t.dropout_mask = &dropout_mask;
   t.dropout = &dropout;
   t.gelu_forward = &gelu_forward;
   t.gelu_backward = &gelu_backward;
+  t.glu_forward = &glu_forward;
+  t.glu_backward = &glu_backward;
+  t.rope = &rope;
   t.adamw_step = &adamw_step;
+  t.gemv = &gemv;
   t.cross_entropy_rows = &cross_entropy_rows;
 #if NF_HAS_GEMM_F32
   t.has_gemm_f32 = true;

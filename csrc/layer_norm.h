@@ -62,25 +62,28 @@ template <class A> struct SumPair {
   SumPair operator+(const SumPair& o) const { return {a + o.a, b + o.b}; }
 };
 
-// The sum of a row, and of its squared deviations from mean, in the accumulation type (bfloat16 rows
-// are widened as they are read).
-template <class T> inline acc_t<T> row_sum(const T* row, int64_t C) {
+// The sum of f(x) over a row (f: the identity, or a square for RMSNorm), and the sum of its squared
+// deviations from mean, in the accumulation type (bfloat16 rows are widened as they are read).
+template <class T, class F> inline acc_t<T> row_sum_of(const T* row, int64_t C, F f) {
   using A = acc_t<T>;
-  return row_blocked_sum<A>(C, [row](int64_t c0, int64_t c1) {
+  return row_blocked_sum<A>(C, [row, f](int64_t c0, int64_t c1) {
     constexpr int W = lanes<A>();
     const T* x = row + c0;
     const int64_t n = c1 - c0;
     vec<A> s0{}, s1{};
     int64_t c = 0;
     for (; c + 2 * W <= n; c += 2 * W) {
-      s0 += vload_as(x + c);
-      s1 += vload_as(x + c + W);
+      s0 += f(vload_as(x + c));
+      s1 += f(vload_as(x + c + W));
     }
-    for (; c + W <= n; c += W) s0 += vload_as(x + c);
+    for (; c + W <= n; c += W) s0 += f(vload_as(x + c));
     A s = vsum(s0 + s1);
-    for (; c < n; ++c) s += to_acc(x[c]);
+    for (; c < n; ++c) s += f(to_acc(x[c]));
     return s;
   });
+}
+template <class T> inline acc_t<T> row_sum(const T* row, int64_t C) {
+  return row_sum_of(row, C, [](auto v) { return v; });
 }
 
 template <class T> inline acc_t<T> row_centered_sq_sum(const T* row, acc_t<T> mean, int64_t C) {
@@ -419,7 +422,8 @@ void layer_norm_backward_rows(const LayerNormBackwardArgs& a, const acc_t<T>* wv
 
 // Reduces the per-chunk partials of dweight and dbias pairwise (a fixed tree, so the order never
 // depends on the threads, and the rounding error grows with log2(chunks) rather than chunks),
-// vectorised along the columns, then writes them out (dw or db may be null).
+// vectorised along the columns, then writes them out (dw or db may be null; pdb too, with db: RMSNorm
+// has no bias).
 template <class T>
 void layer_norm_reduce_param_grads(acc_t<T>* pdw, acc_t<T>* pdb, int64_t chunks, int64_t C, T* dw, T* db,
                                    int num_threads) {
@@ -429,6 +433,7 @@ void layer_norm_reduce_param_grads(acc_t<T>* pdw, acc_t<T>* pdb, int64_t chunks,
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (chunks * C > 262144)
     for (int64_t k = 0; k < chunks - stride; k += 2 * stride) {
       for (A* part : {pdw, pdb}) {
+        if (!part) continue;
         A* dst = part + k * C;
         const A* src = part + (k + stride) * C;
         int64_t c = 0;

@@ -29,6 +29,12 @@ nanofast::Strided4 strided(uintptr_t p, const Strides3& s) {
   return {ptr<const void>(p), std::get<0>(s), std::get<1>(s), std::get<2>(s)};
 }
 
+// An attention mask: its data pointer (0: none), dtype code and (B, NH, TQ, TK) element strides.
+using Strides4 = std::tuple<int64_t, int64_t, int64_t, int64_t>;
+nanofast::AttentionMask attention_mask(uintptr_t p, int dtype, const Strides4& s) {
+  return {ptr<const void>(p), dtype, std::get<0>(s), std::get<1>(s), std::get<2>(s), std::get<3>(s)};
+}
+
 // Each binding fills its kernel's argument struct member by member (value-initialised first, so a
 // member added later starts at zero): a reordered struct cannot mix the arguments up.
 void layer_norm_forward(int dtype, int64_t N, int64_t C, uintptr_t x, int64_t x_row_stride, uintptr_t weight,
@@ -121,13 +127,68 @@ bool add_layer_norm_backward(int dtype, int residual_dtype, int y_dtype, int64_t
   return kernels().add_layer_norm_backward(a);
 }
 
-void attention_forward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK, int64_t HS, int64_t HSV, uintptr_t q,
-                       Strides3 qs, uintptr_t k, Strides3 ks, uintptr_t v, Strides3 vs, uintptr_t out, Strides3 os,
-                       uintptr_t lse, double scale, bool causal, double dropout_p, uint64_t seed, int num_threads) {
+// Both return false for a dtype combination the kernel does not take (nothing is written).
+bool rms_norm_forward(int dtype, int residual_dtype, int y_dtype, int64_t N, int64_t C, uintptr_t x,
+                      int64_t x_row_stride, uintptr_t residual, int64_t residual_row_stride, uintptr_t weight,
+                      uintptr_t h, uintptr_t y, uintptr_t rstd, double eps, double weight_offset,
+                      bool cast_before_weight, int num_threads) {
+  nanofast::RmsNormForwardArgs a{};
+  a.dtype = dtype;
+  a.residual_dtype = residual_dtype;
+  a.y_dtype = y_dtype;
+  a.N = N;
+  a.C = C;
+  a.x = ptr<const void>(x);
+  a.x_row_stride = x_row_stride;
+  a.residual = ptr<const void>(residual);
+  a.residual_row_stride = residual_row_stride;
+  a.weight = ptr<const void>(weight);
+  a.h = ptr<void>(h);
+  a.y = ptr<void>(y);
+  a.rstd = ptr<void>(rstd);
+  a.eps = eps;
+  a.weight_offset = weight_offset;
+  a.cast_before_weight = cast_before_weight;
+  a.num_threads = num_threads;
+  return kernels().rms_norm_forward(a);
+}
+
+bool rms_norm_backward(int dtype, int residual_dtype, int y_dtype, int64_t N, int64_t C, uintptr_t dy,
+                       int64_t dy_row_stride, uintptr_t dh, uintptr_t x, int64_t x_row_stride, uintptr_t weight,
+                       uintptr_t rstd, uintptr_t dx, uintptr_t dresidual, uintptr_t dweight, double weight_offset,
+                       bool cast_before_weight, int num_threads) {
+  nanofast::RmsNormBackwardArgs a{};
+  a.dtype = dtype;
+  a.residual_dtype = residual_dtype;
+  a.y_dtype = y_dtype;
+  a.N = N;
+  a.C = C;
+  a.dy = ptr<const void>(dy);
+  a.dy_row_stride = dy_row_stride;
+  a.dh = ptr<const void>(dh);
+  a.x = ptr<const void>(x);
+  a.x_row_stride = x_row_stride;
+  a.weight = ptr<const void>(weight);
+  a.rstd = ptr<const void>(rstd);
+  a.dx = ptr<void>(dx);
+  a.dresidual = ptr<void>(dresidual);
+  a.dweight = ptr<void>(dweight);
+  a.weight_offset = weight_offset;
+  a.cast_before_weight = cast_before_weight;
+  a.num_threads = num_threads;
+  return kernels().rms_norm_backward(a);
+}
+
+void attention_forward(int dtype, int64_t B, int64_t NH, int64_t NKV, int64_t TQ, int64_t TK, int64_t HS, int64_t HSV,
+                       uintptr_t q, Strides3 qs, uintptr_t k, Strides3 ks, uintptr_t v, Strides3 vs, uintptr_t out,
+                       Strides3 os, uintptr_t lse, uintptr_t mask, int mask_dtype, Strides4 ms, int64_t window,
+                       double scale, bool causal, double dropout_p, uint64_t seed, int num_threads) {
+  if (NKV <= 0 || NH % NKV != 0) throw std::invalid_argument("attention_forward: NKV must divide NH");
   nanofast::AttentionForwardArgs a{};
   a.dtype = dtype;
   a.B = B;
   a.NH = NH;
+  a.NKV = NKV;
   a.TQ = TQ;
   a.TK = TK;
   a.HS = HS;
@@ -137,6 +198,8 @@ void attention_forward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK,
   a.v = strided(v, vs);
   a.out = strided(out, os);
   a.lse = ptr<void>(lse);
+  a.mask = attention_mask(mask, mask_dtype, ms);
+  a.window = window;
   a.scale = scale;
   a.causal = causal;
   a.dropout_p = dropout_p;
@@ -145,15 +208,18 @@ void attention_forward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK,
   kernels().attention_forward(a);
 }
 
-void attention_backward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK, int64_t HS, int64_t HSV, uintptr_t q,
-                        Strides3 qs, uintptr_t k, Strides3 ks, uintptr_t v, Strides3 vs, uintptr_t out, Strides3 os,
-                        uintptr_t dout, Strides3 dos, uintptr_t lse, uintptr_t dq, Strides3 dqs, uintptr_t dk,
-                        Strides3 dks, uintptr_t dv, Strides3 dvs, double scale, bool causal, double dropout_p,
-                        uint64_t seed, int num_threads) {
+void attention_backward(int dtype, int64_t B, int64_t NH, int64_t NKV, int64_t TQ, int64_t TK, int64_t HS, int64_t HSV,
+                        uintptr_t q, Strides3 qs, uintptr_t k, Strides3 ks, uintptr_t v, Strides3 vs, uintptr_t out,
+                        Strides3 os, uintptr_t dout, Strides3 dos, uintptr_t lse, uintptr_t dq, Strides3 dqs,
+                        uintptr_t dk, Strides3 dks, uintptr_t dv, Strides3 dvs, uintptr_t mask, int mask_dtype,
+                        Strides4 ms, int64_t window, double scale, bool causal, double dropout_p, uint64_t seed,
+                        int num_threads) {
+  if (NKV <= 0 || NH % NKV != 0) throw std::invalid_argument("attention_backward: NKV must divide NH");
   nanofast::AttentionBackwardArgs a{};
   a.dtype = dtype;
   a.B = B;
   a.NH = NH;
+  a.NKV = NKV;
   a.TQ = TQ;
   a.TK = TK;
   a.HS = HS;
@@ -167,6 +233,8 @@ void attention_backward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK
   a.dq = strided(dq, dqs);
   a.dk = strided(dk, dks);
   a.dv = strided(dv, dvs);
+  a.mask = attention_mask(mask, mask_dtype, ms);
+  a.window = window;
   a.scale = scale;
   a.causal = causal;
   a.dropout_p = dropout_p;
@@ -175,7 +243,7 @@ void attention_backward(int dtype, int64_t B, int64_t NH, int64_t TQ, int64_t TK
   kernels().attention_backward(a);
 }
 
-void gelu(int dtype, int64_t n, uintptr_t x, uintptr_t dy, uintptr_t out, int num_threads, uintptr_t grad) {
+void gelu(int dtype, int64_t n, uintptr_t x, uintptr_t dy, uintptr_t out, int num_threads, uintptr_t grad, bool tanh) {
   nanofast::GeluArgs a{};
   a.dtype = dtype;
   a.n = n;
@@ -184,8 +252,68 @@ void gelu(int dtype, int64_t n, uintptr_t x, uintptr_t dy, uintptr_t out, int nu
   a.out = ptr<void>(out);
   a.num_threads = num_threads;
   a.grad = ptr<void>(grad);
+  a.tanh = tanh;
   if (dy) kernels().gelu_backward(a);
   else kernels().gelu_forward(a);
+}
+
+// The forward with dy == 0 (out written), else the backward (dgate and dup written).
+void glu(int dtype, int activation, int64_t N, int64_t C, uintptr_t gate, int64_t gate_row_stride, uintptr_t up,
+         int64_t up_row_stride, uintptr_t dy, uintptr_t out, uintptr_t dgate, uintptr_t dup, int num_threads) {
+  if (activation < nanofast::kSilu || activation > nanofast::kGeluTanh)
+    throw std::invalid_argument("glu: unknown activation code " + std::to_string(activation));
+  nanofast::GluArgs a{};
+  a.dtype = dtype;
+  a.activation = activation;
+  a.N = N;
+  a.C = C;
+  a.gate = ptr<const void>(gate);
+  a.gate_row_stride = gate_row_stride;
+  a.up = ptr<const void>(up);
+  a.up_row_stride = up_row_stride;
+  a.dy = ptr<const void>(dy);
+  a.out = ptr<void>(out);
+  a.dgate = ptr<void>(dgate);
+  a.dup = ptr<void>(dup);
+  a.num_threads = num_threads;
+  if (dy) kernels().glu_backward(a);
+  else kernels().glu_forward(a);
+}
+
+nanofast::RopeTensor rope_tensor(const Strides3& sizes, uintptr_t x, const Strides3& xs, uintptr_t out,
+                                 const Strides3& os, const Strides3& cs) {
+  nanofast::RopeTensor t{};
+  std::tie(t.n0, t.n1, t.n2) = sizes;
+  t.x = ptr<const void>(x);
+  std::tie(t.xs0, t.xs1, t.xs2) = xs;
+  t.out = ptr<void>(out);
+  std::tie(t.os0, t.os1, t.os2) = os;
+  std::tie(t.cs0, t.cs1, t.cs2) = cs;
+  return t;
+}
+
+// Returns false for a dtype combination the kernel does not take (nothing is written).
+bool rope(int dtype, int cos_dtype, int out_dtype, int64_t D, int64_t R, uintptr_t cos, uintptr_t sin, Strides3 q_sizes,
+          uintptr_t q, Strides3 q_strides, uintptr_t q_out, Strides3 q_out_strides, Strides3 q_cos_strides,
+          Strides3 k_sizes, uintptr_t k, Strides3 k_strides, uintptr_t k_out, Strides3 k_out_strides,
+          Strides3 k_cos_strides, bool interleaved, bool backward, int num_threads) {
+  if (R < 0 || R > D || R % 2)
+    throw std::invalid_argument("rope: the rotary dim must be even and at most the head dim, got R=" +
+                                std::to_string(R) + ", D=" + std::to_string(D));
+  nanofast::RopeArgs a{};
+  a.dtype = dtype;
+  a.cos_dtype = cos_dtype;
+  a.out_dtype = out_dtype;
+  a.D = D;
+  a.R = R;
+  a.cos = ptr<const void>(cos);
+  a.sin = ptr<const void>(sin);
+  a.t[0] = rope_tensor(q_sizes, q, q_strides, q_out, q_out_strides, q_cos_strides);
+  a.t[1] = rope_tensor(k_sizes, k, k_strides, k_out, k_out_strides, k_cos_strides);
+  a.interleaved = interleaved;
+  a.backward = backward;
+  a.num_threads = num_threads;
+  return kernels().rope(a);
 }
 
 void dropout(int dtype, int64_t n, uintptr_t x, uintptr_t out, uint64_t seed, double p, int num_threads) {
@@ -258,6 +386,41 @@ bool gemm_bf16(int64_t M, int64_t N, int64_t K, uintptr_t a, int64_t a_rs, int64
   g.num_threads = num_threads;
   kernels().gemm_bf16(g);
   return true;
+}
+
+void gemv(int64_t M, int64_t N, int64_t K, uintptr_t x, int64_t x_rs, int x_dtype, uintptr_t w, int64_t w_rs,
+          int w_dtype, uintptr_t bias, int bias_dtype, uintptr_t y, int64_t ldy, int y_dtype, bool bf16_products,
+          int num_threads) {
+  auto check = [](const char* name, int dtype) {
+    if (dtype != nanofast::kFloat32 && dtype != nanofast::kBFloat16)
+      throw std::invalid_argument(std::string("gemv: ") + name +
+                                  " must be float32 (0) or bfloat16 (2), got dtype code " + std::to_string(dtype));
+  };
+  check("x", x_dtype);
+  check("w", w_dtype);
+  check("y", y_dtype);
+  if (bias) check("bias", bias_dtype);
+  if (!bf16_products && (x_dtype != nanofast::kFloat32 || w_dtype != nanofast::kFloat32 ||
+                         y_dtype != nanofast::kFloat32 || (bias && bias_dtype != nanofast::kFloat32)))
+    throw std::invalid_argument("gemv: float32 products need float32 x, w, bias and y");
+  nanofast::GemvArgs g{};
+  g.M = M;
+  g.N = N;
+  g.K = K;
+  g.x = ptr<const void>(x);
+  g.x_rs = x_rs;
+  g.x_dtype = x_dtype;
+  g.w = ptr<const void>(w);
+  g.w_rs = w_rs;
+  g.w_dtype = w_dtype;
+  g.bias = ptr<const void>(bias);
+  g.bias_dtype = bias ? bias_dtype : nanofast::kFloat32;
+  g.y = ptr<void>(y);
+  g.ldy = ldy;
+  g.y_dtype = y_dtype;
+  g.bf16_products = bf16_products;
+  g.num_threads = num_threads;
+  kernels().gemv(g);
 }
 
 // ptrs: (param, grad, exp_avg, exp_avg_sq, step) per tensor; settings: (lr, weight_decay, beta1, beta2,
@@ -343,13 +506,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("layer_norm_backward", &layer_norm_backward, release());
   m.def("add_layer_norm_forward", &add_layer_norm_forward, release());
   m.def("add_layer_norm_backward", &add_layer_norm_backward, release());
+  m.def("rms_norm_forward", &rms_norm_forward, release());
+  m.def("rms_norm_backward", &rms_norm_backward, release());
   m.def("attention_forward", &attention_forward, release());
   m.def("attention_backward", &attention_backward, release());
   m.def("dropout_mask", &dropout_mask, release());
+  m.def("rope", &rope, release(), "rotary embedding of q and k (backward: the transposed map)");
   m.def("dropout", &dropout, release(), "out = x * keep(seed, i) / (1 - p); the backward is the same call on dy");
-  m.def("gelu", &gelu, release(), "forward with dy == 0, else backward; grad: gelu'(x) saved by the forward",
+  m.def("gelu", &gelu, release(),
+        "forward with dy == 0, else backward; grad: gelu'(x) saved by the forward; tanh: the tanh approximation",
         py::arg("dtype"), py::arg("n"), py::arg("x"), py::arg("dy"), py::arg("out"), py::arg("num_threads"),
-        py::arg("grad") = 0);
+        py::arg("grad") = 0, py::arg("tanh") = false);
+  m.def("glu", &glu, release(), "act(gate) * up (activation 0 silu, 1 gelu, 2 gelu tanh); backward when dy != 0");
   m.def("gemm", &gemm, release(),
         "float32 C = A @ B (+ bias) through strides; false (nothing done) where the ISA has no GEMM");
   m.def("has_gemm", &nanofast::use_gemm_f32,
@@ -361,6 +529,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("has_gemm_bf16", &nanofast::use_gemm_bf16,
         "whether bfloat16 matmuls use nanofast's GEMM: the selected instruction set has AVX512-BF16 and the "
         "CPU is not Intel's, or NANOFAST_GEMM=1");
+  m.def("gemv", &gemv, release(),
+        "y = x @ W^T (+ bias) for a few rows of x (unit column strides), W read once; float32 products, or "
+        "bf16_products with x, W, bias float32 or bfloat16 (rounded on the way in); y float32 or bfloat16");
+  m.def("has_gemv", &nanofast::use_gemv,
+        "whether matrix-vector products use nanofast's: the CPU is not Intel's, or NANOFAST_GEMM=1");
   m.def("adamw_step", &adamw_step, release(), "clip (max_grad_norm > 0) and AdamW-step float32 tensors");
   m.def("cross_entropy_rows", &cross_entropy_rows, release(),
         "each row's cross-entropy and (grad) its gradient over the logits; (loss sum, count, bad row or -1)");

@@ -14,6 +14,11 @@ def test_compile_fullgraph_matches_eager():
     g = torch.Generator().manual_seed(0)
     args = [torch.randn(4, 32, generator=g), torch.randn(32, generator=g), torch.randn(32, generator=g)]
     args += [torch.randn(2, 3, 17, 8, generator=g) for _ in range(3)]
+    _assert_compiled_matches_eager(f, args)
+
+
+def _assert_compiled_matches_eager(f, args):
+    """f(*args) and its gradients, compiled with fullgraph=True (aot_eager) and in eager mode."""
     eager_args = [a.clone().requires_grad_() for a in args]
     compiled_args = [a.clone().requires_grad_() for a in args]
     eager = f(*eager_args)
@@ -60,3 +65,22 @@ def test_gpt_compiles_fullgraph_with_the_fused_ops():
         torch.testing.assert_close(loss_c, loss_e, rtol=0, atol=0)
         for (name, a), b in zip(compiled.named_parameters(), eager.parameters()):
             torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_compile_fullgraph_current_model_layers():
+    # the layers of Llama-style models (RMSNorm, add + RMSNorm, SwiGLU, GEGLU, the tanh GELU, the rotary
+    # embedding) recorded as custom ops, with a backward
+    torch._dynamo.reset()
+
+    def f(x, r, w):
+        h, y = ops.add_rms_norm(x, r, (x.shape[-1],), w, 1e-6, cast_before_weight=True)
+        z = ops.rms_norm(y, (x.shape[-1],), w, weight_offset=1.0)
+        m = ops.swiglu(z, h) + ops.geglu(h, z, approximate="tanh") + ops.gelu(z, approximate="tanh")
+        angles = torch.arange(x.shape[1], dtype=x.dtype)[:, None] * torch.ones(x.shape[-1] // 2)  # (T, D / 2)
+        emb = torch.cat((angles, angles), dim=-1)[None]  # (1, T, D), as LlamaRotaryEmbedding returns
+        q, k = ops.apply_rotary_pos_emb(m[:, None], h[:, None], emb.cos(), emb.sin())
+        return (q * k).sum()
+
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(3, 5, 32, generator=g), torch.randn(3, 5, 32, generator=g), torch.randn(32, generator=g)]
+    _assert_compiled_matches_eager(f, args)

@@ -197,8 +197,11 @@ def _t(*shape, dtype=torch.float32):
 
 @pytest.mark.parametrize("call,exc,match", [
     (lambda: ops.scaled_dot_product_attention(_t(1, 2, 3, 4), _t(1, 2, 3, 4), _t(1, 2, 3, 4),
-                                              attn_mask=torch.ones(3, 3, dtype=torch.bool)),
-     NotImplementedError, r"attn_mask is not supported \(got \(3, 3\)\)"),
+                                              attn_mask=torch.ones(3, 4, dtype=torch.bool)),
+     ValueError, r"attn_mask of shape \(3, 4\) does not broadcast to .* = \(1, 2, 3, 3\)"),
+    (lambda: ops.scaled_dot_product_attention(_t(1, 2, 3, 4), _t(1, 2, 3, 4), _t(1, 2, 3, 4),
+                                              attn_mask=torch.zeros(3, 3, requires_grad=True)),
+     NotImplementedError, r"attn_mask requires grad"),
     (lambda: ops.scaled_dot_product_attention(_t(1, 2, 3, 4), _t(1, 2, 3, 5), _t(1, 2, 3, 4)),
      ValueError, r"key head_dim 5 must equal query head_dim 4"),
     (lambda: ops.scaled_dot_product_attention(_t(1, 2, 3, 4), _t(1, 3, 3, 4), _t(1, 3, 3, 4)),
@@ -286,3 +289,88 @@ def test_nan_in_k_matches_torch():
     for name, o, t in zip(["out", "dq", "dk", "dv"], ours, theirs):
         assert torch.equal(o.isnan(), t.isnan()), name
         assert not o.isinf().any(), name
+
+
+# ---- one query row (sampling's decode step: csrc/attention.h's decode path) ----
+
+# key counts around the spans of 256 keys the path splits a head into
+DECODE_KEYS = [1, 7, 255, 256, 257, 600, 1030]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Tk", DECODE_KEYS)
+def test_one_query_row(Tk, causal):
+    """Forward and backward (the backward is the general kernel's, from the decode path's lse)."""
+    _check(*_qkv(2, 3, 1, Tk, 64, torch.float32), is_causal=causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("Tk", [9, 600])
+def test_one_query_row_dtypes(dtype, Tk):
+    _check(*_qkv(2, 2, 1, Tk, 40, dtype, Dv=24), scale=0.3)
+
+
+def test_one_query_row_every_isa(isa):
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        _check(*_qkv(1, 3, 1, 520, 59, dtype))
+
+
+def test_one_query_row_against_a_cache_view():
+    """The keys and values of a decode step: the first L positions of preallocated (B, H, capacity, D)
+    buffers, so the head stride is capacity * D, not L * D."""
+    B, H, cap, D, L = 2, 3, 1024, 64, 700
+    g = torch.Generator().manual_seed(1)
+    k_buf, v_buf = torch.randn(B, H, cap, D, generator=g), torch.randn(B, H, cap, D, generator=g)
+    q = torch.randn(B, 1, H, D, generator=g).transpose(1, 2)  # a view of the step's projection
+    k, v = k_buf[:, :, :L], v_buf[:, :, :L]
+    ours = ops.scaled_dot_product_attention(q, k, v)
+    ref = attention_reference(q.double(), k.double(), v.double())
+    assert_parity("out", ours, F.scaled_dot_product_attention(q, k, v), ref)
+    assert torch.equal(ours, ops.scaled_dot_product_attention(q, k.contiguous(), v.contiguous()))
+
+
+def test_one_query_row_lse():
+    from nanofast.ops import cpu
+
+    q, k, v, _ = _qkv(2, 3, 1, 600, 32, torch.float32)
+    out, lse = cpu.attention_forward(q, k, v, False, 0.25, 0.0, None)
+    want = torch.logsumexp((q.double() @ k.double().transpose(-2, -1)) * 0.25, dim=-1)
+    torch.testing.assert_close(lse.double(), want, rtol=1e-6, atol=1e-5)
+
+
+def test_one_query_row_thread_independent():
+    q, k, v, _ = _qkv(3, 4, 1, 1030, 64, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (threads, 1, 3):
+            torch.set_num_threads(n)
+            runs.append(ops.scaled_dot_product_attention(q, k, v))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("Tk,row", [(8, 3), (600, 300), (600, 10)])
+def test_one_query_row_nan_propagates(which, Tk, row):
+    q, k, v, _ = _qkv(1, 2, 1, Tk, 8, torch.float64, layout="bhtd")
+    dict(q=q, k=k, v=v)[which][0, 0, 0 if which == "q" else row, 3] = float("nan")
+    ours = ops.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    ref = _masked_reference(q, k, v)
+    assert torch.equal(ours.isnan(), ref.isnan()) and not ours.isinf().any()
+    both = ~ref.isnan()
+    torch.testing.assert_close(ours.double()[both], ref[both], atol=1e-4, rtol=1e-4)
+
+
+def test_one_query_row_with_dropout_is_the_general_kernels():
+    """(The decode path has no dropout: one query row with dropout runs the query-block kernel.)"""
+    from nanofast.ops.seed import draw_seed
+
+    q, k, v, _ = _qkv(1, 2, 1, 40, 16, torch.float64)
+    torch.manual_seed(3)
+    seed = int(draw_seed())
+    torch.manual_seed(3)
+    ours = ops.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    keep = ops.dropout_mask(seed, 1, 2, 1, 40, 0.5)
+    torch.testing.assert_close(ours, attention_reference(q, k, v, keep=keep, p=0.5))

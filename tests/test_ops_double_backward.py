@@ -21,6 +21,11 @@ def _seeded(fn):
     return call
 
 
+def _rotary(q, k, interleaved=False):
+    angles = torch.arange(8, dtype=q.dtype).view(2, 4, 1) * 0.3 + torch.arange(4) * 0.1  # (batch, seq, 4 of 6)
+    return ops.apply_rotary_pos_emb(q, k, angles.cos(), angles.sin(), interleaved=interleaved)
+
+
 CASES = {
     "layer_norm": (lambda x, w, b: ops.layer_norm(x, (6,), w, b), [(4, 6), (6,), (6,)]),
     "layer_norm_2d_shape": (lambda x, w, b: ops.layer_norm(x, (2, 3), w.view(2, 3), b.view(2, 3)),
@@ -34,7 +39,20 @@ CASES = {
     # a normalized shape of two dimensions takes the custom op (the path torch.compile records)
     "add_layer_norm_custom_op": (lambda x, r, w, b: ops.add_layer_norm(x, r, (3, 6), w.expand(3, 6), b.expand(3, 6)),
                                  [(2, 3, 6), (2, 3, 6), (6,), (6,)]),
+    "rms_norm": (lambda x, w: ops.rms_norm(x, (6,), w, 1e-6), [(4, 6), (6,)]),
+    "rms_norm_llama_gemma": (lambda x, w: ops.rms_norm(x, (6,), w, 1e-6, weight_offset=1.0, cast_before_weight=True),
+                             [(4, 6), (6,)]),
+    "rms_norm_2d_shape": (lambda x, w: ops.rms_norm(x, (2, 3), w.view(2, 3)), [(4, 2, 3), (6,)]),
+    "add_rms_norm": (lambda x, r, w: ops.add_rms_norm(x, r, (6,), w, 1e-6), [(2, 3, 6), (2, 3, 6), (6,)]),
+    "add_rms_norm_normed_only": (lambda x, r, w: ops.add_rms_norm(x, r, (6,), w)[1], [(2, 3, 6), (2, 3, 6), (6,)]),
+    "add_rms_norm_sum_only": (lambda x, r, w: ops.add_rms_norm(x, r, (6,), w)[0].sin(), [(2, 3, 6), (2, 3, 6), (6,)]),
     "gelu": (ops.gelu, [(3, 5)]),
+    "gelu_tanh": (lambda x: ops.gelu(x, approximate="tanh"), [(3, 5)]),
+    "swiglu": (ops.swiglu, [(3, 5), (3, 5)]),
+    "geglu": (ops.geglu, [(3, 5), (3, 5)]),
+    "geglu_tanh": (lambda g, u: ops.geglu(g, u, approximate="tanh"), [(3, 5), (3, 5)]),
+    "rotary": (lambda q, k: torch.add(*_rotary(q, k)), [(2, 3, 4, 6), (2, 1, 4, 6)]),
+    "rotary_interleaved_q_only": (lambda q, k: _rotary(q, k, interleaved=True)[0], [(2, 3, 4, 6), (2, 1, 4, 6)]),
     "linear": (ops.linear, [(2, 3, 5), (4, 5), (4,)]),
     "linear_no_bias": (ops.linear, [(3, 5), (4, 5)]),
     "dropout": (_seeded(lambda x: ops.dropout(x, 0.3)), [(4, 6)]),
@@ -44,6 +62,11 @@ CASES = {
     "attention_dropout": (_seeded(lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, dropout_p=0.3,
                                                                                    is_causal=True)),
                           [(1, 2, 4, 3), (1, 2, 5, 3), (1, 2, 5, 4)]),
+    # a padding mask, a sliding window and grouped-query attention (two query heads per key/value head)
+    "attention_masked_gqa_window": (
+        lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, torch.tensor([[True] * 4 + [False]]), is_causal=True,
+                                                         enable_gqa=True, window=3),
+        [(1, 4, 5, 3), (1, 2, 5, 3), (1, 2, 5, 4)]),
 }
 
 

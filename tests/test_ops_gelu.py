@@ -13,16 +13,34 @@ def _run(fn, x, dy):
     return y.detach(), dx
 
 
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("n", [1, 15, 17, 1000, 70001])
-def test_parity(n, dtype, isa):
+def test_parity(n, dtype, approximate, isa):
     g = torch.Generator().manual_seed(n)
     x = (torch.randn(n, generator=g, dtype=torch.float64) * 3).to(dtype)
     dy = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
-    ours, theirs = _run(ops.gelu, x, dy), _run(F.gelu, x, dy)
-    ref = _run(F.gelu, x.double(), dy.double())
+    ours = _run(lambda x: ops.gelu(x, approximate=approximate), x, dy)
+    theirs = _run(lambda x: F.gelu(x, approximate=approximate), x, dy)
+    ref = _run(lambda x: F.gelu(x, approximate=approximate), x.double(), dy.double())
     for name, o, t, r in zip(["y", "dx"], ours, theirs, ref):
-        assert_parity(name, o, t, r)
+        assert_parity(f"{approximate} {name}", o, t, r)
+
+
+def test_tanh_far_from_zero():
+    # 1 + tanh(z) for z near -inf loses every digit; gelu is computed as x * sigmoid(2z) instead, so
+    # the negative tail keeps its relative accuracy, and the positive tail gives x and a slope of 1
+    x = torch.tensor([-9.0, -7.0, -5.0, -1.0, 5.0, 9.0, 30.0, 1e30], requires_grad=True)
+    y = ops.gelu(x, approximate="tanh")
+    (dx,) = torch.autograd.grad(y.sum(), x)
+    xr = x.detach().double().requires_grad_()
+    # the same function in float64 without the cancellation (torch's float64 gives 0 below x = -8)
+    yr = xr * torch.sigmoid(2 * (2 / torch.pi) ** 0.5 * (xr + 0.044715 * xr ** 3))
+    (dxr,) = torch.autograd.grad(yr[:-1].sum(), xr)
+    torch.testing.assert_close(y[:-1].double(), yr[:-1], rtol=1e-5, atol=0)
+    torch.testing.assert_close(dx[:-1].double(), dxr[:-1], rtol=1e-5, atol=0)
+    assert y[-1] == 1e30
+    assert ops.gelu(torch.tensor([-30.0, -1e30]), approximate="tanh").tolist() == [0.0, 0.0]  # underflows to -0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -88,14 +106,15 @@ def test_non_contiguous_and_shape_kept():
     assert ops.gelu(x).shape == x.shape
 
 
-def test_gradcheck_float64():
-    x = torch.randn(20, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(ops.gelu, (x,))
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gradcheck_float64(approximate):
+    x = torch.randn(20, dtype=torch.float64, requires_grad=True) * 3
+    assert torch.autograd.gradcheck(lambda x: ops.gelu(x, approximate=approximate), (x,))
 
 
 def test_bad_input():
-    with pytest.raises(NotImplementedError, match="approximate='tanh' is not supported"):
-        ops.gelu(torch.randn(3), approximate="tanh")
+    with pytest.raises(ValueError, match="approximate must be 'none' or 'tanh', got 'erf'"):
+        ops.gelu(torch.randn(3), approximate="erf")
     with pytest.raises(TypeError, match="input must be a floating-point tensor"):
         ops.gelu(torch.arange(3))
 
@@ -110,6 +129,8 @@ def test_opcheck():
     xt = torch.randn(7, 5).t().requires_grad_()
     opcheck(torch.ops.nanofast.gelu_fwd.default, (xt,))
     opcheck(torch.ops.nanofast.gelu_bwd.default, (torch.randn(7, 5).t(), xt.detach()))
+    opcheck(torch.ops.nanofast.gelu_fwd.default, (xt, "tanh"))
+    opcheck(torch.ops.nanofast.gelu_bwd.default, (torch.randn(7, 5).t(), xt.detach(), "tanh"))
 
 
 def test_custom_ops_called_directly_pack_their_inputs():

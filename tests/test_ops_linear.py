@@ -150,9 +150,11 @@ def test_nan_and_inf_reach_only_their_rows_and_columns():
 
 
 def test_small_products_use_torchs_matmul():
-    """A matrix-vector product (sampling one token) would spend more on packing than MKL on the whole call."""
+    """A small product would spend more on packing than MKL on the whole call. (A matrix-vector product,
+    sampling one token, runs nanofast's matrix-vector kernel: tests/test_ops_linear_gemv.py.)"""
     assert not cpu.uses_gemm(1, 1536, 384, torch.float32) and not cpu.uses_gemm(24, 384, 128, torch.float32)
-    x, w = torch.randn(1, 384), torch.randn(1536, 384)
+    assert not cpu.uses_gemv(24, 384, 128, torch.float32)
+    x, w = torch.randn(24, 128), torch.randn(384, 128)
     assert torch.equal(ops.linear(x, w), F.linear(x, w))
 
 

@@ -206,12 +206,14 @@ def test_nanofast_gemm_env_turns_the_bfloat16_gemm_off():
 
 
 def test_autocast_runs_the_gemm_only_above_its_size():
-    """Sampling's one-row products stay autocast's own F.linear: no autograd.Function around them."""
+    """Small products stay autocast's own F.linear: no autograd.Function around them. (Sampling's one-row
+    products run nanofast's matrix-vector kernel: tests/test_ops_linear_gemv.py.)"""
     w = torch.randn(1536, 384, requires_grad=True)
-    x1, x64 = torch.randn(1, 384), torch.randn(64, 384)
+    w_small = torch.randn(384, 128, requires_grad=True)
+    x24, x64 = torch.randn(24, 128), torch.randn(64, 384)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        small, large = ops.linear(x1, w), ops.linear(x64, w)
-        assert torch.equal(small, F.linear(x1, w))
+        small, large = ops.linear(x24, w_small), ops.linear(x64, w)
+        assert torch.equal(small, F.linear(x24, w_small))
     assert type(large.grad_fn).__name__ == "_EagerLinearBackward"
     assert type(small.grad_fn).__name__ != "_EagerLinearBackward" and small.dtype == torch.bfloat16
 

@@ -45,7 +45,34 @@ def test_patched_model_matches_unpatched():
     assert F.scaled_dot_product_attention is nanofast.patch.__globals__["_torch_sdpa"]  # restored after forward
 
 
-def test_unservable_calls_fall_back_with_one_warning():
+def test_unservable_calls_fall_back_with_one_warning(monkeypatch):
+    """A learned additive mask (one that requires grad) is what nanofast's attention does not serve: it
+    gives the mask no gradient. Such calls go to torch, with one warning that says why."""
+    monkeypatch.setattr(nanofast.patch_attention, "_warned", set())
+
+    class LearnedBias(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.randn(5, 5))
+
+        def forward(self, q):
+            return F.scaled_dot_product_attention(q, q, q, attn_mask=self.bias)
+
+    m = nanofast.patch(LearnedBias())
+    q = torch.randn(1, 2, 5, 4)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out1 = m(q)
+        out2 = m(q)
+    msgs = [str(x.message) for x in w if "nanofast.patch" in str(x.message)]
+    assert len(msgs) == 1 and "attn_mask requires grad" in msgs[0]
+    torch.testing.assert_close(out1, F.scaled_dot_product_attention(q, q, q, attn_mask=m.bias))
+    assert torch.equal(out1, out2)
+    out1.sum().backward()
+    assert m.bias.grad is not None  # torch's attention gave the mask its gradient
+
+
+def test_masked_calls_are_served():
     class Masked(torch.nn.Module):
         def forward(self, q):
             mask = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool).tril()
@@ -53,15 +80,11 @@ def test_unservable_calls_fall_back_with_one_warning():
 
     m = nanofast.patch(Masked())
     q = torch.randn(1, 2, 5, 4)
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        out1 = m(q)
-        out2 = m(q)
-    msgs = [str(x.message) for x in w if "nanofast.patch" in str(x.message)]
-    assert len(msgs) == 1 and "attn_mask" in msgs[0]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="nanofast.patch")
+        out = m(q)
     mask = torch.ones(5, 5, dtype=torch.bool).tril()
-    torch.testing.assert_close(out1, F.scaled_dot_product_attention(q, q, q, attn_mask=mask))
-    assert torch.equal(out1, out2)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q, attn_mask=mask))
 
 
 def test_patch_is_idempotent_and_selective():
@@ -104,3 +127,27 @@ def test_patched_float16_model_runs_on_torchs_kernels():
     assert isinstance(model[0], nanofast.nn.Linear) and isinstance(model[1], nanofast.nn.LayerNorm)
     x = torch.randn(4, 16).half()
     assert torch.equal(model(x), ref(x))
+
+
+def test_other_threads_are_not_routed(monkeypatch):
+    """While a patched model runs, a call of F.scaled_dot_product_attention from another thread (an
+    unpatched model, say) still reaches torch's."""
+    import threading
+
+    calls = []
+    real = nanofast.ops.scaled_dot_product_attention
+    monkeypatch.setattr(nanofast.ops, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(threading.get_ident()) or real(*a, **k))
+    q = torch.randn(1, 2, 5, 4)
+    other = {}
+
+    class Model(torch.nn.Module):
+        def forward(self, q):
+            t = threading.Thread(target=lambda: other.setdefault("out", F.scaled_dot_product_attention(q, q, q)))
+            t.start()
+            t.join()
+            return F.scaled_dot_product_attention(q, q, q)
+
+    out = nanofast.patch(Model())(q)
+    assert calls == [threading.get_ident()]  # the patched model's own call only
+    torch.testing.assert_close(other["out"], out, rtol=1e-5, atol=1e-6)

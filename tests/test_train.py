@@ -411,6 +411,11 @@ def test_sample_cli(tmp_path, corpus, capsys):
     assert out1.count("QUEEN:\n") == 2 and out1.count("---------------") == 2
     assert sample_mod.main(argv) == 0
     assert capsys.readouterr().out == out1  # seeded
+    assert sample_mod.main(argv + ["--use_cache=False"]) == 0
+    assert capsys.readouterr().out == out1  # the same tokens without the key/value cache
+    assert sample_mod.main(argv + ["--dtype=bfloat16", "--kernels=nanofast"]) == 0  # bfloat16 weights
+    out16 = capsys.readouterr().out
+    assert out16.count("QUEEN:\n") == 2 and out16.count("---------------") == 2
     assert sample_mod.main([f"--out_dir={tmp_path / 'o'}", "--start=@@", "--device=cpu"]) == 2
     assert "vocabulary lacks" in capsys.readouterr().err
     assert sample_mod.main(["--out_dir=" + str(tmp_path / "none"), "--device=cpu"]) == 1

@@ -273,6 +273,24 @@ def test_attention_float32(B, H, Tq, Tk, D, causal):
     assert out.transpose(1, 2).is_contiguous()
 
 
+def test_attention_one_query_row_against_a_cache_view():
+    """Sampling's decode step on CUDA: one query row against the first L positions of a key/value
+    cache's preallocated (B, H, capacity, D) buffers (head stride capacity * D), not causal."""
+    B, H, cap, D, L = (2, 12, 1024, 64, 700) if HAS_CUDA else (2, 2, 24, 16, 13)
+    g = torch.Generator().manual_seed(12)
+    k_buf = torch.randn(B, H, cap, D, generator=g).to(DEVICE)
+    v_buf = torch.randn(B, H, cap, D, generator=g).to(DEVICE)
+    q = torch.randn(B, 1, H, D, generator=g).to(DEVICE).transpose(1, 2)
+    k, v = k_buf[:, :, :L], v_buf[:, :, :L]
+    # (bfloat16 on the GPU only: the kernel rounds P to bfloat16 for its P V dot, which with a single
+    # query row can exceed twice torch's error by more than the interpreter's slack)
+    for dtype in (torch.float32, torch.bfloat16) if HAS_CUDA else (torch.float32,):
+        qd, kd, vd = (t.to(dtype) for t in (q, k, v))
+        ours = K.scaled_dot_product_attention(qd, kd, vd)
+        ref = attention_reference(qd.double(), kd.double(), vd.double())
+        assert_parity("out", ours, F.scaled_dot_product_attention(qd, kd, vd), ref, SLACK)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_strided_views_and_scale(causal):
     B, H, T, D = (2, 6, 200, 64) if HAS_CUDA else (1, 2, 17, 24)
@@ -457,7 +475,9 @@ def test_attention_bad_inputs():
     q = torch.randn(1, 2, 8, 16, device=DEVICE)
     sdpa = K.scaled_dot_product_attention
     with pytest.raises(ValueError, match="attn_mask"):
-        sdpa(q, q, q, attn_mask=torch.ones(8, 8, dtype=torch.bool, device=DEVICE))
+        sdpa(q, q, q, attn_mask=torch.ones(8, 9, dtype=torch.bool, device=DEVICE))  # does not broadcast
+    with pytest.raises(ValueError, match="divide the query heads"):
+        sdpa(torch.randn(1, 3, 8, 16, device=DEVICE), q, q, enable_gqa=True)
     with pytest.raises(ValueError, match="4-D"):
         sdpa(q[0], q[0], q[0])
     with pytest.raises(TypeError, match="share a dtype"):
@@ -486,16 +506,115 @@ def test_attention_checks_are_the_ops_checks():
     what is not supported yet, and the backend's own limits with one message."""
     from nanofast import ops
     q = torch.randn(1, 2, 8, 16, device=DEVICE)
-    mask = torch.ones(8, 8, dtype=torch.bool, device=DEVICE)
+    learned = torch.zeros(8, 8, device=DEVICE, requires_grad=True)  # a mask that wants a gradient
     for sdpa in (K.scaled_dot_product_attention, ops.scaled_dot_product_attention):
-        for kwargs in (dict(attn_mask=mask), dict(enable_gqa=True)):
-            with pytest.raises(NotImplementedError) as e:
-                sdpa(q, q, q, **kwargs)
-            assert isinstance(e.value, ValueError)
+        with pytest.raises(NotImplementedError) as e:
+            sdpa(q, q, q, attn_mask=learned)
+        assert isinstance(e.value, ValueError)
     # a value head size other than the query's: the CPU kernels take it, the Triton ones do not
     v = torch.randn(1, 2, 8, 8, device=DEVICE)
     with pytest.raises(ValueError, match="value head_dim 8 must equal query head_dim 16 on nanofast's CUDA backend"):
         K.scaled_dot_product_attention(q, q, v)
+
+
+# ---- attention masks, grouped-query heads and the sliding window ----
+
+def _masked_check(B, H, Hkv, Tq, Tk, D, dtype, attn_mask=None, causal=False, window=None, seed=0, slack=SLACK):
+    """The parity rule for out, dq, dk, dv with a mask, fewer key/value heads or a window (torch: one
+    equivalent mask, as tests/test_ops_attention_masks.py builds it)."""
+    from test_ops_attention_masks import _qkv as _qkv_heads, _torch_mask
+    q, k, v, do = _qkv_heads(B, H, Hkv, Tq, Tk, D, torch.float64, seed)
+    gqa = Hkv != H
+    dev = lambda m: None if m is None else m.to(DEVICE)  # noqa: E731
+    ref_mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.double()
+    ref = _run_attn(lambda a, b, c: attention_reference(a, b, c, causal, None, attn_mask=dev(ref_mask), window=window),
+                    q, k, v, do, torch.float64)
+    torch_mask = dev(_torch_mask(attn_mask, causal, window, Tq, Tk))
+    same = _run_attn(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, torch_mask, enable_gqa=gqa),
+                     q, k, v, do, dtype)
+    ours = _run_attn(lambda a, b, c: K.scaled_dot_product_attention(a, b, c, dev(attn_mask), is_causal=causal,
+                                                                     enable_gqa=gqa, window=window), q, k, v, do, dtype)
+    for name, o, t, r in zip(("out", "dq", "dk", "dv"), ours, same, ref):
+        assert o.shape == r.shape and torch.isfinite(o).all(), name
+        assert_parity(f"masked attention {name}", o, t, r, slack)
+    return ours
+
+
+MASK_CASES = {  # name: (B, H, Hkv, Tq, Tk, D, mask builder, causal, window); masks built from (B, H, Tq, Tk)
+    "padding_causal_gqa": (2, 4, 2, 33, 33, 16, lambda B, H, Tq, Tk: _pad_mask(B, Tk, [Tk, 10]), True, None),
+    "padding_additive": (2, 2, 2, 17, 40, 24, lambda B, H, Tq, Tk: _pad_mask(B, Tk, [40, 3], torch.float32), False,
+                         None),
+    "full_additive_fully_masked_row": (1, 2, 1, 20, 35, 16, lambda B, H, Tq, Tk: _rand_mask((Tq, Tk), torch.float32),
+                                       False, None),
+    "bool_per_head_transposed": (2, 2, 2, 30, 30, 16, lambda B, H, Tq, Tk: _rand_mask((B, H, Tk, Tq)).transpose(2, 3),
+                                 True, None),
+    "window_mqa": (1, 4, 1, 40, 40, 16, None, True, 7),
+    "window_rows_past_the_keys": (1, 2, 2, 50, 20, 16, None, True, 5),
+    "window_and_padding": (2, 2, 1, 40, 40, 16, lambda B, H, Tq, Tk: _pad_mask(B, Tk, [40, 25]), True, 16),
+}
+
+
+def _pad_mask(B, Tk, lengths, dtype=torch.bool):
+    from test_ops_attention_masks import _padding
+    return _padding(B, Tk, lengths, dtype)
+
+
+def _rand_mask(shape, dtype=torch.bool):
+    from test_ops_attention_masks import _random_mask
+    mask = _random_mask(shape, dtype)
+    if dtype != torch.bool and len(shape) == 2:
+        mask[3] = float("-inf")  # a query that sees no key: zeros, as torch gives
+    return mask
+
+
+@pytest.mark.parametrize("name", MASK_CASES)
+def test_attention_masks_gqa_window(name):
+    B, H, Hkv, Tq, Tk, D, build, causal, window = MASK_CASES[name]
+    mask = None if build is None else build(B, H, Tq, Tk)
+    _masked_check(B, H, Hkv, Tq, Tk, D, torch.float32, mask, causal, window)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_masks_half(dtype):
+    # bfloat16 with the GPU's slack even under the interpreter: the kernels round P and dS to bfloat16
+    # for their dots there too, which torch's CPU kernels do not, and at these sizes the outputs' last
+    # bits decide the rule (the unmasked path misses the plain slack for some seeds as well)
+    slack = ATOL_TRITON_GPU if dtype == torch.bfloat16 else SLACK
+    B, T = 2, 33
+    _masked_check(B, 4, 2, T, T, 40, dtype, _pad_mask(B, T, [T, 12]), True, 20, slack=slack)
+    _masked_check(B, 2, 2, T, T, 40, dtype, _rand_mask((T, T), dtype), slack=slack)  # additive, the inputs' dtype
+
+
+def test_attention_masks_with_dropout_and_groups():
+    # the same keep mask as without masks, for the same seed: nanofast.kernels.dropout_mask's
+    B, H, Hkv, T, D, p, seed = 2, 4, 2, 24, 16, 0.3, 77
+    from test_ops_attention_masks import _qkv as _qkv_heads
+    q, k, v, do = (t.to(DEVICE, torch.float32) for t in _qkv_heads(B, H, Hkv, T, T, D, torch.float64))
+    mask = _pad_mask(B, T, [T, 15]).to(DEVICE)
+    out, lse = K.attention_forward(q, k, v, True, 0.25, p, seed, mask, 9)
+    grads = K.attention_backward(do, q, k, v, out, lse, True, 0.25, p, seed, mask, 9)
+    keep = K.dropout_mask(seed, B, H, T, T, p, device=DEVICE)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = attention_reference(*leaves, True, 0.25, keep, p, mask, 9)
+    ref.backward(do.double())
+    for name, o, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *(t.grad for t in leaves))):
+        torch.testing.assert_close(o.double(), r.detach(), atol=2e-5, rtol=2e-5, msg=name)
+    again = K.attention_backward(do, q, k, v, out, lse, True, 0.25, p, seed, mask, 9)
+    assert all(torch.equal(a, b) for a, b in zip(grads, again))  # deterministic: dk, dv summed in head order
+
+
+def test_attention_masks_match_the_cpu_kernels():
+    # one mask, one window, grouped heads: the Triton kernels and the C++ ones agree
+    from nanofast import ops
+    from test_ops_attention_masks import _qkv as _qkv_heads
+    q, k, v, do = _qkv_heads(2, 4, 2, 37, 37, 16, torch.float32)
+    kw = dict(attn_mask=_pad_mask(2, 37, [37, 11]), is_causal=True, window=12, enable_gqa=True)
+    cpu = _run_attn(lambda a, b, c: ops.scaled_dot_product_attention(a.cpu(), b.cpu(), c.cpu(), **kw), q, k, v, do,
+                    torch.float32)
+    dev_kw = dict(kw, attn_mask=kw["attn_mask"].to(DEVICE))
+    tri = _run_attn(lambda a, b, c: K.scaled_dot_product_attention(a, b, c, **dev_kw), q, k, v, do, torch.float32)
+    for a, b in zip(cpu, tri):
+        torch.testing.assert_close(a.cpu(), b.cpu(), atol=2e-5, rtol=2e-5)
 
 
 def test_attention_without_keys_gives_zeros_like_torch():
@@ -541,7 +660,7 @@ PTR = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "X", "Y", "W", "B", "DY", "DX
 F32PTR = {"LSE", "Delta", "Mean", "Rstd", "DW_PART", "DB_PART", "PART"}
 FLOATS = {"qk_scale", "sm_scale", "dropout_p", "drop_scale", "eps"}
 
-def compile_(fn, dt, constexprs, num_warps, num_stages=1, floats="fp32"):
+def compile_(fn, dt, constexprs, num_warps, num_stages=1, floats="fp32", mask="*i1"):
     sig, attrs, constexprs = {}, {}, dict(constexprs)
     for i, n in enumerate(fn.arg_names):
         if n.startswith("stride_") and n.endswith("d"):
@@ -550,7 +669,7 @@ def compile_(fn, dt, constexprs, num_warps, num_stages=1, floats="fp32"):
             sig[n] = "constexpr"
             continue
         sig[n] = ("*" + dt if n in PTR or n == "OUT" else "*fp32" if n in F32PTR else "*i8" if n == "MASK"
-                  else "*i64" if n == "SEED" else floats if n in FLOATS else "i32")
+                  else mask if n == "MASKP" else "*i64" if n == "SEED" else floats if n in FLOATS else "i32")
         if sig[n].startswith("*") or n.startswith("stride_"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     triton.compile(ASTSource(fn, sig, constexprs, attrs), target=target,
@@ -563,8 +682,11 @@ for dt, tdt, floats in (("bf16", torch.bfloat16, "fp32"), ("fp32", torch.float32
     fake = type("FakeCudaTensor", (), {"is_cuda": True, "dtype": tdt})()
     for kname, fn in (("fwd", A._attn_fwd_kernel), ("dkdv", A._attn_bwd_dkdv_kernel), ("dq", A._attn_bwd_dq_kernel)):
         bm, bn, bd, w, st = A._config(fake, 80, kname, True)
-        compile_(fn, dt, dict(HEAD_DIM=80, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IS_CAUSAL=True, HAS_DROPOUT=True,
-                              DOT_PREC="ieee" if dt == "fp32" else "tf32", UPCAST=False), w, st, floats=floats)
+        # no mask tensor; a bool mask (torch.bool: *i1) with a window; an additive mask in the inputs' dtype
+        for mask_kind, window, mask in ((0, False, "*i1"), (1, True, "*i1"), (2, False, "*" + dt)):
+            compile_(fn, dt, dict(HEAD_DIM=80, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IS_CAUSAL=True, HAS_WINDOW=window,
+                                  MASK_KIND=mask_kind, HAS_DROPOUT=True, DOT_PREC="ieee" if dt == "fp32" else "tf32",
+                                  UPCAST=False), w, st, floats=floats, mask=mask)
 compile_(A._attn_bwd_preprocess_kernel, "bf16", dict(HEAD_DIM=80, BLOCK_M=64, BLOCK_D=128), 4)
 compile_(A._dropout_mask_kernel, "bf16", dict(BLOCK_M=32, BLOCK_N=128), 4)
 for one, bn, bm in ((True, 512, 8), (False, 2048, 2)):
@@ -581,8 +703,9 @@ print("all compiled")
 @pytest.mark.slow
 def test_kernels_compile_for_sm90():
     """Compile every kernel for an H100 (sm_90) without a GPU: catches what the interpreter lets through
-    (type rules of the compiler, unsupported ops), with dropout on, a padded head dim, both dtypes, and
-    float arguments in float64 as torch.compile passes them to the triton_ops' kernels."""
+    (type rules of the compiler, unsupported ops), with dropout on, a padded head dim, both dtypes, bool
+    and additive attention masks and a window, and float arguments in float64 as torch.compile passes
+    them to the triton_ops' kernels."""
     if importlib.util.find_spec("triton.backends.nvidia") is None:
         pytest.skip("this triton has no NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

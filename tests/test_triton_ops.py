@@ -80,6 +80,42 @@ def test_attention_triton_ops_match_the_cpu_ops(causal, p):
     _close(grads, ref_grads, 2e-5)
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_rms_norm_triton_ops_match_the_cpu_ops(residual):
+    C = 40
+    x, dy, w = _randn(9, C, seed=15), _randn(9, C, seed=16), _randn(C, seed=17)
+    r = _randn(9, C, seed=18) if residual else None
+    args = (1e-6, 0.0, True, torch.float32)
+    ours = nf.rms_norm_fwd_triton(x, r, w, *args)
+    ref = nf.rms_norm_fwd(x.cpu(), None if r is None else r.cpu(), w.cpu(), *args)
+    _close(ours, ref)
+    rdt = torch.float32 if residual else None
+    saved = ours[0] if residual else x
+    grads = nf.rms_norm_bwd_triton(dy, dy if residual else None, saved, w, ours[2], 0.0, True, rdt, True)
+    ref_grads = nf.rms_norm_bwd(dy.cpu(), dy.cpu() if residual else None, saved.cpu(), w.cpu(), ref[2], 0.0, True,
+                                rdt, True)
+    assert [g.shape for g in grads] == [g.shape for g in ref_grads]
+    _close(grads, ref_grads, 2e-5)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_masked_grouped_attention_triton_ops_match_the_cpu_ops(mask_dtype):
+    # a (B, 1, 1, Tk) padding mask, two query heads per key/value head, a sliding window, dropout
+    B, H, Hkv, T, D = 2, 4, 2, 29, 16
+    q, do = _randn(B, H, T, D, seed=15), _randn(B, H, T, D, seed=16)
+    k, v = _randn(B, Hkv, T, D, seed=17), _randn(B, Hkv, T, D, seed=18)
+    keep = (torch.arange(T) < torch.tensor([T, 11])[:, None]).view(B, 1, 1, T)
+    mask = keep if mask_dtype == torch.bool else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    seed = torch.tensor([12345])
+    ours = nf.sdpa_fwd_triton(q, k, v, True, 0.3, 0.2, seed.to(DEVICE), mask.to(DEVICE), 9)
+    ref = nf.sdpa_fwd(q.cpu(), k.cpu(), v.cpu(), True, 0.3, 0.2, seed, mask, 9)
+    _close(ours, ref, 2e-5)
+    grads = nf.sdpa_bwd_triton(do, q, k, v, ours[0], ours[1], True, 0.3, 0.2, seed.to(DEVICE), mask.to(DEVICE), 9)
+    ref_grads = nf.sdpa_bwd(do.cpu(), q.cpu(), k.cpu(), v.cpu(), ref[0], ref[1], True, 0.3, 0.2, seed, mask, 9)
+    assert [g.shape for g in grads] == [g.shape for g in ref_grads]
+    _close(grads, ref_grads, 2e-5)
+
+
 # ---- the launchers are traceable: fake tensors, a recording launch ----
 
 class _Recorder:
@@ -139,6 +175,23 @@ def test_cuda_launchers_are_traceable():
         *(_e(2, 3, 40, 24) for _ in range(5)), _e(2, 3, 40), False, 0.2, 0.1, seed(),
         launch=launch))
     assert bwd == ["_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"]
+    # a broadcast mask (stride 0 read from the fake's strides), grouped heads and a window
+    q, kv = (lambda: _e(2, 4, 40, 24)), (lambda: _e(2, 2, 40, 24))  # noqa: E731
+    mask = lambda: _e(2, 1, 1, 40, dtype=torch.bool)  # noqa: E731
+    fwd = _fake_launches(lambda launch: cuda.attention_forward(q(), kv(), kv(), True, 0.2, 0.1, seed(), mask(), 8,
+                                                               launch=launch))
+    assert fwd == ["_attn_fwd_kernel"]
+    bwd = _fake_launches(lambda launch: cuda.attention_backward(
+        q(), q(), kv(), kv(), q(), _e(2, 4, 40), True, 0.2, 0.1, seed(), mask(), 8, launch=launch))
+    assert bwd == ["_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"]
+
+
+def test_rms_norm_launchers_are_traceable():
+    fwd = _fake_launches(lambda launch: cuda.rms_norm_forward(_e(64, 96), _e(64, 96), _e(96), 1e-6, 0.0, True,
+                                                              torch.float32, launch=launch))
+    bwd = _fake_launches(lambda launch: cuda.rms_norm_backward(_e(64, 96), _e(64, 96), _e(64, 96), _e(96), _e(64),
+                                                               0.0, True, torch.float32, True, launch=launch))
+    assert fwd and bwd
 
 
 def test_a_host_read_would_fail_the_traceability_check():

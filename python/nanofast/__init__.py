@@ -3,6 +3,6 @@ nanoGPT-style model and training loop."""
 __version__ = "0.1.0"
 
 from . import allocator, nn, ops, optim  # noqa: E402
-from .patch import patch  # noqa: E402
+from .patch import patch, unpatch  # noqa: E402
 
-__all__ = ["ops", "nn", "optim", "allocator", "patch", "__version__"]
+__all__ = ["ops", "nn", "optim", "allocator", "patch", "unpatch", "__version__"]

@@ -1,5 +1,5 @@
 """Memory layouts shared by the CPU and CUDA launchers and the fake (torch.compile) implementations,
-which must agree on them stride for stride."""
+which must agree on them stride for stride; and how the launchers read an attention mask in place."""
 import torch
 
 
@@ -35,3 +35,20 @@ def unit_last_stride(t):
     """t, or a packed copy where its last dimension is strided: the kernels need that one packed, the
     other strides are free."""
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def mask_strides(mask, B, H, Tq, Tk):
+    """The element strides with which the kernels read `mask` (2-D to 4-D, broadcastable to
+    (B, H, Tq, Tk), as torch's scaled_dot_product_attention broadcasts it) as a (B, H, Tq, Tk) tensor:
+    0 along every broadcast dim, so the broadcast is never materialised."""
+    n = mask.dim()
+    sizes, strides = (1,) * (4 - n) + tuple(mask.shape), (0,) * (4 - n) + tuple(mask.stride())
+    return tuple(0 if size == 1 else stride for size, stride in zip(sizes, strides))
+
+
+def empty_rows_like(t, dtype):
+    """An empty tensor of t's shape in dtype, in t's layout where t is dense (a rotary embedding keeps
+    q's (B, T, H, D) memory, as torch's elementwise ops do), contiguous where that layout would not
+    have a unit last stride."""
+    out = torch.empty_like(t, dtype=dtype)
+    return out if out.stride(-1) == 1 or out.shape[-1] <= 1 else torch.empty(t.shape, dtype=dtype, device=t.device)

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from nanofast import fused_block, ops
+from nanofast import fused_block, generation, ops
 from nanofast import nn as nanofast_nn
 from nanofast import optim as nanofast_optim
 
@@ -112,7 +112,9 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = dropout(config.dropout, config.kernels)
         self.kernel = kernel("scaled_dot_product_attention", config.kernels)
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
+        """x (B, T, C). cache (sampling: nanofast.generation.LayerCache): the keys and values of the
+        positions before x's, which x's own join."""
         B, T, C = x.shape  # batch, time (sequence position), channels (n_embd)
         hs = C // self.n_head  # head size
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
@@ -121,7 +123,14 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)
-        y = self.kernel(q, k, v, attn_mask=None, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        causal = True
+        if cache is not None:
+            k, v = cache.append(k, v)
+            # A prefill (the cache was empty) is causal over its T positions. A step adds one query that
+            # sees every cached key: not causal, since both kernels' causal masks are top-left aligned
+            # and would show one query row only the first key.
+            causal = T > 1
+        y = self.kernel(q, k, v, attn_mask=None, dropout_p=self.dropout if self.training else 0.0, is_causal=causal)
         # (B, n_head, T, hs) -> (B, T, C): the heads side by side again
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -492,21 +501,12 @@ class GPT(nn.Module):
         flops_per_iter = self.flops_per_token() * self.config.block_size * fwdbwd_per_iter
         return flops_per_iter / dt / peak_flops
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
         """Extend idx (B, T) by max_new_tokens tokens, one at a time, each drawn from the model's
         distribution given the last block_size tokens. temperature scales the logits (0 = always the
-        most likely token); top_k keeps only the k most likely tokens. Call model.eval() first."""
-        for _ in range(max_new_tokens):
-            context = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
-            logits = self(context)[0][:, -1, :].float()
-            if temperature == 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, next_id), dim=1)
-        return idx
+        most likely token); top_k keeps only the k most likely tokens. Call model.eval() first.
+
+        use_cache keeps the keys and values of the context, so that each new token reads only itself
+        (nanofast/generation.py); use_cache=False recomputes the whole context for every token. The
+        same seed draws the same tokens either way."""
+        return generation.generate(self, idx, max_new_tokens, temperature, top_k, use_cache)

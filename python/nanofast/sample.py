@@ -20,6 +20,7 @@ import torch
 from nanofast.checkpoint import BEST_NAME, CKPT_NAME, CheckpointError, load_checkpoint
 from nanofast.data import DataError
 from nanofast.configurator import ConfigError, configure, run_cli
+from nanofast.generation import cast_weights_to_bfloat16
 from nanofast.model import GPT, KERNELS
 from nanofast.training import DTYPES, device_type_of, precision, precision_error, resolve_device, resolve_dtype
 
@@ -37,9 +38,10 @@ DEFAULTS = dict(
     top_k=200,  # sample among the k most likely tokens only (0 = among all)
     seed=1337,
     device='auto',  # 'auto' (cuda, mps, cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
-    dtype='auto',  # 'auto', 'float32', 'bfloat16' or 'float16'
+    dtype='auto',  # 'auto', 'float32', 'bfloat16' (on the CPU also bfloat16 weights) or 'float16'
     compile=False,  # torch.compile the model
     kernels='nanofast',  # 'nanofast' or 'torch'
+    use_cache=True,  # keep the context's keys and values: each new token reads only itself
     data_dir='',  # where to look for the dataset's meta.pkl of a nanoGPT checkpoint ('' = the usual places)
 )
 # -----------------------------------------------------------------------------
@@ -141,6 +143,10 @@ def sample(config, out=None):
         raise ConfigError(f"init_from must be 'resume' or a GPT-2 model name, got {c['init_from']!r}")
     model.eval()
     model.to(device)
+    if device_type == 'cpu' and dtype == 'bfloat16':
+        # each token reads every weight once: bfloat16 copies halve the bytes, and autocast would round
+        # the float32 weights to the same values before each product
+        cast_weights_to_bfloat16(model)
     if c['compile']:
         model = torch.compile(model)
 
@@ -163,7 +169,8 @@ def sample(config, out=None):
     with torch.no_grad():
         with ctx:
             for k in range(c['num_samples']):
-                y = model.generate(x, c['max_new_tokens'], temperature=c['temperature'], top_k=top_k)
+                y = model.generate(x, c['max_new_tokens'], temperature=c['temperature'], top_k=top_k,
+                                   use_cache=c['use_cache'])
                 text = codec.decode(y[0].tolist())
                 samples.append(text)
                 print(text, file=out)

@@ -48,18 +48,37 @@ def assert_parity(name, ours, theirs, ref64, atol=None):
             f"{FACTOR:g} * max|torch - ref64| ({torch_err:.3g}) + atol {atol:g}")
 
 
-def attention_reference(q, k, v, is_causal=False, scale=None, keep=None, p=0.0):
-    """Textbook attention (scores, causal mask, softmax, dropout, values) in the inputs' dtype: the
-    float64 reference when given float64 inputs. The causal mask is top-left aligned, as torch's.
+def attention_reference(q, k, v, is_causal=False, scale=None, keep=None, p=0.0, attn_mask=None, window=None,
+                        enable_gqa=False):
+    """Textbook attention (scores, masks, softmax, dropout, values) in the inputs' dtype: the float64
+    reference when given float64 inputs. As torch's scaled_dot_product_attention computes it:
 
-    keep: optional bool (B, H, Tq, Tk) mask of the probabilities kept by dropout with probability p."""
+    is_causal: the causal mask, top-left aligned (key j visible to query i iff j <= i);
+    attn_mask: bool (True: the key takes part) or added to the scaled scores, broadcast to
+    (B, H, Tq, Tk); window (nanofast's extension, with is_causal): query i sees keys i - window < j;
+    key and value with fewer heads than query: grouped-query attention, query head h reading key/value
+    head h // (H // Hkv) (enable_gqa is accepted for torch's signature and not needed);
+    keep: optional bool (B, H, Tq, Tk) mask of the probabilities kept by dropout with probability p.
+
+    A query that sees no key gets zeros (and zero gradients), as torch gives.
+    """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    H, Hkv = q.shape[-3], k.shape[-3]
+    if Hkv != H:
+        k, v = (t.repeat_interleave(H // Hkv, dim=-3) for t in (k, v))
     s = (q @ k.transpose(-2, -1)) * scale
-    if is_causal:
-        Tq, Tk = s.shape[-2:]
-        visible = torch.ones(Tq, Tk, dtype=torch.bool, device=s.device).tril()
-        s = s.masked_fill(~visible, float("-inf"))
-    p_attn = torch.softmax(s, dim=-1)
+    Tq, Tk = s.shape[-2:]
+    ones = torch.ones(Tq, Tk, dtype=torch.bool, device=s.device)
+    visible = ones.tril() if is_causal else ones
+    if window:
+        visible = visible & ones.triu(1 - window)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        visible = visible & attn_mask
+    elif attn_mask is not None:
+        s = s + attn_mask.to(s.dtype)
+    s = s.masked_fill(~visible, float("-inf"))
+    empty = (s == float("-inf")).all(dim=-1, keepdim=True)
+    p_attn = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
     if keep is not None:
         p_attn = p_attn * keep.to(p_attn.device, p_attn.dtype) / (1.0 - p)
     return p_attn @ v

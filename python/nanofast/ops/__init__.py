@@ -11,9 +11,13 @@ from .attention import dropout_mask, scaled_dot_product_attention
 from .checks import UnsupportedArgument
 from .dropout import dropout
 from .gelu import gelu
+from .glu import geglu, swiglu
 from .layer_norm import layer_norm
 from .linear import linear
 from .linear_cross_entropy import linear_cross_entropy
+from .rms_norm import add_rms_norm, rms_norm
+from .rotary import apply_rotary_pos_emb
 
-__all__ = ["layer_norm", "add_layer_norm", "scaled_dot_product_attention", "dropout_mask", "gelu", "dropout", "linear",
-           "linear_cross_entropy", "UnsupportedArgument"]
+__all__ = ["layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm", "scaled_dot_product_attention", "dropout_mask",
+           "gelu", "swiglu", "geglu", "apply_rotary_pos_emb", "dropout", "linear", "linear_cross_entropy",
+           "UnsupportedArgument"]

@@ -25,7 +25,7 @@ from .._layout import unit_last_stride
 from . import cuda
 from .backend import backend_for
 from .checks import add_layer_norm_args
-from .formula import differentiable_grads, register_formula, stand_in
+from .formula import differentiable_grads, eager_apply, register_formula, stand_in
 from .layer_norm import layer_norm_reference
 
 
@@ -156,5 +156,5 @@ def add_layer_norm(input: Tensor, residual: Tensor, normalized_shape, weight: Op
         return h.view(input.shape), y.view(input.shape)
     # eager: the tensors as they are (the kernels take any leading dimensions), so autograd records
     # no reshapes around the op
-    return _EagerAddLayerNorm.apply(unit_last_stride(input), unit_last_stride(residual), weight, bias, eps,
+    return eager_apply(_EagerAddLayerNorm, unit_last_stride(input), unit_last_stride(residual), weight, bias, eps,
                                     out_dtype, backend_for(input))

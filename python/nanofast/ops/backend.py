@@ -21,13 +21,42 @@ Launchers (every shape below is a tensor's; "stats" means backend.stats_dtype(x.
     add_layer_norm_backward(dy, dh, h, weight, mean, rstd, residual_dtype, need_weight_grad,
                             need_bias_grad) -> (dx, dresidual, dw, db)
         dh (h's gradient) may be None; dresidual may be dx itself when the residual has h's dtype.
-    attention_forward(q, k, v, is_causal, scale, dropout_p, seed) -> (out, lse)
-        q (B, H, Tq, D), k (B, H, Tk, D), v (B, H, Tk, Dv), any strides with a unit last one; out
-        (B, H, Tq, Dv) laid out as (B, Tq, H, Dv) (_layout.empty_bthd); lse (B, H, Tq) stats.
-        seed: an int, a one-element int64 tensor (seed.py), or None without dropout.
-    attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed) -> (dq, dk, dv)
-        each in its input's layout where that is dense (_layout.empty_grad_like).
-    gelu_forward(x) -> y,  gelu_backward(dy, x) -> dx       (exact erf GELU; only where RUNS_GELU)
+    rms_norm_forward(x, residual, weight, eps, weight_offset, cast_before_weight, out_dtype) -> (h, y, rstd)
+        over the last dimension (unit stride) of any leading dimensions: h = x + residual in x's dtype
+        (empty (0,) when residual is None), y = h * rstd * (weight + weight_offset) in out_dtype (x's
+        without a residual), h * rstd rounded to x's dtype first where cast_before_weight; h and y
+        contiguous in x's shape; rstd (N,) stats. With a residual, fused for the (x, residual, y) dtypes
+        in ADD_RMS_NORM_DTYPES (None: all), composed (compose.py) for the others.
+    rms_norm_backward(dy, dh, x, weight, rstd, weight_offset, cast_before_weight, residual_dtype,
+                      need_weight_grad) -> (dx, dresidual, dw)
+        x: the forward's x, or its h where it had a residual of residual_dtype (None: no residual);
+        dh (h's gradient) may be None. dx contiguous in x's shape; dresidual empty without a
+        residual or where it would be dx (a residual of x's dtype); dw (C,) or empty where not needed.
+    attention_forward(q, k, v, is_causal, scale, dropout_p, seed, attn_mask=None, window=0) -> (out, lse)
+        q (B, H, Tq, D), k (B, Hkv, Tk, D), v (B, Hkv, Tk, Dv), any strides with a unit last one, Hkv
+        dividing H (query head h reads key/value head h // (H // Hkv)); out (B, H, Tq, Dv) laid out as
+        (B, Tq, H, Dv) (_layout.empty_bthd); lse (B, H, Tq) stats, +inf for a query that sees no key
+        (its output row is 0). seed: an int, a one-element int64 tensor (seed.py), or None without
+        dropout. attn_mask: None, or bool / additive, 2-D to 4-D, broadcastable to (B, H, Tq, Tk), any
+        strides (read in place: _layout.mask_strides); window: 0, or with is_causal the sliding
+        window (query i sees keys i - window < j <= i).
+    attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed, attn_mask=None,
+                       window=0) -> (dq, dk, dv)
+        each in its input's layout where that is dense (_layout.empty_grad_like); dk, dv summed over
+        each key/value head's group of query heads.
+    gelu_forward(x, approximate) -> y,  gelu_backward(dy, x, approximate) -> dx  (only where RUNS_GELU)
+        exact erf GELU (approximate "none") or its tanh approximation ("tanh").
+    glu_forward(gate, up, activation) -> act(gate) * up
+    glu_backward(dy, gate, up, activation) -> (dgate, dup)
+        activation "silu" (SwiGLU), "gelu" or "gelu_tanh" (GEGLU); gate and up of one shape and dtype,
+        any leading dimensions, a unit last stride; outputs contiguous in gate's shape.
+    rotary_forward(q, k, cos, sin, interleaved) -> (q_embed, k_embed)
+        q, k: up to 4 dims with a unit last stride; cos, sin: q's number of dims, broadcasting over
+        the leading dims of each, last dim R (even, at most the head dim). x * cos + rotate(x) * sin
+        over the first R columns, the others copied, in promote_types(q.dtype, cos.dtype), laid out
+        as q and k where they are dense (_layout.empty_rows_like).
+    rotary_backward(dq, dk, cos, sin, interleaved, dtype) -> (dq, dk)
+        the transposed map in dtype (q's); dq or dk may be None (an empty (0,) result).
     dropout_mask(seed, batch, heads, q_len, k_len, p) -> bool (batch, heads, q_len, k_len)
         the keep mask the attention kernels apply for that seed.
     dropout(x, p, seed) -> y                                 (only where RUNS_DROPOUT)
@@ -55,6 +84,7 @@ Capabilities (data, read by checks.py and the ops):
                                the input (the gradients then come in the parameters' dtype)
     MAX_BATCH_HEADS            attention's largest batch * heads (None: no limit)
     ADD_LAYER_NORM_DTYPES      the (x, residual, y) dtypes the fused add + LayerNorm kernel takes
+    ADD_RMS_NORM_DTYPES        the same for add + RMSNorm (None: every combination)
     RUNS_GELU, RUNS_DROPOUT, RUNS_LINEAR  False: nanofast.ops hands those ops to torch.nn.functional
     stats_dtype(dtype)         the dtype of the saved LayerNorm statistics and attention's lse
 """

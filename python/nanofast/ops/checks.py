@@ -10,8 +10,8 @@ from .backend import backend_of_device
 
 
 class UnsupportedArgument(NotImplementedError, ValueError):
-    """An argument torch's function takes that nanofast does not support yet (attn_mask, enable_gqa).
-    Both a NotImplementedError and a ValueError, so callers may catch either."""
+    """An argument torch's function takes that nanofast does not support yet (an attn_mask that
+    requires grad). Both a NotImplementedError and a ValueError, so callers may catch either."""
 
 
 def _describe(t):
@@ -23,6 +23,15 @@ def served(t):
     hand the others to torch)."""
     backend = backend_of_device(t)
     return backend is not None and t.dtype in backend.DTYPES
+
+
+def layer_norm_served(input, weight, bias):
+    """served(input), with parameters whose dtype the backend's LayerNorm takes beside it (under CPU
+    autocast a float32 LayerNorm sees bfloat16 rows: torch's then)."""
+    if not served(input):
+        return False
+    backend = backend_of_device(input)
+    return backend.LAYER_NORM_PARAMS_ANY_DTYPE or all(p is None or p.dtype == input.dtype for p in (weight, bias))
 
 
 def check_tensor(name, t, fn, backend=None):
@@ -69,6 +78,12 @@ def check_seed(fn, seed):
     return seed
 
 
+def check_approximate(fn, approximate):
+    """GELU's approximate: 'none' (the erf form) or 'tanh', as torch.nn.functional.gelu takes it."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"{fn}: approximate must be 'none' or 'tanh', got {approximate!r}")
+
+
 # ---- LayerNorm ----
 
 def _param_fits(p, input, on_cpu, C):
@@ -103,6 +118,19 @@ def layer_norm_args(input, normalized_shape, weight, bias, eps, fn="nanofast.ops
     check_tensor("input", input, fn, backend)
     if backend is None:
         backend = backend_of_device(input)
+    normalized_shape = _normalized_shape(fn, input, normalized_shape)
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        check_tensor(name, p, fn, backend)
+        (check_same_device if backend.LAYER_NORM_PARAMS_ANY_DTYPE else check_same)(fn, "input", input, name, p)
+        if tuple(p.shape) != normalized_shape:
+            raise ValueError(f"{fn}: {name} has shape {tuple(p.shape)} but normalized_shape is {normalized_shape}")
+    return normalized_shape, _eps(fn, eps)
+
+
+def _normalized_shape(fn, input, normalized_shape):
+    """normalized_shape as a tuple of ints that equals input's last dimensions."""
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
     elif not isinstance(normalized_shape, tuple):
@@ -116,23 +144,17 @@ def layer_norm_args(input, normalized_shape, weight, bias, eps, fn="nanofast.ops
     if k == 0 or input.dim() < k or tuple(input.shape[input.dim() - k:]) != normalized_shape:
         raise ValueError(f"{fn}: normalized_shape {normalized_shape} must equal the last dimensions of input, "
                          f"which has shape {tuple(input.shape)}")
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is None:
-            continue
-        check_tensor(name, p, fn, backend)
-        (check_same_device if backend.LAYER_NORM_PARAMS_ANY_DTYPE else check_same)(fn, "input", input, name, p)
-        if tuple(p.shape) != normalized_shape:
-            raise ValueError(f"{fn}: {name} has shape {tuple(p.shape)} but normalized_shape is {normalized_shape}")
+    return normalized_shape
+
+
+def _eps(fn, eps):
     eps = float(eps)
     if not eps >= 0.0:
         raise ValueError(f"{fn}: eps must be a non-negative number, got {eps}")
-    return normalized_shape, eps
+    return eps
 
 
-def add_layer_norm_args(input, residual, normalized_shape, weight, bias, eps, out_dtype):
-    """layer_norm_args' checks plus the residual's and out_dtype's; returns (normalized_shape, eps,
-    out_dtype)."""
-    fn = "nanofast.ops.add_layer_norm"
+def _check_residual(fn, input, residual):
     check_tensor("input", input, fn)
     check_tensor("residual", residual, fn)
     if tuple(residual.shape) != tuple(input.shape):
@@ -142,13 +164,95 @@ def add_layer_norm_args(input, residual, normalized_shape, weight, bias, eps, ou
     if torch.promote_types(input.dtype, residual.dtype) != input.dtype:
         raise TypeError(f"{fn}: residual has dtype {residual.dtype}, which would promote input's {input.dtype}; "
                         "the sum keeps input's dtype, so the residual must have it or a lower precision")
-    normalized_shape, eps = layer_norm_args(input, normalized_shape, weight, bias, eps)
+
+
+def _out_dtype(fn, input, out_dtype):
+    """out_dtype, input's dtype where it is None."""
     if out_dtype is None:
-        out_dtype = input.dtype
-    elif not isinstance(out_dtype, torch.dtype) or out_dtype not in backend_of_device(input).DTYPES:
+        return input.dtype
+    if not isinstance(out_dtype, torch.dtype) or out_dtype not in backend_of_device(input).DTYPES:
         raise TypeError(f"{fn}: out_dtype must be one of {backend_of_device(input).DTYPES} on {input.device.type}, "
                         f"got {out_dtype!r}")
-    return normalized_shape, eps, out_dtype
+    return out_dtype
+
+
+def add_layer_norm_args(input, residual, normalized_shape, weight, bias, eps, out_dtype):
+    """layer_norm_args' checks plus the residual's and out_dtype's; returns (normalized_shape, eps,
+    out_dtype)."""
+    fn = "nanofast.ops.add_layer_norm"
+    _check_residual(fn, input, residual)
+    normalized_shape, eps = layer_norm_args(input, normalized_shape, weight, bias, eps)
+    return normalized_shape, eps, _out_dtype(fn, input, out_dtype)
+
+
+# ---- RMSNorm ----
+
+def rms_norm_args(input, normalized_shape, weight, eps, weight_offset, fn="nanofast.ops.rms_norm", backend=None):
+    """Checks the arguments; returns (normalized_shape as a tuple, eps, weight_offset) as floats, eps
+    defaulting to torch.nn.functional.rms_norm's (the machine epsilon of the statistic's dtype)."""
+    shape = _everyday_layer_norm(input, normalized_shape, weight, None, backend)
+    if shape is None:
+        check_tensor("input", input, fn, backend)
+        shape = _normalized_shape(fn, input, normalized_shape)
+        if weight is not None:
+            check_tensor("weight", weight, fn, backend)
+            check_same(fn, "input", input, "weight", weight)
+            if tuple(weight.shape) != shape:
+                raise ValueError(f"{fn}: weight has shape {tuple(weight.shape)} but normalized_shape is {shape}")
+    if eps is None:
+        eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
+    weight_offset = float(weight_offset)
+    if not math.isfinite(weight_offset):
+        raise ValueError(f"{fn}: weight_offset must be a finite number, got {weight_offset}")
+    return shape, _eps(fn, eps), weight_offset
+
+
+def add_rms_norm_args(input, residual, normalized_shape, weight, eps, weight_offset, out_dtype):
+    """rms_norm_args' checks plus the residual's and out_dtype's; returns (normalized_shape, eps,
+    weight_offset, out_dtype)."""
+    fn = "nanofast.ops.add_rms_norm"
+    _check_residual(fn, input, residual)
+    return *rms_norm_args(input, normalized_shape, weight, eps, weight_offset, fn), _out_dtype(fn, input, out_dtype)
+
+
+def _check_rows(fn, name, t, backend, shape=None):
+    check_tensor(name, t, fn, backend)
+    if t.dim() == 0 or (t.shape[-1] > 1 and t.stride(-1) != 1):
+        raise ValueError(f"{fn}: {name} must have a last dimension of unit stride, got shape {tuple(t.shape)} and "
+                         f"strides {t.stride()}")
+    if shape is not None and tuple(t.shape) != shape:
+        raise ValueError(f"{fn}: {name} has shape {tuple(t.shape)}, expected {shape}")
+
+
+def rms_norm_forward_args(fn, x, residual, weight, out_dtype, backend):
+    """The RMSNorm forward launcher's arguments (backend.py's contract)."""
+    _check_rows(fn, "x", x, backend)
+    if residual is not None:
+        _check_rows(fn, "residual", residual, backend, tuple(x.shape))
+        check_same_device(fn, "x", x, "residual", residual)
+    elif out_dtype != x.dtype:
+        raise TypeError(f"{fn}: out_dtype {out_dtype} must be x's dtype {x.dtype} without a residual")
+    if weight is not None:
+        _check_param(fn, "weight", weight, x.shape[-1], x, backend)
+
+
+def rms_norm_backward_args(fn, dy, dh, x, weight, rstd, residual_dtype, backend):
+    """The RMSNorm backward launcher's arguments (backend.py's contract)."""
+    _check_rows(fn, "x", x, backend)
+    _check_rows(fn, "dy", dy, backend, tuple(x.shape))
+    check_same_device(fn, "x", x, "dy", dy)
+    if dh is not None:
+        if residual_dtype is None:
+            raise ValueError(f"{fn}: dh (h's gradient) is given but residual_dtype is None (no residual)")
+        _check_rows(fn, "dh", dh, backend, tuple(x.shape))
+        check_same(fn, "x", x, "dh", dh)
+    if weight is not None:
+        _check_param(fn, "weight", weight, x.shape[-1], x, backend)
+    N = math.prod(x.shape[:-1])
+    stats = backend.stats_dtype(x.dtype)
+    if tuple(rstd.shape) != (N,) or rstd.dtype != stats or rstd.device != x.device:
+        raise ValueError(f"{fn}: rstd must be {stats} of shape ({N},) on {x.device}, got {rstd.dtype} "
+                         f"{tuple(rstd.shape)} on {rstd.device}")
 
 
 def _check_2d(fn, name, t, backend, C=None):
@@ -193,6 +297,96 @@ def layer_norm_backward_args(fn, dy, x, weight, mean, rstd, backend):
                              f"{tuple(s.shape)} on {s.device}")
 
 
+# ---- gated MLP activations ----
+
+def glu_args(fn, gate, up, activation, backend=None, dy=None, launcher=False):
+    """gate and up (and the backward's dy): one shape, dtype and device, and for a launcher (launcher
+    True) a unit last stride (the ops pack the others); activation one of the kernels'."""
+    if activation not in ("silu", "gelu", "gelu_tanh"):
+        raise ValueError(f"{fn}: activation must be 'silu', 'gelu' or 'gelu_tanh', got {activation!r}")
+    check_tensor("gate", gate, fn, backend)
+    check_tensor("up", up, fn, backend)
+    check_same(fn, "gate", gate, "up", up)
+    if tuple(up.shape) != tuple(gate.shape):
+        raise ValueError(f"{fn}: up has shape {tuple(up.shape)} but gate has shape {tuple(gate.shape)}; they must "
+                         "match (no broadcasting)")
+    if gate.dim() == 0:
+        raise ValueError(f"{fn}: gate and up must have at least one dimension, got shape ()")
+    if dy is not None:
+        check_tensor("dy", dy, fn, backend)
+        check_same(fn, "gate", gate, "dy", dy)
+        if tuple(dy.shape) != tuple(gate.shape):
+            raise ValueError(f"{fn}: dy has shape {tuple(dy.shape)} but gate has shape {tuple(gate.shape)}")
+    if launcher:
+        for name, t in (("gate", gate), ("up", up)):
+            _check_rows(fn, name, t, backend)
+
+
+# ---- rotary position embedding ----
+
+def _rotary_tensors(fn, q, k, cos, sin, backend, cos_name="cos"):
+    """q and k of one dtype, device, number of dims (1 to 4) and head dim D; cos and sin of one shape and
+    dtype (q's, or float32 beside 16-bit q and k), an even last dim R of at most D, and q's number of
+    dims, broadcasting over the leading dims of q and of k without enlarging them. cos_name: what to
+    call cos in messages."""
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        check_tensor(name, t, fn, backend)
+    check_same(fn, "q", q, "k", k)
+    check_same(fn, "cos", cos, "sin", sin)
+    check_same_device(fn, "q", q, "cos", cos)
+    if tuple(sin.shape) != tuple(cos.shape):
+        raise ValueError(f"{fn}: sin has shape {tuple(sin.shape)} but cos has shape {tuple(cos.shape)}")
+    if not 1 <= q.dim() <= 4 or k.dim() != q.dim():
+        raise ValueError(f"{fn}: q and k must have 1 to 4 dims, the same number, got q {tuple(q.shape)} and k "
+                         f"{tuple(k.shape)}")
+    D, R = q.shape[-1], cos.shape[-1]
+    if k.shape[-1] != D:
+        raise ValueError(f"{fn}: k's head dim must equal q's, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if R % 2 or R > D:
+        raise ValueError(f"{fn}: cos and sin must have an even last dim of at most q's head dim {D}, got "
+                         f"{cos_name} {tuple(cos.shape)}")
+    if cos.dtype != q.dtype and not (cos.dtype == torch.float32 and q.dtype in (torch.bfloat16, torch.float16)):
+        raise TypeError(f"{fn}: cos has dtype {cos.dtype} but q has dtype {q.dtype}; cos and sin must have q's dtype, "
+                        "or float32 beside 16-bit q and k")
+    for name, t in (("q", q), ("k", k)):
+        lead = tuple(t.shape[:-1])
+        if cos.dim() != t.dim() or any(c not in (1, n) for c, n in zip(cos.shape[:-1], lead)):
+            raise ValueError(f"{fn}: {cos_name} {tuple(cos.shape)} does not broadcast over {name}'s leading dims: "
+                             f"{name} has shape {tuple(t.shape)}")
+
+
+def rotary_args(fn, q, k, cos, sin, unsqueeze_dim, backend=None):
+    """Checks the arguments of apply_rotary_pos_emb; returns cos and sin unsqueezed at unsqueeze_dim, as
+    Hugging Face's function does before broadcasting them against q and k."""
+    for name, t in (("cos", cos), ("sin", sin)):
+        check_tensor(name, t, fn, backend)
+        if t.requires_grad and torch.is_grad_enabled():
+            raise UnsupportedArgument(f"{fn}: {name} requires grad, but the gradients of cos and sin are not "
+                                      "computed; build them under torch.no_grad() (as Hugging Face's rotary "
+                                      "embeddings do) or detach them")
+    if tuple(sin.shape) != tuple(cos.shape):
+        raise ValueError(f"{fn}: sin has shape {tuple(sin.shape)} but cos has shape {tuple(cos.shape)}")
+    try:
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    except (IndexError, RuntimeError, TypeError):
+        raise ValueError(f"{fn}: unsqueeze_dim {unsqueeze_dim!r} is not a dim to insert into cos of shape "
+                         f"{tuple(cos.shape)}") from None
+    _rotary_tensors(fn, q, k, cos, sin, backend, f"cos unsqueezed at {unsqueeze_dim}")
+    return cos, sin
+
+
+def rotary_launcher_args(fn, q, k, cos, sin, backend, backward=False):
+    """The rotary launchers' arguments (backend.py's contract): cos and sin already broadcastable, q and
+    k with a unit last stride; in the backward one of them (the outputs' gradients) may be None."""
+    if (q is None or k is None) and not (backward and (q is not None or k is not None)):
+        raise ValueError(f"{fn}: q and k must be tensors{' (one may be None)' if backward else ''}, got "
+                         f"{type(q).__name__} and {type(k).__name__}")
+    _rotary_tensors(fn, q if q is not None else k, k if k is not None else q, cos, sin, backend)
+    for name, t in (("q", q), ("k", k)):
+        if t is not None:
+            _check_rows(fn, name, t, backend)
+
+
 # ---- linear ----
 
 def linear_args(input, weight, bias, mixed=False, fn="nanofast.ops.linear"):
@@ -216,7 +410,9 @@ def linear_args(input, weight, bias, mixed=False, fn="nanofast.ops.linear"):
 
 # ---- attention ----
 
-def _check_qkv(fn, query, key, value, backend):
+def _check_qkv(fn, query, key, value, backend, enable_gqa=True):
+    """enable_gqa: whether key and value may have fewer heads than query (grouped-query attention);
+    the launchers take that whenever the shapes say so."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_tensor(name, t, fn, backend)
         if t.dim() != 4:
@@ -226,10 +422,16 @@ def _check_qkv(fn, query, key, value, backend):
     if backend is None:
         backend = backend_of_device(query)
     B, NH, TQ, HS = query.shape
-    HSV = value.shape[3]
-    if key.shape[0] != B or key.shape[1] != NH or value.shape[0] != B or value.shape[1] != NH:
-        raise ValueError(f"{fn}: query {tuple(query.shape)}, key {tuple(key.shape)} and value {tuple(value.shape)} "
-                         "must agree in batch and heads")
+    NKV, HSV = key.shape[1], value.shape[3]
+    shapes = f"query {tuple(query.shape)}, key {tuple(key.shape)} and value {tuple(value.shape)}"
+    if key.shape[0] != B or value.shape[0] != B or value.shape[1] != NKV:
+        raise ValueError(f"{fn}: {shapes} must agree in batch and heads (key and value in heads)")
+    if NKV != NH and not enable_gqa:
+        raise ValueError(f"{fn}: {shapes} must agree in batch and heads (or pass enable_gqa=True for grouped-query "
+                         "attention)")
+    if NKV != NH and (NKV == 0 or NH % NKV != 0):
+        raise ValueError(f"{fn}: grouped-query attention needs key/value heads that divide the query heads, got "
+                         f"{shapes}")
     if key.shape[3] != HS:
         raise ValueError(f"{fn}: key head_dim {key.shape[3]} must equal query head_dim {HS} "
                          f"(query {tuple(query.shape)}, key {tuple(key.shape)})")
@@ -247,16 +449,46 @@ def _check_qkv(fn, query, key, value, backend):
                          f"{B} * {NH}")
 
 
+def _check_mask(fn, attn_mask, query, key):
+    """attn_mask as torch takes it: bool (True: the key takes part) or additive floating point (float32
+    or query's dtype), 2-D to 4-D and broadcastable to (batch, heads, query len, key len)."""
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"{fn}: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+        raise TypeError(f"{fn}: attn_mask must be bool, float32 or query's dtype ({query.dtype}), got "
+                        f"{attn_mask.dtype}")
+    check_same_device(fn, "query", query, "attn_mask", attn_mask)
+    B, NH, TQ, _ = query.shape
+    target = (B, NH, TQ, key.shape[2])
+    shape = tuple(attn_mask.shape)
+    if not 2 <= len(shape) <= 4 or any(s not in (1, t) for s, t in zip(shape[::-1], target[::-1])):
+        raise ValueError(f"{fn}: attn_mask of shape {shape} does not broadcast to (batch, heads, query len, key len) "
+                         f"= {target}")
+    if attn_mask.requires_grad and torch.is_grad_enabled():
+        raise UnsupportedArgument(f"{fn}: attn_mask requires grad, but nanofast gives the mask no gradient; detach "
+                                  "it, or use torch.nn.functional.scaled_dot_product_attention for a learned mask")
+
+
+def window_arg(fn, window, is_causal):
+    """The sliding window (a nanofast extension): None (or 0) for none, else a positive int that narrows
+    the causal mask to query i seeing keys i - window < j <= i. Returned as an int, 0 for none."""
+    if window is None:
+        return 0
+    if type(window) is not int or window < 0:
+        raise ValueError(f"{fn}: window must be a positive int or None, got {window!r}")
+    if window and not is_causal:
+        raise ValueError(f"{fn}: window={window} is a sliding window over the causal mask (query i sees keys "
+                         "i - window < j <= i); pass is_causal=True with it")
+    return window
+
+
 def attention_args(query, key, value, attn_mask, dropout_p, scale, enable_gqa=False,
                    fn="nanofast.ops.scaled_dot_product_attention", backend=None):
-    """Checks the arguments; returns (dropout_p, scale) as floats, scale defaulting to 1/sqrt(head_dim)."""
+    """Checks the arguments; returns (dropout_p, scale) as floats, scale defaulting to 1/sqrt(head_dim).
+    The window, a nanofast extension, is checked by window_arg."""
+    _check_qkv(fn, query, key, value, backend, enable_gqa)
     if attn_mask is not None:
-        shape = tuple(attn_mask.shape) if isinstance(attn_mask, torch.Tensor) else type(attn_mask).__name__
-        raise UnsupportedArgument(f"{fn}: attn_mask is not supported (got {shape}); use is_causal=True for causal "
-                                  "masking, or torch.nn.functional.scaled_dot_product_attention for arbitrary masks")
-    if enable_gqa:
-        raise UnsupportedArgument(f"{fn}: enable_gqa is not supported; repeat the key/value heads first")
-    _check_qkv(fn, query, key, value, backend)
+        _check_mask(fn, attn_mask, query, key)
     dropout_p = check_probability(fn, "dropout_p", dropout_p)
     HS = query.shape[3]
     if scale is None:
@@ -267,16 +499,20 @@ def attention_args(query, key, value, attn_mask, dropout_p, scale, enable_gqa=Fa
     return dropout_p, scale
 
 
-def attention_forward_args(fn, q, k, v, dropout_p, seed, backend):
+def attention_forward_args(fn, q, k, v, dropout_p, seed, backend, attn_mask=None, window=0, is_causal=False):
     """The attention forward launcher's arguments (backend.py's contract)."""
     _check_qkv(fn, q, k, v, backend)
+    if attn_mask is not None:
+        _check_mask(fn, attn_mask, q, k)
+    window_arg(fn, window, is_causal)
     check_probability(fn, "dropout_p", dropout_p)
     check_seed(fn, seed)
 
 
-def attention_backward_args(fn, dout, q, k, v, out, lse, dropout_p, seed, backend):
+def attention_backward_args(fn, dout, q, k, v, out, lse, dropout_p, seed, backend, attn_mask=None, window=0,
+                            is_causal=False):
     """The attention backward launcher's arguments (backend.py's contract)."""
-    attention_forward_args(fn, q, k, v, dropout_p, seed, backend)
+    attention_forward_args(fn, q, k, v, dropout_p, seed, backend, attn_mask, window, is_causal)
     B, H, Tq, _ = q.shape
     expected = (B, H, Tq, v.shape[3])
     if tuple(dout.shape) != expected or tuple(out.shape) != expected:

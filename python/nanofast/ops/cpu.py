@@ -9,12 +9,14 @@ import functools
 import torch
 
 from .. import _C
-from .._layout import empty_bthd, empty_grad_like
+from .._layout import empty_bthd, empty_grad_like, empty_rows_like, mask_strides
 from . import chunked_cross_entropy
-from .compose import composed_add_layer_norm_backward, composed_add_layer_norm_forward
+from .compose import (composed_add_layer_norm_backward, composed_add_layer_norm_forward, composed_add_rms_norm_backward,
+                      composed_add_rms_norm_forward)
 from .seed import seed_value
 
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
+_MASK_CODE = {**_DTYPE_CODE, torch.bool: 3}
 
 # ---- capabilities (read by checks.py and the ops; see backend.py) ----
 NAME = "nanofast's CPU backend"
@@ -29,6 +31,8 @@ RUNS_LINEAR = True
 # (x, residual, y) dtypes the fused add + LayerNorm kernel takes; add_layer_norm_* compose the others
 ADD_LAYER_NORM_DTYPES = frozenset({(torch.float64,) * 3, (torch.bfloat16,) * 3} | {
     (torch.float32, r, y) for r in (torch.float32, torch.bfloat16) for y in (torch.float32, torch.bfloat16)})
+# (x, residual, y) dtypes the fused add + RMSNorm kernel takes (add + LayerNorm's); rms_norm_* compose the others
+ADD_RMS_NORM_DTYPES = ADD_LAYER_NORM_DTYPES
 
 
 def stats_dtype(dtype):
@@ -151,55 +155,116 @@ def add_layer_norm_backward(dy, dh, h, weight, mean, rstd, residual_dtype, need_
     return dx, dres, dw, db
 
 
-def attention_forward(q, k, v, is_causal, scale, dropout_p, seed):
+def rms_norm_forward(x, residual, weight, eps, weight_offset, cast_before_weight, out_dtype):
+    """(h, y, rstd) over the last dimension of x (and of residual, of x's shape), any leading dimensions:
+    h = x + residual in x's dtype (empty without a residual), y its RMSNorm in out_dtype (x's dtype
+    without a residual); h and y contiguous in x's shape."""
+    if residual is not None and (x.dtype, residual.dtype, out_dtype) not in ADD_RMS_NORM_DTYPES:
+        return composed_add_rms_norm_forward(rms_norm_forward, x, residual, weight, eps, weight_offset,
+                                             cast_before_weight, out_dtype)
+    C = x.shape[-1]
+    x, N, x_stride = _rows(x)
+    weight = _packed(weight)
+    h = torch.empty(x.shape if residual is not None else (0,), dtype=x.dtype)
+    y = torch.empty(x.shape, dtype=out_dtype)
+    rstd = torch.empty(N, dtype=stats_dtype(x.dtype))
+    if residual is not None:
+        residual, _, r_stride = _rows(residual)
+    if x.numel():
+        code = _DTYPE_CODE[x.dtype]
+        _C.rms_norm_forward(code, code if residual is None else _DTYPE_CODE[residual.dtype], _DTYPE_CODE[out_dtype],
+                            N, C, x.data_ptr(), x_stride, _ptr(residual), 0 if residual is None else r_stride,
+                            _ptr(weight), h.data_ptr(), y.data_ptr(), rstd.data_ptr(), float(eps),
+                            float(weight_offset), bool(cast_before_weight), _threads())
+    return h, y, rstd
+
+
+def rms_norm_backward(dy, dh, x, weight, rstd, weight_offset, cast_before_weight, residual_dtype, need_weight_grad):
+    """(dx, dresidual, dweight) in x's shape (x: the forward's h where it had a residual, whose dtype is
+    residual_dtype, else None); dresidual is empty without a residual or where it would equal dx (a
+    residual of x's dtype), dweight where not needed."""
+    if residual_dtype is not None and (x.dtype, residual_dtype, dy.dtype) not in ADD_RMS_NORM_DTYPES:
+        return composed_add_rms_norm_backward(rms_norm_backward, dy, dh, x, weight, rstd, weight_offset,
+                                              cast_before_weight, residual_dtype, need_weight_grad)
+    C = x.shape[-1]
+    x, N, x_stride = _rows(x)
+    dy, _, dy_stride = _rows(dy)
+    weight, rstd, dh = _packed(weight), _packed(rstd), _packed(dh)
+    dx = torch.empty(x.shape, dtype=x.dtype)
+    separate = residual_dtype is not None and residual_dtype != x.dtype
+    dres = torch.empty(x.shape, dtype=residual_dtype) if separate else x.new_empty((0,))
+    need_weight_grad = need_weight_grad and weight is not None
+    dw = (torch.empty if N else torch.zeros)(C if need_weight_grad else 0, dtype=x.dtype)
+    if x.numel():
+        code = _DTYPE_CODE[x.dtype]
+        _C.rms_norm_backward(code, _DTYPE_CODE[residual_dtype] if separate else code, _DTYPE_CODE[dy.dtype], N, C,
+                             dy.data_ptr(), dy_stride, _ptr(dh), x.data_ptr(), x_stride, _ptr(weight),
+                             rstd.data_ptr(), dx.data_ptr(), dres.data_ptr() if separate else 0,
+                             dw.data_ptr() if need_weight_grad else 0, float(weight_offset), bool(cast_before_weight),
+                             _threads())
+    return dx, dres, dw
+
+
+def _mask_args(attn_mask, B, NH, TQ, TK):
+    """The C++ kernels' mask arguments: pointer (0: none), dtype code, (B, NH, TQ, TK) strides."""
+    if attn_mask is None:
+        return 0, 0, (0, 0, 0, 0)
+    code = _MASK_CODE[attn_mask.dtype]
+    return attn_mask.data_ptr(), code, mask_strides(attn_mask, B, NH, TQ, TK)
+
+
+def attention_forward(q, k, v, is_causal, scale, dropout_p, seed, attn_mask=None, window=0):
     B, NH, TQ, HS = q.shape
-    TK, HSV = k.shape[2], v.shape[3]
+    NKV, TK, HSV = k.shape[1], k.shape[2], v.shape[3]
     out = empty_bthd(B, NH, TQ, HSV, q)
     lse = torch.empty(B, NH, TQ, dtype=stats_dtype(q.dtype))
     if out.numel() and TK == 0:  # softmax over no keys: torch returns zeros
         out.zero_()
         lse.fill_(float("-inf"))
     elif out.numel():
-        _C.attention_forward(_DTYPE_CODE[q.dtype], B, NH, TQ, TK, HS, HSV, q.data_ptr(), _strides3(q),
+        _C.attention_forward(_DTYPE_CODE[q.dtype], B, NH, NKV, TQ, TK, HS, HSV, q.data_ptr(), _strides3(q),
                              k.data_ptr(), _strides3(k), v.data_ptr(), _strides3(v), out.data_ptr(), _strides3(out),
-                             lse.data_ptr(), float(scale), bool(is_causal), float(dropout_p), seed_value(seed), _threads())
+                             lse.data_ptr(), *_mask_args(attn_mask, B, NH, TQ, TK), int(window), float(scale),
+                             bool(is_causal), float(dropout_p), seed_value(seed), _threads())
     return out, lse
 
 
-def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed, grads=None):
+def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed, attn_mask=None, window=0,
+                       grads=None):
     """(dq, dk, dv). `grads` (this backend only) may name three tensors of q's, k's and v's shapes and dtype, any strides
     with a unit last one, for the kernel to write into (nanofast.fused_block passes views of one
     (B, T, 3C) buffer, so the gradient of the qkv matmul's output needs no concatenation)."""
     B, NH, TQ, HS = q.shape
     lse = _packed(lse)
-    TK, HSV = k.shape[2], v.shape[3]
+    NKV, TK, HSV = k.shape[1], k.shape[2], v.shape[3]
     dq, dk, dv = grads if grads is not None else (empty_grad_like(q), empty_grad_like(k), empty_grad_like(v))
     if B * NH * TQ * TK == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    _C.attention_backward(_DTYPE_CODE[q.dtype], B, NH, TQ, TK, HS, HSV, q.data_ptr(), _strides3(q), k.data_ptr(),
+    _C.attention_backward(_DTYPE_CODE[q.dtype], B, NH, NKV, TQ, TK, HS, HSV, q.data_ptr(), _strides3(q), k.data_ptr(),
                           _strides3(k), v.data_ptr(), _strides3(v), out.data_ptr(), _strides3(out), dout.data_ptr(),
                           _strides3(dout), lse.data_ptr(), dq.data_ptr(), _strides3(dq), dk.data_ptr(), _strides3(dk),
-                          dv.data_ptr(), _strides3(dv), float(scale), bool(is_causal), float(dropout_p),
-                          seed_value(seed), _threads())
+                          dv.data_ptr(), _strides3(dv), *_mask_args(attn_mask, B, NH, TQ, TK), int(window),
+                          float(scale), bool(is_causal), float(dropout_p), seed_value(seed), _threads())
     return dq, dk, dv
 
 
-def _gelu(x, dy):
+def _gelu(x, dy, approximate):
     """gelu(x), or dy * gelu'(x) when dy is given."""
     x, dy = _packed(x), _packed(dy)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.numel():
-        _C.gelu(_DTYPE_CODE[x.dtype], x.numel(), x.data_ptr(), _ptr(dy), out.data_ptr(), _threads())
+        _C.gelu(_DTYPE_CODE[x.dtype], x.numel(), x.data_ptr(), _ptr(dy), out.data_ptr(), _threads(),
+                tanh=approximate == "tanh")
     return out
 
 
-def gelu_forward(x):
-    return _gelu(x, None)
+def gelu_forward(x, approximate="none"):
+    return _gelu(x, None, approximate)
 
 
-def gelu_backward(dy, x):
+def gelu_backward(dy, x, approximate="none"):
     """dy * gelu'(x)."""
-    return _gelu(x, dy)
+    return _gelu(x, dy, approximate)
 
 
 def gelu_forward_saving_grad(x):
@@ -223,8 +288,80 @@ def gelu_backward_from_grad(dy, grad):
     return out
 
 
+_ACTIVATION_CODE = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+
+
+def glu_forward(gate, up, activation):
+    """act(gate) * up over the last dimension (unit stride) of gate and up (one shape, any leading
+    dimensions), contiguous in gate's shape."""
+    C = gate.shape[-1]
+    gate, N, g_stride = _rows(gate)
+    up, _, u_stride = _rows(up)
+    out = torch.empty(gate.shape, dtype=gate.dtype)
+    if out.numel():
+        _C.glu(_DTYPE_CODE[gate.dtype], _ACTIVATION_CODE[activation], N, C, gate.data_ptr(), g_stride, up.data_ptr(),
+               u_stride, 0, out.data_ptr(), 0, 0, _threads())
+    return out
+
+
+def glu_backward(dy, gate, up, activation):
+    """(dgate, dup) = (dy * up * act'(gate), dy * act(gate)), contiguous in gate's shape."""
+    C = gate.shape[-1]
+    gate, N, g_stride = _rows(gate)
+    up, _, u_stride = _rows(up)
+    dy = dy.contiguous()
+    dgate = torch.empty(gate.shape, dtype=gate.dtype)
+    dup = torch.empty(gate.shape, dtype=gate.dtype)
+    if dy.numel():
+        _C.glu(_DTYPE_CODE[gate.dtype], _ACTIVATION_CODE[activation], N, C, gate.data_ptr(), g_stride, up.data_ptr(),
+               u_stride, dy.data_ptr(), 0, dgate.data_ptr(), dup.data_ptr(), _threads())
+    return dgate, dup
+
+
+def _as_4d(t):
+    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))  # a view: leading dims of 1
+
+
+def _rotary(q, k, cos, sin, interleaved, backward, out_dtype):
+    """The rotation (or with backward its transpose) of q and k, either of which may be None (an empty
+    (0,) result). cos and sin broadcast over the leading dims of each (as nanofast.ops.checks.rotary_args
+    says); the results are laid out as their inputs where those are dense (empty_rows_like)."""
+    if cos.stride() != sin.stride() or cos.stride(-1) != 1:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    R = cos.shape[-1]
+    cos4 = _as_4d(cos)
+    outs, args = [], []
+    for t in (q, k):
+        if t is None or t.numel() == 0:
+            outs.append(cos.new_empty((0,), dtype=out_dtype) if t is None else torch.empty_like(t, dtype=out_dtype))
+            args += [(0, 0, 0), 0, (0, 0, 0), 0, (0, 0, 0), (0, 0, 0)]
+            continue
+        t4 = _as_4d(t)
+        out = empty_rows_like(t, out_dtype)
+        outs.append(out)
+        c4 = cos4.expand(*t4.shape[:3], R)
+        args += [tuple(t4.shape[:3]), t4.data_ptr(), _strides3(t4), out.data_ptr(), _strides3(_as_4d(out)),
+                 _strides3(c4)]
+    src = q if q is not None else k
+    if not _C.rope(_DTYPE_CODE[src.dtype], _DTYPE_CODE[cos.dtype], _DTYPE_CODE[out_dtype], src.shape[-1], R,
+                   cos.data_ptr(), sin.data_ptr(), *args, bool(interleaved), backward, _threads()):
+        raise TypeError(f"rotary embedding: no kernel for {src.dtype} rows with {cos.dtype} cos and sin")
+    return outs[0], outs[1]
+
+
+def rotary_forward(q, k, cos, sin, interleaved):
+    """(q * cos + rotate(q) * sin, the same for k) over the first cos.shape[-1] columns, the others
+    copied, in the dtype q's and cos's promote to."""
+    return _rotary(q, k, cos, sin, interleaved, False, torch.promote_types(q.dtype, cos.dtype))
+
+
+def rotary_backward(dq, dk, cos, sin, interleaved, dtype):
+    """The inputs' gradients in dtype (q's): the transposed rotation of dq and dk (either may be None)."""
+    return _rotary(dq, dk, cos, sin, interleaved, True, dtype)
+
+
 # Below about 2M multiply-adds (or 4 rows) packing the operands and starting threads cost more than
-# torch's whole call (a matrix-vector product while sampling, say): torch's matmul takes those.
+# torch's whole call: torch's matmul takes those (a few rows against a weight: the matrix-vector kernel).
 GEMM_MIN_MACS = 1 << 21
 GEMM_MIN_ROWS = 4
 
@@ -238,6 +375,43 @@ def uses_gemm(M, N, K, dtype):
 
 
 _GEMM_BF16_OPERANDS = (torch.float32, torch.bfloat16)
+
+# Up to this many rows (sequences sampled at once) a product against a weight of at least
+# GEMV_MIN_WEIGHTS elements runs nanofast's matrix-vector kernel (csrc/gemv.h), which reads each weight
+# row once for all of them, where the GEMMs would pack the weight first. Below that size the call around
+# the kernel costs as much as torch's whole product.
+GEMV_MAX_ROWS = 8
+GEMV_MIN_WEIGHTS = 1 << 15
+
+
+def uses_gemv(M, N, K, dtype):
+    """Whether an (M, K) @ W^T product with W (N, K) computed in dtype runs nanofast's matrix-vector
+    kernel (where W's rows are contiguous): a few rows, a weight of some size, float32 or bfloat16
+    products, on every CPU but Intel's (whose torch has MKL's own AVX-512 code) unless NANOFAST_GEMM says
+    otherwise."""
+    return 0 < M <= GEMV_MAX_ROWS and N * K >= GEMV_MIN_WEIGHTS and \
+        (dtype is torch.float32 or dtype is torch.bfloat16) and _C.has_gemv()
+
+
+def _gemv(a, b, bias, dtype, out_dtype):
+    """mm's product by csrc/gemv.h where it applies (b is W^T: b.stride(0) == 1), else None."""
+    if b.stride(0) != 1 or not uses_gemv(a.shape[0], b.shape[1], a.shape[1], dtype):
+        return None
+    if dtype is torch.float32:
+        if not (a.dtype is b.dtype is out_dtype is dtype and (bias is None or bias.dtype is dtype)):
+            return None
+    elif not (a.dtype in _GEMM_BF16_OPERANDS and b.dtype in _GEMM_BF16_OPERANDS and out_dtype in _GEMM_BF16_OPERANDS
+              and (bias is None or bias.dtype in _GEMM_BF16_OPERANDS)):
+        return None
+    (M, K), N = a.shape, b.shape[1]
+    if a.stride(1) != 1:
+        a = a.contiguous()
+    bias = _packed(bias)
+    out = torch.empty(M, N, dtype=out_dtype)
+    _C.gemv(M, N, K, a.data_ptr(), a.stride(0), _DTYPE_CODE[a.dtype], b.data_ptr(), b.stride(1), _DTYPE_CODE[b.dtype],
+            _ptr(bias), 0 if bias is None else _DTYPE_CODE[bias.dtype], out.data_ptr(), N, _DTYPE_CODE[out_dtype],
+            dtype is torch.bfloat16, _threads())
+    return out
 
 
 def has_gemm_bf16():
@@ -256,10 +430,17 @@ def mm(a, b, bias=None, dtype=None, out_dtype=None, out=None, accumulate=False):
     weight gradients). Elsewhere torch's matmul runs on the cast operands. The GEMMs' results are
     contiguous, and their bits depend neither on a's or b's strides nor on the number of threads.
 
+    A few rows against a weight (b = W^T, uses_gemv) run nanofast's matrix-vector kernel instead, in
+    either dtype.
+
     out: an (M, N) tensor with a unit column stride to write the result into (its dtype is the
     result's), returned; accumulate: out += a @ b instead (bias ignored)."""
     (M, K), N = a.shape, b.shape[1]
     dtype = dtype or a.dtype
+    if M <= GEMV_MAX_ROWS and out is None and not accumulate:
+        few_rows = _gemv(a, b, bias, dtype, out_dtype or dtype)
+        if few_rows is not None:
+            return few_rows
     if out is not None:
         out_dtype = out.dtype
     gemm_out = out is None or out.stride(1) == 1 or N == 1

@@ -1,6 +1,7 @@
-"""The CUDA backend, as backend.py describes it: nanofast.kernels' Triton launchers for LayerNorm and
-attention, and no GELU, dropout or linear launchers: nanofast.ops hands those to torch on CUDA tensors,
-where torch.compile fuses them with their neighbours (a kernel of nanofast's would stop that).
+"""The CUDA backend, as backend.py describes it: nanofast.kernels' Triton launchers for LayerNorm,
+RMSNorm, the gated MLP's activations, the rotary embedding and attention, and no GELU, dropout or
+linear launchers: nanofast.ops hands those to torch on CUDA tensors, where torch.compile fuses them
+with their neighbours (a kernel of nanofast's would stop that).
 
 nanofast.kernels and triton are imported on the first launch, so that `import nanofast` needs neither
 triton nor a GPU. The launchers here are the Triton ones without argument checks: nanofast.ops has
@@ -30,6 +31,7 @@ RUNS_DROPOUT = False
 RUNS_GELU = False  # torch's GELU, which torch.compile fuses into its neighbours
 RUNS_LINEAR = False
 ADD_LAYER_NORM_DTYPES = frozenset()  # no fused kernel: add_layer_norm_* compose
+ADD_RMS_NORM_DTYPES = None  # every combination fused (the kernel converts as it loads and stores)
 
 
 def stats_dtype(dtype):
@@ -76,20 +78,48 @@ def add_layer_norm_backward(dy, dh, h, weight, mean, rstd, residual_dtype, need_
                                             need_weight_grad, need_bias_grad)
 
 
-def attention_forward(q, k, v, is_causal, scale, dropout_p, seed, launch=None):
-    return _kernels("attention").attention_forward(q, k, v, is_causal, scale, dropout_p, _seed(seed),
+def rms_norm_forward(x, residual, weight, eps, weight_offset, cast_before_weight, out_dtype, launch=None):
+    return _kernels("rmsnorm").rms_norm_forward(x, residual, weight, eps, weight_offset, cast_before_weight, out_dtype,
+                                                **_launch(launch))
+
+
+def rms_norm_backward(dy, dh, x, weight, rstd, weight_offset, cast_before_weight, residual_dtype, need_weight_grad,
+                      launch=None):
+    return _kernels("rmsnorm").rms_norm_backward(dy, dh, x, weight, rstd, weight_offset, cast_before_weight,
+                                                 residual_dtype, need_weight_grad, **_launch(launch))
+
+
+def attention_forward(q, k, v, is_causal, scale, dropout_p, seed, attn_mask=None, window=0, launch=None):
+    return _kernels("attention").attention_forward(q, k, v, is_causal, scale, dropout_p, _seed(seed), attn_mask, window,
                                                    **_launch(launch))
 
 
-def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed, launch=None):
+def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, seed, attn_mask=None, window=0,
+                       launch=None):
     return _kernels("attention").attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p,
-                                                    _seed(seed), **_launch(launch))
+                                                    _seed(seed), attn_mask, window, **_launch(launch))
 
 
 def _seed(seed):
     """The seed as nanofast.kernels takes it (an int or a tensor, read by the kernels on the device);
     0 for None (no dropout)."""
     return 0 if seed is None else seed
+
+
+def glu_forward(gate, up, activation, launch=None):
+    return _kernels("glu").glu_forward(gate, up, activation, **_launch(launch))
+
+
+def glu_backward(dy, gate, up, activation, launch=None):
+    return _kernels("glu").glu_backward(dy, gate, up, activation, **_launch(launch))
+
+
+def rotary_forward(q, k, cos, sin, interleaved, launch=None):
+    return _kernels("rope").rotary_forward(q, k, cos, sin, interleaved, **_launch(launch))
+
+
+def rotary_backward(dq, dk, cos, sin, interleaved, dtype, launch=None):
+    return _kernels("rope").rotary_backward(dq, dk, cos, sin, interleaved, dtype, **_launch(launch))
 
 
 def dropout_mask(seed, batch, heads, q_len, k_len, p):

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .backend import backend_for
 from .checks import check_probability, check_tensor
-from .formula import register_formula
+from .formula import eager_apply, register_formula
 from .seed import draw_seed
 
 
@@ -81,4 +81,4 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
     x = input.contiguous()
     if torch.compiler.is_compiling():
         return dropout_fwd(x, p, seed)
-    return _EagerDropout.apply(x, p, seed, backend)
+    return eager_apply(_EagerDropout, x, p, seed, backend)

@@ -9,6 +9,8 @@ op's raw backward. The formula then serves
 * eager mode: the op's torch.autograd.Function (_EagerLayerNorm, ...) calls the backend's forward
   launcher, the same _setup_context, and sets ctx.raw_backward to the backend's backward launcher:
   the formula without the custom-op dispatch, which costs as much as the kernels at small shapes.
+  With grad mode off (sampling, evaluation) eager_apply runs that Function's forward alone, without
+  the autograd node around it, which costs as much again at a decode step's one-row shapes.
 
 Under create_graph=True each formula returns differentiable_grads instead: the same gradients as
 a graph, so that double backward is right; the first-order backward stays on the kernels.
@@ -25,6 +27,25 @@ def register_formula(forward_op, backward_op, setup_context, backward):
         ctx.raw_backward = backward_op
 
     forward_op.register_autograd(backward, setup_context=setup_op_context)
+
+
+class _NoAutograd:
+    """A ctx for an eager Function's forward run without autograd: what the forward keeps for a
+    backward that will not run is dropped."""
+
+    def save_for_backward(self, *tensors):
+        pass
+
+    def set_materialize_grads(self, value):
+        pass
+
+
+def eager_apply(function, *args):
+    """function.apply(*args) for an op's eager torch.autograd.Function, or where autograd records
+    nothing (grad mode off) its forward alone: the same launcher and the same outputs."""
+    if torch.is_grad_enabled():
+        return function.apply(*args)
+    return function.forward(_NoAutograd(), *args)
 
 
 def differentiable_grads(reference, inputs, needs, grads):

@@ -21,7 +21,7 @@ from .._layout import unit_last_stride
 from . import cuda
 from .backend import backend_for
 from .checks import layer_norm_args
-from .formula import differentiable_grads, register_formula, stand_in
+from .formula import differentiable_grads, eager_apply, register_formula, stand_in
 
 
 @torch.library.custom_op("nanofast::layer_norm_fwd", mutates_args=())
@@ -139,5 +139,5 @@ def layer_norm_on(backend, fn, input, normalized_shape, weight, bias, eps):
     if backend is None and torch.compiler.is_compiling():
         y = (layer_norm_fwd_triton if x2d.is_cuda else layer_norm_fwd)(x2d, w, b, eps)[0]
     else:
-        y = _EagerLayerNorm.apply(x2d, w, b, eps, backend or backend_for(x2d))
+        y = eager_apply(_EagerLayerNorm, x2d, w, b, eps, backend or backend_for(x2d))
     return y if x2d is input else y.view(input.shape)

@@ -23,7 +23,7 @@ from torch import Tensor
 from . import cpu
 from .backend import backend_for
 from .checks import linear_args, served
-from .formula import differentiable_grads, register_formula, stand_in
+from .formula import differentiable_grads, eager_apply, register_formula, stand_in
 
 
 @torch.library.custom_op("nanofast::linear_fwd", mutates_args=())
@@ -102,8 +102,8 @@ _BF16_OPERANDS = (torch.float32, torch.bfloat16)
 def _bfloat16_autocast(input, weight, bias):
     """Whether a CPU autocast region asks for bfloat16 products that nanofast's bfloat16 GEMM takes:
     operands it reads, in eager mode (under torch.compile autocast's F.linear is what the graph records),
-    and a forward product it runs (below its size, such as sampling's one-row products, autocast's own
-    F.linear costs less than the autograd.Function around the same torch matmul)."""
+    and a forward product it runs (the GEMM, or the matrix-vector kernel for a few rows; for other small
+    products autocast's own F.linear costs less than the autograd.Function around the same torch matmul)."""
     if torch.compiler.is_compiling() or torch.get_autocast_dtype("cpu") is not torch.bfloat16:
         return False
     if input.dtype not in _BF16_OPERANDS or weight.dtype not in _BF16_OPERANDS or weight.dim() != 2:
@@ -116,7 +116,8 @@ def _bfloat16_autocast(input, weight, bias):
     if input.dim() == 0 or input.shape[-1] != in_features or (bias is not None and tuple(bias.shape) != (out_features,)):
         return True  # nanofast's checks, which name the shapes
     rows = input.numel() // in_features if in_features else 0
-    return cpu.uses_gemm(rows, out_features, in_features, torch.bfloat16)
+    return cpu.uses_gemm(rows, out_features, in_features, torch.bfloat16) or \
+        (cpu.uses_gemv(rows, out_features, in_features, torch.bfloat16) and weight.stride(1) == 1)
 
 
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -137,5 +138,5 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
     if torch.compiler.is_compiling():  # (never under autocast: see _bfloat16_autocast)
         y = linear_fwd(x, weight, bias)
     else:
-        y = _EagerLinear.apply(x, weight, bias, dtype, backend)
+        y = eager_apply(_EagerLinear, x, weight, bias, dtype, backend)
     return y if input.dim() == 2 else y.view(*input.shape[:-1], weight.shape[0])

@@ -1,0 +1,110 @@
+"""Attention for models nanofast.patch has patched: one function for torch's
+scaled_dot_product_attention calls (patch.py routes them here) and one for Hugging Face transformers'
+attention interface, registered there as the implementation "nanofast".
+
+Both serve what nanofast.ops.scaled_dot_product_attention serves and hand anything else to torch's
+function with one warning per reason (the reason is the ops' own check message). transformers is never
+imported here: it is found in sys.modules, where the patched model's own import put it.
+"""
+import importlib
+import sys
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .ops import checks
+
+IMPLEMENTATION = "nanofast"
+_torch_sdpa = F.scaled_dot_product_attention
+_warned = set()
+# attention arguments of some transformers models that nanofast's attention has no counterpart for
+_TRANSFORMERS_ONLY = ("softcap", "position_bias", "s_aux", "sinks", "output_attentions")
+
+
+def unsupported_reason(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
+    """Why nanofast cannot serve this call (the ops' check message), or None if it can."""
+    try:
+        checks.attention_args(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
+    except (TypeError, ValueError) as e:  # UnsupportedArgument is a ValueError too
+        return str(e).split(": ", 1)[-1]
+    return None
+
+
+def sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, fallback=_torch_sdpa):
+    """F.scaled_dot_product_attention on nanofast where it can, on `fallback` (torch's) elsewhere. Under
+    autocast the inputs are cast to autocast's dtype first, as autocast does for torch's (a rotary
+    embedding in float32 beside bfloat16 values, say)."""
+    device = query.device.type
+    if torch.is_autocast_enabled(device) and query.is_floating_point():
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = (t.to(dtype) for t in (query, key, value))
+    reason = unsupported_reason(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
+    if reason is None:
+        if attn_mask is None and not enable_gqa:  # the arguments every version of nanofast.ops takes
+            return ops.scaled_dot_product_attention(query, key, value, None, dropout_p, is_causal, scale)
+        return ops.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    _warn_once(reason, "torch's scaled_dot_product_attention")
+    kwargs = {"enable_gqa": True} if enable_gqa else {}
+    return fallback(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                    **kwargs)
+
+
+def transformers_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                           **kwargs):
+    """transformers' attention-interface function (the signature of its sdpa_attention_forward): query
+    (B, H, Tq, D), key and value (B, Hkv, Tk, D), the mask transformers built for "sdpa" (boolean, or
+    None where causality alone says it); returns ((B, Tq, H, D), None). Grouped key/value heads are read
+    in place (enable_gqa), never repeated."""
+    special = [k for k in _TRANSFORMERS_ONLY if kwargs.get(k) is not None and kwargs.get(k) is not False]
+    if special:
+        _warn_once(special[0], "transformers' sdpa attention")
+        return _transformers_module("integrations.sdpa_attention").sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
+            **kwargs)
+    q_len = query.shape[2]
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
+    if is_causal and key.shape[2] > q_len:  # a prefill into a longer static cache, as transformers' sdpa does
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    out = sdpa(query, key, value, attention_mask, dropout, is_causal, scaling, key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _warn_once(reason, fallback):
+    kind = reason.split(" ", 1)[0]
+    if kind not in _warned:
+        _warned.add(kind)
+        warnings.warn(f"nanofast.patch: falling back to {fallback} ({reason})", stacklevel=4)
+
+
+def _transformers_module(name):
+    return importlib.import_module(f"transformers.{name}")
+
+
+def is_transformers_model(model):
+    """A transformers model whose attention goes through its attention interface."""
+    config = getattr(model, "config", None)
+    return ("transformers" in sys.modules and hasattr(config, "_attn_implementation")
+            and callable(getattr(model, "set_attn_implementation", None)))
+
+
+def use_for_transformers_model(model):
+    """Make "nanofast" the model's attention implementation (registered once, with transformers' sdpa
+    masks), remembering the one it had."""
+    if model.config._attn_implementation == IMPLEMENTATION:
+        return
+    interface = _transformers_module("modeling_utils").AttentionInterface
+    if IMPLEMENTATION not in interface._global_mapping:
+        masks = _transformers_module("masking_utils")
+        interface.register(IMPLEMENTATION, transformers_attention)
+        masks.AttentionMaskInterface.register(IMPLEMENTATION, masks.sdpa_mask)
+    model.__dict__["_nanofast_attn_implementation"] = model.config._attn_implementation
+    model.set_attn_implementation(IMPLEMENTATION)
+
+
+def restore_transformers_model(model):
+    previous = model.__dict__.pop("_nanofast_attn_implementation", None)
+    if previous is not None:
+        model.set_attn_implementation(previous)

@@ -1,0 +1,176 @@
+"""Sampling with a key/value cache (nanofast.generation, GPT.generate): the same tokens and logits as
+recomputing the whole context, cropping past block_size, batches, both backends' attention."""
+import importlib.util
+
+import pytest
+import torch
+
+from nanofast import _C, generation
+from nanofast.generation import KVCache, LayerCache, cast_weights_to_bfloat16, forward_cached
+from nanofast.model import GPT, GPTConfig
+from nanofast.ops import cpu
+from nanofast.testing import assert_parity
+
+KERNELS = ["nanofast", "torch"]
+VOCAB = 37
+
+
+def tiny_model(kernels="nanofast", seed=0, **kw):
+    args = dict(block_size=16, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True,
+                kernels=kernels)
+    args.update(kw)
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**args)).eval()
+
+
+def both_ways(model, idx, n, seed, **kw):
+    """generate with and without the cache, from the same seed."""
+    torch.manual_seed(seed)
+    cached = model.generate(idx, n, **kw)
+    torch.manual_seed(seed)
+    return cached, model.generate(idx, n, use_cache=False, **kw)
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("temperature,top_k", [(1.0, None), (0.8, 5), (1.5, 20), (0.0, None)])
+def test_same_tokens_as_without_cache(kernels, batch, temperature, top_k):
+    model = tiny_model(kernels)
+    for seed in range(3):
+        g = torch.Generator().manual_seed(100 + seed)
+        for prompt_len in (1, 7, 20):  # 20 > block_size: the prompt itself is cropped
+            idx = torch.randint(0, VOCAB, (batch, prompt_len), generator=g)
+            cached, uncached = both_ways(model, idx, 25, seed, temperature=temperature, top_k=top_k)
+            assert cached.shape == (batch, prompt_len + 25) and torch.equal(cached[:, :prompt_len], idx)
+            assert torch.equal(cached, uncached), (seed, prompt_len)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_same_tokens_through_the_matrix_vector_kernel(batch):
+    """Weights large enough that a step's products run nanofast's matrix-vector kernel (ops/cpu.py:
+    uses_gemv), while the prefill's and the uncached path's rows run the GEMM or torch's matmul."""
+    model = tiny_model(n_embd=128, n_head=4, vocab_size=300)
+    assert cpu.uses_gemv(batch, 4 * 128, 128, torch.float32) == _C.has_gemv()
+    idx = torch.randint(0, 300, (batch, 6), generator=torch.Generator().manual_seed(3))
+    for seed in range(2):
+        cached, uncached = both_ways(model, idx, 14, seed, temperature=1.0, top_k=50)
+        assert torch.equal(cached, uncached)
+
+
+def teacher_forced_logits(model, tokens, use_cache):
+    """The next-token logits (B, T, vocab) after each prefix tokens[:, :t + 1], t < T <= block_size: with
+    the cache, a prefill of the first token and then one step per token."""
+    if not use_cache:
+        return torch.stack([model(tokens[:, :t + 1])[0][:, -1] for t in range(tokens.shape[1])], dim=1)
+    cache = KVCache(model.config.n_layer, model.config.block_size)
+    return torch.stack([forward_cached(model, tokens[:, t:t + 1], cache) for t in range(tokens.shape[1])], dim=1)
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_logits_match_within_parity_rule(kernels):
+    """Cached float32 logits against the float64 model's: at most twice the error of the uncached
+    float32 logits (nanofast.testing's rule), at every position of a full block."""
+    model = tiny_model(kernels, seed=3)
+    tokens = torch.randint(0, VOCAB, (3, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        cached = teacher_forced_logits(model, tokens, True)
+        uncached = teacher_forced_logits(model, tokens, False)
+        ref = teacher_forced_logits(model.double(), tokens, False)
+    assert_parity("cached logits", cached, uncached, ref)
+
+
+def test_prefill_then_steps_match_one_prefill():
+    model = tiny_model(seed=5)
+    tokens = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        cache = KVCache(model.config.n_layer, model.config.block_size)
+        forward_cached(model, tokens[:, :5], cache)
+        for t in range(5, 8):
+            forward_cached(model, tokens[:, t:t + 1], cache)
+        stepped = forward_cached(model, tokens[:, 8:], cache)
+        whole = forward_cached(model, tokens, KVCache(model.config.n_layer, model.config.block_size))
+    assert cache.length == 9
+    torch.testing.assert_close(stepped, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(whole, model(tokens)[0][:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_cache_is_rebuilt_past_block_size(monkeypatch):
+    """Past block_size each step is a prefill of the last block_size tokens: the cached keys and values
+    were computed at other positions, so they cannot be shifted."""
+    model = tiny_model()
+    calls = []
+    real = generation.forward_cached
+
+    def spy(model, idx, cache):
+        calls.append((cache.length, idx.shape[1]))
+        return real(model, idx, cache)
+
+    monkeypatch.setattr(generation, "forward_cached", spy)
+    model.generate(torch.zeros(2, 13, dtype=torch.long), 6)
+    # prefill of 13, steps at 13, 14, 15 cached positions, then full: rebuilt from 16 tokens twice
+    assert calls == [(0, 13), (13, 1), (14, 1), (15, 1), (0, 16), (0, 16)]
+
+
+def test_layer_cache_rejects_what_it_cannot_hold():
+    layer = LayerCache(4)
+    k = torch.zeros(1, 2, 3, 8)
+    keys, values = layer.append(k, k)
+    assert keys.shape == (1, 2, 3, 8) and layer.length == 3
+    with pytest.raises(ValueError, match="one position per step"):
+        layer.append(k, k)
+    layer.append(k[:, :, :1], k[:, :, :1])
+    with pytest.raises(ValueError, match="capacity 4"):
+        layer.append(k[:, :, :1], k[:, :, :1])
+
+
+def test_bfloat16_autocast_logits_match_within_parity_rule():
+    """Under bfloat16 autocast the layers' keys are bfloat16, and so is the cache; the cached logits keep
+    the parity rule against the float64 model, with the uncached autocast logits as the baseline."""
+    model = tiny_model(seed=7)
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cache = KVCache(model.config.n_layer, model.config.block_size)
+            forward_cached(model, tokens[:, :1], cache)
+            assert cache.layers[0].k.dtype == torch.bfloat16
+            cached = teacher_forced_logits(model, tokens, True)
+            uncached = teacher_forced_logits(model, tokens, False)
+        ref = teacher_forced_logits(model.double(), tokens, False)
+    assert cached.dtype == uncached.dtype == torch.bfloat16
+    assert_parity("cached logits under autocast", cached, uncached, ref)
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_bfloat16_weights_give_autocasts_tokens_and_logits(kernels):
+    """Weights stored in bfloat16 are what autocast rounds the float32 ones to before each product: the
+    same logits, bit for bit, and the same tokens, through the matrix-vector kernel and the GEMMs."""
+    model = tiny_model(kernels, n_embd=128, n_head=4, vocab_size=300)
+    cast = cast_weights_to_bfloat16(tiny_model(kernels, n_embd=128, n_head=4, vocab_size=300))
+    assert cast.lm_head.weight.dtype == torch.bfloat16 and cast.transformer.h[0].mlp.c_fc.weight.dtype == torch.bfloat16
+    assert cast.transformer.wte.weight.dtype == torch.float32  # the embedding keeps its float32 values
+    assert cast.transformer.h[0].mlp.c_fc.bias.dtype == torch.float32
+    tokens = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for use_cache in (True, False):
+            assert torch.equal(teacher_forced_logits(cast, tokens, use_cache),
+                               teacher_forced_logits(model, tokens, use_cache))
+        for seed in range(2):
+            torch.manual_seed(seed)
+            want = model.generate(tokens[:, :4], 20, temperature=0.9, top_k=40)
+            torch.manual_seed(seed)
+            assert torch.equal(cast.generate(tokens[:, :4], 20, temperature=0.9, top_k=40), want)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_same_tokens_with_triton_attention():
+    """CUDA's attention path (Triton; on CPU tensors through its interpreter): a decode step's one query
+    row against a view of the cache's buffers."""
+    import nanofast.kernels as K
+
+    model = tiny_model(block_size=8)
+    for block in model.transformer.h:
+        block.fused = False
+        block.attn.kernel = K.scaled_dot_product_attention
+    idx = torch.randint(0, VOCAB, (2, 3), generator=torch.Generator().manual_seed(2))
+    cached, uncached = both_ways(model, idx, 7, 0, temperature=0.9, top_k=10)
+    assert torch.equal(cached, uncached)

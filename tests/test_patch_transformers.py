@@ -1,0 +1,207 @@
+"""nanofast.patch on Hugging Face transformers models of each family nanofast's users fine-tune: small
+random-weight configs of GPT-2, Llama, Qwen2 (grouped-query attention), Mistral (sliding window), BERT
+and ViT. The patched model gives the unpatched model's loss and gradients within the parity rule
+(against the float64 model), with and without padding, and unpatch() restores it.
+
+transformers is a test dependency only (skipped where it is not installed)."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import nanofast
+from nanofast.testing import FACTOR, max_error
+
+transformers = pytest.importorskip("transformers")
+
+V, T, B = 97, 19, 3  # a vocabulary and a length that are not powers of two
+
+
+@pytest.fixture(autouse=True)
+def _every_fallback_warns(monkeypatch):
+    """patch warns once per reason and process: a fresh record per test, so each test sees its own."""
+    monkeypatch.setattr(nanofast.patch_attention, "_warned", set())
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(vocab_size=V, n_positions=64, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _qwen2():
+    cfg = transformers.Qwen2Config(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.Qwen2ForCausalLM(cfg)
+
+
+def _mistral():
+    cfg = transformers.MistralConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                     sliding_window=8)
+    return transformers.MistralForCausalLM(cfg)
+
+
+def _bert():
+    cfg = transformers.BertConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=96, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    return transformers.BertForMaskedLM(cfg)
+
+
+def _vit():
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=96, num_labels=5, hidden_dropout_prob=0.0,
+                                 attention_probs_dropout_prob=0.0)
+    return transformers.ViTForImageClassification(cfg)
+
+
+FAMILIES = {"gpt2": _gpt2, "llama": _llama, "qwen2-gqa": _qwen2, "mistral-window": _mistral, "bert": _bert,
+            "vit": _vit}
+
+
+def _inputs(family, padded, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    if family == "vit":
+        return dict(pixel_values=torch.randn(B, 3, 32, 32, generator=g, dtype=dtype),
+                    labels=torch.randint(5, (B,), generator=g))
+    ids = torch.randint(V, (B, T), generator=g)
+    kw = dict(input_ids=ids, labels=ids.clone())
+    if padded:  # unequal lengths: left padding for the decoders, right padding for BERT
+        mask = torch.ones(B, T, dtype=torch.long)
+        lengths = [T, T - 5, T - 11]
+        for b, n in enumerate(lengths):
+            if family == "bert":
+                mask[b, n:] = 0
+            else:
+                mask[b, :T - n] = 0
+        kw["attention_mask"] = mask
+        kw["labels"] = torch.where(mask.bool(), ids, -100)
+    return kw
+
+
+# what patch must have put in place in each family (besides attention, checked by the no-fallback rule)
+SERVED = {
+    "gpt2": (nanofast.nn.Conv1D, nanofast.nn.LayerNorm, nanofast.nn.GELU),
+    "llama": (nanofast.nn.Linear, nanofast.nn.RMSNorm, "gated"),
+    "qwen2-gqa": (nanofast.nn.Linear, nanofast.nn.RMSNorm, "gated"),
+    "mistral-window": (nanofast.nn.Linear, nanofast.nn.RMSNorm, "gated"),
+    "bert": (nanofast.nn.Linear, nanofast.nn.LayerNorm, nanofast.nn.GELU),
+    "vit": (nanofast.nn.Linear, nanofast.nn.LayerNorm, nanofast.nn.GELU),
+}
+
+
+def _assert_served(family, model):
+    for kind in SERVED[family]:
+        if kind == "gated":
+            assert any(type(m.__dict__.get("forward")).__name__ == "_GatedMLPForward" for m in model.modules())
+        else:
+            assert any(type(m) is kind for m in model.modules()), kind
+    assert model.config._attn_implementation == "nanofast"
+
+
+def _loss_and_grads(model, inputs):
+    model.zero_grad(set_to_none=True)
+    loss = model(**inputs).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _check(name, ours, theirs, ref, atol):
+    err, torch_err = max_error(ours, ref), max_error(theirs, ref)
+    assert err <= FACTOR * torch_err + atol, f"{name}: {err:.3g} > {FACTOR} * {torch_err:.3g} + {atol:g}"
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_patched_family_matches_unpatched(family, padded):
+    if family == "vit" and padded:
+        pytest.skip("images have no padding")
+    torch.manual_seed(0)
+    ref = FAMILIES[family]().eval()  # dropout off: the two models would draw other masks
+    model = nanofast.patch(copy.deepcopy(ref))
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    _assert_served(family, model)
+    ref64 = copy.deepcopy(ref).double()
+    inputs = _inputs(family, padded)
+    inputs64 = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="nanofast.patch")  # no fallback in these configurations
+        loss, grads = _loss_and_grads(model, inputs)
+    ref_loss, ref_grads = _loss_and_grads(ref, inputs)
+    loss64, grads64 = _loss_and_grads(ref64, inputs64)
+    _check("loss", loss, ref_loss, loss64, 1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for n in ref_grads:
+        _check(n, grads[n], ref_grads[n], grads64[n], 1e-5)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_patched_family_under_bfloat16_autocast(family):
+    torch.manual_seed(0)
+    ref = FAMILIES[family]().eval()
+    model = nanofast.patch(copy.deepcopy(ref))
+    inputs = _inputs(family, padded=family != "vit")
+    with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+        warnings.filterwarnings("error", message="nanofast.patch")  # no fallback under autocast either
+        loss, grads = _loss_and_grads(model, inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss, ref_grads = _loss_and_grads(ref, inputs)
+    assert abs(float(loss) - float(ref_loss)) <= 2e-2 * abs(float(ref_loss))
+    for n, g in ref_grads.items():  # bfloat16 rounding of every product: a relative bound on each gradient
+        assert (grads[n].float() - g.float()).norm() <= 0.1 * g.float().norm() + 1e-4, n
+
+
+def test_patch_keeps_parameters_and_unpatch_restores():
+    torch.manual_seed(0)
+    model = _gpt2()
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    implementation = model.config._attn_implementation
+    nanofast.patch(model)
+    assert dict(model.named_parameters()) == params  # the same Parameter objects
+    assert any(isinstance(m, nanofast.nn.Conv1D) for m in model.modules())
+    assert model.config._attn_implementation == "nanofast"
+    nanofast.unpatch(model)
+    assert dict(model.named_modules()).keys() == modules.keys()
+    assert all(m is modules[n] for n, m in model.named_modules())
+    assert model.config._attn_implementation == implementation
+
+
+def test_unpatch_restores_a_llama():
+    torch.manual_seed(0)
+    model = _llama()
+    before = {n: type(m) for n, m in model.named_modules()}
+    inputs = _inputs("llama", padded=True)
+    ref = model(**inputs).loss
+    nanofast.patch(model)
+    assert any(isinstance(m, nanofast.nn.RMSNorm) for m in model.modules())
+    nanofast.unpatch(model)
+    assert {n: type(m) for n, m in model.named_modules()} == before
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert torch.equal(model(**inputs).loss, ref)
+
+
+def test_unpatched_model_is_not_routed():
+    """Patching one model routes that model's attention only: another instance keeps torch's."""
+    torch.manual_seed(0)
+    patched, plain = nanofast.patch(_llama()), _llama()
+    assert patched.config._attn_implementation == "nanofast"
+    assert plain.config._attn_implementation != "nanofast"
+    calls = []
+    real = nanofast.ops.scaled_dot_product_attention
+    nanofast.ops.scaled_dot_product_attention = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        plain(**_inputs("llama", padded=False))
+        assert calls == []
+        patched(**_inputs("llama", padded=False))
+        assert len(calls) == 2
+    finally:
+        nanofast.ops.scaled_dot_product_attention = real
