@@ -27,6 +27,7 @@ def _every_fallback_warns(monkeypatch):
     """patch warns once per reason and process: a fresh record per test, so each test sees its own."""
     monkeypatch.setattr(nanofast.patch_attention, "_warned", set())
     monkeypatch.setattr(nanofast.patch_loss, "_warned", set())
+    monkeypatch.setattr(nanofast.patch_rotary, "_warned", set())
 
 
 def _gpt2():
@@ -368,3 +369,70 @@ def test_changed_logits_keep_transformers_loss():
     with pytest.warns(UserWarning, match="Gemma2ForCausalLM's LM head and loss stay transformers' .*changes the logits"):
         nanofast.patch(model)
     assert model(**_inputs("llama", padded=False)).logits is not None
+
+
+@pytest.mark.slow
+def test_fused_loss_and_rotary_under_torch_compile():
+    torch.manual_seed(0)
+    ref = _llama().to(DEVICE).train()
+    model = nanofast.patch(copy.deepcopy(ref))
+    inputs = _inputs("llama", padded=True)
+    out = torch.compile(model)(**inputs)
+    assert out.logits is None
+    ref_loss, _ = _loss_and_grads(ref, inputs)
+    torch.testing.assert_close(out.loss.detach(), ref_loss, rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+
+
+# ---- the rotary embedding (patch_rotary.py) ----
+
+def _rotary_copies(model):
+    """The attention modules' own copies of apply_rotary_pos_emb (transformers makes them where
+    Hugging Face's kernels package is installed)."""
+    return [m._kernel_funcs["rotary_pos_emb"] for m in model.modules()
+            if "rotary_pos_emb" in (m.__dict__.get("_kernel_funcs") or {})]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2-gqa", "mistral-window"])
+def test_rotary_routed_per_instance(family, monkeypatch):
+    torch.manual_seed(0)
+    model = FAMILIES[family]().to(DEVICE)
+    if not _rotary_copies(model):
+        pytest.skip("attention modules have their own apply_rotary_pos_emb only with the kernels package")
+    calls, real = [], nanofast.ops.apply_rotary_pos_emb
+    monkeypatch.setattr(nanofast.ops, "apply_rotary_pos_emb", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain = copy.deepcopy(model)
+    nanofast.patch(model)
+    inputs = _inputs(family, padded=True)
+    plain(**inputs)
+    assert calls == []  # another instance of the same class keeps transformers' function
+    model(**inputs)
+    assert len(calls) == model.config.num_hidden_layers
+    nanofast.unpatch(model)
+    model(**inputs)
+    assert len(calls) == model.config.num_hidden_layers
+    assert all("forward" not in c.__dict__ for c in _rotary_copies(model))
+
+
+def test_rotary_recognised_by_what_it_computes():
+    """A copy is routed only where its function computes the op: rotating halves (Llama's), pairs
+    (interleaved), not anything else that takes the same arguments."""
+    kernels = pytest.importorskip("kernels")
+    from transformers.models.llama import modeling_llama
+
+    def every_two(x):
+        return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+    @kernels.use_kernel_forward_from_hub("rotary_pos_emb")
+    def pairs(q, k, cos, sin, unsqueeze_dim=1):
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return q * cos + every_two(q) * sin, k * cos + every_two(k) * sin
+
+    @kernels.use_kernel_forward_from_hub("rotary_pos_emb")
+    def scaled(q, k, cos, sin, unsqueeze_dim=1):
+        return q * cos.unsqueeze(unsqueeze_dim), k * sin.unsqueeze(unsqueeze_dim)
+
+    known = nanofast.patch_rotary._known
+    assert known(type(modeling_llama.apply_rotary_pos_emb))[1] is False
+    assert known(type(pairs))[1] is True
+    assert known(type(scaled))[1] is None

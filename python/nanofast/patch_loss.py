@@ -130,6 +130,12 @@ def causal_lm_loss(hidden, weight, bias, labels, num_items_in_batch=None, ignore
     return loss
 
 
+def _thread_key():
+    """The key of this thread's fused call (torch.compile cannot trace threading.get_ident: a compiled
+    forward is taken to run on one thread)."""
+    return 0 if torch.compiler.is_compiling() else threading.get_ident()
+
+
 class _Call:
     """One fused forward running on one thread: the head's input, the placeholder it returned, and the
     logits computed after all (where the loss could not be fused), or None."""
@@ -151,11 +157,17 @@ class _FusedLoss:
         self.previous_head_forward = head.__dict__.get("forward")
         self.calls = {}  # thread id -> the _Call of the fused forward running on that thread
 
-    def model_forward(self):
-        return self.previous_forward or type(self.model).forward.__get__(self.model)
+    # (the class's forward called with the instance: torch.compile resolves type(m).forward.__get__(m)
+    # to the instance attribute, this very hook)
+    def model_forward(self, *args, **kwargs):
+        if self.previous_forward is not None:
+            return self.previous_forward(*args, **kwargs)
+        return type(self.model).forward(self.model, *args, **kwargs)
 
     def head_forward(self, input):
-        return (self.previous_head_forward or type(self.head).forward.__get__(self.head))(input)
+        if self.previous_head_forward is not None:
+            return self.previous_head_forward(input)
+        return type(self.head).forward(self.head, input)
 
     def logits(self, call):
         """The logits of a fused call after all (its loss could not be fused, or never ran)."""
@@ -172,17 +184,18 @@ class _ModelForward:
 
     @property
     def __signature__(self):  # the model's own (transformers' Trainer reads it to pick the inputs)
-        return inspect.signature(self.fused.model_forward())
+        fused = self.fused
+        return inspect.signature(fused.previous_forward or type(fused.model).forward.__get__(fused.model))
 
     def __call__(self, *args, **kwargs):
         fused = self.fused
-        forward = fused.model_forward()
+        forward = fused.model_forward
         labels = kwargs.get("labels")
         if labels is None and fused.labels_at is not None and len(args) > fused.labels_at:
             labels = args[fused.labels_at]
         if labels is None or not fused.model.training or not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        thread = threading.get_ident()
+        thread = _thread_key()
         outer = fused.calls.get(thread)  # (a model called inside its own forward)
         call = fused.calls[thread] = _Call()
         try:
@@ -218,7 +231,7 @@ class _HeadForward:
 
     def __call__(self, input):
         fused = self.fused
-        call = fused.calls.get(threading.get_ident())
+        call = fused.calls.get(_thread_key())
         if call is None or call.placeholder is not None:
             return fused.head_forward(input)
         call.hidden = input
@@ -236,7 +249,7 @@ class _Loss:
     def __call__(self, logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
                  **kwargs):
         fused = self.fused
-        call = fused.calls.get(threading.get_ident())
+        call = fused.calls.get(_thread_key())
         if call is not None and call.placeholder is not None:
             if logits is not call.placeholder:
                 raise RuntimeError("nanofast.patch: the model changed the LM head's logits before its loss; "
