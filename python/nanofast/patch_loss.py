@@ -299,3 +299,8 @@ def restore_transformers_model(model):
         else:
             module.forward = previous
     model.__dict__.pop("_loss_function", None)
+
+
+def fuses_loss(model):
+    """Whether patch has routed this model's LM head and loss (benchmarks label their cases by it)."""
+    return isinstance(model.__dict__.get("forward"), _ModelForward)
