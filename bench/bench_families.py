@@ -5,12 +5,14 @@ Families: GPT-2, Llama, Qwen2 with grouped-query attention (8 heads, 2 key/value
 sliding window, BERT and ViT; random weights, 4 layers, 256 wide, B=8, T=128 (64 patches of 4x4 pixels
 for ViT), with a padded batch (unequal lengths) for the text models; float32 and bfloat16 autocast. And a
 fine-tuning step of a SmolLM2-135M-shaped Llama (30 layers, 576 wide, 9 heads, 3 key/value heads, MLP
-1536, vocabulary 49152, B=4, T=512).
+1536, vocabulary 49152, B=4, T=512). The patched causal LMs run their LM head and loss fused
+(nanofast.patch's fused_loss, the logits never stored).
 
 Time: patched and unpatched take turns, round after round, in one process (a drift of the machine's
 speed hits both alike). Peak memory: each variant runs two steps in a fresh subprocess, and the figure is
 the growth of the process's peak resident set (VmHWM) over its size after building the model, printed
-under the report's table. transformers is a benchmark dependency only.
+under the report's table; for a causal LM also patched with fused_loss=False, which shows what the fused
+loss saves. transformers is a benchmark dependency only.
 """
 import copy
 import json
@@ -94,10 +96,10 @@ _MEMORY = textwrap.dedent('''
     import json, sys, torch
     sys.path.insert(0, sys.argv[1])
     import bench_families as bf, nanofast
-    family, patched, dtype = sys.argv[2], sys.argv[3] == "1", getattr(torch, sys.argv[4])
+    family, patched, dtype = sys.argv[2], sys.argv[3] != "0", getattr(torch, sys.argv[4])
     model, batch = bf.build(family)
     if patched:
-        nanofast.patch(model)
+        nanofast.patch(model, fused_loss=sys.argv[3] == "fused")
     def status(key):
         return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) / 1024
     before = status("VmRSS:")
@@ -108,12 +110,13 @@ _MEMORY = textwrap.dedent('''
 ''')
 
 
-def peak_memory_mb(family, patched, dtype):
+def peak_memory_mb(family, patched, dtype, fused_loss=True):
     import os
     here = os.path.dirname(os.path.abspath(__file__))
     # run from bench/: from the repository root, its kernels/ directory would shadow the `kernels` package
     # transformers imports (see the root conftest.py)
-    r = subprocess.run([sys.executable, "-c", _MEMORY, here, family, "1" if patched else "0",
+    variant = ("fused" if fused_loss else "1") if patched else "0"
+    r = subprocess.run([sys.executable, "-c", _MEMORY, here, family, variant,
                         str(dtype).replace("torch.", "")], capture_output=True, text=True, timeout=1800, cwd=here)
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-3000:])
@@ -129,13 +132,18 @@ DTYPES = [torch.float32, torch.bfloat16]
 def test_family_train_step(record, family, dtype):
     ref, batch = build(family)
     model = nanofast.patch(copy.deepcopy(ref))
+    fused = nanofast.patch_loss.fuses_loss(model)
     steps = {"torch": step_fn(ref, batch, dtype), "nanofast": step_fn(model, batch, dtype)}
     times, rounds = _alternate(steps, seconds_per_round=0.5)
     tokens = batch["input_ids"].numel() if "input_ids" in batch else B * 64
-    case = f"{family} B{len(next(iter(batch.values())))}" + (" padded" if "attention_mask" in batch else "")
+    case = f"{family} B{len(next(iter(batch.values())))}" + (" padded" if "attention_mask" in batch else "") + \
+        (" fused loss" if fused else "")
     for provider, seconds in times.items():
         record.seconds(seconds, rounds, op="train step (HF family)", case=case, mode="fwd+bwd+AdamW", dtype=dtype,
                        provider=provider, device="cpu", work=tokens * 1e6, unit="ktok/s")
     peaks = {p: peak_memory_mb(family, p == "nanofast", dtype) for p in ("torch", "nanofast")}
+    unfused = f", patched without the fused loss {peak_memory_mb(family, True, dtype, fused_loss=False):.0f} MB" \
+        if fused else ""
     record.note(f"peak memory, train step {case} {str(dtype).replace('torch.', '')}: patched "
-                f"{peaks['nanofast']:.0f} MB, unpatched {peaks['torch']:.0f} MB (growth of VmHWM over the built model)")
+                f"{peaks['nanofast']:.0f} MB{unfused}, unpatched {peaks['torch']:.0f} MB (growth of VmHWM over the "
+                "built model)")

@@ -8,8 +8,13 @@
 # 4. trains on the CPU and on CUDA side by side (nanofast-compare, two configs) and resumes a CPU run
 #    on CUDA (bench/resume_check.py); tiny shakespeare from $SHAKESPEARE (default .gpu_data/input.txt)
 #    where present, else the README as a corpus,
-# 5. runs the ops tests and the kernel micro-benchmark (bench/gpu_bench.py), then the Triton kernels'
+# 5. tests nanofast.patch on CUDA with Hugging Face models of each family (tests/test_patch_transformers.py,
+#    tests/test_triton_layers.py): transformers is installed from .gpu_wheels/ where the caller brought
+#    its wheels (the box may be offline; `pip download` them for the box's Python), else skipped,
+# 6. runs the ops tests and the kernel micro-benchmark (bench/gpu_bench.py), then the Triton kernels'
 #    tests with the time left.
+# GPU_CHECK_ONLY="tests train families compare ops kernels" runs only the named groups (default: all),
+# so that a short device session can rerun what an earlier call did not reach.
 # Writes ${OUT:-bench/results}/gpu_last.md (machine, versions, command, step summary, tables) and the
 # full log gpu_check.log beside it. Copy gpu_last.md over bench/gpu_last.md: the repository keeps the
 # last run's tables only. GPU_CHECK_CPU_MS="shakespeare=MS,gpt2-124m=MS" adds the CPU-versus-GPU
@@ -35,6 +40,8 @@ export PYTHONUNBUFFERED=1
 
 declare -a SUMMARY=()
 FAILED=0
+ONLY=" ${GPU_CHECK_ONLY:-tests train families compare ops kernels} "
+want() { [[ "$ONLY" == *" $1 "* ]]; }
 
 log() { echo "[gpu_check $(date +%H:%M:%S) +${SECONDS}s] $*" | tee -a "$LOG"; }
 
@@ -88,13 +95,13 @@ step "import nanofast" 60 320 "$PY" -c "import nanofast, nanofast.kernels as k; 
 # In order of what matters most when time runs short (each step's timeout leaves RESERVE seconds for
 # the steps after it): the new CUDA paths' tests, the whole-step benchmark, the CPU-versus-CUDA runs,
 # then the per-op tests and micro-benchmarks. The first run of each kernel variant compiles it.
-step "pytest triton_ops, train_cuda, compile" 150 300 \
+want tests && step "pytest triton_ops, train_cuda, compile" 150 300 \
     "$PY" -m pytest tests/test_triton_ops.py tests/test_train_cuda.py tests/test_compile.py -q -rs \
     -p no:cacheprovider --durations=5
 
 # Whole training steps at nanoGPT's shakespeare GPU config and GPT-2 124M, every mode side by side.
 TRAIN_LEFT=$((BUDGET_S - SECONDS - 150))
-step "gpu_train_bench.py" 260 140 "$PY" bench/gpu_train_bench.py --out "$TRAIN_MD" \
+want train && step "gpu_train_bench.py" 260 140 "$PY" bench/gpu_train_bench.py --out "$TRAIN_MD" \
     --budget $((TRAIN_LEFT > 240 ? 230 : (TRAIN_LEFT > 40 ? TRAIN_LEFT - 20 : 20))) --cpu-ms "${GPU_CHECK_CPU_MS:-}"
 
 # The same training on both devices (same weights and batches; dropout masks differ across devices),
@@ -102,22 +109,32 @@ step "gpu_train_bench.py" 260 140 "$PY" bench/gpu_train_bench.py --out "$TRAIN_M
 DATA_ARGS=(--dataset=shakespeare_char --data_dir=/tmp/nanofast-data)
 if [[ -f "$SHAKESPEARE" ]]; then DATA_ARGS+=(--data_path="$SHAKESPEARE"); else DATA_ARGS=(--dataset=readme \
     --data_path=README.md --data_dir=/tmp/nanofast-data); fi
-step "nanofast-compare cpu cuda (shakespeare config)" 70 100 "$PY" -m nanofast.compare \
+# Hugging Face families patched on CUDA, where the caller brought transformers' wheels.
+if want families; then
+    if [[ -d .gpu_wheels ]]; then
+        SOFT=1 step "pip install transformers (.gpu_wheels)" 90 120 "$PY" -m pip install -q --no-index \
+            --find-links .gpu_wheels transformers
+    fi
+    step "pytest patch_transformers, triton_layers" 120 100 "$PY" -m pytest tests/test_patch_transformers.py \
+        tests/test_triton_layers.py -q -rs -p no:cacheprovider --durations=5
+fi
+
+want compare && step "nanofast-compare cpu cuda (shakespeare config)" 70 100 "$PY" -m nanofast.compare \
     config/train_shakespeare_char.py cpu:bfloat16 cuda:bfloat16 --iters=12 --batch_size=16 "${DATA_ARGS[@]}" \
     --out_dir="$OUT_DIR/compare-shakespeare"
-step "nanofast-compare cpu cuda (GPT-2 124M shape)" 70 70 "$PY" -m nanofast.compare \
+want compare && step "nanofast-compare cpu cuda (GPT-2 124M shape)" 70 70 "$PY" -m nanofast.compare \
     config/train_shakespeare_char.py cpu:bfloat16 cuda:bfloat16 --iters=4 --n_layer=12 --n_head=12 --n_embd=768 \
     --block_size=1024 --batch_size=2 --dropout=0.0 "${DATA_ARGS[@]}" --out_dir="$OUT_DIR/compare-gpt2"
 # A run started on the CPU, resumed on CUDA, against CUDA from scratch.
-step "resume_check.py (CPU -> CUDA)" 70 40 "$PY" bench/resume_check.py --out "$RESUME_MD" --work /tmp/nanofast-resume \
+want compare && step "resume_check.py (CPU -> CUDA)" 70 40 "$PY" bench/resume_check.py --out "$RESUME_MD" --work /tmp/nanofast-resume \
     --batch_size=16 --dtype=bfloat16 "${DATA_ARGS[@]}"
 
 OPS_TESTS=$(ls tests/test_ops*.py 2>/dev/null | tr '\n' ' ')
 # shellcheck disable=SC2086
-step "pytest ops tests" 90 30 "$PY" -m pytest $OPS_TESTS -q -rs -p no:cacheprovider
-SOFT=1 step "gpu_bench.py" 60 20 "$PY" bench/gpu_bench.py --out "$BENCH_MD"
+want ops && step "pytest ops tests" 90 30 "$PY" -m pytest $OPS_TESTS -q -rs -p no:cacheprovider
+want ops && SOFT=1 step "gpu_bench.py" 60 20 "$PY" bench/gpu_bench.py --out "$BENCH_MD"
 # The Triton kernels' own tests compile every kernel variant: they get what time is left.
-step "pytest tests/test_triton_kernels.py" 300 5 \
+want kernels && step "pytest tests/test_triton_kernels.py" 300 5 \
     "$PY" -m pytest tests/test_triton_kernels.py -q -rs --maxfail=10 -p no:cacheprovider --durations=10
 
 VERSIONS=$(timeout 30 "$PY" -c "
@@ -130,7 +147,7 @@ print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', 
     echo "The output of bench/gpu_check.sh (written to \$OUT/gpu_last.md, default bench/results/; the copy in"
     echo "bench/gpu_last.md is the last run's)."
     echo
-    echo "- command: \`GPU_CHECK_BUDGET_S=$BUDGET_S bash bench/gpu_check.sh\`"
+    echo "- command: \`GPU_CHECK_BUDGET_S=$BUDGET_S GPU_CHECK_ONLY=\"${ONLY:1:-1}\" bash bench/gpu_check.sh\`"
     echo "- finished: $(date -u '+%Y-%m-%d %H:%M UTC'), total ${SECONDS}s"
     echo "- GPU, driver: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
     echo "- CPU: $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//'), $(nproc) cores"

@@ -75,8 +75,12 @@ CrossEntropyRowsResult cross_entropy_rows_impl(const CrossEntropyRowsArgs& a) {
   A* logits = static_cast<A*>(a.logits);
   A* loss = static_cast<A*>(a.loss);
   const A* row_scale = static_cast<const A*>(a.row_scale);
-  const A eps = A(a.label_smoothing);
+  const A eps = A(a.label_smoothing), grad_scale = A(a.grad_scale);
   CrossEntropyRowsResult r{0.0, 0, -1};
+  if (!logits) {
+    for (int64_t i = 0; i < N; ++i) r.count += a.target[i] != a.ignore_index;
+    return r;
+  }
   // the targets first: nothing is written when one is out of range
   for (int64_t i = 0; i < N; ++i) {
     const int64_t t = a.target[i];
@@ -98,7 +102,7 @@ CrossEntropyRowsResult cross_entropy_rows_impl(const CrossEntropyRowsArgs& a) {
       if (a.grad) std::fill(z, z + V, A(0));
       continue;
     }
-    loss[i] = cross_entropy_row<A>(z, V, t, eps, a.grad, row_scale ? row_scale[i] : A(1));
+    loss[i] = cross_entropy_row<A>(z, V, t, eps, a.grad, row_scale ? grad_scale * row_scale[i] : grad_scale);
   }
   for (int64_t i = 0; i < N; ++i) r.loss_sum += double(loss[i]);
   return r;

@@ -325,17 +325,19 @@ struct GemvArgs {
 };
 
 // Cross-entropy over rows of logits (the accumulation type: dtype kFloat32 or kFloat64): each row's
-// loss and, when grad, the gradient of the loss written over the row, scaled by row_scale[i] (1 where
-// row_scale is null). Rows whose target is ignore_index get loss 0 and a zero gradient. The targets are
-// checked first: one outside [0, V) (and not ignore_index) stops the kernel before it writes anything.
+// loss and, when grad, the gradient of the loss written over the row, times grad_scale and row_scale[i]
+// (1 where row_scale is null). Rows whose target is ignore_index get loss 0 and a zero gradient. The
+// targets are checked first: one outside [0, V) (and not ignore_index) stops the kernel before it writes
+// anything. With null logits the kernel only counts the targets that are not ignore_index.
 struct CrossEntropyRowsArgs {
   int dtype;
   int64_t N, V;
-  void* logits;  // (N, V), row stride ld, unit column stride
+  void* logits;  // (N, V), row stride ld, unit column stride; may be null
   int64_t ld;
   const int64_t* target;  // (N,)
   int64_t ignore_index;
   double label_smoothing;
+  double grad_scale;
   const void* row_scale;  // (N,) of dtype, may be null
   bool grad;
   void* loss;  // (N,) of dtype

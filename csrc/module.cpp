@@ -477,8 +477,8 @@ void dropout_mask(uint64_t seed, int64_t B, int64_t NH, int64_t TQ, int64_t TK, 
 // or -1).
 std::tuple<double, int64_t, int64_t> cross_entropy_rows(int dtype, int64_t N, int64_t V, uintptr_t logits, int64_t ld,
                                                         uintptr_t target, int64_t ignore_index, double label_smoothing,
-                                                        uintptr_t row_scale, bool grad, uintptr_t loss,
-                                                        int num_threads) {
+                                                        double grad_scale, uintptr_t row_scale, bool grad,
+                                                        uintptr_t loss, int num_threads) {
   nanofast::CrossEntropyRowsArgs a{};
   a.dtype = dtype;
   a.N = N;
@@ -488,6 +488,7 @@ std::tuple<double, int64_t, int64_t> cross_entropy_rows(int dtype, int64_t N, in
   a.target = ptr<const int64_t>(target);
   a.ignore_index = ignore_index;
   a.label_smoothing = label_smoothing;
+  a.grad_scale = grad_scale;
   a.row_scale = ptr<const void>(row_scale);
   a.grad = grad;
   a.loss = ptr<void>(loss);

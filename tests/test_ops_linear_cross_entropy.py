@@ -113,6 +113,42 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda x, w: ops.linear_cross_entropy(x, w, t), (x.requires_grad_(), w))
 
 
+def test_backward_twice_and_scaled_losses(small_chunks):
+    """The saved gradients are handed on as they are for an incoming gradient of 1 and never changed
+    in place: a second backward (retain_graph=True) and a scaled loss get what they should."""
+    g, x, w, b, t = _case(65, 33, 17, 20)
+    x, w, b = (v.float().requires_grad_() for v in (x, w, b))
+    loss = ops.linear_cross_entropy(x, w, t, b)
+    first = torch.autograd.grad(loss, (x, w, b), retain_graph=True)
+    again = torch.autograd.grad(loss, (x, w, b), retain_graph=True)
+    tripled = torch.autograd.grad(loss * 3, (x, w, b))
+    for a, c, d in zip(first, again, tripled):
+        assert torch.equal(a, c)
+        torch.testing.assert_close(d, 3 * a)
+    x.grad = None
+    ops.linear_cross_entropy(x, w, t, b).backward()
+    x.grad.mul_(0)  # the caller's in-place changes reach no saved tensor
+    loss = ops.linear_cross_entropy(x, w, t, b)
+    assert torch.equal(torch.autograd.grad(loss, x)[0], first[0])
+
+
+def test_no_gradients_computed_without_grad_mode(monkeypatch):
+    """Under no_grad (evaluation) the forward computes the loss alone, whatever the inputs require."""
+    calls = []
+    real = cpu.linear_cross_entropy_forward
+
+    def spy(*args):
+        calls.append(args[-3:])
+        return real(*args)
+
+    monkeypatch.setattr(cpu, "linear_cross_entropy_forward", spy)
+    x, w, t = torch.randn(6, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True), torch.zeros(6).long()
+    with torch.no_grad():
+        ops.linear_cross_entropy(x, w, t)
+    ops.linear_cross_entropy(x, w, t)
+    assert calls == [(False, False, False), (True, True, False)]
+
+
 def test_leading_dimensions_and_views(small_chunks):
     """(B, T, C) input with (B, T) targets; transposed input and weight views give the same bits."""
     g = torch.Generator().manual_seed(14)

@@ -63,3 +63,29 @@ def test_dropout_masks_change_every_step(mode):
 
 def test_eager_dropout_reproduces_under_manual_seed():
     assert _run(None, 0.2, steps=2)[0] == _run(None, 0.2, steps=2)[0]
+
+
+def test_cpu_optimizer_state_resumes_on_a_fused_cuda_adamw():
+    """A checkpoint written on the CPU resumed by CUDA's fused AdamW: the loaded 'step' counters go to
+    the device as the fused kernel needs (torch places them by the saved groups' flags otherwise)."""
+    from types import SimpleNamespace
+
+    from nanofast.train import resume_states
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**CFG, dropout=0.0, kernels="nanofast"))
+    cpu_opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    x = torch.randint(65, (2, 17))
+    model(x[:, :-1], x[:, 1:])[1].backward()
+    cpu_opt.step()
+    checkpoint = dict(optimizer=cpu_opt.state_dict(), rng={"sampler": None}, iter_num=1)
+    model.cuda()
+    cuda_opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cuda")
+    assert cuda_opt.param_groups[0].get("fused")
+    resume_states(checkpoint, cuda_opt, torch.amp.GradScaler("cuda", enabled=False), None, {}, SimpleNamespace(rank=0),
+                  print)
+    assert all(s["step"].device.type == "cuda" and float(s["step"]) == 1.0 for s in cuda_opt.state.values())
+    model.zero_grad()
+    model(x[:, :-1].cuda(), x[:, 1:].cuda())[1].backward()
+    cuda_opt.step()  # raised "state_steps is on cpu" before
+    assert all(float(s["step"]) == 2.0 for s in cuda_opt.state.values())

@@ -12,6 +12,11 @@ Attention is routed for the patched model only:
   patched model's forward runs on the calling thread; any other thread's calls, made in that time,
   still reach torch's.
 Calls nanofast cannot serve fall back to torch's with one warning per reason.
+
+A Hugging Face causal language model's LM head and loss run as ops.linear_cross_entropy while it trains
+with labels, the logits never stored (patch_loss.py; its output's logits are None then). Its attention
+modules' rotary embedding runs on ops.apply_rotary_pos_emb where transformers gives each module its own
+copy of the function (with Hugging Face's `kernels` package installed: patch_rotary.py).
 transformers is never imported here: a model built with it has loaded it already.
 """
 import threading
@@ -20,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import nn as nf_nn
-from . import ops, patch_attention
+from . import ops, patch_attention, patch_loss, patch_rotary
 
 _torch_sdpa = F.scaled_dot_product_attention
 _route_lock = threading.Lock()
@@ -197,7 +202,7 @@ def _swap(module, kinds, swapped, prefix=""):
 
 
 def patch(model: torch.nn.Module, layer_norm: bool = True, attention: bool = True, linear: bool = True,
-          rms_norm: bool = True, mlp: bool = True) -> torch.nn.Module:
+          rms_norm: bool = True, mlp: bool = True, fused_loss: bool = True, rotary: bool = True) -> torch.nn.Module:
     """Make `model` run nanofast's kernels, in place, and return it (nanofast.unpatch undoes it).
 
     layer_norm: replace torch.nn.LayerNorm submodules by nanofast.nn.LayerNorm, keeping the parameters.
@@ -210,6 +215,14 @@ def patch(model: torch.nn.Module, layer_norm: bool = True, attention: bool = Tru
     mlp: run gated MLPs (gate_proj, up_proj, down_proj with a SiLU or GELU act_fn) with the activation
     and product fused (ops.swiglu / ops.geglu), and GELU activation modules (torch's, transformers'
     exact and tanh forms) on nanofast.ops.gelu.
+    fused_loss: in a Hugging Face causal language model (an lm_head Linear whose logits go unchanged to
+    transformers' causal-LM loss), compute the head and the loss as ops.linear_cross_entropy whenever
+    the model trains (model.training, grad mode on) with labels, so the (batch * length, vocab) logits
+    are never stored; the output's logits are None then. Without labels, under no_grad or in eval mode
+    the logits are computed as before.
+    rotary: run transformers' apply_rotary_pos_emb on nanofast.ops.apply_rotary_pos_emb in this model's
+    attention modules, where each has its own copy of the function (transformers does that when
+    Hugging Face's `kernels` package is installed; without it the function stays transformers').
     """
     kinds = {k for k, on in (("layer_norm", layer_norm), ("linear", linear), ("rms_norm", rms_norm),
                              ("activation", mlp)) if on}
@@ -217,6 +230,10 @@ def patch(model: torch.nn.Module, layer_norm: bool = True, attention: bool = Tru
     _swap(model, kinds, swapped)
     if mlp:
         _route_gated_mlps(model, model.__dict__.setdefault("_nanofast_forwards", []))
+    if fused_loss:
+        patch_loss.use_for_transformers_model(model)
+    if rotary:
+        patch_rotary.route(model)
     if attention:
         if patch_attention.is_transformers_model(model):
             patch_attention.use_for_transformers_model(model)
@@ -233,6 +250,8 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
         setattr(model.get_submodule(parent_name) if parent_name else model, name, original)
     for name in model.__dict__.pop("_nanofast_forwards", []):
         model.get_submodule(name).__dict__.pop("forward", None)
+    patch_loss.restore_transformers_model(model)
+    patch_rotary.restore(model)
     if isinstance(model.__dict__.get("forward"), _RoutedForward):
         del model.forward  # the instance attribute; the class's forward shows through again
     patch_attention.restore_transformers_model(model)

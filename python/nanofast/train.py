@@ -396,10 +396,12 @@ def setup(c, procs, log):
 def resume_states(checkpoint, optimizer, scaler, sampler, c, procs, log):
     """Load the optimizer's and the scaler's states from `checkpoint`; return this rank's random states
     (or, where the checkpoint has none for it, reseed dropout and return None)."""
+    # keep this device's implementation choice: torch's load_state_dict takes the saved groups' flags
+    # and places each 'step' by them (on the parameter's device only for fused or capturable groups), so
+    # a CPU checkpoint resumed by a fused CUDA AdamW must carry this optimizer's flags into the load
     flags = [{k: g[k] for k in ('fused', 'foreach', 'capturable') if k in g} for g in optimizer.param_groups]
-    optimizer.load_state_dict(checkpoint['optimizer'])
-    for g, f in zip(optimizer.param_groups, flags):
-        g.update(f)  # keep this device's implementation choice
+    saved = checkpoint['optimizer']
+    optimizer.load_state_dict({**saved, 'param_groups': [{**g, **f} for g, f in zip(saved['param_groups'], flags)]})
     if checkpoint.get('scaler') and scaler.is_enabled():
         scaler.load_state_dict(checkpoint['scaler'])
     per_rank = checkpoint.get('rng_per_rank') or [checkpoint.get('rng')]

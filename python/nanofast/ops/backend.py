@@ -66,11 +66,10 @@ Launchers (every shape below is a tensor's; "stats" means backend.stats_dtype(x.
         -> (dx, dw, db), None where not needed; dtype: the products' (autocast's), None for x's.
     linear_cross_entropy_forward(x, weight, bias, target, ignore_index, label_smoothing, reduction, dtype,
                                  need_input_grad, need_weight_grad, need_bias_grad)
-        -> (loss, denominator, dx, dw, db)
+        -> (loss, dx, dw, db)
         cross_entropy(x @ weight^T + bias, target) over (N, C) rows and (N,) int64 targets, a chunk of
         rows at a time (chunked_cross_entropy.py); dtype as linear's. loss: 0-d, or (N,) for "none";
-        denominator: 0-d, the count of rows not ignored for "mean", else 1; dx, dw, db: for "mean" and
-        "sum", the gradients of the rows' summed losses in the accumulation dtype, else None.
+        dx, dw, db: for "mean" and "sum", the loss's gradients in the accumulation dtype, else None.
     linear_cross_entropy_backward(dloss, x, weight, bias, target, ignore_index, label_smoothing, dtype,
                                   need_input_grad, need_weight_grad, need_bias_grad) -> (dx, dw, db)
         "none"'s gradients for the rows' loss gradients dloss (N,), the chunks recomputed.

@@ -389,10 +389,9 @@ def rotary_launcher_args(fn, q, k, cos, sin, backend, backward=False):
 
 # ---- linear ----
 
-def linear_args(input, weight, bias, mixed=False):
+def linear_args(input, weight, bias, mixed=False, fn="nanofast.ops.linear"):
     """mixed: under bfloat16 autocast, where input, weight and bias may differ in dtype (float32 or
     bfloat16: the product rounds them all to bfloat16)."""
-    fn = "nanofast.ops.linear"
     check_tensor("input", input, fn)
     check_tensor("weight", weight, fn)
     (check_same_device if mixed else check_same)(fn, "input", input, "weight", weight)
@@ -544,20 +543,7 @@ def linear_cross_entropy_args(input, weight, target, bias, ignore_index, label_s
     """Checks the arguments; returns (ignore_index, label_smoothing, reduction) normalised. mixed: under
     autocast, where input, weight and bias may differ in dtype."""
     fn = "nanofast.ops.linear_cross_entropy"
-    check_tensor("input", input, fn)
-    check_tensor("weight", weight, fn)
-    (check_same_device if mixed else check_same)(fn, "input", input, "weight", weight)
-    if weight.dim() != 2:
-        raise ValueError(f"{fn}: weight must be 2-D (classes, in_features), got shape {tuple(weight.shape)}")
-    if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{fn}: input's last dimension must equal weight's in_features: input has shape "
-                         f"{tuple(input.shape)}, weight {tuple(weight.shape)}")
-    if bias is not None:
-        check_tensor("bias", bias, fn)
-        (check_same_device if mixed else check_same)(fn, "input", input, "bias", bias)
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"{fn}: bias must have shape ({weight.shape[0]},) to match weight {tuple(weight.shape)}, "
-                             f"got {tuple(bias.shape)}")
+    linear_args(input, weight, bias, mixed, fn)
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"{fn}: target must be a torch.Tensor of class indices, got {type(target).__name__}")
     if target.dtype != torch.int64:

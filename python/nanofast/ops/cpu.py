@@ -505,14 +505,16 @@ def dropout_mask(seed, batch, heads, q_len, k_len, p):
     return out.view(torch.bool)
 
 
-def cross_entropy_rows(logits, target, ignore_index, label_smoothing, row_scale, grad, loss):
-    """The row pass of linear_cross_entropy (chunked_cross_entropy's `rows`) in one C++ sweep per row."""
-    N, V = logits.shape
+def cross_entropy_rows(logits, target, ignore_index, label_smoothing, grad_scale, row_scale, grad, loss):
+    """The row pass of linear_cross_entropy (chunked_cross_entropy's `rows`) in one C++ sweep per row;
+    with logits None, the targets' check and count alone."""
+    N = target.shape[0]
     if N == 0:
         return 0.0, 0, -1
-    return _C.cross_entropy_rows(_DTYPE_CODE[logits.dtype], N, V, logits.data_ptr(), logits.stride(0),
-                                 target.data_ptr(), int(ignore_index), float(label_smoothing), _ptr(row_scale),
-                                 bool(grad), loss.data_ptr(), _threads())
+    dtype, V, ld = (0, 0, 0) if logits is None else (_DTYPE_CODE[logits.dtype], logits.shape[1], logits.stride(0))
+    return _C.cross_entropy_rows(dtype, N, V, _ptr(logits), ld, target.data_ptr(), int(ignore_index),
+                                 float(label_smoothing), float(grad_scale), _ptr(row_scale), bool(grad), _ptr(loss),
+                                 _threads())
 
 
 def _gemm_operand(weight, dtype):

@@ -3,11 +3,11 @@ F.cross_entropy(F.linear(x, W, b), target), computed a chunk of rows at a time s
 logits are never stored whole (chunked_cross_entropy.py), as raw custom ops with fakes, one autograd
 formula for them, and the user-facing `linear_cross_entropy`.
 
-The forward of "mean" and "sum" also computes the gradients, chunk by chunk, while it has each chunk's
-logits (Liger-Kernel's approach): the input's, and the weight's and bias's summed over the chunks. It
-keeps them in the accumulation dtype, and the backward scales them by the incoming gradient (and 1 /
-the count of rows not ignored, for "mean"). "none" needs each row's incoming gradient inside the sums,
-so its backward computes the chunks again with them.
+The forward of "mean" and "sum" also computes the loss's gradients, chunk by chunk, while it has each
+chunk's logits (Liger-Kernel's approach): the input's, and the weight's and bias's summed over the
+chunks. It keeps them in the accumulation dtype, and the backward scales them by the incoming gradient
+(in eager mode on the CPU it hands them on as they are when that is 1, without a copy). "none" needs
+each row's incoming gradient inside the sums, so its backward computes the chunks again with them.
 
 On the CPU the products run on nanofast's GEMMs where ops.linear's do (cpu.mm) and each chunk's row
 pass is one C++ sweep (csrc/cross_entropy.h); on CUDA torch's matmuls and torch ops. Under bfloat16
@@ -34,12 +34,11 @@ def _empty(x):
 def linear_cross_entropy_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
                              label_smoothing: float, reduction: str, dtype: Optional[torch.dtype],
                              need_input_grad: bool, need_weight_grad: bool,
-                             need_bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    loss, denominator, dx, dw, db = backend_for(x).linear_cross_entropy_forward(
+                             need_bias_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    loss, dx, dw, db = backend_for(x).linear_cross_entropy_forward(
         x, weight, bias, target, ignore_index, label_smoothing, reduction, dtype, need_input_grad, need_weight_grad,
         need_bias_grad)
-    return (loss, denominator, _empty(x) if dx is None else dx, _empty(x) if dw is None else dw,
-            _empty(x) if db is None else db)
+    return loss, _empty(x) if dx is None else dx, _empty(x) if dw is None else dw, _empty(x) if db is None else db
 
 
 @linear_cross_entropy_fwd.register_fake
@@ -48,7 +47,6 @@ def _(x, weight, bias, target, ignore_index, label_smoothing, reduction, dtype, 
     acc = accumulation_dtype(dtype or x.dtype)
     grads = reduction != "none"
     return (x.new_empty(x.shape[:1] if reduction == "none" else (), dtype=loss_dtype(x, dtype)),
-            x.new_empty((), dtype=acc),
             x.new_empty(x.shape if need_input_grad and grads else (0,), dtype=acc),
             x.new_empty(weight.shape if need_weight_grad and grads else (0,), dtype=acc),
             x.new_empty(weight.shape[:1] if need_bias_grad and grads else (0,), dtype=acc))
@@ -78,9 +76,10 @@ def _(dloss, x, weight, bias, target, ignore_index, label_smoothing, dtype, need
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, target, ignore_index, label_smoothing, reduction, dtype = inputs[:8]
-    _, denominator, dx, dw, db = output
-    ctx.save_for_backward(x, weight, bias, target, denominator, dx, dw, db)
+    _, dx, dw, db = output
+    ctx.save_for_backward(x, weight, bias, target, dx, dw, db)
     ctx.settings = ignore_index, label_smoothing, reduction, dtype
+    ctx.reads_dloss = False  # whether the backward may read dloss's value on the host (eager CPU calls)
 
 
 def _reference(target, ignore_index, label_smoothing, reduction, dtype):
@@ -98,7 +97,7 @@ def _reference(target, ignore_index, label_smoothing, reduction, dtype):
 def _backward(ctx, dloss, *unused):
     """The inputs' gradients (None for the non-tensor arguments); ctx.raw_backward is the raw backward
     (the custom op, or in eager mode the backend's launcher), which only "none" calls."""
-    x, weight, bias, target, denominator, dx, dw, db = ctx.saved_tensors
+    x, weight, bias, target, dx, dw, db = ctx.saved_tensors
     ignore_index, label_smoothing, reduction, dtype = ctx.settings
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     need_b = need_b and bias is not None
@@ -110,10 +109,10 @@ def _backward(ctx, dloss, *unused):
     if reduction == "none":
         dx, dw, db = ctx.raw_backward(dloss, x, weight, bias, target, ignore_index, label_smoothing, dtype, need_x,
                                       need_w, need_b)
-    else:
-        # d(loss)/d(row sum) is 1 for "sum" and 1 / count for "mean"; with no rows counted, no row has a
-        # gradient (torch's too: zeros), so the scale is 0 there rather than 1 / 0
-        scale = torch.where(denominator > 0, dloss.to(denominator.dtype) / denominator.clamp_min(1), 0)
+    elif not (ctx.reads_dloss and dloss.item() == 1):
+        # (never in place: a second backward, retain_graph=True, needs the saved gradients as they were;
+        # a compiled graph may reuse their memory for the product itself)
+        scale = dloss.to(dx.dtype)
         dx, dw, db = (g * scale if need else None for g, need in ((dx, need_x), (dw, need_w), (db, need_b)))
     return (dx.to(x.dtype) if need_x else None, dw.to(weight.dtype) if need_w else None,
             db.to(bias.dtype) if need_b else None, *rest)
@@ -127,17 +126,20 @@ class _EagerLinearCrossEntropy(torch.autograd.Function):
     the products' dtype (bfloat16 under autocast), else None for the input's."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, target, ignore_index, label_smoothing, reduction, dtype, backend):
-        needs = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None
+    def forward(ctx, x, weight, bias, target, ignore_index, label_smoothing, reduction, dtype, grad, backend):
+        # (needs_input_grad says whether inputs require grad, also under no_grad: grad is the caller's mode)
+        needs = tuple(grad and need for need in ctx.needs_input_grad[:3])
+        needs = needs[:2] + (needs[2] and bias is not None,)
         inputs = (x, weight, bias, target, ignore_index, label_smoothing, reduction, dtype, *needs)
         output = backend.linear_cross_entropy_forward(*inputs)
         _setup_context(ctx, inputs, output)
         ctx.raw_backward = backend.linear_cross_entropy_backward
+        ctx.reads_dloss = x.is_cpu
         return output[0]
 
     @staticmethod
     def backward(ctx, dloss):
-        return *_backward(ctx, dloss)[:8], None
+        return *_backward(ctx, dloss)[:8], None, None
 
 
 def _products_dtype(input):
@@ -176,5 +178,5 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
         loss = linear_cross_entropy_fwd(x, weight, bias, t, ignore_index, label_smoothing, reduction, dtype, *needs)[0]
     else:
         loss = _EagerLinearCrossEntropy.apply(x, weight, bias, t, ignore_index, label_smoothing, reduction, dtype,
-                                              backend_for(x))
+                                              torch.is_grad_enabled(), backend_for(x))
     return loss.view(target.shape) if reduction == "none" else loss
