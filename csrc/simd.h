@@ -55,18 +55,18 @@ template <class A> inline vec<A> vbroadcast(A s) { return s - vec<A>{}; }
 // v as rounded, never contracted into the operation that consumes it. With FMA the compiler may turn
 // a * b - c into one rounding: a product two passes must see alike (LayerNorm's g = dy * w, summed in
 // one pass and its mean subtracted from it in the next) would be rounded in one and exact in the other.
-#if defined(__has_builtin)
-#if __has_builtin(__builtin_assoc_barrier)
-#define NF_HAS_ASSOC_BARRIER 1
-#endif
-#endif
+// An empty asm that takes v in a register and gives it back: the compiler cannot see through it, so
+// it cannot contract the product, and v never leaves the register (GCC's __builtin_assoc_barrier does
+// the same with a cost in the backward's inner loops).
 template <class V> inline V rounded(V v) {
-#if defined(NF_HAS_ASSOC_BARRIER)
-  return __builtin_assoc_barrier(v);
+#if defined(__x86_64__) || defined(__i386__)
+  asm("" : "+v"(v));
+#elif defined(__aarch64__)
+  asm("" : "+w"(v));
 #else
   asm("" : "+m"(v));  // through memory: the value the product rounded to
-  return v;
 #endif
+  return v;
 }
 
 // Horizontal reductions, as a tree of shuffles: log2(lanes) dependent steps. (A plain loop over the
