@@ -43,9 +43,9 @@ def _affine(y, W, B, cols, col_mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
 # one partial per row by a tree, and the partials are added into PARTIALS slots in turn, then reduced
 # by a tree: in a fixed order set by C and BLOCK_N, and no accumulator runs along more than a short
 # stretch of the row (one carried across a row of millions of elements loses most of its addends' bits).
-SUPER_BLOCKS = 8
-PARTIALS = 32
-FLT_MAX = 3.4028234663852886e38
+SUPER_BLOCKS = tl.constexpr(8)
+PARTIALS = tl.constexpr(32)
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
