@@ -35,6 +35,13 @@ nanofast::AttentionMask attention_mask(uintptr_t p, int dtype, const Strides4& s
   return {ptr<const void>(p), dtype, std::get<0>(s), std::get<1>(s), std::get<2>(s), std::get<3>(s)};
 }
 
+// The matmuls' operand dtypes: float32 or bfloat16 codes, else a ValueError naming the operand.
+void check_f32_or_bf16(const char* op, const char* name, int dtype) {
+  if (dtype != nanofast::kFloat32 && dtype != nanofast::kBFloat16)
+    throw std::invalid_argument(std::string(op) + ": " + name +
+                                " must be float32 (0) or bfloat16 (2), got dtype code " + std::to_string(dtype));
+}
+
 // Each binding fills its kernel's argument struct member by member (value-initialised first, so a
 // member added later starts at zero): a reordered struct cannot mix the arguments up.
 void layer_norm_forward(int dtype, int64_t N, int64_t C, uintptr_t x, int64_t x_row_stride, uintptr_t weight,
@@ -353,15 +360,10 @@ bool gemm(int64_t M, int64_t N, int64_t K, uintptr_t a, int64_t a_rs, int64_t a_
 bool gemm_bf16(int64_t M, int64_t N, int64_t K, uintptr_t a, int64_t a_rs, int64_t a_cs, int a_dtype, uintptr_t b,
                int64_t b_rs, int64_t b_cs, int b_dtype, uintptr_t c, int64_t ldc, int c_dtype, uintptr_t bias,
                int bias_dtype, bool accumulate, int num_threads) {
-  auto check = [](const char* name, int dtype) {
-    if (dtype != nanofast::kFloat32 && dtype != nanofast::kBFloat16)
-      throw std::invalid_argument(std::string("gemm_bf16: ") + name +
-                                  " must be float32 (0) or bfloat16 (2), got dtype code " + std::to_string(dtype));
-  };
-  check("a", a_dtype);
-  check("b", b_dtype);
-  check("c", c_dtype);
-  if (bias) check("bias", bias_dtype);
+  check_f32_or_bf16("gemm_bf16", "a", a_dtype);
+  check_f32_or_bf16("gemm_bf16", "b", b_dtype);
+  check_f32_or_bf16("gemm_bf16", "c", c_dtype);
+  if (bias) check_f32_or_bf16("gemm_bf16", "bias", bias_dtype);
   if (accumulate && c_dtype != nanofast::kFloat32)
     throw std::invalid_argument("gemm_bf16: accumulate (C += A @ B) needs a float32 C");
   if (!kernels().has_gemm_bf16) return false;
@@ -391,15 +393,10 @@ bool gemm_bf16(int64_t M, int64_t N, int64_t K, uintptr_t a, int64_t a_rs, int64
 void gemv(int64_t M, int64_t N, int64_t K, uintptr_t x, int64_t x_rs, int x_dtype, uintptr_t w, int64_t w_rs,
           int w_dtype, uintptr_t bias, int bias_dtype, uintptr_t y, int64_t ldy, int y_dtype, bool bf16_products,
           int num_threads) {
-  auto check = [](const char* name, int dtype) {
-    if (dtype != nanofast::kFloat32 && dtype != nanofast::kBFloat16)
-      throw std::invalid_argument(std::string("gemv: ") + name +
-                                  " must be float32 (0) or bfloat16 (2), got dtype code " + std::to_string(dtype));
-  };
-  check("x", x_dtype);
-  check("w", w_dtype);
-  check("y", y_dtype);
-  if (bias) check("bias", bias_dtype);
+  check_f32_or_bf16("gemv", "x", x_dtype);
+  check_f32_or_bf16("gemv", "w", w_dtype);
+  check_f32_or_bf16("gemv", "y", y_dtype);
+  if (bias) check_f32_or_bf16("gemv", "bias", bias_dtype);
   if (!bf16_products && (x_dtype != nanofast::kFloat32 || w_dtype != nanofast::kFloat32 ||
                          y_dtype != nanofast::kFloat32 || (bias && bias_dtype != nanofast::kFloat32)))
     throw std::invalid_argument("gemv: float32 products need float32 x, w, bias and y");
