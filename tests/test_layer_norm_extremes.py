@@ -10,6 +10,13 @@ import nanofast.kernels as K
 from nanofast import ops
 from nanofast.testing import ATOL, FACTOR, assert_parity
 
+# the Triton kernels run on CUDA where there is a GPU, else on CPU tensors through Triton's interpreter
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _triton_leaves(*ts):
+    return _leaves(*(None if t is None else t.to(TRITON_DEVICE) for t in ts))
+
 # (leading shape of the rows, whether the input is a strided view): many rows, 3-D, non-contiguous
 SIZE_ONE_SHAPES = [((1,), False), ((7,), False), ((1000,), False), ((3, 17), False), ((2, 129), True)]
 SIZE_ONE_SCALES = [(1e-6, 0.0), (1.0, 0.0), (1e6, 0.0), (1e-3, 123.25), (1.0, 1e4)]
@@ -79,10 +86,10 @@ def test_size_one_modules_and_compile(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_size_one_triton(dtype):
     for x, w, b, dy in list(_size_one_cases(dtype))[::3]:  # the interpreter is slow: a third of them
-        xl, wl, bl = _leaves(x, w, b)
+        xl, wl, bl = _triton_leaves(x, w, b)
         y = K.layer_norm(xl, (1,), wl, bl, 1e-5)
-        y.backward(dy)
-        _assert_size_one_exact(y.detach(), xl.grad, x, b, f"Triton {tuple(x.shape)} w={w is not None}")
+        y.backward(dy.to(TRITON_DEVICE))
+        _assert_size_one_exact(y.detach().cpu(), xl.grad.cpu(), x, b, f"Triton {tuple(x.shape)} w={w is not None}")
 
 
 def _overflowing_rows(C, kind, seed=0):
@@ -202,10 +209,10 @@ def test_row_of_2_to_the_28():
 
 
 def _run_triton(x, w, b, dy, eps):
-    xl, wl, bl = _leaves(x, w, b)
+    xl, wl, bl = _triton_leaves(x, w, b)
     y = K.layer_norm(xl, x.shape[-1:], wl, bl, eps)
-    y.backward(dy)
-    return y.detach(), xl.grad, wl.grad, bl.grad
+    y.backward(dy.to(TRITON_DEVICE))
+    return tuple(t.cpu() for t in (y.detach(), xl.grad, wl.grad, bl.grad))
 
 
 @pytest.mark.parametrize("kind", ["sum", "deviation", "squares"])
@@ -221,5 +228,5 @@ def test_triton_wide_row_sums_are_blocked():
     # (the old flat sum) left y - bias = 2.6e-3; summed in super-blocks combined by trees, a fraction.
     x = torch.full((1, 1024), 3.7)
     b = torch.randn(1024, generator=torch.Generator().manual_seed(0))
-    y, mean, rstd = K.layer_norm_forward(x, None, b, 1e-5, block_n=4, block_m=1)
-    assert (y - b).abs().max() < 2e-4
+    y, mean, rstd = K.layer_norm_forward(x.to(TRITON_DEVICE), None, b.to(TRITON_DEVICE), 1e-5, block_n=4, block_m=1)
+    assert (y.cpu() - b).abs().max() < 2e-4

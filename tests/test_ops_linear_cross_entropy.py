@@ -330,3 +330,21 @@ def test_avx2_build_matches():
     finally:
         _C.select_isa("auto")
     torch.testing.assert_close(ours, fallback)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,C,V", [(7, 5, 1), (257, 64, 1000), (96, 130, 2049)])
+def test_cuda_parity_with_float64(N, C, V, dtype, reduction, small_chunks):
+    """The CUDA backend on CUDA tensors, chunked, against torch on CUDA in the same dtype."""
+    g, x, w, b, t = _case(N, C, V, N + V)
+    dloss = torch.randn((N,) if reduction == "none" else (), generator=g, dtype=torch.float64)
+    kw = dict(label_smoothing=0.1, reduction=reduction)
+    c = lambda v: v.to("cuda", dtype)  # noqa: E731
+    ours = _run(ops.linear_cross_entropy, c(x), c(w), c(b), t.cuda(), c(dloss), **kw)
+    theirs = _run(_reference, c(x), c(w), c(b), t.cuda(), c(dloss), **kw)
+    ref = _run(_reference, x, w, b, t, dloss, **kw)
+    for name, o, th, r in zip(["loss", "dx", "dweight", "dbias"], ours, theirs, ref):
+        assert o.device.type == "cuda"
+        assert_parity(name, o.cpu(), th.cpu(), r)

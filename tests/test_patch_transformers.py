@@ -159,15 +159,24 @@ def test_patched_family_under_bfloat16_autocast(family):
     torch.manual_seed(0)
     ref = FAMILIES[family]().to(DEVICE).eval()
     model = nanofast.patch(copy.deepcopy(ref))
-    ref64 = copy.deepcopy(ref).double()
     inputs = _inputs(family, padded=family != "vit")
-    inputs64 = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
     with torch.autocast(DEVICE, dtype=torch.bfloat16), warnings.catch_warnings():
         warnings.filterwarnings("error", message="nanofast.patch")  # no fallback under autocast either
         loss, grads = _loss_and_grads(model, inputs)
+    _assert_bfloat16_parity(ref, inputs, loss, grads)
+
+
+def _assert_bfloat16_parity(ref, inputs, loss, grads):
+    """The parity rule in norm for a patched model's loss and gradients under bfloat16 autocast: at most
+    twice as far from the float64 model's as the unpatched model's (ref's) are, plus a bfloat16-sized
+    slack relative to the gradient (the norm, because a tiny model's largest elementwise error is one
+    unlucky rounding)."""
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         ref_loss, ref_grads = _loss_and_grads(ref, inputs)
+    ref64 = copy.deepcopy(ref).double()
+    inputs64 = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
     loss64, grads64 = _loss_and_grads(ref64, inputs64)
+    assert grads.keys() == ref_grads.keys() == grads64.keys()
     for n, g64 in [("loss", loss64), *grads64.items()]:
         ours, theirs = (loss, ref_loss) if n == "loss" else (grads[n], ref_grads[n])
         err, torch_err = ((t.double() - g64).norm().item() for t in (ours, theirs))
@@ -266,12 +275,9 @@ def test_fused_loss_under_bfloat16_autocast(family, fused_calls):
     inputs = _inputs(family, padded=True)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         loss, grads = _loss_and_grads(model, inputs)
-        ref_loss, ref_grads = _loss_and_grads(ref, inputs)
     assert fused_calls == [B * T]
-    assert loss.dtype == ref_loss.dtype == torch.float32
-    assert abs(float(loss) - float(ref_loss)) <= 2e-2 * abs(float(ref_loss))
-    for n, g in ref_grads.items():
-        assert (grads[n].float() - g.float()).norm() <= 0.1 * g.float().norm() + 1e-4, n
+    assert loss.dtype == torch.float32
+    _assert_bfloat16_parity(ref, inputs, loss, grads)
 
 
 def test_fused_loss_keeps_gpt2_tied_weights():
@@ -425,6 +431,8 @@ def test_rotary_recognised_by_what_it_computes():
     """A copy is routed only where its function computes the op: rotating halves (Llama's), pairs
     (interleaved), not anything else that takes the same arguments."""
     kernels = pytest.importorskip("kernels")
+    if not hasattr(kernels, "use_kernel_forward_from_hub"):  # this repository's kernels/ (Triton), not the hub's
+        pytest.skip("Hugging Face's kernels package is not installed")
     from transformers.models.llama import modeling_llama
 
     def every_two(x):

@@ -133,7 +133,7 @@ def test_rms_norm_backward_deterministic():
 def test_rms_norm_autograd_strided_3d_and_multi_dim_shape():
     B, T, C = (3, 50, 96) if HAS_CUDA else (2, 5, 24)
     g = torch.Generator().manual_seed(1)
-    big = torch.randn(B, T, 2 * C, generator=g, device=DEVICE)
+    big = torch.randn(B, T, 2 * C, generator=g).to(DEVICE)
     x = big[..., :C].requires_grad_()  # rows strided by 2C: read in place
     w = torch.randn(C, generator=g).to(DEVICE).requires_grad_()
     dy = torch.randn(B, T, C, generator=g).to(DEVICE)
