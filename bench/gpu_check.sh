@@ -11,9 +11,10 @@
 # 5. tests nanofast.patch on CUDA with Hugging Face models of each family (tests/test_patch_transformers.py,
 #    tests/test_triton_layers.py): transformers is installed from .gpu_wheels/ where the caller brought
 #    its wheels (the box may be offline; `pip download` them for the box's Python), else skipped,
-# 6. runs the ops tests and the kernel micro-benchmark (bench/gpu_bench.py), then the Triton kernels'
+# 6. times sampling with and without the key/value cache (bench/gpu_sample.py),
+# 7. runs the ops tests and the kernel micro-benchmark (bench/gpu_bench.py), then the Triton kernels'
 #    tests with the time left.
-# GPU_CHECK_ONLY="tests train families compare ops kernels" runs only the named groups (default: all),
+# GPU_CHECK_ONLY="tests train families sample compare ops kernels" runs only the named groups (default: all),
 # so that a short device session can rerun what an earlier call did not reach.
 # Writes ${OUT:-bench/results}/gpu_last.md (machine, versions, command, step summary, tables) and the
 # full log gpu_check.log beside it. Copy gpu_last.md over bench/gpu_last.md: the repository keeps the
@@ -30,6 +31,7 @@ TABLE="$OUT_DIR/gpu_last.md"
 BENCH_MD="$OUT_DIR/gpu_bench.md"
 TRAIN_MD="$OUT_DIR/gpu_train_bench.md"
 RESUME_MD="$OUT_DIR/resume_check.md"
+SAMPLE_MD="$OUT_DIR/gpu_sample.md"
 # tiny shakespeare, where the caller has a copy (the box may be offline): else the README is the corpus
 SHAKESPEARE=${SHAKESPEARE:-.gpu_data/input.txt}
 : >"$LOG"
@@ -40,7 +42,7 @@ export PYTHONUNBUFFERED=1
 
 declare -a SUMMARY=()
 FAILED=0
-ONLY=" ${GPU_CHECK_ONLY:-tests train families compare ops kernels} "
+ONLY=" ${GPU_CHECK_ONLY:-tests train families sample compare ops kernels} "
 want() { [[ "$ONLY" == *" $1 "* ]]; }
 
 log() { echo "[gpu_check $(date +%H:%M:%S) +${SECONDS}s] $*" | tee -a "$LOG"; }
@@ -119,6 +121,11 @@ if want families; then
         tests/test_triton_layers.py -q -rs -p no:cacheprovider --durations=5
 fi
 
+# Sampling with the key/value cache against without it and against Hugging Face's generate.
+want sample && step "pytest sampling on CUDA" 60 130 "$PY" -m pytest tests/test_train_cuda.py -k sampling -q \
+    -rs -p no:cacheprovider
+want sample && SOFT=1 step "gpu_sample.py" 90 100 "$PY" bench/gpu_sample.py --out "$SAMPLE_MD"
+
 want compare && step "nanofast-compare cpu cuda (shakespeare config)" 70 100 "$PY" -m nanofast.compare \
     config/train_shakespeare_char.py cpu:bfloat16 cuda:bfloat16 --iters=12 --batch_size=16 "${DATA_ARGS[@]}" \
     --out_dir="$OUT_DIR/compare-shakespeare"
@@ -129,13 +136,16 @@ want compare && step "nanofast-compare cpu cuda (GPT-2 124M shape)" 70 70 "$PY" 
 want compare && step "resume_check.py (CPU -> CUDA)" 70 40 "$PY" bench/resume_check.py --out "$RESUME_MD" --work /tmp/nanofast-resume \
     --batch_size=16 --dtype=bfloat16 "${DATA_ARGS[@]}"
 
-OPS_TESTS=$(ls tests/test_ops*.py 2>/dev/null | tr '\n' ' ')
-# shellcheck disable=SC2086
-want ops && step "pytest ops tests" 90 30 "$PY" -m pytest $OPS_TESTS -q -rs -p no:cacheprovider
+# The ops tests that put CUDA tensors through the ops (the rest test the CPU kernels).
+want ops && step "pytest ops tests (CUDA cases)" 90 30 "$PY" -m pytest tests/test_ops_add_layer_norm.py \
+    tests/test_ops_linear_cross_entropy.py -k cuda -q -rs -p no:cacheprovider
 want ops && SOFT=1 step "gpu_bench.py" 60 20 "$PY" bench/gpu_bench.py --out "$BENCH_MD"
 # The Triton kernels' own tests compile every kernel variant: they get what time is left.
-want kernels && step "pytest tests/test_triton_kernels.py" 300 5 \
-    "$PY" -m pytest tests/test_triton_kernels.py -q -rs --maxfail=10 -p no:cacheprovider --durations=10
+want kernels && step "pytest test_triton_kernels, layer_norm_extremes (Triton)" 300 5 \
+    "$PY" -m pytest tests/test_triton_kernels.py "tests/test_layer_norm_extremes.py::test_size_one_triton" \
+    "tests/test_layer_norm_extremes.py::test_overflowing_rows_triton" \
+    "tests/test_layer_norm_extremes.py::test_triton_wide_row_sums_are_blocked" \
+    -q -rs --maxfail=10 -p no:cacheprovider --durations=10
 
 VERSIONS=$(timeout 30 "$PY" -c "
 import sys, torch, triton
@@ -176,6 +186,10 @@ print('agree' if s['agree'] else 'DIFFER', '| max gap', s['max_gap'], '| max noi
     done
     echo
     if [[ -s "$RESUME_MD" ]]; then cat "$RESUME_MD"; else echo "(no resume table: see gpu_check.log)"; fi
+    echo
+    echo "## Sampling (bench/gpu_sample.py)"
+    echo
+    if [[ -s "$SAMPLE_MD" ]]; then cat "$SAMPLE_MD"; else echo "(no sampling table: see gpu_check.log)"; fi
     echo
     echo "## Kernel micro-benchmarks (bench/gpu_bench.py)"
     echo

@@ -89,3 +89,21 @@ def test_cpu_optimizer_state_resumes_on_a_fused_cuda_adamw():
     model(x[:, :-1].cuda(), x[:, 1:].cuda())[1].backward()
     cuda_opt.step()  # raised "state_steps is on cpu" before
     assert all(float(s["step"]) == 2.0 for s in cuda_opt.state.values())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sampling_with_the_cache_draws_the_same_tokens_on_cuda(dtype):
+    """GPT.generate on CUDA (the Triton attention reading one query row against the cache's buffers)
+    draws the tokens it draws without the cache, from the same seed, at batch 3; and it starts and
+    stays on the model's device."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**CFG, "block_size": 32}, dropout=0.0, kernels="nanofast")).cuda().eval()
+    idx = torch.randint(65, (3, 5), generator=torch.Generator().manual_seed(3)).cuda()
+    runs = []
+    for use_cache in (True, False):
+        torch.manual_seed(7)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            runs.append(model.generate(idx, 20, temperature=0.9, top_k=20, use_cache=use_cache))
+    assert runs[0].device.type == "cuda" and runs[0].shape == (3, 25)
+    assert torch.equal(runs[0][:, :5], idx)
+    assert torch.equal(runs[0], runs[1])
