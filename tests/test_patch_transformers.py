@@ -183,6 +183,39 @@ def _assert_bfloat16_parity(ref, inputs, loss, grads):
         assert err <= FACTOR * torch_err + 2 ** -8 * g64.norm().item(), f"{n}: {err:.3g} > {FACTOR} * {torch_err:.3g}"
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_softcapped_attention_falls_back_to_the_models_eager_attention(padded):
+    """Gemma 2's attention takes a softcap that nanofast's does not: that call runs the model's own eager
+    attention (transformers' sdpa refuses a softcap) with the mask the "nanofast" implementation built,
+    padding and sliding window included, and says so once; the rest stays patched."""
+    cfg = transformers.Gemma2Config(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                    max_position_embeddings=64, sliding_window=8)
+    torch.manual_seed(0)
+    ref = transformers.Gemma2ForCausalLM(cfg).to(DEVICE).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = nanofast.patch(copy.deepcopy(ref))
+        inputs = _inputs("llama", padded=False)
+        # right padding shorter than the window: no row is fully masked (transformers' float64 eager
+        # attention gives such rows NaN, which reach the other rows' outputs through zero weights)
+        if padded:
+            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+            inputs["attention_mask"][1, T - 3:] = inputs["attention_mask"][2, T - 5:] = 0
+            inputs["labels"] = inputs["labels"].masked_fill(inputs["attention_mask"] == 0, -100)
+        loss, grads = _loss_and_grads(model, inputs)
+        _loss_and_grads(model, inputs)
+    fallbacks = [str(w.message) for w in caught if "falling back" in str(w.message)]
+    assert len(fallbacks) == 1 and "softcap" in fallbacks[0] and "eager attention" in fallbacks[0], fallbacks
+    assert any(isinstance(m, nanofast.nn.Linear) for m in model.modules())
+    ref_loss, ref_grads = _loss_and_grads(ref, inputs)
+    loss64, grads64 = _loss_and_grads(copy.deepcopy(ref).double(), inputs)
+    atol = 1e-5 if DEVICE == "cpu" else 1e-4
+    _check("loss", loss, ref_loss, loss64, atol)
+    for n in ref_grads:
+        _check(n, grads[n], ref_grads[n], grads64[n], atol)
+
+
 def test_patch_keeps_parameters_and_unpatch_restores():
     torch.manual_seed(0)
     model = _gpt2()

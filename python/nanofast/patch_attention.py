@@ -57,19 +57,38 @@ def transformers_attention(module, query, key, value, attention_mask, dropout=0.
     (B, H, Tq, D), key and value (B, Hkv, Tk, D), the mask transformers built for "sdpa" (boolean, or
     None where causality alone says it); returns ((B, Tq, H, D), None). Grouped key/value heads are read
     in place (enable_gqa), never repeated."""
-    special = [k for k in _TRANSFORMERS_ONLY if kwargs.get(k) is not None and kwargs.get(k) is not False]
-    if special:
-        _warn_once(special[0], "transformers' sdpa attention")
-        return _transformers_module("integrations.sdpa_attention").sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
-            **kwargs)
     q_len = query.shape[2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
     if is_causal and key.shape[2] > q_len:  # a prefill into a longer static cache, as transformers' sdpa does
         key, value = key[:, :, :q_len], value[:, :, :q_len]
+    special = [k for k in _TRANSFORMERS_ONLY if kwargs.get(k) is not None and kwargs.get(k) is not False]
+    if special:
+        return _eager_fallback(special[0], module, query, key, value, attention_mask, dropout, scaling, is_causal,
+                               **kwargs)
     out = sdpa(query, key, value, attention_mask, dropout, is_causal, scaling, key.shape[1] != query.shape[1])
     return out.transpose(1, 2).contiguous(), None
+
+
+def _eager_fallback(argument, module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs):
+    """The model's own eager attention (its module's eager_attention_forward, which takes the arguments
+    transformers' sdpa refuses, Gemma 2's softcap say), given the boolean sdpa mask the "nanofast"
+    implementation builds as the additive mask eager attention adds, or the causal mask sdpa would have
+    applied where that mask is None. transformers' sdpa where the model has no eager function."""
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        _warn_once(f"{argument} (an argument nanofast's attention does not take)", "transformers' sdpa attention")
+        return _transformers_module("integrations.sdpa_attention").sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
+            **kwargs)
+    _warn_once(f"{argument} (an argument nanofast's attention does not take)", "the model's eager attention")
+    if attention_mask is None and is_causal:  # (is_causal: no cache beyond the queries' own keys)
+        q_len = query.shape[2]
+        attention_mask = torch.ones(1, 1, q_len, q_len, dtype=torch.bool, device=query.device).tril()
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        additive = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device)
+        attention_mask = additive.masked_fill(~attention_mask, torch.finfo(query.dtype).min)
+    return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def _warn_once(reason, fallback):
