@@ -45,9 +45,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(params=all_isas())
 def isa(request):
-    """Runs a test once per instruction-set build of the C++ kernels this CPU supports."""
+    """Runs a test once per instruction-set build of the C++ kernels this CPU supports, with those
+    kernels (TORCH_ON_ISA's routes to torch off)."""
     from nanofast import _C
+    from nanofast.ops import cpu
 
+    routes, cpu.ROUTES_ENABLED = cpu.ROUTES_ENABLED, False  # each build's own kernels, not torch's
     _C.select_isa(request.param)
     yield request.param
     _C.select_isa("auto")
+    cpu.ROUTES_ENABLED = routes

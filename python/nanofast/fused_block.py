@@ -112,7 +112,7 @@ class _Block(torch.autograd.Function):
             h2 = h2.view(N, C)
             # 6. the MLP: f = h2 @ Wfc^T, g = gelu(f), m = dropout(g @ Wmp^T); m is the next norm's residual
             f = cpu.linear(h2, fc_wc, fc_bc, cd)
-            keep_gelu_grad = f.numel() <= _KEEP_GELU_GRAD_MAX
+            keep_gelu_grad = f.numel() <= _KEEP_GELU_GRAD_MAX and not cpu.torch_runs("gelu", f.dtype)
             if keep_gelu_grad:  # gelu'(f) kept instead of f: the backward is one multiply
                 g, gelu_in = cpu.gelu_forward_saving_grad(f)
             else:

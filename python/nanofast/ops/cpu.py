@@ -5,6 +5,7 @@ tensors into the pointer-and-stride form the C++ side takes. Arguments are check
 (checks.py), against the capabilities written here.
 """
 import functools
+import os
 
 import torch
 
@@ -33,6 +34,23 @@ ADD_LAYER_NORM_DTYPES = frozenset({(torch.float64,) * 3, (torch.bfloat16,) * 3} 
     (torch.float32, r, y) for r in (torch.float32, torch.bfloat16) for y in (torch.float32, torch.bfloat16)})
 # (x, residual, y) dtypes the fused add + RMSNorm kernel takes (add + LayerNorm's); rms_norm_* compose the others
 ADD_RMS_NORM_DTYPES = ADD_LAYER_NORM_DTYPES
+
+# ---- ops torch runs on some instruction sets ----
+# Where torch's CPU kernel for an op beat nanofast's on an instruction-set build at the training recipes'
+# shapes (bench/probes/isa_routes.py, and the whole step: README, "The CPUs people have"), the launchers
+# below hand that op, in that dtype, to torch while that build is selected, so that no build makes a
+# step slower through it. The portable build ("generic", what an ARM CPU runs) loses GELU and float32
+# attention to torch's own vector code (its bfloat16 attention still wins); every kernel of the AVX2 and
+# AVX-512 builds wins or breaks even. Attention goes to torch only without dropout, mask or window (torch's kernel has
+# no counterpart for nanofast's dropout masks). NANOFAST_ISA_ROUTES=0 keeps nanofast's kernels on every
+# build (the kernels' own tests set ROUTES_ENABLED).
+TORCH_ON_ISA = {"generic": frozenset({("gelu", torch.float32), ("gelu", torch.bfloat16), ("attention", torch.float32)})}
+ROUTES_ENABLED = os.environ.get("NANOFAST_ISA_ROUTES", "1") != "0"
+
+
+def torch_runs(op, dtype):
+    """Whether `op` in `dtype` goes to torch on the selected instruction set (TORCH_ON_ISA)."""
+    return ROUTES_ENABLED and (op, dtype) in TORCH_ON_ISA.get(_C.isa(), ())
 
 
 def stats_dtype(dtype):
@@ -213,7 +231,18 @@ def _mask_args(attn_mask, B, NH, TQ, TK):
     return attn_mask.data_ptr(), code, mask_strides(attn_mask, B, NH, TQ, TK)
 
 
+def _torch_attention(q, k, v, dropout_p, attn_mask, window):
+    """Whether this call goes to torch's flash attention (torch_runs): the plain cases only."""
+    return not dropout_p and attn_mask is None and not window and k.shape[1] == q.shape[1] and \
+        v.shape[3] == q.shape[3] and q.numel() and k.shape[2] and \
+        torch_runs("attention", q.dtype)
+
+
 def attention_forward(q, k, v, is_causal, scale, dropout_p, seed, attn_mask=None, window=0):
+    if _torch_attention(q, k, v, dropout_p, attn_mask, window):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, bool(is_causal),
+                                                                              scale=float(scale))
+        return out, lse
     B, NH, TQ, HS = q.shape
     NKV, TK, HSV = k.shape[1], k.shape[2], v.shape[3]
     out = empty_bthd(B, NH, TQ, HSV, q)
@@ -234,6 +263,10 @@ def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, see
     """(dq, dk, dv). `grads` (this backend only) may name three tensors of q's, k's and v's shapes and dtype, any strides
     with a unit last one, for the kernel to write into (nanofast.fused_block passes views of one
     (B, T, 3C) buffer, so the gradient of the qkv matmul's output needs no concatenation)."""
+    if _torch_attention(q, k, v, dropout_p, attn_mask, window):
+        found = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, bool(is_causal), scale=float(scale))
+        return found if grads is None else tuple(g.copy_(f) for g, f in zip(grads, found))
     B, NH, TQ, HS = q.shape
     lse = _packed(lse)
     NKV, TK, HSV = k.shape[1], k.shape[2], v.shape[3]
@@ -250,6 +283,9 @@ def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, see
 
 def _gelu(x, dy, approximate):
     """gelu(x), or dy * gelu'(x) when dy is given."""
+    if torch_runs("gelu", x.dtype):
+        return torch.ops.aten.gelu(x, approximate=approximate) if dy is None else \
+            torch.ops.aten.gelu_backward(dy, x, approximate=approximate)
     x, dy = _packed(x), _packed(dy)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.numel():
