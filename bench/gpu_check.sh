@@ -117,7 +117,7 @@ if want families; then
         SOFT=1 step "pip install transformers (.gpu_wheels)" 90 120 "$PY" -m pip install -q --no-index \
             --find-links .gpu_wheels transformers
     fi
-    step "pytest patch_transformers, triton_layers" 120 100 "$PY" -m pytest tests/test_patch_transformers.py \
+    step "pytest patch_transformers, triton_layers" 180 100 "$PY" -m pytest tests/test_patch_transformers.py \
         tests/test_triton_layers.py -q -rs -p no:cacheprovider --durations=5
 fi
 
