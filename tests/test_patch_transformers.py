@@ -216,6 +216,49 @@ def test_softcapped_attention_falls_back_to_the_models_eager_attention(padded):
         _check(n, grads[n], ref_grads[n], grads64[n], atol)
 
 
+def _more_families():
+    small = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64)
+    tf = transformers
+    return {  # (model class, config): pieces under other names, norms and activations
+        "qwen3": (tf.Qwen3ForCausalLM, tf.Qwen3Config(head_dim=16, **small)),  # RMSNorm of q and k per head
+        "gemma": (tf.GemmaForCausalLM, tf.GemmaConfig(head_dim=16, **small)),  # x * (1 + w), tanh-GELU gate
+        "phi3": (tf.Phi3ForCausalLM, tf.Phi3Config(pad_token_id=0, eos_token_id=2, **small)),  # fused gate_up
+        "olmo2": (tf.Olmo2ForCausalLM, tf.Olmo2Config(pad_token_id=0, eos_token_id=2, **small)),  # norms after
+        "gpt_neox": (tf.GPTNeoXForCausalLM, tf.GPTNeoXConfig(  # partial rotary, parallel residual
+            vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, eos_token_id=2, bos_token_id=1)),
+        "mixtral": (tf.MixtralForCausalLM, tf.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **small)),
+    }
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma", "phi3", "olmo2", "gpt_neox", "mixtral"])
+def test_more_families_patch_without_fallback(family):
+    """Families beyond the six above, recognised by what their pieces compute: no fallback, and the
+    loss and gradients with left padding within the parity rule against the float64 model."""
+    cls, cfg = _more_families()[family]
+    torch.manual_seed(0)
+    ref = cls(cfg).to(DEVICE).eval()
+    model = nanofast.patch(copy.deepcopy(ref))
+    assert any(isinstance(m, nanofast.nn.Linear) for m in model.modules())
+    assert any(isinstance(m, (nanofast.nn.RMSNorm, nanofast.nn.LayerNorm)) for m in model.modules())
+    assert model.config._attn_implementation == "nanofast"
+    inputs = _inputs("llama", padded=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="nanofast.patch")
+        loss, grads = _loss_and_grads(model, inputs)
+    ref_loss, ref_grads = _loss_and_grads(ref, inputs)
+    ref64 = copy.deepcopy(ref).double()
+    if hasattr(ref64, "set_experts_implementation"):  # torch's grouped matmul has no float64
+        ref64.set_experts_implementation("eager")
+    loss64, grads64 = _loss_and_grads(ref64, inputs)
+    atol = 1e-5 if DEVICE == "cpu" else 1e-4
+    _check("loss", loss, ref_loss, loss64, atol)
+    assert grads.keys() == ref_grads.keys()
+    for n in ref_grads:
+        _check(n, grads[n], ref_grads[n], grads64[n], atol)
+
+
 def test_patch_keeps_parameters_and_unpatch_restores():
     torch.manual_seed(0)
     model = _gpt2()
