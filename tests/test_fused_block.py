@@ -91,6 +91,24 @@ def test_gelu_derivative_recomputed_above_the_size_limit(monkeypatch, amp_dtype)
         assert torch.equal(grads_f[name], grads_p[name]), name
 
 
+@pytest.mark.parametrize("amp_dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16-autocast"])
+def test_evaluation_without_autograd_gives_the_training_forwards_bits(monkeypatch, amp_dtype):
+    """With grad mode off (estimate_loss, sampling) the block runs without an autograd node and computes
+    GELU without its derivative: the logits and loss keep their bits."""
+    model = _model(dropout=0.0)
+    X, Y = _batch(32)
+    computed = []
+    real = cpu.gelu_forward
+    monkeypatch.setattr(cpu, "gelu_forward", lambda *a, **k: computed.append(1) or real(*a, **k))
+    with _autocast(amp_dtype):
+        loss, logits = model(X, Y)[1], model(X)[0]
+        assert computed == []  # (the training forward keeps GELU's derivative)
+        with torch.no_grad():
+            loss_eval, logits_eval = model(X, Y)[1], model(X)[0]
+    assert len(computed) == 2 * model.config.n_layer and loss_eval.grad_fn is None
+    assert torch.equal(logits_eval, logits.detach()) and torch.equal(loss_eval, loss.detach())
+
+
 @pytest.mark.parametrize("T", [1, 7, 63, 65])
 @pytest.mark.parametrize("n_embd,n_head", [(48, 4), (60, 4), (45, 3)], ids=["hs12", "hs15", "hs15-3heads"])
 def test_odd_shapes(T, n_embd, n_head):

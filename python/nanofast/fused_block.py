@@ -26,6 +26,7 @@ import math
 import torch
 
 from .ops import cpu
+from .ops.formula import _NoAutograd, eager_apply
 from .ops.seed import draw_seed
 
 EPS = 1e-5  # model.py's LayerNorm epsilon
@@ -44,7 +45,8 @@ def forward(x, pending, n_head, dropout_p, *parameters):
     """(x + pending + attn(ln_1(x + pending)), mlp(ln_2(...))): model.Block.forward's result, for CPU
     tensors in eager mode. parameters: ln_1's weight and bias, attn.c_attn's, attn.c_proj's, ln_2's,
     mlp.c_fc's and mlp.c_proj's (each a weight, then a bias or None)."""
-    return _Block.apply(x, pending, n_head, dropout_p, compute_dtype(x), *parameters)
+    # (with grad mode off, in evaluation, no autograd node: nothing is kept for a backward)
+    return eager_apply(_Block, x, pending, n_head, dropout_p, compute_dtype(x), *parameters)
 
 
 def _dropout(x, p):
@@ -112,7 +114,8 @@ class _Block(torch.autograd.Function):
             h2 = h2.view(N, C)
             # 6. the MLP: f = h2 @ Wfc^T, g = gelu(f), m = dropout(g @ Wmp^T); m is the next norm's residual
             f = cpu.linear(h2, fc_wc, fc_bc, cd)
-            keep_gelu_grad = f.numel() <= _KEEP_GELU_GRAD_MAX and not cpu.torch_runs("gelu", f.dtype)
+            keep_gelu_grad = f.numel() <= _KEEP_GELU_GRAD_MAX and not cpu.torch_runs("gelu", f.dtype) and \
+                not isinstance(ctx, _NoAutograd)  # (no backward will run)
             if keep_gelu_grad:  # gelu'(f) kept instead of f: the backward is one multiply
                 g, gelu_in = cpu.gelu_forward_saving_grad(f)
             else:
