@@ -126,6 +126,26 @@ def _check(name, ours, theirs, ref, atol):
     assert err <= FACTOR * torch_err + atol, f"{name}: {err:.3g} > {FACTOR} * {torch_err:.3g} + {atol:g}"
 
 
+def _float64_loss_and_grads(ref, inputs):
+    """The loss and gradients of a float64 copy of ref: the reference of the parity rule."""
+    ref64 = copy.deepcopy(ref).double()
+    if hasattr(ref64, "set_experts_implementation"):  # torch's grouped matmul has no float64
+        ref64.set_experts_implementation("eager")
+    return _loss_and_grads(ref64, {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()})
+
+
+def _assert_float32_parity(ref, inputs, loss, grads):
+    """The parity rule, element by element, for a patched model's float32 loss and gradients: at most
+    twice as far from the float64 model's as the unpatched model's (ref's) are, plus a small atol."""
+    ref_loss, ref_grads = _loss_and_grads(ref, inputs)
+    loss64, grads64 = _float64_loss_and_grads(ref, inputs)
+    atol = 1e-5 if DEVICE == "cpu" else 1e-4  # CUDA's kernels (ours and torch's) reduce in other orders
+    _check("loss", loss, ref_loss, loss64, atol)
+    assert grads.keys() == ref_grads.keys()
+    for n in ref_grads:
+        _check(n, grads[n], ref_grads[n], grads64[n], atol)
+
+
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_patched_family_matches_unpatched(family, padded):
@@ -136,19 +156,11 @@ def test_patched_family_matches_unpatched(family, padded):
     model = nanofast.patch(copy.deepcopy(ref))
     assert model.state_dict().keys() == ref.state_dict().keys()
     _assert_served(family, model)
-    ref64 = copy.deepcopy(ref).double()
     inputs = _inputs(family, padded)
-    inputs64 = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="nanofast.patch")  # no fallback in these configurations
         loss, grads = _loss_and_grads(model, inputs)
-    ref_loss, ref_grads = _loss_and_grads(ref, inputs)
-    loss64, grads64 = _loss_and_grads(ref64, inputs64)
-    atol = 1e-5 if DEVICE == "cpu" else 1e-4  # CUDA's kernels (ours and torch's) reduce in other orders
-    _check("loss", loss, ref_loss, loss64, atol)
-    assert grads.keys() == ref_grads.keys()
-    for n in ref_grads:
-        _check(n, grads[n], ref_grads[n], grads64[n], atol)
+    _assert_float32_parity(ref, inputs, loss, grads)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -173,9 +185,7 @@ def _assert_bfloat16_parity(ref, inputs, loss, grads):
     unlucky rounding)."""
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         ref_loss, ref_grads = _loss_and_grads(ref, inputs)
-    ref64 = copy.deepcopy(ref).double()
-    inputs64 = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
-    loss64, grads64 = _loss_and_grads(ref64, inputs64)
+    loss64, grads64 = _float64_loss_and_grads(ref, inputs)
     assert grads.keys() == ref_grads.keys() == grads64.keys()
     for n, g64 in [("loss", loss64), *grads64.items()]:
         ours, theirs = (loss, ref_loss) if n == "loss" else (grads[n], ref_grads[n])
@@ -208,12 +218,7 @@ def test_softcapped_attention_falls_back_to_the_models_eager_attention(padded):
     fallbacks = [str(w.message) for w in caught if "falling back" in str(w.message)]
     assert len(fallbacks) == 1 and "softcap" in fallbacks[0] and "eager attention" in fallbacks[0], fallbacks
     assert any(isinstance(m, nanofast.nn.Linear) for m in model.modules())
-    ref_loss, ref_grads = _loss_and_grads(ref, inputs)
-    loss64, grads64 = _loss_and_grads(copy.deepcopy(ref).double(), inputs)
-    atol = 1e-5 if DEVICE == "cpu" else 1e-4
-    _check("loss", loss, ref_loss, loss64, atol)
-    for n in ref_grads:
-        _check(n, grads[n], ref_grads[n], grads64[n], atol)
+    _assert_float32_parity(ref, inputs, loss, grads)
 
 
 def _more_families():
@@ -247,16 +252,7 @@ def test_more_families_patch_without_fallback(family):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="nanofast.patch")
         loss, grads = _loss_and_grads(model, inputs)
-    ref_loss, ref_grads = _loss_and_grads(ref, inputs)
-    ref64 = copy.deepcopy(ref).double()
-    if hasattr(ref64, "set_experts_implementation"):  # torch's grouped matmul has no float64
-        ref64.set_experts_implementation("eager")
-    loss64, grads64 = _loss_and_grads(ref64, inputs)
-    atol = 1e-5 if DEVICE == "cpu" else 1e-4
-    _check("loss", loss, ref_loss, loss64, atol)
-    assert grads.keys() == ref_grads.keys()
-    for n in ref_grads:
-        _check(n, grads[n], ref_grads[n], grads64[n], atol)
+    _assert_float32_parity(ref, inputs, loss, grads)
 
 
 def test_patch_keeps_parameters_and_unpatch_restores():
@@ -328,19 +324,12 @@ def test_fused_loss_matches_unpatched(family, padded, fused_calls):
     torch.manual_seed(0)
     ref = FAMILIES[family]().to(DEVICE).train()
     model = nanofast.patch(copy.deepcopy(ref))
-    ref64 = copy.deepcopy(ref).double()
     inputs = _inputs(family, padded)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="nanofast.patch")
         loss, grads = _loss_and_grads(model, inputs)
     assert fused_calls == [B * T]
-    ref_loss, ref_grads = _loss_and_grads(ref, inputs)
-    loss64, grads64 = _loss_and_grads(ref64, inputs)
-    atol = 1e-5 if DEVICE == "cpu" else 1e-4
-    _check("loss", loss, ref_loss, loss64, atol)
-    assert grads.keys() == ref_grads.keys()
-    for n in ref_grads:
-        _check(n, grads[n], ref_grads[n], grads64[n], atol)
+    _assert_float32_parity(ref, inputs, loss, grads)
 
 
 @pytest.mark.parametrize("family", CAUSAL)
