@@ -40,11 +40,13 @@ ADD_RMS_NORM_DTYPES = ADD_LAYER_NORM_DTYPES
 # shapes (bench/probes/isa_routes.py, and the whole step: README, "The CPUs people have"), the launchers
 # below hand that op, in that dtype, to torch while that build is selected, so that no build makes a
 # step slower through it. The portable build ("generic", what an ARM CPU runs) loses GELU and float32
-# attention to torch's own vector code (its bfloat16 attention still wins); every kernel of the AVX2 and
-# AVX-512 builds wins or breaks even. Attention goes to torch only without dropout, mask or window (torch's kernel has
-# no counterpart for nanofast's dropout masks). NANOFAST_ISA_ROUTES=0 keeps nanofast's kernels on every
-# build (the kernels' own tests set ROUTES_ENABLED).
-TORCH_ON_ISA = {"generic": frozenset({("gelu", torch.float32), ("gelu", torch.bfloat16), ("attention", torch.float32)})}
+# attention to torch's own vector code (its bfloat16 attention still wins); every kernel of the AVX2
+# and AVX-512 builds wins or breaks even. Attention goes to torch only without dropout, mask or window
+# (torch's kernel has no counterpart for nanofast's dropout masks). NANOFAST_ISA_ROUTES=0 keeps
+# nanofast's kernels on every build (the kernels' own tests set ROUTES_ENABLED).
+TORCH_ON_ISA = {
+    "generic": frozenset({("gelu", torch.float32), ("gelu", torch.bfloat16), ("attention", torch.float32)}),
+}
 ROUTES_ENABLED = os.environ.get("NANOFAST_ISA_ROUTES", "1") != "0"
 
 
@@ -234,8 +236,7 @@ def _mask_args(attn_mask, B, NH, TQ, TK):
 def _torch_attention(q, k, v, dropout_p, attn_mask, window):
     """Whether this call goes to torch's flash attention (torch_runs): the plain cases only."""
     return not dropout_p and attn_mask is None and not window and k.shape[1] == q.shape[1] and \
-        v.shape[3] == q.shape[3] and q.numel() and k.shape[2] and \
-        torch_runs("attention", q.dtype)
+        v.shape[3] == q.shape[3] and q.numel() > 0 and k.shape[2] > 0 and torch_runs("attention", q.dtype)
 
 
 def attention_forward(q, k, v, is_causal, scale, dropout_p, seed, attn_mask=None, window=0):
