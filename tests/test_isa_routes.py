@@ -60,6 +60,8 @@ def test_attention_goes_to_torch_without_dropout(routed_isa, T, monkeypatch):
     monkeypatch.setattr(cpu, "ROUTES_ENABLED", False)
     torch.manual_seed(1)
     assert torch.equal(dropped, ops.scaled_dot_product_attention(q, k, v, dropout_p=0.3, is_causal=True))
+    # the layout the kernel's (and the fake's) output has, which torch.compile's graphs assume
+    assert plain.stride() == ops.scaled_dot_product_attention(q, k, v, is_causal=True).stride()
 
 
 def _step_grads(threads):
