@@ -47,13 +47,10 @@ template <class T> inline acc_t<T> rms_norm_rstd(const T* row, acc_t<T> sq_sum, 
   int e;
   std::frexp(max_abs, &e);  // max_abs < 2^e
   const A down = std::ldexp(A(1), -e);
-  const A scaled = row_blocked_sum<A>(C, [&](int64_t c0, int64_t c1) {
-    A s = 0;
-    for (int64_t c = c0; c < c1; ++c) {
-      const A d = to_acc(row[c]) * down;
-      s += d * d;
-    }
-    return s;
+  // vectorised as the plain sum (layer_norm_scaled.h's sums too): one accumulator along a block loses bits
+  const A scaled = row_sum_of(row, C, [down](auto v) {
+    const auto d = v * down;
+    return d * d;
   });
   // mean(x^2) + eps = 2^(2e) * (scaled / C + eps * 2^(-2e))
   return std::ldexp(A(1) / std::sqrt(scaled / A(C) + eps * down * down), -e);
