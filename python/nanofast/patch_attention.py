@@ -76,12 +76,13 @@ def _eager_fallback(argument, module, query, key, value, attention_mask, dropout
     implementation builds as the additive mask eager attention adds, or the causal mask sdpa would have
     applied where that mask is None. transformers' sdpa where the model has no eager function."""
     eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    reason = f"{argument} (an argument nanofast's attention does not take)"
     if eager is None:
-        _warn_once(f"{argument} (an argument nanofast's attention does not take)", "transformers' sdpa attention")
+        _warn_once(reason, "transformers' sdpa attention")
         return _transformers_module("integrations.sdpa_attention").sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
             **kwargs)
-    _warn_once(f"{argument} (an argument nanofast's attention does not take)", "the model's eager attention")
+    _warn_once(reason, "the model's eager attention")
     if attention_mask is None and is_causal:  # (is_causal: no cache beyond the queries' own keys)
         q_len = query.shape[2]
         attention_mask = torch.ones(1, 1, q_len, q_len, dtype=torch.bool, device=query.device).tril()
