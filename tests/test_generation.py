@@ -1,11 +1,12 @@
 """Sampling with a key/value cache (nanofast.generation, GPT.generate): the same tokens and logits as
 recomputing the whole context, cropping past block_size, batches, both backends' attention."""
 import importlib.util
+from contextlib import nullcontext
 
 import pytest
 import torch
 
-from nanofast import _C, generation
+from nanofast import _C, fused_block, generation
 from nanofast.generation import KVCache, LayerCache, cast_weights_to_bfloat16, forward_cached
 from nanofast.model import GPT, GPTConfig
 from nanofast.ops import cpu
@@ -159,6 +160,43 @@ def test_bfloat16_weights_give_autocasts_tokens_and_logits(kernels):
             want = model.generate(tokens[:, :4], 20, temperature=0.9, top_k=40)
             torch.manual_seed(seed)
             assert torch.equal(cast.generate(tokens[:, :4], 20, temperature=0.9, top_k=40), want)
+
+
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16], ids=["float32", "bf16-autocast"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_fused_blocks_read_the_cache_as_the_per_op_blocks(monkeypatch, amp_dtype, bias):
+    """With grad mode off the blocks run fused (nanofast/fused_block.py) with their layer's cache, in the
+    prefill and in every step: the same logits, bit for bit, as the per-op modules."""
+    model = tiny_model(n_embd=128, n_head=4, vocab_size=300, bias=bias)
+    tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(5))
+    real, calls = fused_block.forward, []
+
+    def spy(*args, cache=None):
+        calls.append(cache)
+        return real(*args, cache=cache)
+
+    monkeypatch.setattr(fused_block, "forward", spy)
+    with torch.no_grad(), torch.autocast("cpu", dtype=amp_dtype) if amp_dtype else nullcontext():
+        fused = teacher_forced_logits(model, tokens, True)
+        assert len(calls) == 16 * model.config.n_layer and all(isinstance(c, LayerCache) for c in calls)
+        model.use_fused_blocks(False)
+        per_op = teacher_forced_logits(model, tokens, True)
+    assert len(calls) == 16 * model.config.n_layer  # none more
+    assert torch.equal(fused, per_op)
+
+
+def test_cache_with_grad_mode_on_runs_the_per_op_blocks():
+    """A cache with grad mode on: the per-op blocks (the fused node's backward knows no cache), the same
+    logits; fused_block.forward itself refuses it."""
+    model = tiny_model()
+    tokens = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = teacher_forced_logits(model, tokens, True)
+    got = teacher_forced_logits(model, tokens, True)
+    assert got.requires_grad and torch.equal(got, want)
+    block, x = model.transformer.h[0], torch.randn(2, 1, 32)
+    with pytest.raises(RuntimeError, match="grad mode off"):
+        fused_block.forward(x, None, 2, 0.0, *block._fused_parameters(block), cache=LayerCache(4))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

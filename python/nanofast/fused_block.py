@@ -15,6 +15,10 @@ The arithmetic is the per-op block's:
 * the gradient of the qkv matmul's output is written by the attention kernel straight into one
   (N, 3C) buffer, where autograd would concatenate three.
 
+Sampling runs the same forward with the layer's key/value cache (grad mode off: no node, nothing
+kept), where a decode step's one-row products leave the Python around them a large share of the
+step.
+
 tests/test_fused_block.py checks the loss and every gradient against the per-op block. The model
 decides when a block runs here (model.Block.can_run_fused) and hands over its parameters in the order
 of model.Block.FUSED_PARAMETERS; this file knows nothing of the model's modules.
@@ -41,12 +45,17 @@ def compute_dtype(x):
     return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
 
 
-def forward(x, pending, n_head, dropout_p, *parameters):
+def forward(x, pending, n_head, dropout_p, *parameters, cache=None):
     """(x + pending + attn(ln_1(x + pending)), mlp(ln_2(...))): model.Block.forward's result, for CPU
     tensors in eager mode. parameters: ln_1's weight and bias, attn.c_attn's, attn.c_proj's, ln_2's,
-    mlp.c_fc's and mlp.c_proj's (each a weight, then a bias or None)."""
+    mlp.c_fc's and mlp.c_proj's (each a weight, then a bias or None).
+
+    cache (sampling, grad mode off: nanofast.generation.LayerCache): the keys and values of the
+    positions before x's, which x's own join, as model.CausalSelfAttention takes it."""
+    if cache is not None and torch.is_grad_enabled():
+        raise RuntimeError("fused_block.forward: a key/value cache is for sampling, with grad mode off")
     # (with grad mode off, in evaluation, no autograd node: nothing is kept for a backward)
-    return eager_apply(_Block, x, pending, n_head, dropout_p, compute_dtype(x), *parameters)
+    return eager_apply(_Block, x, pending, n_head, dropout_p, compute_dtype(x), *parameters, cache)
 
 
 def _dropout(x, p):
@@ -84,7 +93,7 @@ class _Block(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, pending, n_head, p, cd, ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b, ln2_w, ln2_b, fc_w,
-                fc_b, mp_w, mp_b):
+                fc_b, mp_w, mp_b, cache=None):
         with torch.autocast("cpu", enabled=False):
             B, T, C = x.shape
             NH, HS, N = n_head, C // n_head, B * T
@@ -102,10 +111,14 @@ class _Block(torch.autograd.Function):
             # 2. queries, keys and values of every head: one (N, 3C) matmul; q, k, v are views of it
             qkv = cpu.linear(h1, attn_wc, attn_bc, cd)
             q, k, v = _heads(qkv, B, T, NH, HS)
+            causal = True
+            if cache is not None:  # as model.CausalSelfAttention does with it
+                k, v = cache.append(k, v)
+                causal = T > 1
             # 3. causal attention; the output is (B, T, NH, HS) in memory, i.e. already (N, C) rows
             seed = draw_seed() if p > 0 else None
             scale = 1.0 / math.sqrt(HS)
-            y, lse = cpu.attention_forward(q, k, v, True, scale, p, seed)
+            y, lse = cpu.attention_forward(q, k, v, causal, scale, p, seed)
             yc = y.transpose(1, 2).reshape(N, C)
             # 4. the heads mixed back into the stream: a = dropout(y @ Wproj^T)
             a, seed_a = _dropout(cpu.linear(yc, proj_wc, proj_bc, cd), p)
@@ -178,4 +191,4 @@ class _Block(torch.autograd.Function):
         weights = (d_attn_w, d_attn_b, d_proj_w, d_proj_b, d_fc_w, d_fc_b, d_mp_w, d_mp_b)
         # the bias gradients come out in the matmuls' dtype; the parameters keep the stream's
         weights = tuple(None if d is None else d.to(x.dtype) for d in weights)
-        return (dx, dpending, None, None, None, d_ln1_w, d_ln1_b, *weights[:4], d_ln2_w, d_ln2_b, *weights[4:])
+        return (dx, dpending, None, None, None, d_ln1_w, d_ln1_b, *weights[:4], d_ln2_w, d_ln2_b, *weights[4:], None)

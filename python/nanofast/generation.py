@@ -75,17 +75,15 @@ class KVCache:
 def forward_cached(model, idx, cache):
     """The logits (B, vocab) of the token after idx (B, T), which follows the tokens whose keys and
     values the cache holds: the blocks read only idx, and idx's keys and values join the cache. The
-    same computation as model(idx) over the whole context, with the blocks' modules called as
-    Block.forward calls them when not fused."""
+    same computation as model(idx) over the whole context (the blocks run fused where they can, as
+    there)."""
     t = model.transformer
     start = cache.length
     pos = torch.arange(start, start + idx.shape[1], dtype=torch.long, device=idx.device)
     x = t.drop(t.wte(idx) + t.wpe(pos))
     pending = None
     for block, layer in zip(t.h, cache.layers):
-        x, h = block.ln_1.add_norm(x, pending)
-        x, h = block.ln_2.add_norm(x, block.attn(h, layer))
-        pending = block.mlp(h)
+        x, pending = block(x, pending, layer)
     x = t.ln_f.add_norm(x[:, -1], None if pending is None else pending[:, -1])[1]
     return model.lm_head(x)
 

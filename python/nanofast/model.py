@@ -189,13 +189,15 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.fused = True  # may run as one hand-written autograd node (see forward); GPT.use_fused_blocks
 
-    def forward(self, x, pending=None):
-        if self.fused and self.can_run_fused(x, pending):
+    def forward(self, x, pending=None, cache=None):
+        """(x + pending + attn(...), mlp(...)), as the class says. cache (sampling, grad mode off:
+        nanofast.generation.LayerCache): the keys and values of the positions before x's."""
+        if self.fused and self.can_run_fused(x, pending) and (cache is None or not torch.is_grad_enabled()):
             # the same computation as the lines below, as one autograd node (nanofast/fused_block.py)
             p = self.attn.dropout if self.training else 0.0
-            return fused_block.forward(x, pending, self.attn.n_head, p, *self._fused_parameters(self))
+            return fused_block.forward(x, pending, self.attn.n_head, p, *self._fused_parameters(self), cache=cache)
         x, h = self.ln_1.add_norm(x, pending)  # x = x + pending; h = ln_1(x)
-        x, h = self.ln_2.add_norm(x, self.attn(h))  # x = x + attn(h); h = ln_2(x)
+        x, h = self.ln_2.add_norm(x, self.attn(h, cache))  # x = x + attn(h); h = ln_2(x)
         return x, self.mlp(h)
 
     def can_run_fused(self, x, pending):
