@@ -94,7 +94,8 @@ def test_gelu_derivative_recomputed_above_the_size_limit(monkeypatch, amp_dtype)
 @pytest.mark.parametrize("amp_dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16-autocast"])
 def test_evaluation_without_autograd_gives_the_training_forwards_bits(monkeypatch, amp_dtype):
     """With grad mode off (estimate_loss, sampling) the block runs without an autograd node and computes
-    GELU without its derivative: the logits and loss keep their bits."""
+    GELU without its derivative, as it does where no gradient is wanted: the logits and loss keep their
+    bits."""
     monkeypatch.setattr(cpu, "ROUTES_ENABLED", False)  # nanofast's GELU on every build
     model = _model(dropout=0.0)
     X, Y = _batch(32)
@@ -108,6 +109,10 @@ def test_evaluation_without_autograd_gives_the_training_forwards_bits(monkeypatc
             loss_eval, logits_eval = model(X, Y)[1], model(X)[0]
     assert len(computed) == 2 * model.config.n_layer and loss_eval.grad_fn is None
     assert torch.equal(logits_eval, logits.detach()) and torch.equal(loss_eval, loss.detach())
+    model.requires_grad_(False)  # grad mode on, but no gradient wanted: no backward either
+    with _autocast(amp_dtype):
+        assert torch.equal(model(X)[0], logits.detach())
+    assert len(computed) == 3 * model.config.n_layer
 
 
 @pytest.mark.parametrize("T", [1, 7, 63, 65])

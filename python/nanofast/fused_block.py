@@ -30,7 +30,7 @@ import math
 import torch
 
 from .ops import cpu
-from .ops.formula import _NoAutograd, eager_apply
+from .ops.formula import eager_apply
 from .ops.seed import draw_seed
 
 EPS = 1e-5  # model.py's LayerNorm epsilon
@@ -128,7 +128,7 @@ class _Block(torch.autograd.Function):
             # 6. the MLP: f = h2 @ Wfc^T, g = gelu(f), m = dropout(g @ Wmp^T); m is the next norm's residual
             f = cpu.linear(h2, fc_wc, fc_bc, cd)
             keep_gelu_grad = f.numel() <= _KEEP_GELU_GRAD_MAX and not cpu.torch_runs("gelu", f.dtype) and \
-                not isinstance(ctx, _NoAutograd)  # (no backward will run)
+                any(ctx.needs_input_grad)  # (else no backward will run)
             if keep_gelu_grad:  # gelu'(f) kept instead of f: the backward is one multiply
                 g, gelu_in = cpu.gelu_forward_saving_grad(f)
             else:

@@ -33,6 +33,8 @@ class _NoAutograd:
     """A ctx for an eager Function's forward run without autograd: what the forward keeps for a
     backward that will not run is dropped."""
 
+    needs_input_grad = ()  # no input's gradient is wanted: any(ctx.needs_input_grad) says whether one is
+
     def save_for_backward(self, *tensors):
         pass
 
