@@ -42,9 +42,11 @@ template <class A> struct SumPair {
   SumPair operator+(const SumPair& o) const { return {a + o.a, b + o.b}; }
 };
 
-// The sum of f(x) over a row (f: the identity, or a square for RMSNorm), and the sum of its squared
-// deviations from mean, in the accumulation type (bfloat16 rows are widened as they are read).
-template <class T, class F> inline acc_t<T> row_sum_of(const T* row, int64_t C, F f) {
+// The sum of f(x) over a row (f: the identity, or a square for RMSNorm) in the accumulation type
+// (bfloat16 rows are widened as they are read), in Accumulators vector sums (1 or 2: two hide the
+// adds' latency, one keeps the order LayerNorm's variance has always summed in, and so its bits).
+template <int Accumulators = 2, class T, class F> inline acc_t<T> row_sum_of(const T* row, int64_t C, F f) {
+  static_assert(Accumulators == 1 || Accumulators == 2, "row_sum_of: one or two accumulators");
   using A = acc_t<T>;
   return row_blocked_sum<A>(C, [row, f](int64_t c0, int64_t c1) {
     constexpr int W = lanes<A>();
@@ -52,12 +54,14 @@ template <class T, class F> inline acc_t<T> row_sum_of(const T* row, int64_t C, 
     const int64_t n = c1 - c0;
     vec<A> s0{}, s1{};
     int64_t c = 0;
-    for (; c + 2 * W <= n; c += 2 * W) {
-      s0 += f(vload_as(x + c));
-      s1 += f(vload_as(x + c + W));
+    if constexpr (Accumulators == 2) {
+      for (; c + 2 * W <= n; c += 2 * W) {
+        s0 += f(vload_as(x + c));
+        s1 += f(vload_as(x + c + W));
+      }
     }
     for (; c + W <= n; c += W) s0 += f(vload_as(x + c));
-    A s = vsum(s0 + s1);
+    A s = vsum(s0 + s1);  // (s1 is zero with one accumulator: adding it changes no bit of s0)
     for (; c < n; ++c) s += f(to_acc(x[c]));
     return s;
   });
@@ -66,24 +70,11 @@ template <class T> inline acc_t<T> row_sum(const T* row, int64_t C) {
   return row_sum_of(row, C, [](auto v) { return v; });
 }
 
+// The sum of a row's squared deviations from its mean (LayerNorm's variance).
 template <class T> inline acc_t<T> row_centered_sq_sum(const T* row, acc_t<T> mean, int64_t C) {
-  using A = acc_t<T>;
-  return row_blocked_sum<A>(C, [row, mean](int64_t c0, int64_t c1) {
-    constexpr int W = lanes<A>();
-    const T* x = row + c0;
-    const int64_t n = c1 - c0;
-    vec<A> s0{};
-    int64_t c = 0;
-    for (; c + W <= n; c += W) {
-      vec<A> d = vload_as(x + c) - mean;
-      s0 += d * d;
-    }
-    A s = vsum(s0);
-    for (; c < n; ++c) {
-      A d = to_acc(x[c]) - mean;
-      s += d * d;
-    }
-    return s;
+  return row_sum_of<1>(row, C, [mean](auto v) {
+    const auto d = v - mean;
+    return d * d;
   });
 }
 
