@@ -208,6 +208,22 @@ def test_a_replaced_module_sends_the_block_through_its_modules():
     torch.testing.assert_close(block(x)[1], expected)
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_the_block_hands_over_its_parameters_in_order(bias):
+    """Block._fused_parameters reads nn.Module's dictionaries: the FUSED_PARAMETERS themselves, None
+    for a bias that is off, and a plain tensor put in a parameter's place."""
+    block = _model(bias=bias).transformer.h[0]
+    want = [getattr(block.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in Block.FUSED_PARAMETERS]
+    got = block._fused_parameters()
+    assert len(got) == len(want) == 12 and all(g is w for g, w in zip(got, want))
+    assert (got[1] is None) == (not bias) and (got[11] is None) == (not bias)
+    fc = block.mlp.c_fc
+    plain = fc.weight.detach().clone()
+    del fc.weight
+    fc.weight = plain  # no longer a registered parameter
+    assert block._fused_parameters()[8] is plain
+
+
 def test_falls_back_where_it_does_not_apply():
     x = torch.randn(2, 8, 48)
     block = _model(kernels="torch").transformer.h[0]

@@ -196,7 +196,7 @@ def test_cache_with_grad_mode_on_runs_the_per_op_blocks():
     assert got.requires_grad and torch.equal(got, want)
     block, x = model.transformer.h[0], torch.randn(2, 1, 32)
     with pytest.raises(RuntimeError, match="grad mode off"):
-        fused_block.forward(x, None, 2, 0.0, *block._fused_parameters(block), cache=LayerCache(4))
+        fused_block.forward(x, None, 2, 0.0, *block._fused_parameters(), cache=LayerCache(4))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

@@ -22,7 +22,6 @@ linear layers, dropout and the optimizer step), chosen by GPTConfig.kernels:
 
 import inspect
 import math
-import operator
 from dataclasses import dataclass, fields
 
 import torch
@@ -179,7 +178,19 @@ class Block(nn.Module):
     FUSED_PARAMETERS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
                         "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
                         "mlp.c_proj.weight", "mlp.c_proj.bias")
-    _fused_parameters = operator.attrgetter(*FUSED_PARAMETERS)
+
+    def _fused_parameters(self):
+        """The FUSED_PARAMETERS, read from nn.Module's dictionaries: nn.Module.__getattr__ would cost a
+        decode step's one-row kernels as much again. (A name that is not a registered parameter, a
+        plain None bias or a tensor put in its place, is read with getattr.)"""
+        found = []
+        for path, name in _FUSED_PARAMETER_PATHS:
+            m = self
+            for child in path:
+                m = m._modules[child]
+            p = m._parameters.get(name, _UNREGISTERED)
+            found.append(getattr(m, name) if p is _UNREGISTERED else p)
+        return found
 
     def __init__(self, config):
         super().__init__()
@@ -195,7 +206,7 @@ class Block(nn.Module):
         if self.fused and self.can_run_fused(x, pending) and (cache is None or not torch.is_grad_enabled()):
             # the same computation as the lines below, as one autograd node (nanofast/fused_block.py)
             p = self.attn.dropout if self.training else 0.0
-            return fused_block.forward(x, pending, self.attn.n_head, p, *self._fused_parameters(self), cache=cache)
+            return fused_block.forward(x, pending, self.attn.n_head, p, *self._fused_parameters(), cache=cache)
         x, h = self.ln_1.add_norm(x, pending)  # x = x + pending; h = ln_1(x)
         x, h = self.ln_2.add_norm(x, self.attn(h, cache))  # x = x + attn(h); h = ln_2(x)
         return x, self.mlp(h)
@@ -229,6 +240,10 @@ def _has_hooks(module):
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks)
 
+
+# Block.FUSED_PARAMETERS as (module path, parameter name)
+_FUSED_PARAMETER_PATHS = tuple((tuple(n.split(".")[:-1]), n.split(".")[-1]) for n in Block.FUSED_PARAMETERS)
+_UNREGISTERED = object()
 
 # (path, class) of the modules whose forward fused_block replaces: the model's own classes, not a
 # replacement such as a patched or adapter-wrapped layer
