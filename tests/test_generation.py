@@ -164,11 +164,13 @@ def test_bfloat16_weights_give_autocasts_tokens_and_logits(kernels):
 
 @pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16], ids=["float32", "bf16-autocast"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_fused_blocks_read_the_cache_as_the_per_op_blocks(monkeypatch, amp_dtype, bias):
+@pytest.mark.parametrize("batch", [2, cpu.GEMV_MAX_ROWS + 1])
+def test_fused_blocks_read_the_cache_as_the_per_op_blocks(monkeypatch, amp_dtype, bias, batch):
     """With grad mode off the blocks run fused (nanofast/fused_block.py) with their layer's cache, in the
-    prefill and in every step: the same logits, bit for bit, as the per-op modules."""
+    prefill and in every step: the same logits, bit for bit, as the per-op modules (a step's products
+    by the matrix-vector kernel, or past its row limit by the GEMMs)."""
     model = tiny_model(n_embd=128, n_head=4, vocab_size=300, bias=bias)
-    tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(5))
+    tokens = torch.randint(0, 300, (batch, 16), generator=torch.Generator().manual_seed(5))
     real, calls = fused_block.forward, []
 
     def spy(*args, cache=None):
