@@ -168,6 +168,34 @@ def _hf_steps(hf, context):
     return run
 
 
+def test_sample_fused_blocks_lever(record, models):
+    """A decode step with the blocks fused (nanofast/fused_block.py, with their layer's cache) against the
+    same kernels called module by module (GPT.use_fused_blocks(False)): at batch 1 each product is one
+    row, so the Python between the kernels is a visible share of the step. Both give the same logits
+    (tests/test_generation.py)."""
+    sides, _ = models
+    context = CONTEXTS[1]
+    for dtype, (_, ours) in sides.items():
+        runs = {}
+        for side in ("with", "without"):
+            steps = _nanofast_steps(ours, dtype, context)
+
+            def run(steps=steps, fused=side == "with"):
+                ours.use_fused_blocks(fused)
+                steps()
+            runs[side] = run
+        try:
+            times = _rounds(runs, rounds=5)
+        finally:
+            ours.use_fused_blocks(True)
+        for side, seconds in times.items():
+            record.seconds(seconds / STEPS_PER_ROUND, 5, op="sample: decode step, fused blocks",
+                           case=f"GPT-2 124M B1 context={context}", mode="KV cache", dtype=dtype, provider=side,
+                           device="cpu", work=1e9, unit="tok/s")
+        print(f"\nsample: decode step {dtype}: fused blocks {times['with'] / STEPS_PER_ROUND * 1e3:.2f} ms, "
+              f"per-op {times['without'] / STEPS_PER_ROUND * 1e3:.2f} ms ({times['without'] / times['with']:.3f}x)")
+
+
 def test_sample_time_per_token_by_context(record, models):
     """One decode step (batch 1) after 1 to 1016 cached positions: with the cache the weights dominate,
     so the time per token should stay flat as the context grows."""
