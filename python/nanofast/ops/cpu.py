@@ -42,7 +42,9 @@ ADD_RMS_NORM_DTYPES = ADD_LAYER_NORM_DTYPES
 # step slower through it. The portable build ("generic", what an ARM CPU runs) loses GELU and float32
 # attention to torch's own vector code (its bfloat16 attention still wins); every kernel of the AVX2
 # and AVX-512 builds wins or breaks even. Attention goes to torch only without dropout, mask or window
-# (torch's kernel has no counterpart for nanofast's dropout masks). NANOFAST_ISA_ROUTES=0 keeps
+# (torch's kernel has no counterpart for nanofast's dropout masks). Only ops whose torch kernel gives
+# the same bits at any thread count may go: torch's LayerNorm backward, faster on the portable build,
+# sums the weight and bias gradients per thread, so LayerNorm stays here. NANOFAST_ISA_ROUTES=0 keeps
 # nanofast's kernels on every build (the kernels' own tests set ROUTES_ENABLED).
 TORCH_ON_ISA = {
     "generic": frozenset({("gelu", torch.float32), ("gelu", torch.bfloat16), ("attention", torch.float32)}),
