@@ -150,6 +150,33 @@ def test_attention_masks(benchmark, record, case, dtype, provider):
            unit="GFLOP/s")
 
 
+# Sequence lengths just past a block of the CPU kernel's (64 positions): (B, H, T, D, causal). ViT's
+# 64 patches and a class token (the families' 32-pixel images, patch 4) and ViT-B/16's 197 at 224 pixels,
+# without a causal mask; and the parity rule's odd lengths, causal.
+ATTN_ODD_CONFIGS = {"vit-32px": (8, 8, 65, 32, False), "vit-b16-224": (2, 12, 197, 64, False),
+                    "causal-T97": (8, 8, 97, 32, True), "causal-T257": (2, 12, 257, 64, True)}
+
+
+@pytest.mark.parametrize("case", list(ATTN_ODD_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("provider", ["nanofast", "torch"])
+def test_attention_odd_lengths(benchmark, record, case, dtype, provider):
+    """Attention forward and backward on the CPU at lengths that are not a multiple of the kernel's
+    blocks, where the last block holds a few positions."""
+    B, H, T, D, causal = ATTN_ODD_CONFIGS[case]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, T, H, D, generator=g).to(dtype).transpose(1, 2).requires_grad_() for _ in range(3))
+    dout = torch.randn(B, H, T, D, generator=g).to(dtype)
+    fn = ATTENTION[provider]
+    kwargs = {"is_causal": causal}
+    if provider != "torch":  # one head of the first sequence against float64
+        sl = [t[:1, :1].detach().requires_grad_() for t in (q, k, v)]
+        _check_parity("attention", ("out", "dq", "dk", "dv"), fn, attention_reference, sl, dout[:1, :1], True, kwargs)
+    timed(benchmark, lambda: _run(fn, [q, k, v], dout, True, kwargs), "cpu")
+    record(benchmark, op="attention (odd lengths)", case=f"{case} B{B} H{H} T{T} D{D}", mode="fwdbwd", dtype=dtype,
+           provider=provider, device="cpu", work=attention_flops(B, H, T, D, causal, True), unit="GFLOP/s")
+
+
 @pytest.mark.parametrize("device,case,shape,mode,dtype,provider",
                          _cases(LN_CONFIGS, LN_SWEEP, "C"))
 def test_layer_norm(benchmark, record, device, case, shape, mode, dtype, provider):

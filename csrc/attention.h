@@ -293,6 +293,12 @@ inline int64_t causal_cols(int64_t q_end, int64_t j0, int64_t BK, int64_t TK, in
   return std::min(BK, round_up(std::max<int64_t>(0, std::min(TK, q_end) - j0), W));
 }
 
+// A key block's columns that hold keys (kcols of BK: fewer only in the last block), rounded up to whole
+// vectors. Past them a block has only the padding after the last key, whose scores and probabilities
+// are exactly zero, so the products skip them: at T = 65 the last block would otherwise cost as much as
+// the first for one key.
+inline int64_t key_cols(int64_t kcols, int64_t BK, int64_t W) { return std::min(BK, round_up(kcols, W)); }
+
 // Scales one score row, masks invisible keys to -inf and returns the row maximum.
 template <class A>
 inline A scale_mask_rowmax(A* s, int64_t ncols, int64_t valid, A scale) {
@@ -401,13 +407,13 @@ void attention_forward_impl(const AttentionForwardArgs& a) {
       std::fill(O.begin(), O.end(), A(0));
 
       for (int64_t j0 = kv_lo; j0 < kv_len; j0 += BK) {
-        const int64_t kcols = std::min(BK, TK - j0);
+        const int64_t kcols = std::min(BK, TK - j0), kcols_p = key_cols(kcols, BK, W);
         if (mask_block_empty(a.mask, b, h, i0, rows, j0, kcols)) continue;  // P is 0 on the whole block
         // Does the causal diagonal cross this block (some row sees only part of it)?
         const bool diagonal = a.causal && j0 + BK > i0 + 1;
         // S = Q K^T for this key block (on the diagonal, W rows at a time, visible columns only).
         if (!diagonal) {
-          QK.product(rows, BK, 0, j0 - kv_lo, S.data(), BK);
+          QK.product(rows, kcols_p, 0, j0 - kv_lo, S.data(), BK);
         } else {
           for (int64_t r0 = 0; r0 < rows; r0 += W) {
             const int64_t nr = std::min<int64_t>(W, rows - r0), nc = causal_cols(i0 + r0 + nr, j0, BK, TK, W);
@@ -457,14 +463,14 @@ void attention_forward_impl(const AttentionForwardArgs& a) {
           pack_rounded_rows(S.data(), BK, rows, BK, P_pairs.data(), BK / 2);
           for (int64_t r0 = 0; r0 < rows; r0 += diagonal ? W : rows) {
             const int64_t nr = diagonal ? std::min<int64_t>(W, rows - r0) : rows;
-            const int64_t nc = diagonal ? causal_cols(i0 + r0 + nr, j0, BK, TK, W) : BK;
+            const int64_t nc = diagonal ? causal_cols(i0 + r0 + nr, j0, BK, TK, W) : kcols_p;
             small_gemm<PairDot, false>(nr, HSVp, std::min<int64_t>(nc, kv_len_p - j0) / 2,
                                        P_pairs.data() + r0 * (BK / 2), BK / 2, V_pairs.data() + (v_row / 2) * HSVp,
                                        HSVp, O.data() + r0 * HSVp, HSVp, true);
           }
 #endif
         } else if (!diagonal) {
-          small_gemm<FmaDot<A>, false>(rows, HSVp, std::min<int64_t>(BK, kv_len_p - j0), S.data(), BK,
+          small_gemm<FmaDot<A>, false>(rows, HSVp, std::min<int64_t>(kcols_p, kv_len_p - j0), S.data(), BK,
                                        V.data() + v_row * HSVp, HSVp, O.data(), HSVp, true);
         } else {
           for (int64_t r0 = 0; r0 < rows; r0 += W) {
@@ -564,7 +570,7 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
       std::fill(dQ.begin(), dQ.end(), A(0));
 
       for (int64_t j0 = 0; j0 < TK; j0 += BK) {
-        const int64_t kcols = std::min(BK, TK - j0);
+        const int64_t kcols = std::min(BK, TK - j0), kcols_p = key_cols(kcols, BK, W);
         std::fill(dK.begin(), dK.end(), A(0));
         std::fill(dV.begin(), dV.end(), A(0));
         // Causal: query blocks that end before this key block starts see none of it; a window: nor do
@@ -581,8 +587,8 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
           // pass 1: recompute P = exp(scale * Q K^T - lse), zero where masked.
           // pass 2: dP = dO V^T.
           if (!diagonal) {
-            QK.product(rows, BK, i0, j0, P.data(), BK);
-            dOV.product(rows, BK, i0, j0, dP.data(), BK);
+            QK.product(rows, kcols_p, i0, j0, P.data(), BK);
+            dOV.product(rows, kcols_p, i0, j0, dP.data(), BK);
           } else {
             for (int64_t r0 = 0; r0 < rows; r0 += W) {
               const int64_t nr = std::min<int64_t>(W, rows - r0), nc = causal_cols(i0 + r0 + nr, j0, BK, TK, W);
@@ -652,8 +658,8 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
             pack_row_pairs(P.data(), BK, rows, BK, Pt_pairs.data(), rows_p, BK);
             pack_row_pairs(dP.data(), BK, rows, BK, dSt_pairs.data(), rows_p, BK);
             pack_rounded_rows(dP.data(), BK, rows, BK, dS_pairs.data(), BK / 2);
-            for (int64_t c0 = 0; c0 < BK; c0 += diagonal ? W : BK) {
-              const int64_t mc = diagonal ? W : BK;
+            for (int64_t c0 = 0; c0 < kcols_p; c0 += diagonal ? W : kcols_p) {
+              const int64_t mc = diagonal ? W : kcols_p;
               const int64_t r_lo = diagonal ? std::min(rows, std::max<int64_t>(0, j0 + c0 - i0)) : 0;
               if (r_lo == rows) continue;
               const int64_t kp = (rows_p - r_lo) / 2, p0 = r_lo / 2;
@@ -665,16 +671,16 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
             }
             for (int64_t r0 = 0; r0 < rows; r0 += diagonal ? W : rows) {
               const int64_t nr = diagonal ? std::min<int64_t>(W, rows - r0) : rows;
-              const int64_t nc = diagonal ? causal_cols(i0 + r0 + nr, j0, BK, TK, W) : BK;
+              const int64_t nc = diagonal ? causal_cols(i0 + r0 + nr, j0, BK, TK, W) : kcols_p;
               small_gemm<PairDot, false>(nr, HSp, nc / 2, dS_pairs.data() + r0 * (BK / 2), BK / 2,
                                          K_pairs.data() + (j0 / 2) * HSp, HSp, dQ.data() + (i0 + r0) * HSp, HSp, true);
             }
 #endif
           } else if (!diagonal) {
-            small_gemm<FmaDot<A>, true>(BK, HSVp, rows, P.data(), BK, dO + i0 * HSVp, HSVp, dV.data(), HSVp, true);
-            small_gemm<FmaDot<A>, true>(BK, HSp, rows, dP.data(), BK, Q + i0 * HSp, HSp, dK.data(), HSp, true);
-            small_gemm<FmaDot<A>, false>(rows, HSp, BK, dP.data(), BK, K.data() + j0 * HSp, HSp, dQ.data() + i0 * HSp,
-                                         HSp, true);
+            small_gemm<FmaDot<A>, true>(kcols_p, HSVp, rows, P.data(), BK, dO + i0 * HSVp, HSVp, dV.data(), HSVp, true);
+            small_gemm<FmaDot<A>, true>(kcols_p, HSp, rows, dP.data(), BK, Q + i0 * HSp, HSp, dK.data(), HSp, true);
+            small_gemm<FmaDot<A>, false>(rows, HSp, kcols_p, dP.data(), BK, K.data() + j0 * HSp, HSp,
+                                         dQ.data() + i0 * HSp, HSp, true);
           } else {
             // dV, dK: W keys at a time, over the query rows that see them (rows before r_lo see none).
             for (int64_t c0 = 0; c0 < BK; c0 += W) {
