@@ -24,12 +24,15 @@
 namespace nanofast {
 namespace NF_ISA {
 
-// Block sizes: 64 x 64 score blocks amortise packing and loop overhead, and the causal diagonal's
-// upper triangle costs little since diagonal blocks multiply only their visible part (causal_cols);
-// below 64 positions, 32 x 32 blocks pad less. Both are multiples of every vector width.
-inline int64_t attention_block(int64_t T) { return T >= 64 ? 64 : 32; }
-
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Block sizes: 64 x 64 score blocks amortise packing and loop overhead, and the causal diagonal's
+// upper triangle costs little since diagonal blocks multiply only their visible part (causal_cols).
+// Up to kOneBlockMax positions the whole sequence is one block, rounded up to 16 (a multiple of every
+// vector width): at T = 65 two blocks of 64 would cost half as much again as one of 80, in the
+// second block's fixed costs and a one-row query block that packs every key again.
+constexpr int64_t kOneBlockMax = 96;
+inline int64_t attention_block(int64_t T) { return T <= kOneBlockMax ? round_up(std::max<int64_t>(T, 1), 16) : 64; }
 
 // The products below are small GEMMs on operands already packed row-major in the accumulation type,
 // a block of 32 or 64 rows at a time. Not gemm.h's GEMM: that one packs its operands into panels
