@@ -35,7 +35,7 @@ constexpr int64_t kOneBlockMax = 96;
 inline int64_t attention_block(int64_t T) { return T <= kOneBlockMax ? round_up(std::max<int64_t>(T, 1), 16) : 64; }
 
 // The products below are small GEMMs on operands already packed row-major in the accumulation type,
-// a block of 32 or 64 rows at a time. Not gemm.h's GEMM: that one packs its operands into panels
+// a block of up to 96 rows at a time. Not gemm.h's GEMM: that one packs its operands into panels
 // first (which would cost more than these products), runs on AVX-512 float32 only, and adds C after
 // summing a tile from zero, where these tiles sum onto C's old value (other bits).
 //
@@ -733,7 +733,7 @@ void attention_backward_impl(const AttentionBackwardArgs& a) {
 }
 
 // ---- One query row (sampling's decode step): ----
-// the query blocks above would multiply a block of 32 or 64 rows holding one, after packing every key
+// the query blocks above would multiply a block of 16 or more rows holding one, after packing every key
 // and value of the head. Here the one row reads each key and value once, straight from the input
 // (a view of a key/value cache), and the keys of a head are split into fixed spans of kDecodeKeys, so
 // that the threads have work at batch 1: each span keeps its own maximum, sum and weighted values,
