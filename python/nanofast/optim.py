@@ -18,6 +18,7 @@ keys), so state_dicts move between the two in either direction.
 import torch
 
 from . import _C
+from .ops import cpu
 
 
 def _is_cpu_float32(p):
@@ -109,7 +110,7 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"nanofast.optim.AdamW.step: max_grad_norm must be positive, got {max_grad_norm!r}")
         ptrs, sizes, settings = self._tensors()
         clip = float(max_grad_norm) if max_grad_norm is not None else 0.0
-        norm = _C.adamw_step(ptrs, sizes, settings, clip, torch.get_num_threads()) if sizes else 0.0
+        norm = _C.adamw_step(ptrs, sizes, settings, clip, cpu.threads()) if sizes else 0.0
         return loss if max_grad_norm is None else torch.tensor(norm, dtype=torch.float32)
 
     @staticmethod

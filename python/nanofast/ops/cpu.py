@@ -6,6 +6,7 @@ tensors into the pointer-and-stride form the C++ side takes. Arguments are check
 """
 import functools
 import os
+import sys
 
 import torch
 
@@ -75,8 +76,34 @@ def _strides3(t):
     return t.stride()[:3]  # one call: the strides are the launchers' main Python cost at small shapes
 
 
-def _threads():
-    return torch.get_num_threads()
+# ---- threads ----
+# The kernels run on torch.get_num_threads() OpenMP threads. GNU OpenMP, the runtime of torch's Linux
+# wheels that the kernels share, keeps its worker threads for the life of the process, and fork()
+# copies none of them: a child forked after they started deadlocks in its first parallel region of more
+# than one thread, torch's ops and nanofast's alike. So a process forked after a kernel here ran on
+# several threads starts with torch's thread count at 1, as DataLoader's workers do (the kernels give
+# the same bits on any number of threads); torch.set_num_threads(n) raises it again where that is safe.
+_ran_on_threads = False
+
+
+def threads():
+    """How many threads a kernel runs on: torch's setting."""
+    global _ran_on_threads
+    n = torch.get_num_threads()
+    if n > 1:
+        _ran_on_threads = True
+    return n
+
+
+def _after_fork_in_child():
+    global _ran_on_threads
+    if _ran_on_threads:
+        torch.set_num_threads(1)
+        _ran_on_threads = False
+
+
+if sys.platform.startswith("linux"):  # (macOS's libomp and Windows need none of this)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # The two LayerNorm launchers are written out call by call: at nanoGPT's CPU shapes the kernels are
@@ -96,7 +123,7 @@ def layer_norm_forward(x, weight, bias, eps):
     if N and C:
         _C.layer_norm_forward(_DTYPE_CODE[dtype], N, C, x.data_ptr(), x.stride(0),
                               0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                              y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), float(eps), torch.get_num_threads())
+                              y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), float(eps), threads())
     return y, mean, rstd
 
 
@@ -114,7 +141,7 @@ def layer_norm_backward(dy, x, weight, mean, rstd, need_weight_grad, need_bias_g
         _C.layer_norm_backward(_DTYPE_CODE[dtype], N, C, dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0),
                                0 if weight is None else weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
                                dx.data_ptr(), 0 if dw is None else dw.data_ptr(), 0 if db is None else db.data_ptr(),
-                               torch.get_num_threads())
+                               threads())
     return dx, dw, db
 
 
@@ -152,7 +179,7 @@ def add_layer_norm_forward(x, residual, weight, bias, eps, out_dtype):
     if x.numel():
         _C.add_layer_norm_forward(_DTYPE_CODE[x.dtype], _DTYPE_CODE[residual.dtype], _DTYPE_CODE[out_dtype], N, C,
                                   x.data_ptr(), x_stride, residual.data_ptr(), r_stride, _ptr(weight), _ptr(bias),
-                                  h.data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), float(eps), _threads())
+                                  h.data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), float(eps), threads())
     return h, y, mean, rstd
 
 
@@ -173,7 +200,7 @@ def add_layer_norm_backward(dy, dh, h, weight, mean, rstd, residual_dtype, need_
         _C.add_layer_norm_backward(_DTYPE_CODE[h.dtype], _DTYPE_CODE[residual_dtype], _DTYPE_CODE[dy.dtype], N, C,
                                    dy.data_ptr(), dy_stride, _ptr(dh), h.data_ptr(), _ptr(weight), mean.data_ptr(),
                                    rstd.data_ptr(), dx.data_ptr(), 0 if dres is dx else dres.data_ptr(), _ptr(dw),
-                                   _ptr(db), _threads())
+                                   _ptr(db), threads())
     return dx, dres, dw, db
 
 
@@ -197,7 +224,7 @@ def rms_norm_forward(x, residual, weight, eps, weight_offset, cast_before_weight
         _C.rms_norm_forward(code, code if residual is None else _DTYPE_CODE[residual.dtype], _DTYPE_CODE[out_dtype],
                             N, C, x.data_ptr(), x_stride, _ptr(residual), 0 if residual is None else r_stride,
                             _ptr(weight), h.data_ptr(), y.data_ptr(), rstd.data_ptr(), float(eps),
-                            float(weight_offset), bool(cast_before_weight), _threads())
+                            float(weight_offset), bool(cast_before_weight), threads())
     return h, y, rstd
 
 
@@ -223,7 +250,7 @@ def rms_norm_backward(dy, dh, x, weight, rstd, weight_offset, cast_before_weight
                              dy.data_ptr(), dy_stride, _ptr(dh), x.data_ptr(), x_stride, _ptr(weight),
                              rstd.data_ptr(), dx.data_ptr(), dres.data_ptr() if separate else 0,
                              dw.data_ptr() if need_weight_grad else 0, float(weight_offset), bool(cast_before_weight),
-                             _threads())
+                             threads())
     return dx, dres, dw
 
 
@@ -257,7 +284,7 @@ def attention_forward(q, k, v, is_causal, scale, dropout_p, seed, attn_mask=None
         _C.attention_forward(_DTYPE_CODE[q.dtype], B, NH, NKV, TQ, TK, HS, HSV, q.data_ptr(), _strides3(q),
                              k.data_ptr(), _strides3(k), v.data_ptr(), _strides3(v), out.data_ptr(), _strides3(out),
                              lse.data_ptr(), *_mask_args(attn_mask, B, NH, TQ, TK), int(window), float(scale),
-                             bool(is_causal), float(dropout_p), seed_value(seed), _threads())
+                             bool(is_causal), float(dropout_p), seed_value(seed), threads())
     return out, lse
 
 
@@ -280,7 +307,7 @@ def attention_backward(dout, q, k, v, out, lse, is_causal, scale, dropout_p, see
                           _strides3(k), v.data_ptr(), _strides3(v), out.data_ptr(), _strides3(out), dout.data_ptr(),
                           _strides3(dout), lse.data_ptr(), dq.data_ptr(), _strides3(dq), dk.data_ptr(), _strides3(dk),
                           dv.data_ptr(), _strides3(dv), *_mask_args(attn_mask, B, NH, TQ, TK), int(window),
-                          float(scale), bool(is_causal), float(dropout_p), seed_value(seed), _threads())
+                          float(scale), bool(is_causal), float(dropout_p), seed_value(seed), threads())
     return dq, dk, dv
 
 
@@ -292,7 +319,7 @@ def _gelu(x, dy, approximate):
     x, dy = _packed(x), _packed(dy)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.numel():
-        _C.gelu(_DTYPE_CODE[x.dtype], x.numel(), x.data_ptr(), _ptr(dy), out.data_ptr(), _threads(),
+        _C.gelu(_DTYPE_CODE[x.dtype], x.numel(), x.data_ptr(), _ptr(dy), out.data_ptr(), threads(),
                 tanh=approximate == "tanh")
     return out
 
@@ -313,7 +340,7 @@ def gelu_forward_saving_grad(x):
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     grad = torch.empty(x.shape, dtype=stats_dtype(x.dtype))
     if x.numel():
-        _C.gelu(_DTYPE_CODE[x.dtype], x.numel(), x.data_ptr(), 0, out.data_ptr(), _threads(), grad.data_ptr())
+        _C.gelu(_DTYPE_CODE[x.dtype], x.numel(), x.data_ptr(), 0, out.data_ptr(), threads(), grad.data_ptr())
     return out, grad
 
 
@@ -323,7 +350,7 @@ def gelu_backward_from_grad(dy, grad):
     dy = _packed(dy)
     out = torch.empty_like(dy, memory_format=torch.contiguous_format)
     if dy.numel():
-        _C.gelu(_DTYPE_CODE[dy.dtype], dy.numel(), 0, dy.data_ptr(), out.data_ptr(), _threads(), grad.data_ptr())
+        _C.gelu(_DTYPE_CODE[dy.dtype], dy.numel(), 0, dy.data_ptr(), out.data_ptr(), threads(), grad.data_ptr())
     return out
 
 
@@ -339,7 +366,7 @@ def glu_forward(gate, up, activation):
     out = torch.empty(gate.shape, dtype=gate.dtype)
     if out.numel():
         _C.glu(_DTYPE_CODE[gate.dtype], _ACTIVATION_CODE[activation], N, C, gate.data_ptr(), g_stride, up.data_ptr(),
-               u_stride, 0, out.data_ptr(), 0, 0, _threads())
+               u_stride, 0, out.data_ptr(), 0, 0, threads())
     return out
 
 
@@ -353,7 +380,7 @@ def glu_backward(dy, gate, up, activation):
     dup = torch.empty(gate.shape, dtype=gate.dtype)
     if dy.numel():
         _C.glu(_DTYPE_CODE[gate.dtype], _ACTIVATION_CODE[activation], N, C, gate.data_ptr(), g_stride, up.data_ptr(),
-               u_stride, dy.data_ptr(), 0, dgate.data_ptr(), dup.data_ptr(), _threads())
+               u_stride, dy.data_ptr(), 0, dgate.data_ptr(), dup.data_ptr(), threads())
     return dgate, dup
 
 
@@ -383,7 +410,7 @@ def _rotary(q, k, cos, sin, interleaved, backward, out_dtype):
                  _strides3(c4)]
     src = q if q is not None else k
     if not _C.rope(_DTYPE_CODE[src.dtype], _DTYPE_CODE[cos.dtype], _DTYPE_CODE[out_dtype], src.shape[-1], R,
-                   cos.data_ptr(), sin.data_ptr(), *args, bool(interleaved), backward, _threads()):
+                   cos.data_ptr(), sin.data_ptr(), *args, bool(interleaved), backward, threads()):
         raise TypeError(f"rotary embedding: no kernel for {src.dtype} rows with {cos.dtype} cos and sin")
     return outs[0], outs[1]
 
@@ -449,7 +476,7 @@ def _gemv(a, b, bias, dtype, out_dtype):
     out = torch.empty(M, N, dtype=out_dtype)
     _C.gemv(M, N, K, a.data_ptr(), a.stride(0), _DTYPE_CODE[a.dtype], b.data_ptr(), b.stride(1), _DTYPE_CODE[b.dtype],
             _ptr(bias), 0 if bias is None else _DTYPE_CODE[bias.dtype], out.data_ptr(), N, _DTYPE_CODE[out_dtype],
-            dtype is torch.bfloat16, _threads())
+            dtype is torch.bfloat16, threads())
     return out
 
 
@@ -489,7 +516,7 @@ def mm(a, b, bias=None, dtype=None, out_dtype=None, out=None, accumulate=False):
         bias = _packed(bias)
         (a_rs, a_cs), (b_rs, b_cs) = a.stride(), b.stride()
         _C.gemm(M, N, K, a.data_ptr(), a_rs, a_cs, b.data_ptr(), b_rs, b_cs, out.data_ptr(), out.stride(0),
-                _ptr(bias), accumulate, _threads())
+                _ptr(bias), accumulate, threads())
         return out
     out_dtype = out_dtype or dtype
     if dtype is torch.bfloat16 and a.dtype in _GEMM_BF16_OPERANDS and b.dtype in _GEMM_BF16_OPERANDS and \
@@ -500,7 +527,7 @@ def mm(a, b, bias=None, dtype=None, out_dtype=None, out=None, accumulate=False):
         (a_rs, a_cs), (b_rs, b_cs) = a.stride(), b.stride()
         _C.gemm_bf16(M, N, K, a.data_ptr(), a_rs, a_cs, _DTYPE_CODE[a.dtype], b.data_ptr(), b_rs, b_cs,
                      _DTYPE_CODE[b.dtype], out.data_ptr(), out.stride(0), _DTYPE_CODE[out_dtype], _ptr(bias),
-                     0 if bias is None else _DTYPE_CODE[bias.dtype], accumulate, _threads())
+                     0 if bias is None else _DTYPE_CODE[bias.dtype], accumulate, threads())
         return out
     a, b = a.to(dtype), b.to(dtype)
     if accumulate and out.dtype is dtype:
@@ -533,14 +560,14 @@ def dropout(x, p, seed):
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.numel():
         _C.dropout(_DTYPE_CODE[x.dtype], x.numel(), x.data_ptr(), out.data_ptr(), seed_value(seed), float(p),
-                   _threads())
+                   threads())
     return out
 
 
 def dropout_mask(seed, batch, heads, q_len, k_len, p):
     out = torch.empty(batch, heads, q_len, k_len, dtype=torch.uint8)
     if out.numel():
-        _C.dropout_mask(int(seed), batch, heads, q_len, k_len, float(p), out.data_ptr(), _threads())
+        _C.dropout_mask(int(seed), batch, heads, q_len, k_len, float(p), out.data_ptr(), threads())
     return out.view(torch.bool)
 
 
@@ -553,7 +580,7 @@ def cross_entropy_rows(logits, target, ignore_index, label_smoothing, grad_scale
     dtype, V, ld = (0, 0, 0) if logits is None else (_DTYPE_CODE[logits.dtype], logits.shape[1], logits.stride(0))
     return _C.cross_entropy_rows(dtype, N, V, _ptr(logits), ld, target.data_ptr(), int(ignore_index),
                                  float(label_smoothing), float(grad_scale), _ptr(row_scale), bool(grad), _ptr(loss),
-                                 _threads())
+                                 threads())
 
 
 def _gemm_operand(weight, dtype):
