@@ -385,6 +385,44 @@ def test_peak_flops_probe_is_cached(tmp_path, monkeypatch):
     assert metrics.measure_matmul_flops("cpu", torch.float32, budget_s=0.05) > 1e8  # the real probe runs
 
 
+def test_peak_flops_cache_tells_processors_apart():
+    from nanofast import metrics
+    zen4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n" \
+           "stepping\t: 1\n\nprocessor\t: 1\nmodel\t\t: 99\n"
+    zen5 = zen4.replace("cpu family\t: 25\nmodel\t\t: 17", "cpu family\t: 26\nmodel\t\t: 2")
+    assert metrics.cpu_identity(zen4) == "AMD EPYC (AuthenticAMD 25 17 1)"  # the first processor's fields
+    assert metrics.cpu_identity(zen5) != metrics.cpu_identity(zen4)
+    assert metrics.cpu_identity("model name\t: Apple M2\n") == "Apple M2"
+    assert metrics.cpu_identity("") == ""
+
+
+def test_peak_flops_refresh_replaces_the_cached_value(tmp_path, monkeypatch):
+    from nanofast import metrics
+    monkeypatch.setenv("NANOFAST_CACHE_DIR", str(tmp_path / "cache"))
+    measured = iter([1e9, 4e11])
+    monkeypatch.setattr(metrics, "measure_matmul_flops", lambda d, t, budget_s=0.5: next(measured))
+    assert metrics.peak_flops("cpu", torch.float32, verbose=False) == 1e9
+    assert metrics.peak_flops("cpu", torch.float32, verbose=False, refresh=True) == 4e11
+    assert metrics.peak_flops("cpu", torch.float32, verbose=False) == 4e11  # from the cache now
+
+
+def test_a_stale_peak_is_measured_again(tmp_path, corpus, monkeypatch, capsys):
+    """A cached peak below what the run's steps reach (MFU above 100%) is measured again, once."""
+    from nanofast import metrics
+    monkeypatch.setenv("NANOFAST_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    key = metrics.peak_key("cpu", torch.float32)
+    (tmp_path / "cache" / metrics.PEAK_CACHE_NAME).write_text(json.dumps({key: 1e3}))  # far too low
+    probes = []
+    monkeypatch.setattr(metrics, "measure_matmul_flops", lambda d, t, budget_s=0.5: probes.append(1) or 1e15)
+    train.run(tiny_config(tmp_path / "out", corpus, peak_flops=0.0, max_iters=12, eval_interval=100))
+    assert probes == [1]
+    assert "measured again: 1,000,000.0 GFLOP/s" in capsys.readouterr().out
+    assert json.loads((tmp_path / "cache" / metrics.PEAK_CACHE_NAME).read_text())[key] == 1e15
+    mfus = [r["mfu"] for r in read_jsonl(tmp_path / "out" / "metrics.jsonl") if r.get("mfu") is not None]
+    assert mfus and all(0 < m < 1 for m in mfus)
+
+
 def test_peak_flops_probe_leaves_torch_random_state_alone():
     """A run's dropout masks must not depend on whether the peak was cached or measured."""
     from nanofast import metrics

@@ -3,8 +3,10 @@
 - peak_flops(device, dtype): the FLOP/s a short matmul probe reaches on this device at the training
   dtype. MFU is reported relative to it, not to an A100's 312 TFLOP/s. The result is cached in
   peak_flops.json under ~/.cache/nanofast (or $NANOFAST_CACHE_DIR, $XDG_CACHE_HOME/nanofast; if that
-  is not writable, the fallback folder given, e.g. out_dir), keyed by device name, dtype, thread
-  count and torch version.
+  is not writable, the fallback folder given, e.g. out_dir), keyed by device name (for a CPU also its
+  vendor, family, model and stepping: a virtual machine may name different processors alike), dtype,
+  thread count and torch version; refresh=True measures it again (nanofast-train does, once, when a
+  step outpaces the cached value).
 - MetricsLog: appends one JSON object per line to out_dir/metrics.jsonl.
 - plot_losses: out_dir/loss.png, train and val loss against iterations (matplotlib, Agg canvas;
   pyplot's global state is left alone).
@@ -33,17 +35,27 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return "cuda:" + torch.cuda.get_device_name(device)
     if device.type == "cpu":
-        name = platform.processor() or platform.machine()
         try:
             with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        name = line.split(":", 1)[1].strip()
-                        break
+                name = cpu_identity(f.read())
         except OSError:
-            pass
-        return f"cpu:{name}:threads={torch.get_num_threads()}"
+            name = ""
+        return f"cpu:{name or platform.processor() or platform.machine()}:threads={torch.get_num_threads()}"
     return device.type
+
+
+def cpu_identity(cpuinfo):
+    """The first processor's model name, and its vendor, family, model and stepping where /proc/cpuinfo
+    gives them (virtual machines often show one generic name, "AMD EPYC", for every generation)."""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor only
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name", "")
+    ids = [fields[k] for k in ("vendor_id", "cpu family", "model", "stepping") if fields.get(k)]
+    return f"{name} ({' '.join(ids)})" if ids else name
 
 
 def synchronize(device) -> None:
@@ -99,15 +111,21 @@ def _read_cache(path: Path) -> dict:
         return {}
 
 
-def peak_flops(device, dtype=torch.float32, fallback_dir: str | os.PathLike | None = None,
-               verbose: bool = True) -> float:
-    """This device's matmul peak in FLOP/s at `dtype`: measured once, then read from the cache."""
+def peak_key(device, dtype) -> str:
+    """What a measured peak is cached under: the device, the dtype, torch's version and the GEMM."""
     device = torch.device(device)
     key = f"{device_name(device)}|{str(dtype).replace('torch.', '')}|torch={torch.__version__}"
-    if _nanofast_gemm(device, dtype):
-        key += "|nanofast-gemm"
+    return key + "|nanofast-gemm" if _nanofast_gemm(device, dtype) else key
+
+
+def peak_flops(device, dtype=torch.float32, fallback_dir: str | os.PathLike | None = None,
+               verbose: bool = True, refresh: bool = False) -> float:
+    """This device's matmul peak in FLOP/s at `dtype`: measured once, then read from the cache;
+    refresh=True measures it again and replaces the cached value."""
+    device = torch.device(device)
+    key = peak_key(device, dtype)
     dirs = [cache_root()] + ([Path(fallback_dir)] if fallback_dir else [])
-    for d in dirs:
+    for d in dirs if not refresh else []:
         cached = _read_cache(d / PEAK_CACHE_NAME).get(key)
         if isinstance(cached, (int, float)) and cached > 0:
             return float(cached)

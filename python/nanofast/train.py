@@ -440,6 +440,7 @@ class TrainingLoop:
         self.new_best = False  # the last evaluation lowered best_val_loss
         self.metrics = self.peak = None
         self.running_mfu = -1.0
+        self.peak_remeasured = False  # the cached matmul peak was measured again this run (log_step)
         self.step_times = []  # seconds of each training step this run
         if procs.master:
             from nanofast.metrics import MetricsLog
@@ -567,6 +568,16 @@ class TrainingLoop:
         tok_s = c['gradient_accumulation_steps'] * c['batch_size'] * c['block_size'] / step_s
         if len(self.step_times) > 5:  # skip the warm-up iterations
             mfu = self.s.raw_model.estimate_mfu(c['batch_size'] * self.grad_accum, step_s, self.peak)
+            if mfu > 1.0 and c['peak_flops'] <= 0 and not self.peak_remeasured:
+                # a step faster than the device's matmul peak allows: the cached probe is stale (measured
+                # on another machine behind the same name, or while the CPU was busy): measure it again
+                from nanofast.metrics import peak_flops
+                stale, self.peak_remeasured = self.peak, True
+                self.peak = peak_flops(self.procs.device, self.s.prec.ptdtype, fallback_dir=c['out_dir'],
+                                       verbose=False, refresh=True)
+                self.log(f"note: this step ran at {mfu * 100:.0f}% of the cached matmul peak ({stale / 1e9:,.1f} "
+                         f"GFLOP/s); measured again: {self.peak / 1e9:,.1f} GFLOP/s")
+                mfu = self.s.raw_model.estimate_mfu(c['batch_size'] * self.grad_accum, step_s, self.peak)
             self.running_mfu = mfu if self.running_mfu == -1.0 else 0.9 * self.running_mfu + 0.1 * mfu
         msg = (f"iter {it}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, {tok_s:,.0f} tok/s, "
                f"mfu {self.running_mfu * 100:.2f}%")
