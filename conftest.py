@@ -30,49 +30,6 @@ def _import_installed_kernels_package():
 _import_installed_kernels_package()
 
 
-def _compile_cache_for_these_sources():
-    """torch.compile's on-disk caches (FX graph and AOTAutograd, in TORCHINDUCTOR_CACHE_DIR) key a
-    graph on its code, not on what a custom op's fake or registered autograd formula says
-    (pytorch/pytorch#144344, #160472): a graph cached by another version of nanofast's ops, from
-    another checkout or before an edit, would be loaded with that version's output shapes and
-    gradients. The tests and benchmarks therefore compile into a cache of this checkout's own,
-    emptied whenever the sources of nanofast and its kernels change. An explicit
-    TORCHINDUCTOR_CACHE_DIR is kept."""
-    import hashlib
-    import shutil
-    import tempfile
-
-    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
-        return
-    digest = hashlib.sha256()
-    for top in ("python/nanofast", "kernels"):
-        for folder, dirs, files in sorted(os.walk(os.path.join(_ROOT, top))):
-            dirs.sort()
-            for name in sorted(files):
-                if name.endswith(".py"):
-                    path = os.path.join(folder, name)
-                    digest.update(os.path.relpath(path, _ROOT).encode())
-                    with open(path, "rb") as f:
-                        digest.update(f.read())
-    checkout = hashlib.sha256(_ROOT.encode()).hexdigest()[:12]
-    cache = os.path.join(tempfile.gettempdir(), f"nanofast_compile_cache_{os.getuid()}_{checkout}")
-    stamp = os.path.join(cache, "sources.sha256")
-    try:
-        with open(stamp) as f:
-            current = f.read() == digest.hexdigest()
-    except OSError:
-        current = False
-    if not current:
-        shutil.rmtree(cache, ignore_errors=True)
-        os.makedirs(cache, exist_ok=True)
-        with open(stamp, "w") as f:
-            f.write(digest.hexdigest())
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
-
-
-_compile_cache_for_these_sources()
-
-
 def pytest_addoption(parser):
     parser.addoption("--benchmark", action="store_true", default=False,
                      help="run the benchmark suite in bench/ (kernels, training step) and print its report")
