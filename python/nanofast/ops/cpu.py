@@ -79,27 +79,20 @@ def _strides3(t):
 # ---- threads ----
 # The kernels run on torch.get_num_threads() OpenMP threads. GNU OpenMP, the runtime of torch's Linux
 # wheels that the kernels share, keeps its worker threads for the life of the process, and fork()
-# copies none of them: a child forked after they started deadlocks in its first parallel region of more
-# than one thread, torch's ops and nanofast's alike. So a process forked after a kernel here ran on
-# several threads starts with torch's thread count at 1, as DataLoader's workers do (the kernels give
-# the same bits on any number of threads); torch.set_num_threads(n) raises it again where that is safe.
-_ran_on_threads = False
+# copies none of them: a child forked after they started (by any parallel CPU op, torch's or
+# nanofast's) deadlocks in its first parallel region of more than one thread. So a forked child
+# starts with torch's thread count at 1, as DataLoader's workers do (the kernels give the same bits on
+# any number of threads); torch.set_num_threads(n) raises it again where the parent never ran one.
 
 
 def threads():
     """How many threads a kernel runs on: torch's setting."""
-    global _ran_on_threads
-    n = torch.get_num_threads()
-    if n > 1:
-        _ran_on_threads = True
-    return n
+    return torch.get_num_threads()
 
 
 def _after_fork_in_child():
-    global _ran_on_threads
-    if _ran_on_threads:
+    if torch.get_num_threads() > 1:
         torch.set_num_threads(1)
-        _ran_on_threads = False
 
 
 if sys.platform.startswith("linux"):  # (macOS's libomp and Windows need none of this)
