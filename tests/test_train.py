@@ -393,6 +393,10 @@ def test_peak_flops_cache_tells_processors_apart():
     assert metrics.cpu_identity(zen4) == "AMD EPYC (AuthenticAMD 25 17 1)"  # the first processor's fields
     assert metrics.cpu_identity(zen5) != metrics.cpu_identity(zen4)
     assert metrics.cpu_identity("model name\t: Apple M2\n") == "Apple M2"
+    graviton = "processor\t: 0\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x1\n" \
+               "CPU part\t: 0xd40\nCPU revision\t: 1\n"
+    assert metrics.cpu_identity(graviton) == "(0x41 8 0x1 0xd40 1)"
+    assert metrics.cpu_identity(graviton.replace("0xd40", "0xd4f")) != metrics.cpu_identity(graviton)
     assert metrics.cpu_identity("") == ""
 
 

@@ -44,9 +44,15 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
+# /proc/cpuinfo's fields that tell processors apart: x86's, then Arm's (which often has no model name)
+_CPU_ID_FIELDS = ("vendor_id", "cpu family", "model", "stepping", "CPU implementer", "CPU architecture",
+                  "CPU variant", "CPU part", "CPU revision")
+
+
 def cpu_identity(cpuinfo):
-    """The first processor's model name, and its vendor, family, model and stepping where /proc/cpuinfo
-    gives them (virtual machines often show one generic name, "AMD EPYC", for every generation)."""
+    """The first processor's model name, and its vendor, family, model and stepping (or Arm's
+    implementer, part and revision) where /proc/cpuinfo gives them: virtual machines often show one
+    generic name, "AMD EPYC", for every generation."""
     fields = {}
     for line in cpuinfo.splitlines():
         if not line.strip():
@@ -54,8 +60,8 @@ def cpu_identity(cpuinfo):
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
     name = fields.get("model name", "")
-    ids = [fields[k] for k in ("vendor_id", "cpu family", "model", "stepping") if fields.get(k)]
-    return f"{name} ({' '.join(ids)})" if ids else name
+    ids = " ".join(fields[k] for k in _CPU_ID_FIELDS if fields.get(k))
+    return f"{name} ({ids})".strip() if ids else name
 
 
 def synchronize(device) -> None:
