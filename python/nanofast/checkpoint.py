@@ -152,7 +152,8 @@ def rng_state_for_checkpoint(state: dict) -> dict:
     py = state["python"]
     if isinstance(py, tuple):
         py_version, py_state, py_gauss = py
-        py = {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss}
+        py = {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64, device="cpu"),
+              "gauss": py_gauss}
     npst = state["numpy"]
     if isinstance(npst, tuple):
         np_name, np_keys, np_pos, np_has_gauss, np_gauss = npst

@@ -495,7 +495,7 @@ class BatchSampler:
         self.generator = torch.Generator().manual_seed(seed)
 
     def draw(self, n: int) -> torch.Tensor:
-        return torch.randint(self.num_tokens - self.block_size, (n,), generator=self.generator)
+        return torch.randint(self.num_tokens - self.block_size, (n,), generator=self.generator, device="cpu")
 
     def batch(self, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # re-opened per batch, as nanoGPT does, to avoid a memory leak (checked once, in __init__)

@@ -172,7 +172,7 @@ class _Block(torch.autograd.Function):
             d_proj_b = _bias_grad(da, proj_bc) if need[10] else None
             dy = cpu.mm(da, proj_wc, dtype=cd).view(B, T, NH, HS).transpose(1, 2)
             # 3. attention: dq, dk and dv land in their columns of the qkv gradient
-            dqkv = torch.empty(N, 3 * C, dtype=qkv.dtype)
+            dqkv = torch.empty(N, 3 * C, dtype=qkv.dtype, device="cpu")
             cpu.attention_backward(dy, *_heads(qkv, B, T, NH, HS), y, lse, True, scale, p, seed,
                                    grads=_heads(dqkv, B, T, NH, HS))
             # 2. the qkv matmul

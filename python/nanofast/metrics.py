@@ -88,7 +88,7 @@ def measure_matmul_flops(device, dtype=torch.float32, budget_s: float = 0.5) -> 
     matmul = _nanofast_gemm(device, dtype) or torch.mm
     n = 1024 if device.type == "cpu" else 4096
     g = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(n, n, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    a, b = (torch.randn(n, n, generator=g, device="cpu").to(device=device, dtype=dtype) for _ in range(2))
     flop = 2.0 * n ** 3
     reps = 1 if device.type == "cpu" else 10
     for _ in range(2):  # warm up

@@ -60,7 +60,7 @@ class AdamW(torch.optim.Optimizer):
         # advances it in place, so make each one a float32 scalar tensor of its own
         for state in self.state.values():
             if "step" in state:
-                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
+                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device="cpu")
 
     def _tensors(self):
         """The kernel's arguments: 5 pointers, a size and 5 settings per parameter that has a gradient."""
@@ -88,7 +88,7 @@ class AdamW(torch.optim.Optimizer):
                     g = p.grad = g.contiguous()
                 state = self.state[p]
                 if not state:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32, device="cpu")
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 ptrs += (p.data_ptr(), g.data_ptr(), state["exp_avg"].data_ptr(), state["exp_avg_sq"].data_ptr(),
@@ -111,7 +111,7 @@ class AdamW(torch.optim.Optimizer):
         ptrs, sizes, settings = self._tensors()
         clip = float(max_grad_norm) if max_grad_norm is not None else 0.0
         norm = _C.adamw_step(ptrs, sizes, settings, clip, cpu.threads()) if sizes else 0.0
-        return loss if max_grad_norm is None else torch.tensor(norm, dtype=torch.float32)
+        return loss if max_grad_norm is None else torch.tensor(norm, dtype=torch.float32, device="cpu")
 
     @staticmethod
     def supports(params):

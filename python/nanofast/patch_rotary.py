@@ -50,8 +50,8 @@ def _rotation(func):
     cases = []
     for unsqueeze_dim, width in ((1, 8), (2, 8), (1, 4)):
         q_shape, k_shape = ((2, 3, 5, 8), (2, 1, 5, 8)) if unsqueeze_dim == 1 else ((2, 5, 3, 8), (2, 5, 1, 8))
-        q, k = torch.randn(q_shape, generator=g), torch.randn(k_shape, generator=g)
-        cos, sin = torch.randn(2, 5, width, generator=g), torch.randn(2, 5, width, generator=g)
+        q, k = torch.randn(q_shape, generator=g, device="cpu"), torch.randn(k_shape, generator=g, device="cpu")
+        cos, sin = (torch.randn(2, 5, width, generator=g, device="cpu") for _ in range(2))
         cases.append((q, k, cos, sin, unsqueeze_dim))
     for interleaved in (False, True):
         if all(_agrees(func, interleaved, *case, may_refuse=i > 0) for i, case in enumerate(cases)):

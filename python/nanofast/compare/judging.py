@@ -27,9 +27,10 @@ def nudge_(params, eps: float, generator: torch.Generator) -> None:
         _, exponent = torch.frexp(p)  # |p| = m * 2**exponent, m in [0.5, 1)
         ulp = torch.ldexp(torch.full_like(p, eps), exponent - 1)
         if lowp:
-            step = (torch.rand(p.shape, generator=generator) - 0.5).to(device=p.device, dtype=p.dtype)
+            step = (torch.rand(p.shape, generator=generator, device="cpu") - 0.5).to(device=p.device, dtype=p.dtype)
         else:
-            step = torch.randint(0, 2, p.shape, generator=generator).to(device=p.device, dtype=p.dtype) * 2 - 1
+            step = torch.randint(0, 2, p.shape, generator=generator, device="cpu")
+            step = step.to(device=p.device, dtype=p.dtype) * 2 - 1
         p.add_(torch.where(p == 0, torch.zeros_like(p), ulp * step))
 
 

@@ -110,9 +110,9 @@ def layer_norm_forward(x, weight, bias, eps):
         weight = weight.contiguous()  # (held here until the kernel has run)
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
-    y = torch.empty(N, C, dtype=dtype)
-    mean = torch.empty(N, dtype=acc)
-    rstd = torch.empty(N, dtype=acc)
+    y = torch.empty(N, C, dtype=dtype, device="cpu")
+    mean = torch.empty(N, dtype=acc, device="cpu")
+    rstd = torch.empty(N, dtype=acc, device="cpu")
     if N and C:
         _C.layer_norm_forward(_DTYPE_CODE[dtype], N, C, x.data_ptr(), x.stride(0),
                               0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
@@ -126,7 +126,7 @@ def layer_norm_backward(dy, x, weight, mean, rstd, need_weight_grad, need_bias_g
     if weight is not None and not weight.is_contiguous():
         weight = weight.contiguous()
     mean, rstd = _packed(mean), _packed(rstd)
-    dx = torch.empty(N, C, dtype=dtype)
+    dx = torch.empty(N, C, dtype=dtype, device="cpu")
     alloc = torch.empty if N else torch.zeros  # with no rows the kernel does not run: the sums are 0
     dw = alloc(C, dtype=dtype) if need_weight_grad else None
     db = alloc(C, dtype=dtype) if need_bias_grad else None
@@ -165,10 +165,10 @@ def add_layer_norm_forward(x, residual, weight, bias, eps, out_dtype):
     x, N, x_stride = _rows(x)
     residual, _, r_stride = _rows(residual)
     weight, bias = _packed(weight), _packed(bias)
-    h = torch.empty(x.shape, dtype=x.dtype)
-    y = torch.empty(x.shape, dtype=out_dtype)
-    mean = torch.empty(N, dtype=stats_dtype(x.dtype))
-    rstd = torch.empty(N, dtype=stats_dtype(x.dtype))
+    h = torch.empty(x.shape, dtype=x.dtype, device="cpu")
+    y = torch.empty(x.shape, dtype=out_dtype, device="cpu")
+    mean = torch.empty(N, dtype=stats_dtype(x.dtype), device="cpu")
+    rstd = torch.empty(N, dtype=stats_dtype(x.dtype), device="cpu")
     if x.numel():
         _C.add_layer_norm_forward(_DTYPE_CODE[x.dtype], _DTYPE_CODE[residual.dtype], _DTYPE_CODE[out_dtype], N, C,
                                   x.data_ptr(), x_stride, residual.data_ptr(), r_stride, _ptr(weight), _ptr(bias),
@@ -184,8 +184,8 @@ def add_layer_norm_backward(dy, dh, h, weight, mean, rstd, residual_dtype, need_
     C = h.shape[-1]
     dy, N, dy_stride = _rows(dy)
     weight, mean, rstd, dh = _packed(weight), _packed(mean), _packed(rstd), _packed(dh)
-    dx = torch.empty(h.shape, dtype=h.dtype)
-    dres = dx if residual_dtype == h.dtype else torch.empty(h.shape, dtype=residual_dtype)
+    dx = torch.empty(h.shape, dtype=h.dtype, device="cpu")
+    dres = dx if residual_dtype == h.dtype else torch.empty(h.shape, dtype=residual_dtype, device="cpu")
     alloc = torch.empty if N else torch.zeros
     dw = alloc(C, dtype=h.dtype) if need_weight_grad else None
     db = alloc(C, dtype=h.dtype) if need_bias_grad else None
@@ -207,9 +207,9 @@ def rms_norm_forward(x, residual, weight, eps, weight_offset, cast_before_weight
     C = x.shape[-1]
     x, N, x_stride = _rows(x)
     weight = _packed(weight)
-    h = torch.empty(x.shape if residual is not None else (0,), dtype=x.dtype)
-    y = torch.empty(x.shape, dtype=out_dtype)
-    rstd = torch.empty(N, dtype=stats_dtype(x.dtype))
+    h = torch.empty(x.shape if residual is not None else (0,), dtype=x.dtype, device="cpu")
+    y = torch.empty(x.shape, dtype=out_dtype, device="cpu")
+    rstd = torch.empty(N, dtype=stats_dtype(x.dtype), device="cpu")
     if residual is not None:
         residual, _, r_stride = _rows(residual)
     if x.numel():
@@ -232,9 +232,9 @@ def rms_norm_backward(dy, dh, x, weight, rstd, weight_offset, cast_before_weight
     x, N, x_stride = _rows(x)
     dy, _, dy_stride = _rows(dy)
     weight, rstd, dh = _packed(weight), _packed(rstd), _packed(dh)
-    dx = torch.empty(x.shape, dtype=x.dtype)
+    dx = torch.empty(x.shape, dtype=x.dtype, device="cpu")
     separate = residual_dtype is not None and residual_dtype != x.dtype
-    dres = torch.empty(x.shape, dtype=residual_dtype) if separate else x.new_empty((0,))
+    dres = torch.empty(x.shape, dtype=residual_dtype, device="cpu") if separate else x.new_empty((0,))
     need_weight_grad = need_weight_grad and weight is not None
     dw = (torch.empty if N else torch.zeros)(C if need_weight_grad else 0, dtype=x.dtype)
     if x.numel():
@@ -269,7 +269,7 @@ def attention_forward(q, k, v, is_causal, scale, dropout_p, seed, attn_mask=None
         found, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, bool(is_causal),
                                                                                 scale=float(scale))
         return out.copy_(found), lse  # (in the layout the fake kernels give: torch's varies)
-    lse = torch.empty(B, NH, TQ, dtype=stats_dtype(q.dtype))
+    lse = torch.empty(B, NH, TQ, dtype=stats_dtype(q.dtype), device="cpu")
     if out.numel() and TK == 0:  # softmax over no keys: torch returns zeros
         out.zero_()
         lse.fill_(float("-inf"))
@@ -331,7 +331,7 @@ def gelu_forward_saving_grad(x):
     gelu_backward_from_grad (this backend only: nanofast.fused_block keeps the derivative)."""
     x = _packed(x)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    grad = torch.empty(x.shape, dtype=stats_dtype(x.dtype))
+    grad = torch.empty(x.shape, dtype=stats_dtype(x.dtype), device="cpu")
     if x.numel():
         _C.gelu(_DTYPE_CODE[x.dtype], x.numel(), x.data_ptr(), 0, out.data_ptr(), threads(), grad.data_ptr())
     return out, grad
@@ -356,7 +356,7 @@ def glu_forward(gate, up, activation):
     C = gate.shape[-1]
     gate, N, g_stride = _rows(gate)
     up, _, u_stride = _rows(up)
-    out = torch.empty(gate.shape, dtype=gate.dtype)
+    out = torch.empty(gate.shape, dtype=gate.dtype, device="cpu")
     if out.numel():
         _C.glu(_DTYPE_CODE[gate.dtype], _ACTIVATION_CODE[activation], N, C, gate.data_ptr(), g_stride, up.data_ptr(),
                u_stride, 0, out.data_ptr(), 0, 0, threads())
@@ -369,8 +369,8 @@ def glu_backward(dy, gate, up, activation):
     gate, N, g_stride = _rows(gate)
     up, _, u_stride = _rows(up)
     dy = dy.contiguous()
-    dgate = torch.empty(gate.shape, dtype=gate.dtype)
-    dup = torch.empty(gate.shape, dtype=gate.dtype)
+    dgate = torch.empty(gate.shape, dtype=gate.dtype, device="cpu")
+    dup = torch.empty(gate.shape, dtype=gate.dtype, device="cpu")
     if dy.numel():
         _C.glu(_DTYPE_CODE[gate.dtype], _ACTIVATION_CODE[activation], N, C, gate.data_ptr(), g_stride, up.data_ptr(),
                u_stride, dy.data_ptr(), 0, dgate.data_ptr(), dup.data_ptr(), threads())
@@ -466,7 +466,7 @@ def _gemv(a, b, bias, dtype, out_dtype):
     if a.stride(1) != 1:
         a = a.contiguous()
     bias = _packed(bias)
-    out = torch.empty(M, N, dtype=out_dtype)
+    out = torch.empty(M, N, dtype=out_dtype, device="cpu")
     _C.gemv(M, N, K, a.data_ptr(), a.stride(0), _DTYPE_CODE[a.dtype], b.data_ptr(), b.stride(1), _DTYPE_CODE[b.dtype],
             _ptr(bias), 0 if bias is None else _DTYPE_CODE[bias.dtype], out.data_ptr(), N, _DTYPE_CODE[out_dtype],
             dtype is torch.bfloat16, threads())
@@ -505,7 +505,7 @@ def mm(a, b, bias=None, dtype=None, out_dtype=None, out=None, accumulate=False):
     gemm_out = out is None or out.stride(1) == 1 or N == 1
     if dtype is torch.float32 and b.dtype is a.dtype is dtype and out_dtype in (None, dtype) and gemm_out and \
             uses_gemm(M, N, K, dtype):
-        out = torch.empty(M, N, dtype=torch.float32) if out is None else out
+        out = torch.empty(M, N, dtype=torch.float32, device="cpu") if out is None else out
         bias = _packed(bias)
         (a_rs, a_cs), (b_rs, b_cs) = a.stride(), b.stride()
         _C.gemm(M, N, K, a.data_ptr(), a_rs, a_cs, b.data_ptr(), b_rs, b_cs, out.data_ptr(), out.stride(0),
@@ -515,7 +515,7 @@ def mm(a, b, bias=None, dtype=None, out_dtype=None, out=None, accumulate=False):
     if dtype is torch.bfloat16 and a.dtype in _GEMM_BF16_OPERANDS and b.dtype in _GEMM_BF16_OPERANDS and \
             out_dtype in _GEMM_BF16_OPERANDS and (bias is None or bias.dtype in _GEMM_BF16_OPERANDS) and gemm_out and \
             not (accumulate and out_dtype is not torch.float32) and uses_gemm(M, N, K, dtype):
-        out = torch.empty(M, N, dtype=out_dtype) if out is None else out
+        out = torch.empty(M, N, dtype=out_dtype, device="cpu") if out is None else out
         bias = _packed(bias)
         (a_rs, a_cs), (b_rs, b_cs) = a.stride(), b.stride()
         _C.gemm_bf16(M, N, K, a.data_ptr(), a_rs, a_cs, _DTYPE_CODE[a.dtype], b.data_ptr(), b_rs, b_cs,
@@ -558,7 +558,7 @@ def dropout(x, p, seed):
 
 
 def dropout_mask(seed, batch, heads, q_len, k_len, p):
-    out = torch.empty(batch, heads, q_len, k_len, dtype=torch.uint8)
+    out = torch.empty(batch, heads, q_len, k_len, dtype=torch.uint8, device="cpu")
     if out.numel():
         _C.dropout_mask(int(seed), batch, heads, q_len, k_len, float(p), out.data_ptr(), threads())
     return out.view(torch.bool)

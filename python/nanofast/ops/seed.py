@@ -20,8 +20,9 @@ SEED_BOUND = 2**62
 
 
 def draw_seed(device: Optional[torch.device] = None) -> Tensor:
-    """A fresh dropout seed from the generator of `device` (default: the CPU), kept on that device."""
-    return torch.randint(0, SEED_BOUND, (1,), dtype=torch.int64, device=device)
+    """A fresh dropout seed from the generator of `device` (default: the CPU, whatever torch's default
+    device), kept on that device."""
+    return torch.randint(0, SEED_BOUND, (1,), dtype=torch.int64, device="cpu" if device is None else device)
 
 
 def seed_value(seed: Optional[Union[Tensor, int]]) -> int:
