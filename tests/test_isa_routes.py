@@ -3,6 +3,7 @@ TORCH_ON_ISA): they give torch's bits there, nanofast's with the routes off, and
 deterministic at any thread count."""
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -92,3 +93,16 @@ def test_routes_can_be_turned_off():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"NANOFAST_ISA_ROUTES": "0", "NANOFAST_ISA": "generic", "PATH": ""}).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_a_forced_instruction_set_that_cannot_run_is_said(monkeypatch):
+    # NANOFAST_ISA forces the kernels' instruction set; a misspelt name or one the CPU lacks falls back to
+    # the best one, with a warning that names what runs
+    monkeypatch.setenv("NANOFAST_ISA", "avx3")
+    with pytest.warns(RuntimeWarning, match=rf"NANOFAST_ISA='avx3' is not .* the kernels run {_C.isa()}"):
+        cpu._check_forced_isa()
+    for honoured in (_C.isa(), "auto", ""):
+        monkeypatch.setenv("NANOFAST_ISA", honoured)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            cpu._check_forced_isa()

@@ -7,6 +7,7 @@ tensors into the pointer-and-stride form the C++ side takes. Arguments are check
 import functools
 import os
 import sys
+import warnings
 
 import torch
 
@@ -35,6 +36,17 @@ ADD_LAYER_NORM_DTYPES = frozenset({(torch.float64,) * 3, (torch.bfloat16,) * 3} 
     (torch.float32, r, y) for r in (torch.float32, torch.bfloat16) for y in (torch.float32, torch.bfloat16)})
 # (x, residual, y) dtypes the fused add + RMSNorm kernel takes (add + LayerNorm's); rms_norm_* compose the others
 ADD_RMS_NORM_DTYPES = ADD_LAYER_NORM_DTYPES
+
+def _check_forced_isa():
+    """NANOFAST_ISA forces an instruction set (csrc/dispatch.cpp); one that this CPU or build lacks, or a
+    misspelt name, falls back to the best available, which is said rather than left silent."""
+    forced = os.environ.get("NANOFAST_ISA", "")
+    if forced and forced != "auto" and forced != _C.isa():
+        warnings.warn(f"NANOFAST_ISA={forced!r} is not an instruction set this CPU runs (available: "
+                      f"{_C.available_isas()}, or auto): the kernels run {_C.isa()}", RuntimeWarning, stacklevel=2)
+
+
+_check_forced_isa()
 
 # ---- ops torch runs on some instruction sets ----
 # Where torch's CPU kernel for an op beat nanofast's on an instruction-set build at the training recipes'
