@@ -26,7 +26,7 @@ def test_digest_follows_the_python_sources(tmp_path):
     assert _compile_cache.sources_digest([tmp_path / "pkg"]) != first
 
 
-def test_import_tags_the_caches_with_the_installed_sources(monkeypatch):
+def test_import_tags_the_caches_with_the_installed_sources():
     roots = _compile_cache._source_roots()
     assert roots[0] == os.path.dirname(os.path.abspath(nanofast.__file__))
     # nanofast.kernels' sources are covered, wherever the install put them
@@ -34,8 +34,10 @@ def test_import_tags_the_caches_with_the_installed_sources(monkeypatch):
         assert any(os.path.abspath(location).startswith(r) for r in roots)
     tag = "nanofast:" + _compile_cache.sources_digest(roots)
     assert tag in torch.compiler.config.cache_key_tag.split("|")  # import nanofast set it
-    # once only, and a tag the user set is kept
-    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "mine")
-    assert _compile_cache.tag_compile_caches() == tag
-    _compile_cache.tag_compile_caches()
-    assert torch.compiler.config.cache_key_tag == f"mine|{tag}"
+    # once only, and a tag the user set is kept (config.patch restores the setting: monkeypatch would
+    # delete the attribute on undo, which hides it from torch.compile for the rest of the process)
+    with torch.compiler.config.patch(cache_key_tag="mine"):
+        assert _compile_cache.tag_compile_caches() == tag
+        _compile_cache.tag_compile_caches()
+        assert torch.compiler.config.cache_key_tag == f"mine|{tag}"
+    assert tag in torch.compiler.config.cache_key_tag.split("|")
