@@ -338,8 +338,8 @@ def setup(c, procs, log):
     unsupported = precision_error(dtype, device_type, c['kernels'])
     if unsupported:
         raise ConfigError(f"dtype={unsupported}; use --dtype=bfloat16 (or --kernels=torch)")
-    log(f"device: {procs.device}, dtype: {dtype}, kernels: {c['kernels']}"
-        + (f", DDP world size {procs.world_size}" if procs.ddp else ""))
+    log(f"device: {procs.device}" + (f" ({torch.get_num_threads()} threads)" if device_type == 'cpu' else "")
+        + f", dtype: {dtype}, kernels: {c['kernels']}" + (f", DDP world size {procs.world_size}" if procs.ddp else ""))
     log(f"tokens per iteration will be: {c['gradient_accumulation_steps'] * c['batch_size'] * c['block_size']:,}")
     if device_type == 'cpu' and c['retain_memory']:
         retain_freed_memory()
