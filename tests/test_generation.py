@@ -1,6 +1,7 @@
 """Sampling with a key/value cache (nanofast.generation, GPT.generate): the same tokens and logits as
 recomputing the whole context, cropping past block_size, batches, both backends' attention."""
 import importlib.util
+import re
 from contextlib import nullcontext
 
 import pytest
@@ -110,6 +111,15 @@ def test_cache_is_rebuilt_past_block_size(monkeypatch):
     model.generate(torch.zeros(2, 13, dtype=torch.long), 6)
     # prefill of 13, steps at 13, 14, 15 cached positions, then full: rebuilt from 16 tokens twice
     assert calls == [(0, 13), (13, 1), (14, 1), (15, 1), (0, 16), (0, 16)]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_needs_a_token_to_continue_from(use_cache):
+    model = tiny_model()
+    for idx in (torch.zeros(2, 0, dtype=torch.long), torch.zeros(5, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"at least one token .* got shape " + re.escape(str(tuple(idx.shape)))):
+            model.generate(idx, 3, use_cache=use_cache)
+    assert model.generate(torch.zeros(2, 1, dtype=torch.long), 0, use_cache=use_cache).shape == (2, 1)
 
 
 def test_layer_cache_rejects_what_it_cannot_hold():

@@ -105,6 +105,9 @@ def next_token(logits, temperature, top_k):
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
     """GPT.generate: idx (B, T) extended by max_new_tokens tokens. use_cache=False recomputes the whole
     context for every token (nanoGPT's loop); the same seed draws the same tokens either way."""
+    if idx.dim() != 2 or idx.size(1) == 0:
+        raise ValueError(f"generate: idx must be (batch, T) token ids with at least one token to continue from "
+                         f"(a start token), got shape {tuple(idx.shape)}")
     block_size = model.config.block_size
     cache = KVCache(model.config.n_layer, block_size) if use_cache else None
     for _ in range(max_new_tokens):
