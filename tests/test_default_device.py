@@ -122,3 +122,36 @@ def test_patch_under_another_default_device(foreign_default_device):
     patched = nanofast.patch(model)  # its check of the model's rotary function runs on the CPU
     with torch.no_grad():
         assert torch.allclose(patched(ids).logits, expected, atol=1e-5)
+
+
+def test_backward_launchers_under_another_default_device(foreign_default_device):
+    # autograd runs the backward without torch's device mode, so call the launchers themselves: each
+    # allocates its gradients, parameter gradients included, on the CPU
+    from nanofast.ops import cpu
+    torch.manual_seed(0)
+    x, r, dy = (torch.randn(6, 40, device="cpu") for _ in range(3))
+    w, b = torch.randn(40, device="cpu"), torch.randn(40, device="cpu")
+    _, mean, rstd = cpu.layer_norm_forward(x, w, b, 1e-5)
+    h, _, amean, arstd = cpu.add_layer_norm_forward(x, r, w, b, 1e-5, torch.float32)
+    _, _, rrstd = cpu.rms_norm_forward(x, None, w, 1e-6, 0.0, False, torch.float32)
+    q = torch.randn(2, 4, 9, 16, device="cpu")
+    out, lse = cpu.attention_forward(q, q, q, True, 0.25, 0.0, None)
+    cos, sin = torch.randn(2, 1, 9, 16, device="cpu"), torch.randn(2, 1, 9, 16, device="cpu")
+    calls = {
+        "layer_norm": lambda: cpu.layer_norm_backward(dy, x, w, mean, rstd, True, True),
+        "add_layer_norm": lambda: cpu.add_layer_norm_backward(dy, dy, h, w, amean, arstd, torch.float32, True, True),
+        "rms_norm": lambda: cpu.rms_norm_backward(dy, None, x, w, rrstd, 0.0, False, None, True),
+        "attention": lambda: cpu.attention_backward(q, q, q, q, out, lse, True, 0.25, 0.0, None),
+        "gelu": lambda: cpu.gelu_backward(dy, x),
+        "glu": lambda: cpu.glu_backward(dy, x, r, "silu"),
+        "rotary": lambda: cpu.rotary_backward(q, q, cos, sin, False, torch.float32),
+        "linear": lambda: cpu.linear_backward(dy, x, torch.randn(40, 40, device="cpu"), True, True, True),
+    }
+    expected = {name: call() for name, call in calls.items()}
+    foreign_default_device()
+    for name, call in calls.items():
+        for e, g in zip(expected[name], call()):
+            if e is not None:
+                assert g.device.type == "cpu", name
+                if name != "linear":  # (a fresh random weight)
+                    assert torch.equal(e, g), name

@@ -140,8 +140,8 @@ def layer_norm_backward(dy, x, weight, mean, rstd, need_weight_grad, need_bias_g
     mean, rstd = _packed(mean), _packed(rstd)
     dx = torch.empty(N, C, dtype=dtype, device="cpu")
     alloc = torch.empty if N else torch.zeros  # with no rows the kernel does not run: the sums are 0
-    dw = alloc(C, dtype=dtype) if need_weight_grad else None
-    db = alloc(C, dtype=dtype) if need_bias_grad else None
+    dw = alloc(C, dtype=dtype, device="cpu") if need_weight_grad else None
+    db = alloc(C, dtype=dtype, device="cpu") if need_bias_grad else None
     if N and C:
         _C.layer_norm_backward(_DTYPE_CODE[dtype], N, C, dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0),
                                0 if weight is None else weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
@@ -199,8 +199,8 @@ def add_layer_norm_backward(dy, dh, h, weight, mean, rstd, residual_dtype, need_
     dx = torch.empty(h.shape, dtype=h.dtype, device="cpu")
     dres = dx if residual_dtype == h.dtype else torch.empty(h.shape, dtype=residual_dtype, device="cpu")
     alloc = torch.empty if N else torch.zeros
-    dw = alloc(C, dtype=h.dtype) if need_weight_grad else None
-    db = alloc(C, dtype=h.dtype) if need_bias_grad else None
+    dw = alloc(C, dtype=h.dtype, device="cpu") if need_weight_grad else None
+    db = alloc(C, dtype=h.dtype, device="cpu") if need_bias_grad else None
     if h.numel():
         _C.add_layer_norm_backward(_DTYPE_CODE[h.dtype], _DTYPE_CODE[residual_dtype], _DTYPE_CODE[dy.dtype], N, C,
                                    dy.data_ptr(), dy_stride, _ptr(dh), h.data_ptr(), _ptr(weight), mean.data_ptr(),
@@ -248,7 +248,7 @@ def rms_norm_backward(dy, dh, x, weight, rstd, weight_offset, cast_before_weight
     separate = residual_dtype is not None and residual_dtype != x.dtype
     dres = torch.empty(x.shape, dtype=residual_dtype, device="cpu") if separate else x.new_empty((0,))
     need_weight_grad = need_weight_grad and weight is not None
-    dw = (torch.empty if N else torch.zeros)(C if need_weight_grad else 0, dtype=x.dtype)
+    dw = (torch.empty if N else torch.zeros)(C if need_weight_grad else 0, dtype=x.dtype, device="cpu")
     if x.numel():
         code = _DTYPE_CODE[x.dtype]
         _C.rms_norm_backward(code, _DTYPE_CODE[residual_dtype] if separate else code, _DTYPE_CODE[dy.dtype], N, C,
