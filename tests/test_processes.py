@@ -5,6 +5,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 
 import pytest
 import torch
@@ -40,10 +41,12 @@ def _in_child(work, path):
         code = 1
         try:
             payload = f"{torch.get_num_threads()}\n".encode() + work()
+            code = 0
+        except BaseException:
+            payload = traceback.format_exc().encode()  # for the parent's message
+        finally:
             with open(path, "wb") as f:
                 f.write(payload)
-            code = 0
-        finally:
             os._exit(code)
     deadline = time.monotonic() + CHILD_SECONDS
     while True:
@@ -55,7 +58,7 @@ def _in_child(work, path):
             os.waitpid(pid, 0)
             pytest.fail(f"the forked child did not finish in {CHILD_SECONDS} s (an OpenMP deadlock)")
         time.sleep(0.02)
-    assert os.waitstatus_to_exitcode(status) == 0, "the forked child failed"
+    assert os.waitstatus_to_exitcode(status) == 0, "the forked child failed:\n" + path.read_text(errors="replace")
     threads, _, result = path.read_bytes().partition(b"\n")
     return result, int(threads)
 
