@@ -5,6 +5,7 @@ The setting is process-wide and permanent, so each measurement runs in a fresh i
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 
@@ -57,13 +58,14 @@ def _faults_per_step(mode):
 
 @glibc_only
 def test_retained_memory_stops_the_page_faults_of_a_training_step():
-    # By default every step faults its tensors in again, thousands of pages; retained, next to none (now
-    # and then a step faults in an arena of Python's own allocator, mmap-ed outside malloc, 64-150 pages)
+    # By default every step faults its tensors in again, thousands of pages; retained, a typical step next
+    # to none (now and then one faults in memory outside malloc's heap, such as an arena of Python's own
+    # allocator: up to a few hundred pages)
     default, retained = _faults_per_step("default"), _faults_per_step("retain")
     assert retained["retained"] is True and default["retained"] is False
     if min(default["faults"]) < 1000:  # about 11500 a step on the dev machine
         pytest.skip(f"the default allocator faulted only {min(default['faults'])} pages in a step here")
-    assert max(retained["faults"]) < 300, (default, retained)
+    assert statistics.median(retained["faults"]) < 50, (default, retained)
     assert sum(retained["faults"]) < sum(default["faults"]) / 100, (default, retained)
 
 
