@@ -108,6 +108,27 @@ def test_patched_model_state_dict_and_pickle():
     torch.testing.assert_close(clone(idx, idx), model(idx, idx))
 
 
+def test_a_module_held_under_two_names_is_patched_once():
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln, self.proj = torch.nn.LayerNorm(16), torch.nn.Linear(16, 16)
+            self.ln_again, self.proj_again = self.ln, self.proj  # one module, two names
+
+        def forward(self, x):
+            return self.proj_again(self.ln_again(self.proj(self.ln(x))))
+    ref = Shared()
+    model = nanofast.patch(copy.deepcopy(ref))
+    # one replacement under both names (named_children would have yielded only the first)
+    assert type(model.ln_again) is nanofast.nn.LayerNorm and model.ln_again is model.ln
+    assert type(model.proj_again) is nanofast.nn.Linear and model.proj_again is model.proj
+    assert list(model.state_dict()) == list(ref.state_dict())
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(model(x), ref(x))
+    nanofast.unpatch(model)
+    assert type(model.ln) is torch.nn.LayerNorm and model.ln_again is model.ln and model.proj_again is model.proj
+
+
 def test_forward_exception_restores_torch():
     class Boom(torch.nn.Module):
         def forward(self, x):

@@ -187,18 +187,24 @@ def _route_gated_mlps(model, forwards):
             forwards.append(name)
 
 
-def _swap(module, kinds, swapped, prefix=""):
+def _swap(module, kinds, swapped, prefix="", seen=None):
     """Replaces, in place, each submodule a recogniser of an enabled kind claims (exact types: subclasses
-    such as adapters keep their own forward), recording the original under its qualified name."""
-    for name, child in module.named_children():
+    such as adapters keep their own forward), recording the original under its qualified name. A module
+    held under several names gets one replacement under all of them (named_children would yield only
+    its first name)."""
+    seen = {} if seen is None else seen  # id(original) -> its replacement, or None where none claimed it
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
         qualified = f"{prefix}{name}"
-        for kind, claims, build in _RECOGNISERS:
-            if kind in kinds and claims(child):
-                setattr(module, name, build(child))
-                swapped[qualified] = child
-                break
-        else:
-            _swap(child, kinds, swapped, qualified + ".")
+        if id(child) not in seen:
+            seen[id(child)] = next((build(child) for kind, claims, build in _RECOGNISERS
+                                    if kind in kinds and claims(child)), None)
+            if seen[id(child)] is None:
+                _swap(child, kinds, swapped, qualified + ".", seen)
+        if seen[id(child)] is not None:
+            setattr(module, name, seen[id(child)])
+            swapped[qualified] = child
 
 
 def patch(model: torch.nn.Module, layer_norm: bool = True, attention: bool = True, linear: bool = True,
