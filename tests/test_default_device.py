@@ -26,7 +26,8 @@ def _cpu(*shape, dtype=torch.float32):
 
 
 def _every_op(dtype):
-    """Outputs and input gradients of each op on small CPU inputs (all made before the switch)."""
+    """Outputs and input gradients of each op on small inputs made on the CPU by name (device="cpu"),
+    whatever the default device."""
     torch.manual_seed(0)
     results = []
 
@@ -65,7 +66,9 @@ def _every_op(dtype):
 
 
 def _assert_same(expected, got):
+    assert [name for name, _ in expected] == [name for name, _ in got]
     for (name, a), (_, b) in zip(expected, got):
+        assert len(a) == len(b), name
         for s, t in zip(a, b):
             assert t.device.type == "cpu", name
             assert torch.equal(s, t), name
