@@ -131,10 +131,11 @@ def peak_flops(device, dtype=torch.float32, fallback_dir: str | os.PathLike | No
     device = torch.device(device)
     key = peak_key(device, dtype)
     dirs = [cache_root()] + ([Path(fallback_dir)] if fallback_dir else [])
-    for d in dirs if not refresh else []:
-        cached = _read_cache(d / PEAK_CACHE_NAME).get(key)
-        if isinstance(cached, (int, float)) and cached > 0:
-            return float(cached)
+    if not refresh:
+        for d in dirs:
+            cached = _read_cache(d / PEAK_CACHE_NAME).get(key)
+            if isinstance(cached, (int, float)) and cached > 0:
+                return float(cached)
     if verbose:
         print(f"measuring this device's matmul peak for MFU ({key}) ...", flush=True)
     value = measure_matmul_flops(device, dtype)

@@ -37,16 +37,6 @@ ADD_LAYER_NORM_DTYPES = frozenset({(torch.float64,) * 3, (torch.bfloat16,) * 3} 
 # (x, residual, y) dtypes the fused add + RMSNorm kernel takes (add + LayerNorm's); rms_norm_* compose the others
 ADD_RMS_NORM_DTYPES = ADD_LAYER_NORM_DTYPES
 
-def _check_forced_isa():
-    """NANOFAST_ISA forces an instruction set (csrc/dispatch.cpp); one that this CPU or build lacks, or a
-    misspelt name, falls back to the best available, which is said rather than left silent."""
-    forced = os.environ.get("NANOFAST_ISA", "")
-    if forced and forced != "auto" and forced != _C.isa():
-        warnings.warn(f"NANOFAST_ISA={forced!r} is not an instruction set this CPU runs (available: "
-                      f"{_C.available_isas()}, or auto): the kernels run {_C.isa()}", RuntimeWarning, stacklevel=2)
-
-
-_check_forced_isa()
 
 # ---- ops torch runs on some instruction sets ----
 # Where torch's CPU kernel for an op beat nanofast's on an instruction-set build at the training recipes'
@@ -68,6 +58,18 @@ ROUTES_ENABLED = os.environ.get("NANOFAST_ISA_ROUTES", "1") != "0"
 def torch_runs(op, dtype):
     """Whether `op` in `dtype` goes to torch on the selected instruction set (TORCH_ON_ISA)."""
     return ROUTES_ENABLED and (op, dtype) in TORCH_ON_ISA.get(_C.isa(), ())
+
+
+def _check_forced_isa():
+    """NANOFAST_ISA forces an instruction set (csrc/dispatch.cpp); one that this CPU or build lacks, or a
+    misspelt name, falls back to the best available, which is said rather than left silent."""
+    forced = os.environ.get("NANOFAST_ISA", "")
+    if forced and forced != "auto" and forced != _C.isa():
+        warnings.warn(f"NANOFAST_ISA={forced!r} is not an instruction set this CPU runs (available: "
+                      f"{_C.available_isas()}, or auto): the kernels run {_C.isa()}", RuntimeWarning, stacklevel=2)
+
+
+_check_forced_isa()
 
 
 def stats_dtype(dtype):
