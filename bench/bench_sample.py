@@ -23,6 +23,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
+from nanofast import generation
 from nanofast.generation import KVCache, cast_weights_to_bfloat16, forward_cached
 from nanofast.model import GPT
 from nanofast.testing import assert_parity
@@ -194,6 +195,30 @@ def test_sample_fused_blocks_lever(record, models):
                            device="cpu", work=1e9, unit="tok/s")
         print(f"\nsample: decode step {dtype}: fused blocks {times['with'] / STEPS_PER_ROUND * 1e3:.2f} ms, "
               f"per-op {times['without'] / STEPS_PER_ROUND * 1e3:.2f} ms ({times['without'] / times['with']:.3f}x)")
+
+
+def test_sample_draw(record):
+    """The draw of each new token from GPT-2's 50257 probabilities: generation.multinomial (torch.rand's
+    uniforms, the logarithm only where an entry can win: csrc/multinomial.h) against torch.multinomial,
+    which Hugging Face's generate and nanoGPT's sample.py call; the same tokens and generator state
+    (tests/test_generation.py)."""
+    for B in (1, 4):
+        probs = torch.softmax(torch.randn(B, 50257, generator=torch.Generator().manual_seed(B)), dim=-1)
+        draws = 50
+
+        def ours():
+            for _ in range(draws):
+                generation.multinomial(probs)
+
+        def theirs():
+            for _ in range(draws):
+                torch.multinomial(probs, 1)
+        times = _rounds({"nanofast": ours, "torch": theirs}, rounds=5)
+        for provider, seconds in times.items():
+            record.seconds(seconds / draws, 5, op="sample: draw", case=f"B{B} x 50257 tokens", mode="multinomial",
+                           dtype=torch.float32, provider=provider, device="cpu", work=B * 1e9, unit="draws/s")
+        print(f"\nsample: draw B{B}: {times['nanofast'] / draws * 1e6:.0f} us, torch.multinomial "
+              f"{times['torch'] / draws * 1e6:.0f} us ({times['torch'] / times['nanofast']:.2f}x)")
 
 
 def test_sample_time_per_token_by_context(record, models):

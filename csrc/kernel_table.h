@@ -350,6 +350,16 @@ struct CrossEntropyRowsResult {
   int64_t bad_row;  // the first row with a target out of range (nothing computed), else -1
 };
 
+// One draw per row of (B, V) float32 probabilities from (B, V) float64 uniforms, torch.multinomial's
+// (multinomial.h): out[b] the drawn index, or -1 for a row torch refuses. Returns the refused rows' count.
+struct MultinomialArgs {
+  int64_t B, V;
+  const float* probs;  // unit column stride
+  int64_t probs_row_stride;
+  const double* u;  // contiguous (B, V)
+  int64_t* out;     // (B,)
+};
+
 // One instruction set's kernels, filled member by member in kernels_isa.cpp. The GEMMs exist only on
 // some instruction sets: has_gemm_f32 and has_gemm_bf16 say whether this table has them (their
 // pointers are null otherwise).
@@ -383,6 +393,7 @@ struct KernelTable {
   void (*gemm_bf16)(const GemmBf16Args&) = nullptr;  // only where has_gemm_bf16
   void (*gemv)(const GemvArgs&) = nullptr;
   CrossEntropyRowsResult (*cross_entropy_rows)(const CrossEntropyRowsArgs&) = nullptr;
+  int64_t (*multinomial_from_uniform)(const MultinomialArgs&) = nullptr;
 };
 
 // The best table this CPU supports, or the one named by NANOFAST_ISA / select_isa().

@@ -12,6 +12,7 @@
 #include "glu.h"
 #include "kernel_table.h"
 #include "layer_norm.h"
+#include "multinomial.h"
 #include "rms_norm.h"
 #include "rope.h"
 
@@ -42,6 +43,7 @@ KernelTable make_table() {
   t.adamw_step = &adamw_step;
   t.gemv = &gemv;
   t.cross_entropy_rows = &cross_entropy_rows;
+  t.multinomial_from_uniform = &multinomial_from_uniform;
 #if NF_HAS_GEMM_F32
   t.has_gemm_f32 = true;
   t.gemm_f32 = &gemm_f32;

@@ -494,6 +494,19 @@ std::tuple<double, int64_t, int64_t> cross_entropy_rows(int dtype, int64_t N, in
   return {r.loss_sum, r.count, r.bad_row};
 }
 
+// Returns how many rows torch.multinomial would refuse (their out[b] is -1).
+int64_t multinomial_from_uniform(int64_t B, int64_t V, uintptr_t probs, int64_t probs_row_stride, uintptr_t u,
+                                 uintptr_t out) {
+  nanofast::MultinomialArgs a{};
+  a.B = B;
+  a.V = V;
+  a.probs = ptr<const float>(probs);
+  a.probs_row_stride = probs_row_stride;
+  a.u = ptr<const double>(u);
+  a.out = ptr<int64_t>(out);
+  return kernels().multinomial_from_uniform(a);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -534,6 +547,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("adamw_step", &adamw_step, release(), "clip (max_grad_norm > 0) and AdamW-step float32 tensors");
   m.def("cross_entropy_rows", &cross_entropy_rows, release(),
         "each row's cross-entropy and (grad) its gradient over the logits; (loss sum, count, bad row or -1)");
+  m.def("multinomial_from_uniform", &multinomial_from_uniform, release(),
+        "torch.multinomial(probs, 1) from the float64 uniforms its exponentials come from; the refused rows' count");
   m.def("retain_freed_memory", &retain_freed_memory, "glibc malloc: no mmap-ed blocks, no heap trimming");
   m.def("philox_uniform", &nanofast::philox_uniform, "the dropout generator's uniform at (seed, offset)");
   m.def("isa", [] { return std::string(kernels().isa); }, "the instruction set the kernels run with");

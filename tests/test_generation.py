@@ -224,3 +224,157 @@ def test_same_tokens_with_triton_attention():
     idx = torch.randint(0, VOCAB, (2, 3), generator=torch.Generator().manual_seed(2))
     cached, uncached = both_ways(model, idx, 7, 0, temperature=0.9, top_k=10)
     assert torch.equal(cached, uncached)
+
+
+# ---- the draw: generation.multinomial is torch.multinomial(probs, 1), bit for bit ----
+
+def _probability_rows(B, V, scale, seed, top_k=None, zero_every=None):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, V, generator=g) * scale
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, V)).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if zero_every:
+        probs[:, ::zero_every] = 0.0
+    return probs
+
+
+def _drawn_by_the_kernel(probs, generator=None):
+    """generation.multinomial(probs) where torch.multinomial may not run: the kernel's own draw."""
+    generation._draws_like_torch()  # (the process's check, which calls torch.multinomial, done first)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("generation.multinomial fell back to torch.multinomial")
+
+    real, torch.multinomial = torch.multinomial, refuse
+    try:
+        return generation.multinomial(probs, generator=generator)
+    finally:
+        torch.multinomial = real
+
+
+@pytest.mark.parametrize("B,V", [(1, 1), (1, 2), (1, 7), (3, 65), (2, 257), (1, 50257), (4, 1031)])
+@pytest.mark.parametrize("scale", [0.01, 1.0, 8.0, 40.0])
+def test_multinomial_draws_torchs_tokens_and_leaves_its_generator_alike(B, V, scale):
+    probs = _probability_rows(B, V, scale, seed=V + B)
+    for seed in range(6):
+        torch.manual_seed(seed)
+        want = torch.multinomial(probs, 1)
+        state = torch.get_rng_state()
+        torch.manual_seed(seed)
+        got = _drawn_by_the_kernel(probs)
+        assert got.dtype == torch.long and torch.equal(got, want), (seed, got.flatten(), want.flatten())
+        assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("case", ["top_k", "zeros", "unnormalised", "strided", "one_certain", "uniform"])
+def test_multinomial_on_the_distributions_sampling_makes(case):
+    probs = _probability_rows(3, 500, 2.0, seed=7, top_k=5 if case == "top_k" else None,
+                              zero_every=3 if case == "zeros" else None)
+    if case == "unnormalised":
+        probs = probs * 37.5
+    elif case == "strided":
+        probs = torch.cat([probs, probs], dim=1)[:, :500]  # rows 1000 apart
+        assert probs.stride(0) == 1000
+    elif case == "one_certain":
+        probs = torch.zeros(3, 500)
+        probs[:, 123] = 1.0
+    elif case == "uniform":  # equal probabilities: only the uniforms decide
+        probs = torch.full((3, 500), 1 / 500)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for _ in range(20):
+        want = torch.multinomial(probs, 1, generator=g1)
+        assert torch.equal(_drawn_by_the_kernel(probs, generator=g2), want)
+    assert torch.equal(g1.get_state(), g2.get_state())
+    if case == "one_certain":
+        assert (want == 123).all()
+
+
+def test_multinomial_takes_the_log_of_few_entries():
+    """The kernel's premise: a sampled row needs the exact exponential of one or two entries, so the
+    call costs about torch.rand's draw. Counted by replaying its bounds in float64."""
+    probs = _probability_rows(1, 50257, 1.0, seed=3)
+    counts = []
+    for seed in range(10):
+        u = torch.rand(probs.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        p = probs.double()
+        threshold = (p * (1 - u) / u).max() * (1 - 1e-5)
+        counts.append(int((p >= threshold * u).sum()))
+    assert max(counts) <= 8 and sum(counts) / len(counts) < 3, counts
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1e-3, float("inf"), "zero_row"])
+def test_multinomial_refuses_what_torch_refuses(bad):
+    probs = _probability_rows(2, 50, 1.0, seed=1)
+    if bad == "zero_row":
+        probs[1] = 0.0
+        message = "sum of probabilities"
+    else:
+        probs[1, 17] = bad
+        message = "inf.*nan.*element < 0"
+    with pytest.raises(RuntimeError, match=message):
+        torch.multinomial(probs, 1)
+    with pytest.raises(RuntimeError, match=message):
+        generation.multinomial(probs)
+
+
+def test_multinomial_leaves_other_inputs_to_torch(monkeypatch):
+    """float64, 1-D and CUDA-less paths: torch.multinomial itself, called with the same generator; and
+    when this torch draws otherwise than the kernel assumes (the process's one check fails), every call."""
+    calls = []
+    real = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    probs = _probability_rows(2, 30, 1.0, seed=2)
+    for p in (probs.double(), probs[0], probs.t().contiguous().t()):
+        generation.multinomial(p)
+    assert [c.dtype for c in calls] == [torch.float64, torch.float32, torch.float32]
+    calls.clear()
+    generation.multinomial(probs)
+    assert calls == []
+    monkeypatch.setattr(generation, "_draws_like_torch", lambda: False)
+    generation.multinomial(probs)
+    assert len(calls) == 1
+
+
+def test_draws_like_torch_on_this_torch():
+    """The once-per-process check passes with the torch under test (else sampling would fall back to
+    torch.multinomial, the same tokens at the old cost), and it would notice another formula."""
+    generation._draws_like_torch.cache_clear()
+    assert generation._draws_like_torch()
+
+
+@pytest.mark.parametrize("other", [
+    lambda u: u,  # the race without the logarithm: right where the winner's u is small
+    lambda u: -torch.log(u),  # exponentials from the other end of the uniforms
+])
+def test_draws_like_torch_notices_another_formula(monkeypatch, other):
+    monkeypatch.setattr(cpu, "multinomial_from_uniform",
+                        lambda probs, u: torch.argmax(probs / other(u).float(), -1, keepdim=True))
+    generation._draws_like_torch.cache_clear()
+    try:
+        assert not generation._draws_like_torch()
+    finally:
+        generation._draws_like_torch.cache_clear()
+
+
+def test_draws_like_torch_notices_other_uniforms(monkeypatch):
+    """float32 uniforms (one 32-bit draw each, not two): nearly the same tokens, another generator state."""
+    real = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *a, dtype=None, **k: real(*a, dtype=torch.float32, **k).double())
+    generation._draws_like_torch.cache_clear()
+    try:
+        assert not generation._draws_like_torch()
+    finally:
+        generation._draws_like_torch.cache_clear()
+
+
+def test_generate_draws_the_tokens_torch_multinomial_draws(monkeypatch):
+    """GPT.generate with the kernel's draw and with torch.multinomial: the same tokens from one seed."""
+    model = tiny_model()
+    idx = torch.zeros(2, 1, dtype=torch.long)
+    torch.manual_seed(11)
+    ours = model.generate(idx, 12, temperature=1.3, top_k=9)
+    monkeypatch.setattr(generation, "multinomial", lambda probs: torch.multinomial(probs, 1))
+    torch.manual_seed(11)
+    assert torch.equal(model.generate(idx, 12, temperature=1.3, top_k=9), ours)

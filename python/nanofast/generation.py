@@ -14,9 +14,13 @@ costs what a step without the cache costs, and draws the same tokens.
 A step reads every weight once, so on the CPU the weights' bytes bound its speed:
 cast_weights_to_bfloat16 halves them for sampling under bfloat16 autocast.
 """
+import functools
+
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .ops import cpu
 
 
 class LayerCache:
@@ -98,7 +102,48 @@ def next_token(logits, temperature, top_k):
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+    return multinomial(F.softmax(logits, dim=-1))
+
+
+def multinomial(probs, generator=None):
+    """torch.multinomial(probs, 1, generator=generator): the same draws, and the generator left in the
+    same state, for (B, V) probabilities; on the CPU a fraction of its time.
+
+    torch's one-sample path (an exponential race: each entry's float32 exponential from a float64
+    uniform, then the largest p / q) spends its time on the logarithm of every entry; torch.rand
+    draws the same uniforms from the generator, and the C++ kernel (csrc/multinomial.h) takes the
+    logarithm only of the entries that can win. The tokens a seed gives are thus torch's, as nanoGPT's
+    sample.py draws them. Where torch would refuse the probabilities, torch.multinomial raises its own
+    error (after the uniforms were drawn); where this torch draws otherwise than the kernel assumes
+    (_draws_like_torch), torch.multinomial runs."""
+    if (probs.device.type != "cpu" or probs.dtype != torch.float32 or probs.dim() != 2 or probs.stride(-1) != 1
+            or probs.numel() == 0 or not _draws_like_torch()):
+        return torch.multinomial(probs, 1, generator=generator)
+    u = torch.rand(probs.shape, dtype=torch.float64, device="cpu", generator=generator)
+    out = cpu.multinomial_from_uniform(probs, u)
+    return torch.multinomial(probs, 1, generator=generator) if out is None else out
+
+
+@functools.cache
+def _draws_like_torch():
+    """Whether the kernel's draws are this torch's: rows of a few distributions (flat, peaked, a few
+    entries of unequal weight, where the exponentials' exact values decide) drawn both ways from two
+    generators seeded alike, the draws and the generators' states compared. Once per process."""
+    cpu_ = dict(device="cpu")
+    logits = torch.randn(6, 700, generator=torch.Generator(**cpu_).manual_seed(0), **cpu_)
+    logits *= torch.tensor([[0.1], [1.0], [4.0], [12.0], [0.0], [0.0]], **cpu_)
+    logits[0, ::3] = float("-inf")
+    logits[4:, 3:] = float("-inf")
+    logits[4, :3] = torch.tensor([0.0, -0.5, -1.0], **cpu_)
+    logits[5, :2] = torch.tensor([0.0, -1.5], **cpu_)
+    probs = F.softmax(logits, dim=-1)
+    ours, theirs = (torch.Generator(**cpu_).manual_seed(1) for _ in range(2))
+    for _ in range(16):
+        u = torch.rand(probs.shape, dtype=torch.float64, generator=ours, **cpu_)
+        drawn = cpu.multinomial_from_uniform(probs, u)
+        if drawn is None or not torch.equal(drawn, torch.multinomial(probs, 1, generator=theirs)):
+            return False
+    return torch.equal(ours.get_state(), theirs.get_state())
 
 
 @torch.no_grad()

@@ -590,6 +590,16 @@ def cross_entropy_rows(logits, target, ignore_index, label_smoothing, grad_scale
                                  threads())
 
 
+def multinomial_from_uniform(probs, u):
+    """(B, 1) int64: torch.multinomial(probs, 1)'s draws from the float64 uniforms u (B, V) its exponentials
+    are made from, for (B, V) float32 probs with a unit last stride; None where torch would refuse a row
+    (an entry negative, NaN or infinite, or a row of zeros)."""
+    B, V = probs.shape
+    out = torch.empty(B, 1, dtype=torch.long, device="cpu")
+    refused = _C.multinomial_from_uniform(B, V, probs.data_ptr(), probs.stride(0), u.data_ptr(), out.data_ptr())
+    return None if refused else out
+
+
 def _gemm_operand(weight, dtype):
     return weight  # mm rounds float32 operands to bfloat16 itself (while packing, or through torch's casts)
 
