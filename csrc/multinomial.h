@@ -33,9 +33,7 @@ inline vec<double> vload_f32_as_f64(const float* p) {
 }
 
 // Whether float v beats the best so far under torch's argmax (entries visited in index order).
-inline bool argmax_beats(float v, float best) {
-  return std::isnan(best) ? false : (std::isnan(v) || v > best);
-}
+inline bool argmax_beats(float v, float best) { return std::isnan(best) ? false : (std::isnan(v) || v > best); }
 
 // One row: the drawn index, or -1 where torch.multinomial refuses the row (an entry negative, NaN or
 // infinite, or every entry 0).
