@@ -341,7 +341,9 @@ def test_draws_like_torch_on_this_torch():
     """The once-per-process check passes with the torch under test (else sampling would fall back to
     torch.multinomial, the same tokens at the old cost), and it would notice another formula."""
     generation._draws_like_torch.cache_clear()
+    state = torch.get_rng_state()
     assert generation._draws_like_torch()
+    assert torch.equal(torch.get_rng_state(), state)  # (its own generators: the first draw's seed stream is intact)
 
 
 @pytest.mark.parametrize("other", [
