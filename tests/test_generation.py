@@ -122,6 +122,38 @@ def test_generate_needs_a_token_to_continue_from(use_cache):
     assert model.generate(torch.zeros(2, 1, dtype=torch.long), 0, use_cache=use_cache).shape == (2, 1)
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(top_k=0), "top_k must be None .* got 0"),
+    (dict(top_k=-3), "top_k must be None .* got -3"),
+    (dict(top_k=2.5), "top_k must be None .* got 2.5"),
+    (dict(top_k=True), "top_k must be None .* got True"),
+    (dict(temperature=-0.5), "temperature must be a finite number >= 0 .* got -0.5"),
+    (dict(temperature=float("nan")), "temperature must be .* got nan"),
+    (dict(temperature=float("inf")), "temperature must be .* got inf"),
+    (dict(temperature="hot"), "temperature must be .* got 'hot'"),
+    (dict(idx=torch.tensor([[3, VOCAB]])), rf"token id {VOCAB}, outside the model's vocabulary \[0, {VOCAB}\)"),
+    (dict(idx=torch.tensor([[-1, 2]])), "token id -1, outside"),
+    (dict(idx=torch.zeros(1, 2)), "integer token ids, got torch.float32"),
+])
+def test_generate_names_a_bad_argument(kwargs, match):
+    model = tiny_model()
+    idx = kwargs.pop("idx", torch.zeros(2, 1, dtype=torch.long))
+    for use_cache in (True, False):
+        with pytest.raises(ValueError, match=match):
+            model.generate(idx, 3, use_cache=use_cache, **kwargs)
+
+
+def test_generate_takes_what_it_always_took():
+    """The bounds of each argument, and integer-likes: int32 ids, a numpy top_k, temperature 0."""
+    np = pytest.importorskip("numpy")
+    model = tiny_model()
+    ids = torch.tensor([[0, VOCAB - 1]], dtype=torch.int32)
+    for kwargs in (dict(top_k=1), dict(top_k=np.int64(VOCAB + 5)), dict(temperature=0), dict(temperature=0.0),
+                   dict(temperature=2)):
+        out = model.generate(ids, 2, **kwargs)
+        assert out.shape == (1, 4) and 0 <= int(out.min()) and int(out.max()) < VOCAB
+
+
 def test_layer_cache_rejects_what_it_cannot_hold():
     layer = LayerCache(4)
     k = torch.zeros(1, 2, 3, 8)

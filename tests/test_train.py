@@ -464,6 +464,11 @@ def test_sample_cli(tmp_path, corpus, capsys):
     assert "vocabulary lacks" in capsys.readouterr().err
     assert sample_mod.main(["--out_dir=" + str(tmp_path / "none"), "--device=cpu"]) == 1
     assert sample_mod.main(["--nope=1"]) == 2
+    bad_config = tmp_path / "hot.py"
+    bad_config.write_text("temperature = float('inf')\n", encoding="utf-8")
+    for bad in (["--temperature=-0.5"], [str(bad_config)]):
+        assert sample_mod.main(bad + [a for a in argv if not a.startswith("--temperature")]) == 2
+        assert "temperature must be a finite number >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -15,6 +15,8 @@ A step reads every weight once, so on the CPU the weights' bytes bound its speed
 cast_weights_to_bfloat16 halves them for sampling under bfloat16 autocast.
 """
 import functools
+import math
+import operator
 
 import torch
 from torch import nn
@@ -153,6 +155,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=
     if idx.dim() != 2 or idx.size(1) == 0:
         raise ValueError(f"generate: idx must be (batch, T) token ids with at least one token to continue from "
                          f"(a start token), got shape {tuple(idx.shape)}")
+    _check_sampling(idx, model.config.vocab_size, temperature, top_k)
     block_size = model.config.block_size
     cache = KVCache(model.config.n_layer, block_size) if use_cache else None
     for _ in range(max_new_tokens):
@@ -166,6 +169,30 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=
             logits = forward_cached(model, idx[:, -block_size:], cache)
         idx = torch.cat((idx, next_token(logits, temperature, top_k)), dim=1)
     return idx
+
+
+def _check_sampling(idx, vocab_size, temperature, top_k):
+    """generate's other arguments, each a ValueError naming it where the loop would fail deep inside
+    (an empty top-k, an embedding index) or draw from NaN probabilities."""
+    try:
+        ok = top_k is None or (not isinstance(top_k, bool) and operator.index(top_k) >= 1)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"generate: top_k must be None (every token) or a positive int, got {top_k!r}")
+    try:
+        ok = math.isfinite(temperature) and temperature >= 0
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"generate: temperature must be a finite number >= 0 (0: always the most likely token), "
+                         f"got {temperature!r}")
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise ValueError(f"generate: idx must hold integer token ids, got {idx.dtype}")
+    low, high = idx.min().item(), idx.max().item()
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"generate: idx holds token id {low if low < 0 else high}, outside the model's vocabulary "
+                         f"[0, {vocab_size})")
 
 
 def cast_weights_to_bfloat16(model):

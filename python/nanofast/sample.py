@@ -12,6 +12,7 @@ By default it samples the run's best model: out_dir/ckpt_best.pt (the lowest val
 out_dir/ckpt.pt where the run kept no separate best (a nanoGPT run, or one that never evaluated
 past its start); --checkpoint=latest samples out_dir/ckpt.pt, the latest state.
 """
+import math
 import os
 import sys
 
@@ -113,8 +114,8 @@ def sample(config, out=None):
         raise ConfigError(f"kernels must be one of {KERNELS}, got {c['kernels']!r}")
     if c['num_samples'] < 0 or c['max_new_tokens'] < 0:
         raise ConfigError("num_samples and max_new_tokens must be >= 0")
-    if c['temperature'] < 0:
-        raise ConfigError("temperature must be >= 0")
+    if not (math.isfinite(c['temperature']) and c['temperature'] >= 0):
+        raise ConfigError(f"temperature must be a finite number >= 0, got {c['temperature']!r}")
     if c['checkpoint'] not in ('best', 'latest'):
         raise ConfigError(f"checkpoint must be 'best' or 'latest', got {c['checkpoint']!r}")
     out = sys.stdout if out is None else out
