@@ -152,6 +152,8 @@ def test_generate_takes_what_it_always_took():
                    dict(temperature=2)):
         out = model.generate(ids, 2, **kwargs)
         assert out.shape == (1, 4) and 0 <= int(out.min()) and int(out.max()) < VOCAB
+    for use_cache in (True, False):  # a batch of no sequences
+        assert model.generate(torch.zeros(0, 3, dtype=torch.long), 2, use_cache=use_cache).shape == (0, 5)
 
 
 def test_layer_cache_rejects_what_it_cannot_hold():

@@ -189,7 +189,7 @@ def _check_sampling(idx, vocab_size, temperature, top_k):
                          f"got {temperature!r}")
     if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
         raise ValueError(f"generate: idx must hold integer token ids, got {idx.dtype}")
-    low, high = idx.min().item(), idx.max().item()
+    low, high = (idx.min().item(), idx.max().item()) if idx.numel() else (0, 0)
     if low < 0 or high >= vocab_size:
         raise ValueError(f"generate: idx holds token id {low if low < 0 else high}, outside the model's vocabulary "
                          f"[0, {vocab_size})")
