@@ -371,12 +371,20 @@ def test_multinomial_leaves_other_inputs_to_torch(monkeypatch):
     assert len(calls) == 1
 
 
-def test_draws_like_torch_on_this_torch():
+@pytest.fixture
+def draw_check():
+    """generation._draws_like_torch as a test's first call computes it, forgotten after the test (so
+    that a mutant's answer is not kept for the rest of the process)."""
+    generation._draws_like_torch.cache_clear()
+    yield generation._draws_like_torch
+    generation._draws_like_torch.cache_clear()
+
+
+def test_draws_like_torch_on_this_torch(draw_check):
     """The once-per-process check passes with the torch under test (else sampling would fall back to
     torch.multinomial, the same tokens at the old cost), and it would notice another formula."""
-    generation._draws_like_torch.cache_clear()
     state = torch.get_rng_state()
-    assert generation._draws_like_torch()
+    assert draw_check()
     assert torch.equal(torch.get_rng_state(), state)  # (its own generators: the first draw's seed stream is intact)
 
 
@@ -384,25 +392,17 @@ def test_draws_like_torch_on_this_torch():
     lambda u: u,  # the race without the logarithm: right where the winner's u is small
     lambda u: -torch.log(u),  # exponentials from the other end of the uniforms
 ])
-def test_draws_like_torch_notices_another_formula(monkeypatch, other):
+def test_draws_like_torch_notices_another_formula(monkeypatch, draw_check, other):
     monkeypatch.setattr(cpu, "multinomial_from_uniform",
                         lambda probs, u: torch.argmax(probs / other(u).float(), -1, keepdim=True))
-    generation._draws_like_torch.cache_clear()
-    try:
-        assert not generation._draws_like_torch()
-    finally:
-        generation._draws_like_torch.cache_clear()
+    assert not draw_check()
 
 
-def test_draws_like_torch_notices_other_uniforms(monkeypatch):
+def test_draws_like_torch_notices_other_uniforms(monkeypatch, draw_check):
     """float32 uniforms (one 32-bit draw each, not two): nearly the same tokens, another generator state."""
     real = torch.rand
     monkeypatch.setattr(torch, "rand", lambda *a, dtype=None, **k: real(*a, dtype=torch.float32, **k).double())
-    generation._draws_like_torch.cache_clear()
-    try:
-        assert not generation._draws_like_torch()
-    finally:
-        generation._draws_like_torch.cache_clear()
+    assert not draw_check()
 
 
 def test_generate_draws_the_tokens_torch_multinomial_draws(monkeypatch):
